@@ -1,0 +1,286 @@
+"""The HTTP surface: one routing table, served under every path prefix clients use.
+
+Each route reads the JSON body (leniently: a missing Content-Type is fine), checks the key
+(`key` in the body or `Authorization: Bearer`), validates the body into the endpoint's request
+model and calls its handler. Every failure becomes the ModelsLab error envelope
+`{"status": "error", "message": ..., "tip": ...}` — never a stack trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from handlers import catalog, generation, queue, system
+from handlers.pending import not_available
+from models import requests as rq
+from models.errors import ApiError, InvalidKey, PayloadTooLarge
+from models.responses import (
+    ErrorResponse,
+    FailedResponse,
+    MessageResponse,
+    ModelListResponse,
+    ProcessingResponse,
+    SchedulersListResponse,
+    SuccessResponse,
+    SystemDetailsResponse,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    request: type[rq.WireModel]
+    handler: Callable[[Any, Any], BaseModel]
+    response: Any
+    summary: str
+    admin: bool = False  # catalog and server endpoints; key roles arrive with per-key limits
+
+
+_JOB = SuccessResponse | ProcessingResponse | FailedResponse
+
+# The whole API. name -> (request model, handler, response model, summary, admin-only)
+ENDPOINTS: dict[str, Endpoint] = {
+    # generation
+    "text2img": Endpoint(rq.Text2ImgRequest, generation.text2img, _JOB, "Text to image"),
+    "img2img": Endpoint(rq.Img2ImgRequest, generation.img2img, _JOB, "Image to image"),
+    "inpaint": Endpoint(rq.InpaintRequest, generation.inpaint, _JOB, "Inpainting: repaint the white area of mask_image"),
+    "controlnet": Endpoint(rq.ControlnetRequest, not_available("controlnet", "ControlNet models"), _JOB, "ControlNet generation"),
+    "text2video": Endpoint(rq.Text2VideoRequest, not_available("text2video", "video generation"), _JOB, "Text to video"),
+    "super_resolution": Endpoint(
+        rq.SuperResolutionRequest, not_available("super_resolution", "upscaler models"), SuccessResponse, "Upscale an image"
+    ),
+    "upload_image": Endpoint(
+        rq.UploadImageRequest, not_available("upload_image", "image upload"), MessageResponse, "Store a base64 image"
+    ),
+    "nsfw_image_check": Endpoint(
+        rq.NsfwImageCheckRequest, not_available("nsfw_image_check", "the NSFW classifier"), MessageResponse, "Classify an image"
+    ),
+    "fetch": Endpoint(rq.FetchRequest, queue.fetch, _JOB, "Result of a queued job (also POST fetch/{id})"),
+    # model catalog
+    "load_model": Endpoint(rq.LoadModelRequest, not_available("load_model", "model loading"), MessageResponse, "Load a model", True),
+    "load_model_v2": Endpoint(
+        rq.LoadModelV2Request, not_available("load_model_v2", "model loading"), MessageResponse, "Load a model (v2)", True
+    ),
+    "load_vae": Endpoint(rq.LoadVaeRequest, not_available("load_vae", "VAE loading"), MessageResponse, "Load a VAE", True),
+    "verify_model": Endpoint(rq.ModelIdRequest, catalog.verify_model, MessageResponse, "Is a model on this server?"),
+    "get_all_models": Endpoint(rq.KeyOnlyRequest, catalog.get_all_models, ModelListResponse, "Models on this server"),
+    "delete_model": Endpoint(
+        rq.ModelIdRequest, not_available("delete_model", "model deletion"), MessageResponse, "Delete a model", True
+    ),
+    "sync_models": Endpoint(
+        rq.SyncModelsRequest, not_available("sync_models", "model sync"), MessageResponse, "Copy models to another server", True
+    ),
+    # server
+    "system_details": Endpoint(rq.KeyOnlyRequest, system.system_details, SystemDetailsResponse, "Server and queue state"),
+    "schedulers_list": Endpoint(rq.KeyOnlyRequest, system.schedulers_list, SchedulersListResponse, "Usable scheduler names"),
+    "restart_server": Endpoint(
+        rq.KeyOnlyRequest, not_available("restart_server", "restarts"), MessageResponse, "Restart the workers", True
+    ),
+    "update_server": Endpoint(
+        rq.KeyOnlyRequest, not_available("update_server", "updates"), MessageResponse, "Update the server", True
+    ),
+    "update_s3": Endpoint(rq.UpdateS3Request, not_available("update_s3", "S3 storage"), MessageResponse, "Use an S3 bucket", True),
+    "reset_s3": Endpoint(
+        rq.ResetS3Request, not_available("reset_s3", "S3 storage"), MessageResponse, "Back to default storage", True
+    ),
+    "clear_cache": Endpoint(
+        rq.KeyOnlyRequest, not_available("clear_cache", "cache clearing"), MessageResponse, "Clear caches", True
+    ),
+    "clear_queue": Endpoint(
+        rq.KeyOnlyRequest, not_available("clear_queue", "queue clearing"), MessageResponse, "Drop queued jobs", True
+    ),
+}
+
+# other names clients use for the same endpoints
+ALIASES = {
+    "update": "update_server",  # the official SDKs
+    "sync_image": "sync_models",  # the docs' endpoint index
+    "fetch_queue_image": "fetch",  # the docs' endpoint index
+    "video/text2video": "text2video",  # G3 video server path
+}
+
+PREFIXES = ("/api/v1/enterprise", "/api/v1/enterprise/images", "/api/v1/enterprise/txt2img")
+
+
+def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], None] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_runtime:
+            await run_in_threadpool(runtime.start)
+        if on_started:
+            on_started()
+        yield
+        if manage_runtime:
+            await run_in_threadpool(runtime.stop)
+
+    app = FastAPI(
+        title="Stable Diffusion Enterprise API (ModelsLab-compatible)",
+        version=runtime.version,
+        description="Every endpoint is a POST with a JSON body, under "
+        + ", ".join(f"`{p}/{{name}}`" for p in PREFIXES)
+        + ". Aliases: "
+        + ", ".join(f"`{a}` = `{n}`" for a, n in ALIASES.items())
+        + ", `fetch/{id}`. Auth: `key` in the body or `Authorization: Bearer <key>`.",
+        lifespan=lifespan,
+    )
+
+    for prefix in PREFIXES:
+        documented = prefix == PREFIXES[0]
+        for name, endpoint in ENDPOINTS.items():
+            _add_route(app, f"{prefix}/{name}", name, endpoint, runtime, documented)
+        for alias, name in ALIASES.items():
+            _add_route(app, f"{prefix}/{alias}", alias, ENDPOINTS[name], runtime, False)
+        _add_route(app, f"{prefix}/fetch/{{request_id}}", "fetch_by_path", ENDPOINTS["fetch"], runtime, documented)
+
+    @app.get("/health", include_in_schema=False)
+    def health():
+        return {"status": "ok"}
+
+    app.mount(runtime.storage.url_prefix, StaticFiles(directory=runtime.storage.root, check_dir=False), name="files")
+    _install_error_handlers(app, runtime.settings)
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, documented: bool) -> None:
+    async def route(request: Request):
+        data, problem = await _read_body(request, runtime.settings.max_body_bytes)
+        _check_key(data, request, runtime.settings.api_keys)
+        if problem:
+            raise problem
+        if "request_id" in request.path_params:
+            data["request_id"] = request.path_params["request_id"]
+        try:
+            parsed = endpoint.request.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(_validation_messages(exc), tip="Fix the fields named in `message`.", status_code=422) from None
+        result = await run_in_threadpool(endpoint.handler, parsed, runtime.for_request(str(request.base_url)))
+        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+
+    app.add_api_route(
+        path,
+        route,
+        methods=["POST"],
+        name=f"{name}:{path}",
+        summary=endpoint.summary,
+        include_in_schema=documented,
+        operation_id=name if path.startswith(PREFIXES[0] + "/") and documented else None,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{endpoint.request.__name__}"}}},
+            }
+        },
+        responses={
+            200: {"model": endpoint.response},
+            401: {"model": ErrorResponse, "description": "Invalid Api Key"},
+            422: {"model": ErrorResponse, "description": "Invalid fields (message: field -> messages)"},
+            400: {"model": ErrorResponse, "description": "Unusable input (image, model, ...)"},
+        },
+    )
+
+
+async def _read_body(request: Request, limit: int) -> tuple[dict, ApiError | None]:
+    """The JSON object in the body, and the problem with it if any (reported after auth)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit // (1024 * 1024)} MiB")
+    body, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit // (1024 * 1024)} MiB")
+        body.append(chunk)
+    raw = b"".join(body)
+    if not raw.strip():
+        return {}, None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return {}, ApiError(f"The request body is not valid JSON: {exc}", tip="Send a JSON object.")
+    if not isinstance(data, dict):
+        return {}, ApiError("The request body must be a JSON object", tip='Send {"key": "...", ...}.')
+    return data, None
+
+
+def _check_key(data: dict, request: Request, keys: list[str]) -> None:
+    key = data.get("key")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    candidates = [k for k in (key, token if scheme.lower() == "bearer" else None) if isinstance(k, str) and k]
+    if not any(hmac.compare_digest(c.encode(), k.encode()) for c in candidates for k in keys):
+        raise InvalidKey()
+
+
+def _validation_messages(exc: ValidationError) -> dict[str, list[str]]:
+    messages: dict[str, list[str]] = {}
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "body"
+        if error["type"] == "missing":
+            text = f"The {field} field is required."
+        elif error["type"] == "value_error":
+            text = f"The {field} {error['ctx']['error']}."
+        else:
+            text = f"The {field} field is invalid: {error['msg']}."
+        messages.setdefault(field, []).append(text)
+    return messages
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _install_error_handlers(app: FastAPI, settings) -> None:
+    def envelope(message, tip, status_code: int) -> JSONResponse:
+        body = ErrorResponse(message=message, tip=tip).model_dump(exclude_none=True)
+        return JSONResponse(body, status_code=200 if settings.errors_with_http_200 else status_code)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return envelope(exc.message, exc.tip, exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return envelope(f"Not found: {request.method} {request.url.path}", "See /docs for the endpoints.", 404)
+        if exc.status_code == 405:
+            return envelope(f"{request.method} is not allowed on {request.url.path}; use POST with a JSON body", None, 405)
+        return envelope(str(exc.detail), None, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return envelope("Internal server error; the request was logged", "Try again; report it if it persists.", 500)
+
+
+# --------------------------------------------------------------------------- OpenAPI
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus every request model under components (routes reference them)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for endpoint in ENDPOINTS.values():
+        model = endpoint.request
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(model_schema.pop("$defs", {}))
+        components[model.__name__] = model_schema
+    app.openapi_schema = schema
+    return schema

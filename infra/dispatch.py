@@ -1,0 +1,117 @@
+"""Hand jobs to the engine. `LocalDispatcher` runs them on in-process worker threads fed by a
+queue; the Modal side spawns the GPU worker class. Both end every job through `execute_job`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from infra.jobs import FAILED, SUCCESS
+from models.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+def execute_job(job_id: int, jobs, storage, engine, webhooks) -> None:
+    """Run one job to its end: outputs stored under their precomputed keys, then `success`;
+    any error -> `failed` with a message. Never raises, never leaves the job `processing`."""
+    job = jobs.get(job_id)
+    if job is None or job.done:
+        return
+    started = time.time()
+    jobs.update(job_id, started_at=started)
+    try:
+        images = engine.generate(job.endpoint, job.params, jobs.inputs(job_id))
+        for key, image in zip(job.output_keys, images, strict=True):
+            storage.put(key, _png(image), "image/png")
+        jobs.update(job_id, status=SUCCESS, generation_time=round(time.time() - started, 3), finished_at=time.time())
+    except ApiError as exc:
+        jobs.update(job_id, status=FAILED, message=str(exc.message), finished_at=time.time())
+    except Exception as exc:  # the job ends `failed`, the trace goes to the log only
+        log.exception("job %s failed", job_id)
+        jobs.update(job_id, status=FAILED, message=f"Generation failed: {type(exc).__name__}: {exc}", finished_at=time.time())
+    webhooks.job_finished(jobs.get(job_id))
+
+
+def work_units(params: dict) -> float:
+    """Denoising steps x megapixels x images: what a job's run time is proportional to."""
+    steps = params["steps"] * params.get("strength", 1.0)
+    return steps * (params["width"] * params["height"] / 1e6) * params["samples"]
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LocalDispatcher:
+    """Worker threads in this process. The engine (torch) is created on the first worker thread,
+    so the web tier starts without importing torch and the model warms up in the background."""
+
+    def __init__(self, settings, jobs, storage, weights, webhooks):
+        self.settings = settings
+        self.jobs, self.storage, self.weights, self.webhooks = jobs, storage, weights, webhooks
+        self.seconds_per_unit = settings.initial_seconds_per_step  # per step per megapixel per image
+        self.device = "starting"
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._engine = None
+        self._engine_ready = threading.Event()
+        self._engine_lock = threading.Lock()
+
+    # --- lifecycle
+    def start(self) -> None:
+        for n in range(max(1, self.settings.workers)):
+            thread = threading.Thread(target=self._work, daemon=True, name=f"worker-{n}")
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    # --- the interface handlers use
+    def submit(self, job_id: int) -> None:
+        self._queue.put(job_id)
+
+    def estimate(self, params: dict) -> float:
+        """Seconds a job with these params will take, from the measured speed of earlier jobs."""
+        return self.seconds_per_unit * work_units(params)
+
+    def engine(self):
+        with self._engine_lock:
+            if self._engine is None:
+                from infra.engine.generate import Engine
+
+                self._engine = Engine(self.settings, self.weights)
+                self.device = self._engine.device_name
+                self._engine_ready.set()
+            return self._engine
+
+    # --- workers
+    def _work(self) -> None:
+        try:
+            self.engine().warm(self.settings.default_model_id)
+        except Exception:  # a broken default model must not kill the worker; jobs report it
+            log.exception("could not warm the default model")
+        while (job_id := self._queue.get()) is not None:
+            started = time.time()
+            execute_job(job_id, self.jobs, self.storage, self.engine(), self.webhooks)
+            self._learn(job_id, time.time() - started)
+
+    def _learn(self, job_id: int, seconds: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.status != SUCCESS:
+            return
+        units = work_units(job.params)
+        if units > 0:
+            self.seconds_per_unit = 0.7 * self.seconds_per_unit + 0.3 * (seconds / units)

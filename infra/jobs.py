@@ -1,0 +1,157 @@
+"""Jobs: the record of one generation, and where records live.
+
+A job is created `processing` with its output keys fixed up front (so `future_links` can be
+given before it runs) and ends `success` or `failed`. Ids are random integers below 2**53:
+unique, JSON-safe, and not guessable from another customer's id.
+
+`SqliteJobStore` is the local side (WAL mode, safe across threads and restarts); the Modal side
+(a `modal.Dict`) implements the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROCESSING, SUCCESS, FAILED = "processing", "success", "failed"
+TERMINAL = (SUCCESS, FAILED)
+MIN_ID, MAX_ID = 10_000_000, 2**53 - 1
+
+
+@dataclass
+class Job:
+    id: int
+    endpoint: str
+    params: dict[str, Any]
+    meta: dict[str, Any]
+    output_keys: list[str]
+    future_links: list[str]
+    status: str = PROCESSING
+    message: str | None = None
+    eta: float = 0.0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    generation_time: float | None = None
+    webhook: str | None = None
+    track_id: str | None = None
+    webhook_status: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+_JSON_FIELDS = ("params", "meta", "output_keys", "future_links")
+_COLUMNS = [f for f in Job.__dataclass_fields__]
+
+
+class SqliteJobStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, endpoint TEXT, params TEXT, meta TEXT,"
+            " output_keys TEXT, future_links TEXT, status TEXT, message TEXT, eta REAL, created_at REAL,"
+            " started_at REAL, finished_at REAL, generation_time REAL, webhook TEXT, track_id TEXT,"
+            " webhook_status TEXT)"
+        )
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS job_inputs (job_id INTEGER, name TEXT, data BLOB)")
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    # --- writing
+    def create(self, job: Job, inputs: dict[str, bytes] | None = None) -> Job:
+        """Store a new job under a fresh random id (the id on `job` is replaced)."""
+        with self._lock:
+            while True:
+                job.id = MIN_ID + secrets.randbelow(MAX_ID - MIN_ID)
+                try:
+                    self._db.execute("BEGIN")
+                    self._db.execute(
+                        f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                        self._row(job),
+                    )
+                except sqlite3.IntegrityError:
+                    self._db.execute("ROLLBACK")
+                    continue
+                for name, data in (inputs or {}).items():
+                    self._db.execute("INSERT INTO job_inputs VALUES (?, ?, ?)", (job.id, name, data))
+                self._db.execute("COMMIT")
+                return job
+
+    def update(self, job_id: int, **changes: Any) -> None:
+        for name in _JSON_FIELDS:
+            if name in changes:
+                changes[name] = json.dumps(changes[name])
+        assignments = ", ".join(f"{name} = ?" for name in changes)
+        with self._changed:
+            self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
+            if changes.get("status") in TERMINAL:
+                self._db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+            self._changed.notify_all()
+
+    def fail_unfinished(self, message: str) -> int:
+        """Mark every job still `processing` as failed (used at start-up: their worker is gone)."""
+        with self._changed:
+            cursor = self._db.execute(
+                "UPDATE jobs SET status = ?, message = ?, finished_at = ? WHERE status = ?",
+                (FAILED, message, time.time(), PROCESSING),
+            )
+            self._db.execute("DELETE FROM job_inputs WHERE job_id NOT IN (SELECT id FROM jobs WHERE status = ?)", (PROCESSING,))
+            self._changed.notify_all()
+            return cursor.rowcount
+
+    # --- reading
+    def get(self, job_id: int) -> Job | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def inputs(self, job_id: int) -> dict[str, bytes]:
+        with self._lock:
+            rows = self._db.execute("SELECT name, data FROM job_inputs WHERE job_id = ?", (job_id,)).fetchall()
+        return {name: bytes(data) for name, data in rows}
+
+    def unfinished(self) -> tuple[int, float]:
+        """(number of jobs queued or running, their summed eta in seconds)."""
+        with self._lock:
+            count, eta = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(eta), 0) FROM jobs WHERE status = ?", (PROCESSING,)
+            ).fetchone()
+        return count, eta
+
+    def wait(self, job_id: int, timeout: float) -> Job | None:
+        """Block until the job is terminal or `timeout` seconds pass; return its latest record."""
+        deadline = time.monotonic() + timeout
+        job = self.get(job_id)
+        while job is not None and not job.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with self._changed:
+                self._changed.wait(min(remaining, 0.5))
+            job = self.get(job_id)
+        return job
+
+    # --- rows
+    @staticmethod
+    def _row(job: Job) -> tuple:
+        values = asdict(job)
+        return tuple(json.dumps(values[c]) if c in _JSON_FIELDS else values[c] for c in _COLUMNS)
+
+    @staticmethod
+    def _job(row: tuple) -> Job:
+        values = dict(zip(_COLUMNS, row))
+        for name in _JSON_FIELDS:
+            values[name] = json.loads(values[name])
+        return Job(**values)

@@ -1,0 +1,76 @@
+"""Runtime = settings + the backends a handler may use. `Runtime.local()` wires the embedded
+defaults (SQLite jobs, files under the data dir, in-process workers, the tiny built-in models);
+the Modal deployment builds the same object from Modal primitives."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from infra.dispatch import LocalDispatcher
+from infra.jobs import SqliteJobStore
+from infra.settings import Settings
+from infra.storage import LocalStorage
+from infra.webhooks import WebhookSender
+from infra.weights import WeightsStore
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+BUILTIN_MODELS = {  # model id -> (category, 9-channel inpainting UNet?)
+    "tiny-sd": ("stable_diffusion", False),
+    "tiny-sd-inpaint": ("inpaint", True),
+}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    jobs: SqliteJobStore
+    storage: LocalStorage
+    weights: WeightsStore
+    dispatcher: LocalDispatcher
+    webhooks: WebhookSender
+    base_url: str = ""
+    version: str = VERSION
+
+    @classmethod
+    def local(cls, settings: Settings | None = None) -> Runtime:
+        settings = settings or Settings()
+        jobs = SqliteJobStore(settings.db_path)
+        storage = LocalStorage(settings.outputs_dir)
+        weights = WeightsStore(settings.weights_dir)
+        webhooks = WebhookSender(jobs)
+        dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks)
+        return cls(settings, jobs, storage, weights, dispatcher, webhooks)
+
+    def for_request(self, request_base_url: str) -> Runtime:
+        """This runtime with the base URL clients reach us at (the setting wins over the request)."""
+        return replace(self, base_url=(self.settings.public_url or request_base_url).rstrip("/"))
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def start(self) -> None:
+        lost = self.jobs.fail_unfinished("The server restarted before this job finished; please submit it again.")
+        if lost:
+            log.warning("marked %d unfinished jobs from an earlier run as failed", lost)
+        if self.settings.build_tiny_models:
+            self.ensure_builtin_models()
+        self.dispatcher.start()
+
+    def stop(self) -> None:
+        self.dispatcher.stop()
+
+    def ensure_builtin_models(self) -> None:
+        """Build the tiny built-in models into the weights store if they are not there yet."""
+        for model_id, (category, inpaint) in BUILTIN_MODELS.items():
+            if self.weights.get(model_id) is None:
+                from infra.engine.tiny import build_tiny_pipeline
+
+                log.info("building the built-in model %s", model_id)
+                self.weights.install(
+                    model_id, category, lambda folder, inpaint=inpaint: build_tiny_pipeline(folder, inpaint=inpaint),
+                    source="built-in (random weights)",
+                )

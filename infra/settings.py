@@ -1,0 +1,85 @@
+"""Every knob of the server, in one place. Each is read from an environment variable with the
+prefix `SDAPI_` (e.g. `SDAPI_PORT=9000`); the README lists them all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEV_API_KEY = "enterprise_api_key"  # the key in the docs' examples; for local use only
+
+DEFAULT_ENHANCE_SUFFIX = "highly detailed, sharp focus, professional lighting, 8k"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDAPI_", extra="ignore")
+
+    # --- serving
+    host: str = Field("127.0.0.1", description="Address the local server listens on.")
+    port: int = Field(8000, description="Port the local server listens on.")
+    public_url: str | None = Field(
+        None,
+        description="Base URL clients reach this server at (for output links and fetch_result); "
+        "default: taken from each request's Host.",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEV_API_KEY],
+        description="Comma-separated API keys. Default: the development key `enterprise_api_key`.",
+    )
+    errors_with_http_200: bool = Field(
+        False, description="Answer errors with HTTP 200 (status in the body only), for legacy clients."
+    )
+    max_body_bytes: int = Field(30 * 1024 * 1024, description="Largest accepted request body.")
+
+    # --- storage
+    data_dir: Path = Field(Path("data"), description="Jobs database, outputs and model weights live here.")
+
+    # --- jobs and queue
+    sync_timeout: float = Field(
+        30.0, description="Seconds a generation request waits for its job before answering `processing`."
+    )
+    workers: int = Field(1, description="In-process worker threads running jobs.")
+    initial_seconds_per_step: float = Field(
+        0.05, description="ETA estimate per step per megapixel before any job was timed."
+    )
+
+    # --- models and generation
+    default_model_id: str = Field("tiny-sd", description="Model used when a request names none.")
+    default_inpaint_model_id: str = Field(
+        "tiny-sd-inpaint", description="Model inpaint uses when a request names none."
+    )
+    placeholder_model_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["your_model_id"],
+        description="Model ids from the docs' examples that mean 'the default model'.",
+    )
+    build_tiny_models: bool = Field(True, description="Build the tiny built-in models on first start.")
+    device: str = Field("auto", description="torch device: auto | cpu | cuda.")
+    torch_threads: int = Field(0, description="torch CPU threads; 0 = torch's default.")
+    enhance_prompt_suffix: str = Field(
+        DEFAULT_ENHANCE_SUFFIX, description="What enhance_prompt appends to a prompt that lacks it."
+    )
+    max_input_image_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted input image file.")
+    max_input_image_pixels: int = Field(4096 * 4096, description="Largest accepted input image, in pixels.")
+    image_fetch_timeout: float = Field(20.0, description="Seconds to download an input image.")
+
+    @field_validator("api_keys", "placeholder_model_ids", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.data_dir / "models"

@@ -1,0 +1,39 @@
+"""Webhook delivery: when a job ends, POST its ModelsLab payload (the success body, or
+`{status: failed, id, message}`, each with `track_id`) to the job's `webhook`.
+
+Delivery runs on its own thread so a slow or dead receiver never holds up a worker; the outcome
+is recorded on the job as `webhook_status` (shown by fetch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import httpx
+
+from infra.jobs import Job
+from models.responses import job_response
+
+log = logging.getLogger(__name__)
+
+
+class WebhookSender:
+    def __init__(self, jobs, timeout: float = 10.0):
+        self.jobs = jobs
+        self.timeout = timeout
+
+    def job_finished(self, job: Job) -> None:
+        if job.webhook:
+            threading.Thread(target=self._deliver, args=(job,), daemon=True, name=f"webhook-{job.id}").start()
+
+    def _deliver(self, job: Job) -> None:
+        payload = job_response(job, fetch_result="").model_dump(mode="json", exclude_none=True)
+        payload["track_id"] = job.track_id
+        try:
+            response = httpx.post(job.webhook, json=payload, timeout=self.timeout)
+            status = "delivered" if response.is_success else f"failed: HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            status = f"failed: {type(exc).__name__}"
+        log.info("webhook for job %s: %s", job.id, status)
+        self.jobs.update(job.id, webhook_status=status)

@@ -1,0 +1,51 @@
+"""Errors a client can cause. Raised anywhere below the API layer, turned by `infra.api` into
+the ModelsLab error envelope with the HTTP status given here."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status_code = 400
+
+    def __init__(self, message: str | dict[str, list[str]], tip: str | None = None, status_code: int | None = None):
+        super().__init__(message if isinstance(message, str) else str(message))
+        self.message = message
+        self.tip = tip
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class BadInput(ApiError):
+    """The request is well-formed but something in it cannot be used (a broken image URL...)."""
+
+    status_code = 400
+
+
+class InvalidKey(ApiError):
+    status_code = 401
+
+    def __init__(self):
+        super().__init__(
+            "Invalid Api Key",
+            tip="1. Make sure you are passing Content-Type: application/json in the header. "
+            "2. Make sure you are doing a POST request. "
+            "3. Make sure the key is sent as `key` in the JSON body or as `Authorization: Bearer <key>`.",
+        )
+
+
+class Forbidden(ApiError):
+    status_code = 403
+
+
+class NotFound(ApiError):
+    status_code = 404
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+
+
+class NotAvailable(ApiError):
+    """A documented feature this server does not offer yet: never a fake success."""
+
+    status_code = 501

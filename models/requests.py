@@ -1,0 +1,225 @@
+"""One request model per endpoint of spec section 3 (plus clear_queue, reset_s3,
+load_model_v2 and sync_models), with the union of the fields of every doc generation.
+
+Fields a client may send but that mean nothing here (`loadbalancer`, `deploy_type`, ...) are
+still declared where the docs list them, so `/docs` shows them; unknown fields are ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+from models.fields import CsvList, Dimension, JobId, LooseFloat, LooseInt, Text, YesNo
+
+SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
+
+
+class WireModel(BaseModel):
+    """Base of every request: unknown fields ignored; `null` and blank strings mean unset."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    key: str | None = Field(None, description="Enterprise API key (or send `Authorization: Bearer <key>`).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_unset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+        return data
+
+
+class KeyOnlyRequest(WireModel):
+    """system_details, restart_server, update_server, clear_cache, clear_queue, schedulers_list,
+    get_all_models: the key is the whole body."""
+
+
+# --------------------------------------------------------------------------- generation
+
+
+class GenerationRequest(WireModel):
+    """Fields shared by text2img, img2img, inpaint and controlnet."""
+
+    model_id: Text | None = Field(None, description="Model id; defaults to the server's default model.")
+    prompt: Text
+    negative_prompt: Text | None = None
+    width: Dimension | None = Field(None, description="1..1024, rounded down to a multiple of 8. Default 512.")
+    height: Dimension | None = Field(None, description="1..1024, rounded down to a multiple of 8. Default 512.")
+    samples: LooseInt(1, 4) = 1
+    num_inference_steps: LooseInt(1, 50) = Field(
+        20, validation_alias=AliasChoices("num_inference_steps", "steps"), description="Alias: `steps`."
+    )
+    guidance_scale: LooseFloat(1, 20) = 7.5
+    seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="null -> random; echoed in meta.seed.")
+    scheduler: Text | None = Field(None, description="See schedulers_list; default: the model's own.")
+    use_karras_sigmas: YesNo = True
+    algorithm_type: Text = Field("none", description="none | dpmsolver+++ | dpmsolver++ | sde-dpmsolver++")
+    enhance_prompt: YesNo = True
+    safety_checker: YesNo = False
+    safety_checker_type: SafetyCheckerType = "sensitive_content_text"
+    clip_skip: LooseInt(1, 8) | None = None
+    tomesd: YesNo = True
+    vae: Text | None = None
+    lora_model: CsvList | None = None
+    lora_strength: CsvList | None = None
+    embeddings_model: Text | None = None
+    multi_lingual: YesNo = False
+    panorama: YesNo = False
+    self_attention: YesNo = False
+    upscale: YesNo = False
+    highres_fix: YesNo = False
+    base64: YesNo = False
+    temp: YesNo = False
+    instant_response: YesNo = Field(False, description="Answer `processing` at once instead of waiting.")
+    loadbalancer: YesNo = Field(False, description="Accepted and ignored: Modal autoscaling balances load.")
+    ip_adapter_id: Text | None = None
+    ip_adapter_scale: LooseFloat(0, 1) | None = None
+    ip_adapter_image: Text | None = None
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
+class Text2ImgRequest(GenerationRequest):
+    pass
+
+
+class Img2ImgRequest(GenerationRequest):
+    init_image: Text = Field(description="URL, base64 string or data URI of the starting image.")
+    strength: LooseFloat(0, 1) = 0.7
+
+
+class InpaintRequest(Img2ImgRequest):
+    mask_image: Text = Field(description="URL/base64 of the mask: white = repaint, black = keep.")
+
+
+class ControlnetRequest(GenerationRequest):
+    prompt: Text | None = None
+    controlnet_model: CsvList
+    controlnet_type: Text | None = None
+    controlnet_conditioning_scale: LooseFloat(0, 20) = 1.0
+    auto_hint: YesNo = False
+    guess_mode: YesNo = False
+    init_image: Text | None = None
+    control_image: Text | None = None
+    mask_image: Text | None = None
+    strength: LooseFloat(0, 1) = 0.7
+
+
+class Text2VideoRequest(WireModel):
+    """G1 `/enterprise/text2video` fields plus the G3 `video/text2video` ones."""
+
+    model_id: Text | None = None
+    prompt: Text
+    negative_prompt: Text | None = None
+    width: Dimension | None = None
+    height: Dimension | None = None
+    num_frames: LooseInt(1, 25) = 16
+    fps: LooseInt(1, 16) = 8
+    output_type: Literal["mp4", "gif"] = "mp4"
+    num_inference_steps: LooseInt(1, 50) = Field(20, validation_alias=AliasChoices("num_inference_steps", "steps"))
+    guidance_scale: LooseFloat(0, 20) = 7.5
+    strength: LooseFloat(0, 1) | None = None
+    seed: LooseInt(0, 2**32 - 1) | None = None
+    scheduler: Text | None = None
+    clip_skip: LooseInt(1, 8) | None = None
+    enhance_prompt: YesNo = True
+    upscale_height: LooseInt(1, 2048) | None = None
+    upscale_width: LooseInt(1, 2048) | None = None
+    upscale_strength: LooseFloat(0, 1) | None = None
+    upscale_guidance_scale: LooseFloat(0, 20) | None = None
+    upscale_num_inference_steps: LooseInt(1, 50) | None = None
+    use_improved_sampling: YesNo = False
+    improved_sampling_seed: LooseInt() | None = None
+    instant_response: YesNo = False
+    temp: YesNo = False
+    loadbalancer: YesNo = False
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
+# --------------------------------------------------------------------------- media
+
+
+class SuperResolutionRequest(WireModel):
+    url: Text = Field(description="URL (or base64) of the image to upscale.")
+    scale: LooseFloat(1, 4) = 4
+    model_id: Text = "realesr-general-x4v3"
+    face_enhance: YesNo = False
+    base64: YesNo = False
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
+class UploadImageRequest(WireModel):
+    base64_image: Text = Field(description="Raw base64 or a data: URI.")
+    image_type: Literal["png", "jpeg", "jpg"]
+
+
+class NsfwImageCheckRequest(WireModel):
+    init_image: Text = Field(description="URL or base64 of the image to classify.")
+
+
+class FetchRequest(WireModel):
+    request_id: JobId = Field(
+        validation_alias=AliasChoices("request_id", "id"), description="The `id` of a generation response."
+    )
+
+
+# --------------------------------------------------------------------------- model catalog
+
+
+class LoadModelRequest(WireModel):
+    url: Text
+    model_id: Text
+    model_type: Literal["huggingface", "api_trained", "custom_ckpt", "lora", "controlnet", "embeddings"] = "huggingface"
+    from_safetensors: YesNo = False
+    revision: Literal["fp16", "fp32"] = "fp32"
+    upcast_attention: YesNo = False
+    webhook: Text | None = None
+
+
+class LoadModelV2Request(WireModel):
+    url: Text
+    model_id: Text
+    model_category: Literal["lora", "stable_diffusion", "stable_diffusion_xl", "controlnet", "embeddings"]
+    model_format: Literal["ckpt", "safetensors", "pt", "diffusers"]
+    revision: Literal["fp16", "fp32"] = "fp32"
+    webhook: Text | None = None
+
+
+class LoadVaeRequest(WireModel):
+    vae_id: Text
+    vae_url: Text
+    vae_type: Literal["diffusers", "safetensors", "pt"] = "diffusers"
+    webhook: Text | None = None
+
+
+class ModelIdRequest(WireModel):
+    """verify_model and delete_model."""
+
+    model_id: Text
+
+
+class SyncModelsRequest(WireModel):
+    sync_key: Text = Field(description="Enterprise key of the deployment to copy the models to.")
+
+
+# --------------------------------------------------------------------------- server admin
+
+DeployType = Text
+
+
+class UpdateS3Request(WireModel):
+    public_url: Text
+    region_name: Text
+    endpoint_url: Text
+    aws_access_key_id: Text
+    aws_secret_access_key: Text
+    image_directory: Text
+    deploy_type: DeployType = "text_to_image"
+
+
+class ResetS3Request(WireModel):
+    deploy_type: DeployType = "text_to_image"

@@ -1,0 +1,113 @@
+"""Response envelopes of the ModelsLab wire format (spec section 1.3).
+
+`success` / `processing` / `failed` describe a job, `error` a rejected request. The API layer
+serialises them with `exclude_none`, so optional fields that are not set do not appear; `meta`
+keeps its nulls (`"lora": null`) as the original does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorResponse(Envelope):
+    status: Literal["error"] = "error"
+    message: str | dict[str, list[str]] = Field(
+        description="What went wrong; for validation errors an object field -> list of messages."
+    )
+    tip: str | None = Field(None, description="What to change to make the request work.")
+
+
+class SuccessResponse(Envelope):
+    status: Literal["success"] = "success"
+    generationTime: float | None = None  # noqa: N815 - wire name
+    id: int | None = None
+    output: list[str] | str = Field(default_factory=list)
+    proxy_links: list[str] | None = None
+    meta: dict[str, Any] | None = None
+    nsfw_content_detected: bool | None = None
+    webhook_status: str | None = None
+    tip: str | None = None
+
+
+class ProcessingResponse(Envelope):
+    status: Literal["processing"] = "processing"
+    tip: str = "Your request is queued; fetch the result at fetch_result or wait for the webhook."
+    eta: float
+    messege: str = "Try to fetch request after seconds estimated"
+    message: str = "Try to fetch request after seconds estimated"
+    webhook_status: str = ""
+    fetch_result: str
+    id: int
+    output: list[str] = Field(default_factory=list)
+    meta: dict[str, Any] | None = None
+    future_links: list[str] = Field(default_factory=list)
+
+
+class FailedResponse(Envelope):
+    status: Literal["failed"] = "failed"
+    id: int | str = ""
+    message: str = "Failed, Try Again"
+    output: list[str] = Field(default_factory=list)
+    meta: dict[str, Any] | None = None
+    webhook_status: str | None = None
+    tip: str | None = None
+
+
+class MessageResponse(Envelope):
+    status: Literal["success", "processing"] = "success"
+    message: str
+
+
+class ModelListResponse(Envelope):
+    status: Literal["success"] = "success"
+    models: list[dict[str, Any]] = Field(
+        description="`model_id`, `load_data` (MM/DD/YYYY HH:MM:SS, UTC), plus our `category` and `status`."
+    )
+
+
+class SystemDetailsResponse(Envelope):
+    status: Literal["ok"] = "ok"
+    model_count: int
+    queue_time: float = Field(description="Estimated seconds of queued and running work.")
+    queue_num: int = Field(description="Jobs queued or running.")
+    device: str
+    version: str
+    models: list[str] = Field(default_factory=list)
+
+
+class SchedulersListResponse(Envelope):
+    schedulers: list[str]
+
+
+JobResponse = SuccessResponse | ProcessingResponse | FailedResponse
+
+
+def job_response(job, fetch_result: str, eta: float = 0.0) -> JobResponse:
+    """The envelope for a job record (anything with the fields of `infra.jobs.Job`)."""
+    if job.status == "success":
+        return SuccessResponse(
+            generationTime=job.generation_time,
+            id=job.id,
+            output=job.future_links,
+            meta=job.meta,
+            webhook_status=job.webhook_status or None,
+        )
+    if job.status == "failed":
+        return FailedResponse(
+            id=job.id, message=job.message or "Failed, Try Again", meta=job.meta, webhook_status=job.webhook_status or None
+        )
+    return ProcessingResponse(
+        eta=round(eta, 2),
+        fetch_result=fetch_result,
+        id=job.id,
+        meta=job.meta,
+        future_links=job.future_links,
+        webhook_status=job.webhook_status,
+    )
