@@ -177,9 +177,14 @@ def _output_size(req: GenerationRequest, init) -> tuple[int, int]:
 
 
 def _fit(image, width: int, height: int):
+    """Resize to the output size. Masks use a box filter: an output pixel stays exactly as it was
+    when its whole footprint in the sent mask is black (no ringing from the white area)."""
     from PIL import Image
 
-    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+    if image.size == (width, height):
+        return image
+    resample = Image.Resampling.BOX if image.mode == "L" else Image.Resampling.LANCZOS
+    return image.resize((width, height), resample)
 
 
 def _meta(req: GenerationRequest, params: dict, seed: int, file_prefix: str) -> dict:

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     # --- storage
     data_dir: Path = Field(Path("data"), description="Jobs database, outputs and model weights live here.")
+    models_dir: Path | None = Field(None, description="Where model weights live; default: <data_dir>/models.")
 
     # --- jobs and queue
     sync_timeout: float = Field(
@@ -82,4 +83,4 @@ class Settings(BaseSettings):
 
     @property
     def weights_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.models_dir or self.data_dir / "models"

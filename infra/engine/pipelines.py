@@ -55,7 +55,9 @@ class PipelineCache:
         """A pipeline for `task` on the cached components of `model_id`, with a new scheduler."""
         model = self.model(model_id)
         fresh = build_scheduler(scheduler, model.scheduler_config, karras, algorithm)
-        return VARIANTS[task].from_pipe(model.pipeline, scheduler=fresh)
+        pipeline = VARIANTS[task].from_pipe(model.pipeline, scheduler=fresh)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
     def loaded(self) -> list[str]:
         return list(self._models)

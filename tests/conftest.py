@@ -1,0 +1,122 @@
+"""Shared fixtures: the tiny models built once per session, a loopback image server, and a
+factory for apps (real FastAPI app + local runtime + worker threads) with chosen settings."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import threading
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image, ImageDraw
+
+from infra.api import create_app
+from infra.runtime import Runtime
+from infra.settings import DEV_API_KEY, Settings
+from infra.weights import WeightsStore
+
+KEY = DEV_API_KEY
+SEED_IMAGE = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo.png"
+SEED_MASK = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo_mask.png"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """The built-in tiny models, built once for the whole session the way a server builds them."""
+    folder = tmp_path_factory.mktemp("models")
+    settings = Settings(data_dir=folder.parent / "unused", models_dir=folder)
+    runtime = Runtime.local(settings)
+    runtime.ensure_builtin_models()
+    return folder
+
+
+@pytest.fixture
+def make_client(models_dir, tmp_path):
+    """make_client(**settings) -> a TestClient on a fresh app (and by default a fresh data dir),
+    workers running. Pass data_dir to reopen an earlier one, as a restarted server would."""
+    clients = []
+
+    def make(data_dir: Path | None = None, **overrides) -> TestClient:
+        data_dir = data_dir or tmp_path / f"data{len(clients)}"
+        settings = Settings(data_dir=data_dir, models_dir=models_dir, **overrides)
+        client = TestClient(create_app(Runtime.local(settings)), raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)  # a second exit (after a simulated restart) is harmless
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def scene(width: int, height: int) -> Image.Image:
+    """A recognisable test picture: sky, grass, a sun and a bench."""
+    image = Image.new("RGB", (width, height), (110, 160, 230))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, height * 2 // 3, width, height], fill=(70, 150, 60))
+    draw.ellipse([width // 10, height // 10, width // 4, height // 4], fill=(250, 220, 60))
+    draw.rectangle([width // 3, height // 2, width * 2 // 3, height * 2 // 3], fill=(120, 80, 40))
+    return image
+
+
+def centre_mask(width: int, height: int) -> Image.Image:
+    """White (repaint) square in the middle, black (keep) elsewhere."""
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle([width // 4, height // 4, width * 3 // 4 - 1, height * 3 // 4 - 1], fill=255)
+    return mask
+
+
+class _Files(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory):
+    """A loopback HTTP server with test images; yields its base URL."""
+    root = tmp_path_factory.mktemp("www")
+    files = {
+        SEED_IMAGE: png_bytes(scene(512, 512)),
+        SEED_MASK: png_bytes(centre_mask(512, 512)),
+        "init64.png": png_bytes(scene(64, 64)),
+        "mask64.png": png_bytes(centre_mask(64, 64)),
+        "mask128.png": png_bytes(centre_mask(128, 128)),
+        "mask_wide.png": png_bytes(centre_mask(128, 64)),
+        "init96x64.png": png_bytes(scene(96, 64)),
+        "not_an_image.png": b"<html>this is not an image</html>",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    handler = lambda *a, **kw: _Files(*a, directory=str(root), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def fetch_png(client: TestClient, url: str) -> Image.Image:
+    response = client.get(url)
+    assert response.status_code == 200, url
+    assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
+
+
+@pytest.fixture
+def weights(models_dir) -> WeightsStore:
+    return WeightsStore(models_dir)

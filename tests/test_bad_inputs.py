@@ -1,0 +1,92 @@
+"""A catalogue of bad requests: each gets a 4xx ModelsLab error envelope that says what to fix,
+never a 500, and the server keeps working afterwards."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.conftest import KEY
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def t2i(**fields):
+    return ("text2img", {"key": KEY, "prompt": "x", "width": 64, "height": 64, "steps": 2, **fields})
+
+
+def inpaint(server, **fields):
+    return ("inpaint", {"key": KEY, "prompt": "x", "init_image": f"{server}/init64.png",
+                        "mask_image": f"{server}/mask64.png", "steps": 2, **fields})
+
+
+# (name, endpoint + body, expected HTTP status, a phrase the message must contain)
+def catalogue(server):
+    return [
+        ("negative width", t2i(width=-512), 422, "width"),
+        ("zero height", t2i(height="0"), 422, "height"),
+        ("huge width", t2i(width=100000), 422, "between 1 and 1024"),
+        ("samples 9", t2i(samples=9), 422, "between 1 and 4"),
+        ("steps 500", t2i(num_inference_steps=500), 422, "between 1 and 50"),
+        ("steps alias 500", t2i(steps="500"), 422, "between 1 and 50"),
+        ("guidance 100", t2i(guidance_scale=100), 422, "between 1 and 20"),
+        ("seed not a number", t2i(seed="lucky"), 422, "number"),
+        ("prompt an object", t2i(prompt={"a": 1}), 422, "prompt"),
+        ("unknown scheduler", t2i(scheduler="FancyScheduler"), 422, "unknown scheduler"),
+        ("unusable scheduler", t2i(scheduler="ScoreSdeVeScheduler"), 422, "cannot be used"),
+        ("unknown algorithm", t2i(scheduler="DPMSolverMultistepScheduler", algorithm_type="magic"), 422, "algorithm_type"),
+        ("unknown model", t2i(model_id="no-such-model"), 404, "Model id not found"),
+        ("path traversal model id", t2i(model_id="../../etc/passwd"), 400, "not a valid model id"),
+        ("inpaint model on text2img", t2i(model_id="tiny-sd-inpaint"), 400, "inpainting model"),
+        ("feature not built yet", t2i(lora_model="more_details"), 501, "lora_model"),
+        ("safety checker not built yet", t2i(safety_checker="yes"), 501, "safety_checker"),
+        ("broken image URL (404)", inpaint(server, init_image=f"{server}/missing.png"), 400, "HTTP 404"),
+        ("unreachable image URL", inpaint(server, init_image=f"http://127.0.0.1:{closed_port()}/a.png"), 400,
+         "could not be downloaded"),
+        ("not a URL at all", inpaint(server, init_image="ftp://example.com/a.png"), 400, "base64"),
+        ("non-image URL", inpaint(server, init_image=f"{server}/not_an_image.png"), 400, "not a readable image"),
+        ("invalid base64", inpaint(server, mask_image="!!!not-base64!!!"), 400, "base64"),
+        ("base64 of text", inpaint(server, mask_image="aGVsbG8gd29ybGQ="), 400, "not a readable image"),
+        ("mask of another shape", inpaint(server, mask_image=f"{server}/mask_wide.png"), 400, "aspect ratio"),
+        ("missing mask", ("inpaint", {"key": KEY, "prompt": "x", "init_image": f"{server}/init64.png"}), 422,
+         "mask_image"),
+        ("fetch id not a number", ("fetch", {"key": KEY, "request_id": "abc"}), 422, "request_id"),
+        ("fetch id negative", ("fetch", {"key": KEY, "request_id": -5}), 422, "request_id"),
+    ]
+
+
+CASES = [c[0] for c in catalogue("http://x")]
+
+
+@pytest.fixture(scope="module")
+def module_client(models_dir, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from infra.api import create_app
+    from infra.runtime import Runtime
+    from infra.settings import Settings
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("bad"), models_dir=models_dir, image_fetch_timeout=5)
+    with TestClient(create_app(Runtime.local(settings)), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_a_clear_4xx_envelope(module_client, image_server, case):
+    _, (endpoint, body), status, phrase = next(c for c in catalogue(image_server) if c[0] == case)
+    response = module_client.post(f"/api/v1/enterprise/{endpoint}", json=body)
+    assert response.status_code == status, response.text
+    result = response.json()
+    assert result["status"] == "error"
+    assert phrase in str(result["message"])
+    assert "Traceback" not in response.text
+
+
+def test_server_still_works_after_the_catalogue(module_client):
+    result = module_client.post("/api/v1/enterprise/text2img", json=t2i()[1]).json()
+    assert result["status"] == "success"

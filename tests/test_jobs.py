@@ -1,0 +1,104 @@
+"""Job lifecycle: ids, failures that end `failed` with a message, restarts, webhooks."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from infra.jobs import MAX_ID, Job, SqliteJobStore
+from tests.conftest import KEY
+
+
+def wait_done(client, job_id, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = client.post(f"/api/v1/enterprise/fetch/{job_id}", json={"key": KEY}).json()
+        if result["status"] != "processing":
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still processing after {timeout} s")
+
+
+def test_ids_are_unique_integers_below_2_53(tmp_path):
+    store = SqliteJobStore(tmp_path / "jobs.sqlite3")
+    ids = {store.create(Job(0, "text2img", {}, {}, [], [])).id for _ in range(500)}
+    assert len(ids) == 500 and all(isinstance(i, int) and 0 < i <= MAX_ID for i in ids)
+
+
+def test_a_job_that_breaks_ends_failed_with_a_message(make_client, monkeypatch):
+    client = make_client(sync_timeout=0)
+    from infra.engine.generate import Engine
+
+    def explode(self, task, params, inputs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(Engine, "generate", explode)
+    job = client.post("/api/v1/enterprise/text2img", json={"key": KEY, "prompt": "x", "width": 64, "height": 64}).json()
+    result = wait_done(client, job["id"])
+    assert result["status"] == "failed"
+    assert result["id"] == job["id"]
+    assert "CUDA out of memory (simulated)" in result["message"]
+    assert result["output"] == []
+
+
+def test_jobs_left_processing_by_a_dead_server_are_failed_on_restart(make_client, tmp_path):
+    store = SqliteJobStore(tmp_path / "dead" / "jobs.sqlite3")
+    orphan = store.create(Job(0, "text2img", {}, {}, [], []))
+    client = make_client(data_dir=tmp_path / "dead")
+    result = client.post("/api/v1/enterprise/fetch", json={"key": KEY, "request_id": orphan.id}).json()
+    assert result["status"] == "failed" and "restarted" in result["message"]
+
+
+def test_results_survive_a_restart(make_client, tmp_path):
+    first = make_client(data_dir=tmp_path / "kept")
+    done = first.post("/api/v1/enterprise/text2img",
+                      json={"key": KEY, "prompt": "x", "width": 64, "height": 64, "steps": 2}).json()
+    assert done["status"] == "success"
+    first.__exit__(None, None, None)
+
+    second = make_client(data_dir=tmp_path / "kept")
+    result = second.post("/api/v1/enterprise/fetch", json={"key": KEY, "request_id": done["id"]}).json()
+    assert result["status"] == "success" and result["output"] == done["output"]
+    assert second.get(done["output"][0]).status_code == 200
+
+
+@pytest.fixture
+def receiver():
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    server.shutdown()
+
+
+def test_webhook_gets_the_result_with_track_id(client, receiver):
+    url, received = receiver
+    job = client.post("/api/v1/enterprise/text2img", json={"key": KEY, "prompt": "x", "width": 64, "height": 64,
+                                                           "steps": 2, "webhook": url, "track_id": "order-7"}).json()
+    assert job["status"] == "success"
+    deadline = time.time() + 30
+    while not received and time.time() < deadline:
+        time.sleep(0.05)
+    assert received and received[0]["status"] == "success"
+    assert received[0]["id"] == job["id"] and received[0]["track_id"] == "order-7"
+    assert received[0]["output"] == job["output"]
+    for _ in range(100):
+        status = client.post("/api/v1/enterprise/fetch", json={"key": KEY, "request_id": job["id"]}).json()
+        if status.get("webhook_status"):
+            break
+        time.sleep(0.05)
+    assert status["webhook_status"] == "delivered"

@@ -1,0 +1,34 @@
+"""The web tier must start without torch: importing handlers, models and infra.api (and
+serving a request that needs no engine) must not import torch or diffusers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_web_tier_imports_without_torch(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import handlers, handlers.generation, handlers.queue, handlers.system, handlers.catalog
+        import models, infra.api, infra.runtime
+        from fastapi.testclient import TestClient
+        from infra.settings import Settings
+        from infra.runtime import Runtime
+        settings = Settings(data_dir={str(tmp_path)!r}, build_tiny_models=False)
+        app = infra.api.create_app(Runtime.local(settings), manage_runtime=False)
+        client = TestClient(app)
+        assert client.post("/api/v1/enterprise/schedulers_list", json={{"key": "enterprise_api_key"}}).status_code == 200
+        assert client.post("/api/v1/enterprise/system_details", json={{"key": "enterprise_api_key"}}).status_code == 200
+        heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+        print("HEAVY:", heavy)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY: []" in result.stdout
