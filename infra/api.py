@@ -29,10 +29,9 @@ from models import requests as rq
 from models.errors import ApiError, InvalidKey, PayloadTooLarge
 from models.responses import (
     ErrorResponse,
-    FailedResponse,
+    JobResponse,
     MessageResponse,
     ModelListResponse,
-    ProcessingResponse,
     SchedulersListResponse,
     SuccessResponse,
     SystemDetailsResponse,
@@ -50,16 +49,14 @@ class Endpoint:
     admin: bool = False  # catalog and server endpoints; key roles arrive with per-key limits
 
 
-_JOB = SuccessResponse | ProcessingResponse | FailedResponse
-
 # The whole API. name -> (request model, handler, response model, summary, admin-only)
 ENDPOINTS: dict[str, Endpoint] = {
     # generation
-    "text2img": Endpoint(rq.Text2ImgRequest, generation.text2img, _JOB, "Text to image"),
-    "img2img": Endpoint(rq.Img2ImgRequest, generation.img2img, _JOB, "Image to image"),
-    "inpaint": Endpoint(rq.InpaintRequest, generation.inpaint, _JOB, "Inpainting: repaint the white area of mask_image"),
-    "controlnet": Endpoint(rq.ControlnetRequest, not_available("controlnet", "ControlNet models"), _JOB, "ControlNet generation"),
-    "text2video": Endpoint(rq.Text2VideoRequest, not_available("text2video", "video generation"), _JOB, "Text to video"),
+    "text2img": Endpoint(rq.Text2ImgRequest, generation.text2img, JobResponse, "Text to image"),
+    "img2img": Endpoint(rq.Img2ImgRequest, generation.img2img, JobResponse, "Image to image"),
+    "inpaint": Endpoint(rq.InpaintRequest, generation.inpaint, JobResponse, "Inpainting: repaint the white area of mask_image"),
+    "controlnet": Endpoint(rq.ControlnetRequest, not_available("controlnet", "ControlNet models"), JobResponse, "ControlNet generation"),
+    "text2video": Endpoint(rq.Text2VideoRequest, not_available("text2video", "video generation"), JobResponse, "Text to video"),
     "super_resolution": Endpoint(
         rq.SuperResolutionRequest, not_available("super_resolution", "upscaler models"), SuccessResponse, "Upscale an image"
     ),
@@ -69,7 +66,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "nsfw_image_check": Endpoint(
         rq.NsfwImageCheckRequest, not_available("nsfw_image_check", "the NSFW classifier"), MessageResponse, "Classify an image"
     ),
-    "fetch": Endpoint(rq.FetchRequest, queue.fetch, _JOB, "Result of a queued job (also POST fetch/{id})"),
+    "fetch": Endpoint(rq.FetchRequest, queue.fetch, JobResponse, "Result of a queued job (also POST fetch/{id})"),
     # model catalog
     "load_model": Endpoint(rq.LoadModelRequest, not_available("load_model", "model loading"), MessageResponse, "Load a model", True),
     "load_model_v2": Endpoint(

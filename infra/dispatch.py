@@ -9,24 +9,26 @@ import queue
 import threading
 import time
 
+from infra.inputs import encode_png
 from infra.jobs import FAILED, SUCCESS
 from models.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 
-def execute_job(job_id: int, jobs, storage, engine, webhooks) -> None:
+def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> None:
     """Run one job to its end: outputs stored under their precomputed keys, then `success`;
-    any error -> `failed` with a message. Never raises, never leaves the job `processing`."""
+    any error (the engine failing to start included) -> `failed` with a message.
+    Never raises, never leaves the job `processing`."""
     job = jobs.get(job_id)
     if job is None or job.done:
         return
     started = time.time()
     jobs.update(job_id, started_at=started)
     try:
-        images = engine.generate(job.endpoint, job.params, jobs.inputs(job_id))
+        images = get_engine().generate(job.endpoint, job.params, jobs.inputs(job_id))
         for key, image in zip(job.output_keys, images, strict=True):
-            storage.put(key, _png(image), "image/png")
+            storage.put(key, encode_png(image), "image/png")
         jobs.update(job_id, status=SUCCESS, generation_time=round(time.time() - started, 3), finished_at=time.time())
     except ApiError as exc:
         jobs.update(job_id, status=FAILED, message=str(exc.message), finished_at=time.time())
@@ -40,14 +42,6 @@ def work_units(params: dict) -> float:
     """Denoising steps x megapixels x images: what a job's run time is proportional to."""
     steps = params["steps"] * params.get("strength", 1.0)
     return steps * (params["width"] * params["height"] / 1e6) * params["samples"]
-
-
-def _png(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class LocalDispatcher:
@@ -105,7 +99,7 @@ class LocalDispatcher:
             log.exception("could not warm the default model")
         while (job_id := self._queue.get()) is not None:
             started = time.time()
-            execute_job(job_id, self.jobs, self.storage, self.engine(), self.webhooks)
+            execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks)
             self._learn(job_id, time.time() - started)
 
     def _learn(self, job_id: int, seconds: float) -> None:

@@ -32,6 +32,22 @@ def models_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def open_client(data_dir: Path, models_dir: Path, **overrides) -> TestClient:
+    """A started TestClient on a fresh app over `data_dir` (close it with __exit__)."""
+    settings = Settings(data_dir=data_dir, models_dir=models_dir, **overrides)
+    client = TestClient(create_app(Runtime.local(settings)), raise_server_exceptions=False)
+    client.__enter__()
+    return client
+
+
+@pytest.fixture(scope="module")
+def module_client(models_dir, tmp_path_factory):
+    """One app shared by a test module, for tests that need no special settings."""
+    client = open_client(tmp_path_factory.mktemp("module"), models_dir, image_fetch_timeout=5)
+    yield client
+    client.__exit__(None, None, None)
+
+
 @pytest.fixture
 def make_client(models_dir, tmp_path):
     """make_client(**settings) -> a TestClient on a fresh app (and by default a fresh data dir),
@@ -39,10 +55,7 @@ def make_client(models_dir, tmp_path):
     clients = []
 
     def make(data_dir: Path | None = None, **overrides) -> TestClient:
-        data_dir = data_dir or tmp_path / f"data{len(clients)}"
-        settings = Settings(data_dir=data_dir, models_dir=models_dir, **overrides)
-        client = TestClient(create_app(Runtime.local(settings)), raise_server_exceptions=False)
-        client.__enter__()
+        client = open_client(data_dir or tmp_path / f"data{len(clients)}", models_dir, **overrides)
         clients.append(client)
         return client
 

@@ -63,19 +63,6 @@ def catalogue(server):
 CASES = [c[0] for c in catalogue("http://x")]
 
 
-@pytest.fixture(scope="module")
-def module_client(models_dir, tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from infra.api import create_app
-    from infra.runtime import Runtime
-    from infra.settings import Settings
-
-    settings = Settings(data_dir=tmp_path_factory.mktemp("bad"), models_dir=models_dir, image_fetch_timeout=5)
-    with TestClient(create_app(Runtime.local(settings)), raise_server_exceptions=False) as client:
-        yield client
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gets_a_clear_4xx_envelope(module_client, image_server, case):
     _, (endpoint, body), status, phrase = next(c for c in catalogue(image_server) if c[0] == case)

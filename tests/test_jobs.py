@@ -45,6 +45,20 @@ def test_a_job_that_breaks_ends_failed_with_a_message(make_client, monkeypatch):
     assert result["output"] == []
 
 
+def test_jobs_fail_cleanly_when_the_engine_cannot_start(make_client, monkeypatch):
+    from infra.engine.generate import Engine
+
+    def broken(self, settings, weights):
+        raise ImportError("libcudart.so.12: cannot open shared object file (simulated)")
+
+    monkeypatch.setattr(Engine, "__init__", broken)
+    client = make_client(sync_timeout=0)
+    jobs = [client.post("/api/v1/enterprise/text2img", json={"key": KEY, "prompt": "x"}).json() for _ in range(2)]
+    for job in jobs:
+        result = wait_done(client, job["id"])
+        assert result["status"] == "failed" and "libcudart" in result["message"]
+
+
 def test_jobs_left_processing_by_a_dead_server_are_failed_on_restart(make_client, tmp_path):
     store = SqliteJobStore(tmp_path / "dead" / "jobs.sqlite3")
     orphan = store.create(Job(0, "text2img", {}, {}, [], []))

@@ -20,38 +20,25 @@ def required_fields(name: str) -> set[str]:
     return {n for n, f in model.model_fields.items() if f.is_required()}
 
 
-@pytest.fixture(scope="module")
-def shared_client(models_dir, tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    from infra.api import create_app
-    from infra.runtime import Runtime
-    from infra.settings import Settings
-
-    settings = Settings(data_dir=tmp_path_factory.mktemp("routes"), models_dir=models_dir)
-    with TestClient(create_app(Runtime.local(settings)), raise_server_exceptions=False) as client:
-        yield client
-
-
 @pytest.mark.parametrize("path", PATHS)
-def test_without_key_every_path_says_invalid_api_key(shared_client, path):
-    response = shared_client.post(path, json={"prompt": "x"})
+def test_without_key_every_path_says_invalid_api_key(module_client, path):
+    response = module_client.post(path, json={"prompt": "x"})
     assert response.status_code == 401
     assert response.json()["status"] == "error"
     assert response.json()["message"] == "Invalid Api Key"
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_with_key_a_bad_body_is_an_error_envelope(shared_client, path):
-    response = shared_client.post(path, json=["not", "an", "object"], headers={"Authorization": f"Bearer {KEY}"})
+def test_with_key_a_bad_body_is_an_error_envelope(module_client, path):
+    response = module_client.post(path, json=["not", "an", "object"], headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 400
     assert response.json() == {"status": "error", "message": "The request body must be a JSON object",
                                "tip": 'Send {"key": "...", ...}.'}
 
 
 @pytest.mark.parametrize(("path", "name"), [(p, n) for p, n in ROUTES if required_fields(n)])
-def test_with_key_missing_fields_are_named(shared_client, path, name):
-    response = shared_client.post(path, json={"key": KEY})
+def test_with_key_missing_fields_are_named(module_client, path, name):
+    response = module_client.post(path, json={"key": KEY})
     assert response.status_code == 422
     body = response.json()
     assert body["status"] == "error"
@@ -60,16 +47,16 @@ def test_with_key_missing_fields_are_named(shared_client, path, name):
         assert body["message"][field] == [f"The {field} field is required."]
 
 
-def test_invalid_json_is_reported_after_auth(shared_client):
+def test_invalid_json_is_reported_after_auth(module_client):
     path = "/api/v1/enterprise/text2img"
-    assert shared_client.post(path, content=b"{not json").status_code == 401
-    response = shared_client.post(path, content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert module_client.post(path, content=b"{not json").status_code == 401
+    response = module_client.post(path, content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 400
     assert response.json()["message"].startswith("The request body is not valid JSON")
 
 
-def test_key_in_body_works_without_content_type(shared_client):
-    response = shared_client.post("/api/v1/enterprise/system_details", content=f'{{"key": "{KEY}"}}'.encode())
+def test_key_in_body_works_without_content_type(module_client):
+    response = module_client.post("/api/v1/enterprise/system_details", content=f'{{"key": "{KEY}"}}'.encode())
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
 
@@ -78,8 +65,8 @@ def test_key_in_body_works_without_content_type(shared_client):
     "auth", [{"json": {"key": "wrong"}}, {"json": {}, "headers": {"Authorization": "Bearer wrong"}},
              {"json": {}, "headers": {"Authorization": f"Basic {KEY}"}}, {"json": {"key": 12345}}]
 )
-def test_wrong_keys_are_refused(shared_client, auth):
-    response = shared_client.post("/api/v1/enterprise/system_details", **auth)
+def test_wrong_keys_are_refused(module_client, auth):
+    response = module_client.post("/api/v1/enterprise/system_details", **auth)
     assert response.status_code == 401 and response.json()["message"] == "Invalid Api Key"
 
 
@@ -96,10 +83,10 @@ def test_legacy_clients_can_get_errors_with_http_200(make_client):
     assert response.json()["message"] == "Invalid Api Key"
 
 
-def test_unknown_routes_and_methods_get_the_envelope(shared_client):
-    missing = shared_client.post("/api/v1/enterprise/no_such_endpoint", json={"key": KEY})
+def test_unknown_routes_and_methods_get_the_envelope(module_client):
+    missing = module_client.post("/api/v1/enterprise/no_such_endpoint", json={"key": KEY})
     assert missing.status_code == 404 and missing.json()["status"] == "error"
-    wrong_method = shared_client.get("/api/v1/enterprise/text2img")
+    wrong_method = module_client.get("/api/v1/enterprise/text2img")
     assert wrong_method.status_code == 405 and "use POST" in wrong_method.json()["message"]
 
 
@@ -115,44 +102,44 @@ def test_oversized_bodies_are_refused(make_client):
              "load_model", "load_model_v2", "load_vae", "delete_model", "sync_models", "sync_image", "restart_server",
              "update_server", "update", "update_s3", "reset_s3", "clear_cache", "clear_queue"]
 )
-def test_endpoints_not_built_yet_say_so(shared_client, name):
+def test_endpoints_not_built_yet_say_so(module_client, name):
     body = {"key": KEY, **{f: "x" for f in required_fields(name)}}
     body.update({"model_category": "lora", "model_format": "ckpt", "image_type": "png", "controlnet_model": "canny"})
-    response = shared_client.post(f"/api/v1/enterprise/{name}", json=body)
+    response = module_client.post(f"/api/v1/enterprise/{name}", json=body)
     assert response.status_code == 501
     assert response.json()["status"] == "error"
     assert "not available on this server yet" in response.json()["message"]
 
 
-def test_openapi_documents_every_request_model(shared_client):
-    schema = shared_client.get("/openapi.json").json()
+def test_openapi_documents_every_request_model(module_client):
+    schema = module_client.get("/openapi.json").json()
     for name, endpoint in ENDPOINTS.items():
         operation = schema["paths"][f"/api/v1/enterprise/{name}"]["post"]
         ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert ref == f"#/components/schemas/{endpoint.request.__name__}"
         assert endpoint.request.__name__ in schema["components"]["schemas"]
     assert "/api/v1/enterprise/fetch/{request_id}" in schema["paths"]
-    docs = shared_client.get("/docs")
+    docs = module_client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
-def test_schedulers_list_and_system_details(shared_client):
-    schedulers = shared_client.post("/api/v1/enterprise/schedulers_list", json={"key": KEY}).json()
+def test_schedulers_list_and_system_details(module_client):
+    schedulers = module_client.post("/api/v1/enterprise/schedulers_list", json={"key": KEY}).json()
     assert "status" not in schedulers  # as the original: a bare list
     assert "PNDMScheduler" in schedulers["schedulers"] and "LCMScheduler" in schedulers["schedulers"]
     assert "KarrasVeScheduler" not in schedulers["schedulers"]
-    details = shared_client.post("/api/v1/enterprise/system_details", json={"key": KEY}).json()
+    details = module_client.post("/api/v1/enterprise/system_details", json={"key": KEY}).json()
     assert details["status"] == "ok" and details["model_count"] == 2
     assert {"queue_time", "queue_num", "device", "version"} <= set(details)
 
 
-def test_catalog_reads(shared_client):
-    models = shared_client.post("/api/v1/enterprise/get_all_models", json={"key": KEY}).json()
+def test_catalog_reads(module_client):
+    models = module_client.post("/api/v1/enterprise/get_all_models", json={"key": KEY}).json()
     assert models["status"] == "success"
     entry = {m["model_id"]: m for m in models["models"]}["tiny-sd-inpaint"]
     assert entry["category"] == "inpaint" and entry["status"] == "ready"
     assert len(entry["load_data"]) == 19 and entry["load_data"][2] == "/"  # MM/DD/YYYY HH:MM:SS
-    found = shared_client.post("/api/v1/enterprise/verify_model", json={"key": KEY, "model_id": "tiny-sd"})
+    found = module_client.post("/api/v1/enterprise/verify_model", json={"key": KEY, "model_id": "tiny-sd"})
     assert found.json() == {"status": "success", "message": "Model exists on server"}
-    missing = shared_client.post("/api/v1/enterprise/verify_model", json={"key": KEY, "model_id": "nope"})
+    missing = module_client.post("/api/v1/enterprise/verify_model", json={"key": KEY, "model_id": "nope"})
     assert missing.status_code == 404 and missing.json()["message"].startswith("Model id not found")
