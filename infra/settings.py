@@ -4,10 +4,10 @@ prefix `SDAPI_` (e.g. `SDAPI_PORT=9000`); the README lists them all."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 DEV_API_KEY = "enterprise_api_key"  # the key in the docs' examples; for local use only
 
