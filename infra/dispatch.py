@@ -10,19 +10,19 @@ import threading
 import time
 
 from infra.inputs import encode_png
-from infra.jobs import FAILED, SUCCESS
+from infra.jobs import FAILED, SUCCESS, Job
 from models.errors import ApiError
 
 log = logging.getLogger(__name__)
 
 
-def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> None:
+def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
     """Run one job to its end: outputs stored under their precomputed keys, then `success`;
     any error (the engine failing to start included) -> `failed` with a message.
-    Never raises, never leaves the job `processing`."""
+    Never raises, never leaves the job `processing`. Returns the finished record."""
     job = jobs.get(job_id)
     if job is None or job.done:
-        return
+        return job
     started = time.time()
     jobs.update(job_id, started_at=started)
     try:
@@ -35,7 +35,9 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> None:
     except Exception as exc:  # the job ends `failed`, the trace goes to the log only
         log.exception("job %s failed", job_id)
         jobs.update(job_id, status=FAILED, message=f"Generation failed: {type(exc).__name__}: {exc}", finished_at=time.time())
-    webhooks.job_finished(jobs.get(job_id))
+    finished = jobs.get(job_id)
+    webhooks.job_finished(finished)
+    return finished
 
 
 def work_units(params: dict) -> float:
@@ -99,11 +101,10 @@ class LocalDispatcher:
             log.exception("could not warm the default model")
         while (job_id := self._queue.get()) is not None:
             started = time.time()
-            execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks)
-            self._learn(job_id, time.time() - started)
+            job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks)
+            self._learn(job, time.time() - started)
 
-    def _learn(self, job_id: int, seconds: float) -> None:
-        job = self.jobs.get(job_id)
+    def _learn(self, job: Job | None, seconds: float) -> None:
         if job is None or job.status != SUCCESS:
             return
         units = work_units(job.params)

@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw
 from infra.api import create_app
 from infra.runtime import Runtime
 from infra.settings import DEV_API_KEY, Settings
-from infra.weights import WeightsStore
 
 KEY = DEV_API_KEY
 SEED_IMAGE = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo.png"
@@ -128,8 +127,3 @@ def fetch_png(client: TestClient, url: str) -> Image.Image:
     image = Image.open(io.BytesIO(response.content))
     image.load()
     return image
-
-
-@pytest.fixture
-def weights(models_dir) -> WeightsStore:
-    return WeightsStore(models_dir)

@@ -59,9 +59,6 @@ class PipelineCache:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def loaded(self) -> list[str]:
-        return list(self._models)
-
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
@@ -73,6 +70,5 @@ class PipelineCache:
         pipeline = cls.from_pretrained(
             folder, dtype=self.dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
         ).to(self.device)
-        pipeline.set_progress_bar_config(disable=True)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         return LoadedModel(model_id, pipeline, scheduler_config)
