@@ -1,16 +1,144 @@
-"""The built-in tiny models: Stable Diffusion 1.x-shaped pipelines with random weights and a
-byte-level CLIP tokenizer written here, built offline in well under a second.
+"""The built-in tiny models: Stable Diffusion-shaped pipelines with random weights and a byte-level
+CLIP tokenizer, built offline in well under a second.
 
 They make the whole API usable and testable on a CPU with no hub access: outputs are noise-like
 images of the requested size, produced by the real diffusers pipelines.
+
+The architectures are data, not code: each is a diffusers config folder under `configs/`
+(model_index.json, one config per component, the tokenizer files; no weights). A builder reads
+that folder, instantiates every model with `Cls.from_config(...)` from its JSON, draws random
+weights from a seeded generator and saves a complete diffusers pipeline folder.
+
+* `configs/tiny-sd`: SD 1.x-shaped (PNDM, 2-block UNet 32/64, 4-block VAE 8/16/32/32, one
+  12-layer 32-wide CLIP text encoder).
+* `configs/tiny-sdxl`: SDXL-shaped (Euler, `text_time` UNet, the same VAE with SDXL's scaling
+  factor, a 32-wide CLIPTextModel and a 64-wide CLIPTextModelWithProjection, 12 layers each).
+  The two encoders must differ in width: diffusers' single-file loader tells the SDXL text
+  encoders apart only by the width of their position embeddings.
+* `configs/controlnet-tiny-sd`: a ControlNet matching the tiny SD UNet (config.json only).
+
+An inpainting variant is the same folder with a 9-channel UNet (`in_channels` 9).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+TINY_SD_CONFIGS = CONFIGS_DIR / "tiny-sd"
+TINY_SDXL_CONFIGS = CONFIGS_DIR / "tiny-sdxl"
+TINY_CONTROLNET_CONFIGS = CONFIGS_DIR / "controlnet-tiny-sd"
+
+INPAINT_IN_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
+
+# The order in which the models draw their random weights from the seeded generator. Changing it
+# changes every tiny model's weights (and so every tiny output).
+MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+TOKENIZER_COMPONENTS = ("tokenizer", "tokenizer_2")
+
+INPAINT_PIPELINES = {  # pipeline class in model_index.json -> its inpainting counterpart
+    "StableDiffusionPipeline": "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline": "StableDiffusionXLInpaintPipeline",
+}
 
 TOKENIZER_MAX_LENGTH = 77
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def diffusers_model_from_config(config_path: Path, **overrides: Any):
+    """A diffusers model (UNet, VAE, ControlNet, ...) with random weights, from a config.json (or a
+    folder holding one); the class comes from its `_class_name`. Seed torch first for fixed weights."""
+    import diffusers
+
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    config = read_json(config_path)
+    model_class = getattr(diffusers, config["_class_name"])
+    return model_class.from_config({**config, **overrides}).eval()
+
+
+def transformers_model_from_config(config_path: Path):
+    """A transformers model (the CLIP text encoders) with random weights, from its config.json (or a
+    folder holding one); the class comes from its `architectures`. Seed torch first for fixed weights."""
+    import transformers
+
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    model_class = getattr(transformers, read_json(config_path)["architectures"][0])
+    return model_class(model_class.config_class.from_json_file(config_path)).eval()
+
+
+def scheduler_from_config(config_path: Path):
+    """A scheduler from its scheduler_config.json (or the folder holding one)."""
+    import diffusers
+
+    if config_path.is_dir():
+        config_path = config_path / "scheduler_config.json"
+    config = read_json(config_path)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def build_from_configs(config_dir: Path, folder: Path, inpaint: bool = False, seed: int = 0) -> None:
+    """Save to `folder` the pipeline that the config folder `config_dir` describes, with random
+    weights drawn from `seed`; `inpaint` swaps in the inpainting pipeline and a 9-channel UNet."""
+    import diffusers
+    import torch
+    import transformers
+
+    from infra.engine import quiet_libraries
+
+    quiet_libraries()
+    index = read_json(config_dir / "model_index.json")
+    pipeline_name = INPAINT_PIPELINES[index["_class_name"]] if inpaint else index["_class_name"]
+    pipeline_class = getattr(diffusers, pipeline_name)
+
+    components: dict[str, Any] = {}
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(value, list):
+            components[name] = value  # a pipeline flag such as force_zeros_for_empty_prompt
+        elif value == [None, None]:
+            components[name] = None  # an optional component left out (safety checker, image encoder, ...)
+
+    for name in TOKENIZER_COMPONENTS:
+        if name in index:
+            shutil.copytree(config_dir / name, folder / name, dirs_exist_ok=True)
+            tokenizer_class = getattr(transformers, index[name][1])
+            components[name] = tokenizer_class.from_pretrained(folder / name)
+
+    torch.manual_seed(seed)
+    for name in MODEL_COMPONENTS:
+        if name not in index:
+            continue
+        library = index[name][0]
+        if library == "transformers":
+            components[name] = transformers_model_from_config(config_dir / name)
+        elif name == "unet" and inpaint:
+            components[name] = diffusers_model_from_config(config_dir / name, in_channels=INPAINT_IN_CHANNELS)
+        else:
+            components[name] = diffusers_model_from_config(config_dir / name)
+    components["scheduler"] = scheduler_from_config(config_dir / "scheduler")
+
+    pipeline = pipeline_class(**components)
+    pipeline.save_pretrained(folder)
+
+
+def build_tiny_pipeline(folder: Path, inpaint: bool = False, seed: int = 0) -> None:
+    """Save a tiny SD 1.x pipeline (4-channel UNet, or 9-channel for inpainting) to `folder`."""
+    build_from_configs(TINY_SD_CONFIGS, folder, inpaint=inpaint, seed=seed)
+
+
+def build_tiny_sdxl(folder: Path, inpaint: bool = False, seed: int = 0) -> None:
+    """Save a tiny SDXL pipeline (StableDiffusionXLPipeline; StableDiffusionXLInpaintPipeline with a
+    9-channel UNet for inpainting) to `folder`."""
+    build_from_configs(TINY_SDXL_CONFIGS, folder, inpaint=inpaint, seed=seed)
 
 
 def _byte_chars() -> list[str]:
@@ -25,97 +153,32 @@ def _byte_chars() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def write_clip_tokenizer(folder: Path) -> None:
-    """A byte-level CLIP vocabulary with no merges: every character is a token."""
+def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """Write a byte-level CLIP tokenizer with no merges (every character is a token): this is how
+    the tokenizer folders under `configs/` were made. SDXL's second tokenizer pads with "!"."""
+    from transformers import CLIPTokenizer
+
     folder.mkdir(parents=True, exist_ok=True)
     chars = _byte_chars()
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]  # ids 512, 513
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "model_max_length": TOKENIZER_MAX_LENGTH,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-            }
-        )
-    )
-
-
-def build_tiny_pipeline(folder: Path, inpaint: bool = False, seed: int = 0) -> None:
-    """Save a tiny SD 1.x pipeline (4-channel UNet, or 9-channel for inpainting) to `folder`."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from infra.engine import quiet_libraries
-
-    quiet_libraries()
-
-    write_clip_tokenizer(folder / "tokenizer")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=12,  # so clip_skip up to 8 has layers to skip
-            max_position_embeddings=TOKENIZER_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=32,
-            hidden_act="quick_gelu",
-        )
-    ).eval()
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=9 if inpaint else 4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # attention at 1/2 latent res: cheap at 512 px
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=32,
-    ).eval()
-    vae = AutoencoderKL(  # 4 blocks -> scale factor 8, as in SD 1.x
-        block_out_channels=[8, 16, 32, 32],
-        norm_num_groups=8,
-        layers_per_block=1,
-        latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-    ).eval()
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipeline_class = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
-    pipeline = pipeline_class(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder)
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": TOKENIZER_MAX_LENGTH,
+        **special,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder)  # built from vocab.json + merges.txt
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
