@@ -1,13 +1,75 @@
-"""The model catalog: verify_model and get_all_models read the weights store."""
+"""The model catalog: load_model, load_model_v2, load_vae, verify_model, get_all_models,
+delete_model and sync_models, on the weights store.
+
+A load is claimed at once (a `loading` manifest, so a duplicate id is refused and verify_model
+answers "still loading") and runs in the background on the engine side; its outcome shows in
+verify_model / get_all_models and is posted to `webhook` when one is given.
+"""
 
 from __future__ import annotations
 
 import time
 
-from infra.weights import FAILED, LOADING, validate_model_id
-from models.errors import BadInput, NotFound
-from models.requests import KeyOnlyRequest, ModelIdRequest
+import httpx
+
+from handlers.generation import models_used
+from infra.loader import LoadRequest, source_kind
+from infra.runtime import BUILTIN_MODELS
+from infra.weights import CONTROLNET_11_IDS, FAILED, LOADING, READY, validate_model_id
+from models.errors import ApiError, BadInput, Conflict, NotFound
+from models.requests import (
+    KeyOnlyRequest,
+    LoadModelRequest,
+    LoadModelV2Request,
+    LoadVaeRequest,
+    ModelIdRequest,
+    SyncModelsRequest,
+)
 from models.responses import MessageResponse, ModelListResponse
+
+# load_model's model_type -> store category (None: a Stable Diffusion pipeline, family detected)
+MODEL_TYPE_CATEGORY = {
+    "huggingface": None,
+    "api_trained": None,
+    "custom_ckpt": None,
+    "lora": "lora",
+    "controlnet": "controlnet",
+    "embeddings": "embeddings",
+    "vae": "vae",
+}
+
+def load_model(req: LoadModelRequest, rt) -> MessageResponse:
+    category = MODEL_TYPE_CATEGORY[req.model_type]
+    model_id = req.model_id
+    if model_id is None and category == "controlnet":
+        model_id = CONTROLNET_11_IDS.get(req.url.removeprefix("https://huggingface.co/").strip("/"))
+    if model_id is None:
+        raise ApiError({"model_id": ["Field required"]}, tip="Name the model: model_id.", status_code=422)
+    request = LoadRequest(model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
+    return _start_load(request, rt, "model load started")
+
+
+def load_model_v2(req: LoadModelV2Request, rt) -> MessageResponse:
+    category = None if req.model_category == "stable_diffusion" else req.model_category
+    request = LoadRequest(req.model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
+    return _start_load(request, rt, "model load started")
+
+
+def load_vae(req: LoadVaeRequest, rt) -> MessageResponse:
+    request = LoadRequest(req.vae_id, req.vae_url, "vae", req.revision, False, req.webhook)
+    return _start_load(request, rt, "VAE load started")
+
+
+def _start_load(request: LoadRequest, rt, message: str) -> MessageResponse:
+    validate_model_id(request.model_id)
+    source_kind(request.source, rt.settings.allow_local_model_paths)  # a bad source is refused now, not later
+    rt.weights.begin(request.entry())
+    rt.dispatcher.load(request)
+    return MessageResponse(
+        message=message,
+        model_id=request.model_id,
+        tip="verify_model tells when it is ready (or why it failed); get_all_models lists it.",
+    )
 
 
 def verify_model(req: ModelIdRequest, rt) -> MessageResponse:
@@ -15,20 +77,98 @@ def verify_model(req: ModelIdRequest, rt) -> MessageResponse:
     if entry is None:
         raise NotFound(f"Model id not found: {req.model_id}", tip="get_all_models lists the models on this server.")
     if entry.status == LOADING:
-        return MessageResponse(status="processing", message="Model is still loading")
+        return MessageResponse(status="processing", message="Model is still loading", model_id=entry.model_id)
     if entry.status == FAILED:
-        raise BadInput(f"Model {req.model_id} failed to load: {entry.message}")
-    return MessageResponse(message="Model exists on server")
+        raise BadInput(
+            f"Model {req.model_id} failed to load: {entry.message}",
+            tip="Fix the source and load it again (delete_model frees the id).",
+        )
+    return MessageResponse(message="Model exists on server", model_id=entry.model_id, category=entry.category)
 
 
 def get_all_models(req: KeyOnlyRequest, rt) -> ModelListResponse:
-    models = [
-        {
-            "model_id": m.model_id,
-            "load_data": time.strftime("%m/%d/%Y %H:%M:%S", time.gmtime(m.loaded_at)),
-            "category": m.category,
-            "status": m.status,
+    models = []
+    for entry in rt.weights.list():
+        item = {
+            "model_id": entry.model_id,
+            "load_data": time.strftime("%m/%d/%Y %H:%M:%S", time.gmtime(entry.loaded_at)),
+            "category": entry.category,
+            "status": entry.status,
         }
-        for m in rt.weights.list()
-    ]
+        if entry.status == FAILED:
+            item["message"] = entry.message
+        models.append(item)
     return ModelListResponse(models=models)
+
+
+def delete_model(req: ModelIdRequest, rt) -> MessageResponse:
+    model_id = validate_model_id(req.model_id)
+    entry = rt.weights.get(model_id)
+    if entry is None:
+        raise NotFound(f"Model id not found: {model_id}", tip="get_all_models lists the models on this server.")
+    if entry.status == LOADING:
+        raise Conflict(f"Model {model_id} is still loading", tip="Delete it when verify_model says it is ready or failed.")
+    if model_id in (rt.settings.default_model_id, rt.settings.default_inpaint_model_id):
+        raise Conflict(
+            f"Model {model_id} is this server's default model",
+            tip="Set SDAPI_DEFAULT_MODEL_ID / SDAPI_DEFAULT_INPAINT_MODEL_ID to another model first.",
+        )
+    busy = [job.id for job in rt.jobs.processing() if model_id in models_used(job.params)]
+    if busy:
+        raise Conflict(
+            f"Model {model_id} is in use by {len(busy)} queued or running job(s): {', '.join(map(str, busy[:5]))}",
+            tip="Delete it when they have finished (fetch shows their status).",
+        )
+    rt.dispatcher.evict(model_id)
+    rt.weights.delete(model_id)
+    return MessageResponse(message="Model deleted on server", model_id=model_id)
+
+
+def sync_models(req: SyncModelsRequest, rt) -> MessageResponse:
+    """Ask another deployment of this server to load every ready model of this one, from signed
+    archive links served here (see `infra.api` `model_archive`). The target loads in the
+    background, like any load_model; ids it already has are skipped."""
+    target = (req.sync_url or rt.settings.sync_url or "").rstrip("/")
+    if not target.startswith(("http://", "https://")):
+        raise BadInput(
+            "sync_url is required: the base URL of the deployment to copy the models to",
+            tip="Send sync_url (e.g. https://other.example) or set SDAPI_SYNC_URL on this server.",
+        )
+    synced, skipped, failed = [], [], {}
+    with httpx.Client(timeout=30.0) as client:
+        for entry in rt.weights.list():
+            if entry.status != READY or entry.model_id in BUILTIN_MODELS:
+                continue
+            body = {
+                "key": req.sync_key,
+                "url": rt.url(rt.archive_path(entry)),
+                "model_id": entry.model_id,
+                "model_category": entry.category,
+                "model_format": "archive",
+                "revision": entry.precision,
+            }
+            try:
+                response = client.post(f"{target}/api/v1/enterprise/load_model_v2", json=body)
+            except httpx.HTTPError as exc:
+                raise BadInput(f"cannot reach the sync target {target}: {type(exc).__name__}") from None
+            if response.status_code == 401:
+                raise BadInput("the sync target rejected sync_key", tip="Send the enterprise key of the target server.")
+            if response.status_code == 409:
+                skipped.append(entry.model_id)
+            elif response.is_success:
+                synced.append(entry.model_id)
+            else:
+                failed[entry.model_id] = _message(response)
+    return MessageResponse(
+        message=f"{len(synced)} Models synced successfully",
+        model_list=synced,
+        skipped=skipped,
+        failed=failed,
+    )
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("message"))
+    except ValueError:
+        return f"HTTP {response.status_code}"

@@ -1,4 +1,4 @@
-"""text2img, img2img and inpaint.
+"""text2img, img2img, inpaint and controlnet.
 
 A handler checks everything a client could get wrong *before* a job exists (model id, sizes,
 scheduler, input images), resolves the effective parameters (seed, size, enhanced prompt),
@@ -15,9 +15,9 @@ from handlers.queue import job_envelope
 from infra.engine.schedulers import SchedulerError, resolve_algorithm, resolve_name
 from infra.inputs import encode_png, load_image
 from infra.jobs import Job
-from infra.weights import PIPELINE_CATEGORIES, READY, validate_model_id
+from infra.weights import CONTROLNET_11_IDS, PIPELINE_CATEGORIES, READY, ModelEntry, validate_model_id
 from models.errors import ApiError, BadInput, NotAvailable, NotFound
-from models.requests import GenerationRequest, Img2ImgRequest, InpaintRequest, Text2ImgRequest
+from models.requests import ControlnetRequest, GenerationRequest, Img2ImgRequest, InpaintRequest, Text2ImgRequest
 from models.responses import JobResponse
 
 DEFAULT_SIZE = 512
@@ -27,13 +27,8 @@ MASK_ASPECT_TOLERANCE = 0.02
 # documented fields whose feature later work adds; asking for them is an error, not a no-op
 _NOT_YET = {
     "safety_checker": "the NSFW safety checker",
-    "lora_model": "LoRA models",
-    "vae": "custom VAEs",
-    "embeddings_model": "textual-inversion embeddings",
     "upscale": "upscaling",
     "highres_fix": "highres_fix",
-    "panorama": "panorama generation",
-    "self_attention": "self-attention guidance",
     "multi_lingual": "prompt translation",
     "base64": "base64 output",
     "temp": "temporary links",
@@ -41,8 +36,16 @@ _NOT_YET = {
     "ip_adapter_image": "IP-Adapter",
 }
 
+# auto_hint preprocessors this server has (see infra/engine/hints.py); the others need networks
+AUTO_HINTS = ("canny", "tile", "ip2p", "qrcode", "inpaint")
+
+# text-embedding width -> the model family it means, for messages
+FAMILY_BY_CONTEXT_DIM = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
 
 def text2img(req: Text2ImgRequest, rt) -> JobResponse:
+    if req.panorama and req.self_attention:
+        raise BadInput("panorama and self_attention cannot be combined", tip="Send one of them as \"yes\".")
     return _generate("text2img", req, rt, images={})
 
 
@@ -54,6 +57,38 @@ def img2img(req: Img2ImgRequest, rt) -> JobResponse:
 def inpaint(req: InpaintRequest, rt) -> JobResponse:
     init = load_image(req.init_image, "init_image", rt.settings)
     mask = load_image(req.mask_image, "mask_image", rt.settings)
+    _check_mask(init, mask)
+    return _generate("inpaint", req, rt, images={"init_image": init, "mask_image": mask.convert("L")})
+
+
+def controlnet(req: ControlnetRequest, rt) -> JobResponse:
+    """ControlNet generation: text2img with a hint, img2img with a hint when init_image is given,
+    inpainting with a hint when mask_image is given too. The hint is control_image (one shared
+    by all ControlNets, or a list with one per ControlNet), else init_image; with auto_hint it is
+    first turned into the ControlNet's kind of hint (canny edges...)."""
+    images = {}
+    if req.init_image is not None:
+        images["init_image"] = load_image(req.init_image, "init_image", rt.settings)
+    if req.mask_image is not None:
+        if "init_image" not in images:
+            raise BadInput("mask_image needs init_image: ControlNet inpainting repaints the init_image")
+        mask = load_image(req.mask_image, "mask_image", rt.settings)
+        _check_mask(images["init_image"], mask)
+        images["mask_image"] = mask.convert("L")
+    hints = req.control_image or []
+    if len(hints) not in (0, 1, len(req.controlnet_model)):
+        raise BadInput(
+            f"control_image has {len(hints)} images for {len(req.controlnet_model)} ControlNets",
+            tip="Send one control_image for all ControlNets, or a list with one per ControlNet.",
+        )
+    for i, ref in enumerate(hints):
+        images[f"control_image_{i}"] = load_image(ref, "control_image", rt.settings)
+    if not hints and "init_image" not in images:
+        raise BadInput("controlnet needs a control_image (the hint) or an init_image", tip="Send control_image.")
+    return _generate("controlnet", req, rt, images)
+
+
+def _check_mask(init, mask) -> None:
     init_ratio, mask_ratio = init.width / init.height, mask.width / mask.height
     if abs(mask_ratio - init_ratio) > MASK_ASPECT_TOLERANCE * init_ratio:
         raise BadInput(
@@ -61,7 +96,14 @@ def inpaint(req: InpaintRequest, rt) -> JobResponse:
             "they must have the same aspect ratio",
             tip="Send a mask of the same size as init_image (white = repaint, black = keep).",
         )
-    return _generate("inpaint", req, rt, images={"init_image": init, "mask_image": mask.convert("L")})
+
+
+def models_used(params: dict) -> set[str]:
+    """Every model id a job's parameters refer to (delete_model refuses to delete these)."""
+    used = {params.get("model_id"), params.get("vae"), params.get("embedding")}
+    used.update(lora_id for lora_id, _ in params.get("loras", []))
+    used.update(net["model_id"] for net in params.get("controlnets", []))
+    return {model_id for model_id in used if model_id}
 
 
 # --------------------------------------------------------------------------- shared steps
@@ -69,18 +111,20 @@ def inpaint(req: InpaintRequest, rt) -> JobResponse:
 
 def _generate(task: str, req: GenerationRequest, rt, images: dict) -> JobResponse:
     _reject_unavailable(req)
-    model_id = resolve_model(task, req.model_id, rt)
-    scheduler, algorithm = _resolve_scheduler(req, model_id, rt)
-    width, height = _output_size(req, images.get("init_image"))
+    model = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images)
+    scheduler, algorithm = _resolve_scheduler(req, model.model_id, rt)
+    width, height = _output_size(req, images.get("init_image") or images.get("control_image_0"))
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     seeds = [(seed + i) % 2**32 for i in range(req.samples)]
-    prompt = enhance_prompt(req.prompt, rt.settings.enhance_prompt_suffix) if req.enhance_prompt else req.prompt
+    prompt = req.prompt or ""
+    if prompt and req.enhance_prompt:
+        prompt = enhance_prompt(prompt, rt.settings.enhance_prompt_suffix)
     strength = getattr(req, "strength", None)
     file_prefix = str(uuid.uuid4())
     output_keys = [f"generations/{file_prefix}-{i}.png" for i in range(req.samples)]
 
     params = {
-        "model_id": model_id,
+        "model_id": model.model_id,
         "prompt": prompt,
         "negative_prompt": req.negative_prompt,
         "width": width,
@@ -93,7 +137,18 @@ def _generate(task: str, req: GenerationRequest, rt, images: dict) -> JobRespons
         "use_karras_sigmas": req.use_karras_sigmas,
         "algorithm": algorithm,
         "clip_skip": req.clip_skip,
+        "tomesd": req.tomesd,
+        **_adapter_params(req, model, rt),
     }
+    if task == "text2img":
+        params.update(panorama=req.panorama, self_attention=req.self_attention)
+        if model.family == "sdxl" and (req.panorama or req.self_attention):
+            feature = "panorama" if req.panorama else "self_attention"
+            raise BadInput(f"{feature} is available for SD 1.x/2.x models only; {model.model_id} is SDXL")
+    if task == "controlnet":
+        params.update(_controlnet_params(req, model, rt), auto_hint=req.auto_hint, guess_mode=req.guess_mode)
+        if "init_image" not in images:
+            strength = None  # a hint only: there is no image to keep
     if strength is not None:
         params["strength"] = strength
     meta = _meta(req, params, seed, file_prefix)
@@ -116,27 +171,117 @@ def _generate(task: str, req: GenerationRequest, rt, images: dict) -> JobRespons
     return job_envelope(rt.jobs.wait(job.id, budget), rt)
 
 
-def resolve_model(task: str, requested: str | None, rt) -> str:
-    """The model id a request runs on, checked to exist, be ready and suit the task."""
+def resolve_model(task: str, requested: str | None, rt, inpainting: bool = False) -> ModelEntry:
+    """The model a request runs on, checked to exist, be ready and suit the task."""
     settings = rt.settings
     if requested is None or requested in settings.placeholder_model_ids:
         requested = settings.default_inpaint_model_id if task == "inpaint" else settings.default_model_id
-    entry = rt.weights.get(validate_model_id(requested))
+    entry = _catalog_entry(requested, "model_id", PIPELINE_CATEGORIES, rt)
+    if entry.category == "inpaint" and not inpainting:
+        raise BadInput(
+            f"Model {requested} is an inpainting model; use it with the inpaint endpoint (or controlnet with a mask_image)",
+            tip=f"Pick a text-to-image model for {task} (get_all_models lists them).",
+        )
+    return entry
+
+
+def _catalog_entry(model_id: str, field: str, categories: tuple[str, ...], rt) -> ModelEntry:
+    entry = rt.weights.get(validate_model_id(model_id, field))
     if entry is None:
         raise NotFound(
-            f"Model id not found: {requested}",
+            f"Model id not found: {model_id} ({field})",
             tip="get_all_models lists the models on this server; load_model adds one.",
         )
     if entry.status != READY:
-        raise BadInput(f"Model {requested} is not ready ({entry.status}); check it with verify_model")
-    if entry.category not in PIPELINE_CATEGORIES:
-        raise BadInput(f"Model {requested} is a {entry.category} model, not one that can generate images on its own")
-    if entry.category == "inpaint" and task != "inpaint":
+        raise BadInput(f"{field}: model {model_id} is not ready ({entry.status}); check it with verify_model")
+    if entry.category not in categories:
         raise BadInput(
-            f"Model {requested} is an inpainting model; use it with the inpaint endpoint",
-            tip=f"Pick a text-to-image model for {task} (get_all_models lists them).",
+            f"{field}: model {model_id} is a {entry.category} model, not {' or '.join(categories)}",
+            tip="get_all_models shows each model's category.",
         )
-    return requested
+    return entry
+
+
+def _check_fits(adapter: ModelEntry, field: str, model: ModelEntry) -> None:
+    """An adapter made for another family (text-embedding width) cannot be applied."""
+    if adapter.context_dim and model.context_dim and adapter.context_dim != model.context_dim:
+        def family(dim: int) -> str:
+            return FAMILY_BY_CONTEXT_DIM.get(dim, f"{dim}-wide text embeddings")
+
+        raise BadInput(
+            f"{field}: {adapter.model_id} was made for a model with {family(adapter.context_dim)}; "
+            f"{model.model_id} has {family(model.context_dim)}",
+            tip=f"Use a {adapter.category} made for the same base model family.",
+        )
+
+
+def _adapter_params(req: GenerationRequest, model: ModelEntry, rt) -> dict:
+    """LoRAs with their strengths, the embedding and the VAE, each checked to fit the model."""
+    params = {"loras": [], "embedding": None, "vae": None}
+    lora_ids = req.lora_model or []
+    strengths = req.lora_strength or [1.0]
+    if lora_ids:
+        if len(set(lora_ids)) != len(lora_ids):
+            raise BadInput("lora_model names the same LoRA twice")
+        if len(strengths) not in (1, len(lora_ids)):
+            raise ApiError(
+                {"lora_strength": [f"give one strength, or one per LoRA ({len(lora_ids)}), got {len(strengths)}"]},
+                status_code=422,
+            )
+        if len(strengths) == 1:
+            strengths = strengths * len(lora_ids)
+        for lora_id, strength in zip(lora_ids, strengths, strict=True):
+            _check_fits(_catalog_entry(lora_id, "lora_model", ("lora",), rt), "lora_model", model)
+            params["loras"].append([lora_id, strength])
+    elif req.lora_strength:
+        raise BadInput("lora_strength was given without lora_model", tip="Name the LoRAs in lora_model.")
+    if req.embeddings_model:
+        _check_fits(_catalog_entry(req.embeddings_model, "embeddings_model", ("embeddings",), rt), "embeddings_model", model)
+        params["embedding"] = req.embeddings_model
+    if req.vae:
+        _catalog_entry(req.vae, "vae", ("vae",), rt)
+        params["vae"] = req.vae
+    return params
+
+
+def _controlnet_params(req: ControlnetRequest, model: ModelEntry, rt) -> dict:
+    ids = req.controlnet_model
+    if len(set(ids)) != len(ids):
+        raise BadInput("controlnet_model names the same ControlNet twice")
+    types = req.controlnet_type or ids
+    scales = req.controlnet_conditioning_scale
+    for field, values in (("controlnet_type", types), ("controlnet_conditioning_scale", scales)):
+        if len(values) not in (1, len(ids)):
+            raise ApiError({field: [f"give one value, or one per ControlNet ({len(ids)}), got {len(values)}"]}, status_code=422)
+    types = types * len(ids) if len(types) == 1 else types
+    scales = scales * len(ids) if len(scales) == 1 else scales
+    nets = []
+    for net_id, kind, scale in zip(ids, types, scales, strict=True):
+        entry = _controlnet_entry(net_id, rt)
+        _check_fits(entry, "controlnet_model", model)
+        if req.auto_hint and kind not in AUTO_HINTS:
+            raise BadInput(
+                f"auto_hint for {kind} is not available on this server: its preprocessor network is not installed",
+                tip=f"Send the {kind} hint as control_image with auto_hint \"no\" "
+                f"(auto_hint works for: {', '.join(AUTO_HINTS)}).",
+            )
+        if req.auto_hint and kind == "inpaint" and req.mask_image is None:
+            raise BadInput("auto_hint for an inpaint ControlNet needs mask_image (the area to repaint)")
+        nets.append({"model_id": net_id, "type": kind, "scale": scale})
+    return {"controlnets": nets}
+
+
+def _controlnet_entry(net_id: str, rt) -> ModelEntry:
+    try:
+        return _catalog_entry(net_id, "controlnet_model", ("controlnet",), rt)
+    except NotFound:
+        repo = next((repo for repo, known in CONTROLNET_11_IDS.items() if known == net_id), None)
+        if repo is None:
+            raise
+        raise NotFound(
+            f"controlnet_model: ControlNet {net_id} is not loaded on this server",
+            tip=f'Load it first: load_model with url "{repo}", model_type "controlnet", model_id "{net_id}".',
+        ) from None
 
 
 def enhance_prompt(prompt: str, suffix: str) -> str:
@@ -208,15 +353,15 @@ def _meta(req: GenerationRequest, params: dict, seed: int, file_prefix: str) -> 
         "use_karras_sigmas": yes_no(req.use_karras_sigmas),
         "algorithm_type": req.algorithm_type,
         "clip_skip": req.clip_skip,
-        "tomesd": "no",
+        "tomesd": yes_no(params["tomesd"]),
         "upscale": "no",
         "multi_lingual": "no",
-        "panorama": "no",
-        "self_attention": "no",
-        "embeddings": None,
-        "lora": None,
-        "lora_strength": None,
-        "vae": None,
+        "panorama": yes_no(params.get("panorama")),
+        "self_attention": yes_no(params.get("self_attention")),
+        "embeddings": params["embedding"],
+        "lora": ",".join(lora_id for lora_id, _ in params["loras"]) or None,
+        "lora_strength": ",".join(_number(strength) for _, strength in params["loras"]) or None,
+        "vae": params["vae"],
         "full_url": "no",
         "base64": "no",
         "temp": "no",
@@ -228,8 +373,27 @@ def _meta(req: GenerationRequest, params: dict, seed: int, file_prefix: str) -> 
     }
     if "strength" in params:
         meta["strength"] = params["strength"]
+    if "controlnets" in params:
+        nets = params["controlnets"]
+        meta.update(
+            controlnet_model=",".join(net["model_id"] for net in nets),
+            controlnet_type=",".join(net["type"] for net in nets),
+            controlnet_conditioning_scale=",".join(_number(net["scale"]) for net in nets),
+            auto_hint=yes_no(params["auto_hint"]),
+            guess_mode=yes_no(params["guess_mode"]),
+        )
     for field in ("init_image", "mask_image"):
         ref = getattr(req, field, None)
         if ref is not None:
-            meta[field] = ref if ref.lower().startswith(("http://", "https://")) else "(base64 image)"
+            meta[field] = _image_ref(ref)
+    if getattr(req, "control_image", None):
+        meta["control_image"] = ",".join(_image_ref(ref) for ref in req.control_image)
     return meta
+
+
+def _image_ref(ref: str) -> str:
+    return ref if ref.lower().startswith(("http://", "https://")) else "(base64 image)"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

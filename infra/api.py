@@ -11,22 +11,26 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handlers import catalog, generation, queue, system
 from handlers.pending import not_available
+from infra.links import check_signature
+from infra.runtime import ARCHIVE_ROUTE
+from infra.weights import validate_model_id
 from models import requests as rq
-from models.errors import ApiError, InvalidKey, PayloadTooLarge
+from models.errors import ApiError, InvalidKey, NotFound, PayloadTooLarge
 from models.responses import (
     ErrorResponse,
     JobResponse,
@@ -55,7 +59,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "text2img": Endpoint(rq.Text2ImgRequest, generation.text2img, JobResponse, "Text to image"),
     "img2img": Endpoint(rq.Img2ImgRequest, generation.img2img, JobResponse, "Image to image"),
     "inpaint": Endpoint(rq.InpaintRequest, generation.inpaint, JobResponse, "Inpainting: repaint the white area of mask_image"),
-    "controlnet": Endpoint(rq.ControlnetRequest, not_available("controlnet", "ControlNet models"), JobResponse, "ControlNet generation"),
+    "controlnet": Endpoint(rq.ControlnetRequest, generation.controlnet, JobResponse, "ControlNet generation"),
     "text2video": Endpoint(rq.Text2VideoRequest, not_available("text2video", "video generation"), JobResponse, "Text to video"),
     "super_resolution": Endpoint(
         rq.SuperResolutionRequest, not_available("super_resolution", "upscaler models"), SuccessResponse, "Upscale an image"
@@ -68,18 +72,18 @@ ENDPOINTS: dict[str, Endpoint] = {
     ),
     "fetch": Endpoint(rq.FetchRequest, queue.fetch, JobResponse, "Result of a queued job (also POST fetch/{id})"),
     # model catalog
-    "load_model": Endpoint(rq.LoadModelRequest, not_available("load_model", "model loading"), MessageResponse, "Load a model", True),
+    "load_model": Endpoint(rq.LoadModelRequest, catalog.load_model, MessageResponse, "Load a model", True),
     "load_model_v2": Endpoint(
-        rq.LoadModelV2Request, not_available("load_model_v2", "model loading"), MessageResponse, "Load a model (v2)", True
+        rq.LoadModelV2Request, catalog.load_model_v2, MessageResponse, "Load a model (v2)", True
     ),
-    "load_vae": Endpoint(rq.LoadVaeRequest, not_available("load_vae", "VAE loading"), MessageResponse, "Load a VAE", True),
+    "load_vae": Endpoint(rq.LoadVaeRequest, catalog.load_vae, MessageResponse, "Load a VAE", True),
     "verify_model": Endpoint(rq.ModelIdRequest, catalog.verify_model, MessageResponse, "Is a model on this server?"),
     "get_all_models": Endpoint(rq.KeyOnlyRequest, catalog.get_all_models, ModelListResponse, "Models on this server"),
     "delete_model": Endpoint(
-        rq.ModelIdRequest, not_available("delete_model", "model deletion"), MessageResponse, "Delete a model", True
+        rq.ModelIdRequest, catalog.delete_model, MessageResponse, "Delete a model", True
     ),
     "sync_models": Endpoint(
-        rq.SyncModelsRequest, not_available("sync_models", "model sync"), MessageResponse, "Copy models to another server", True
+        rq.SyncModelsRequest, catalog.sync_models, MessageResponse, "Copy models to another server", True
     ),
     # server
     "system_details": Endpoint(rq.KeyOnlyRequest, system.system_details, SystemDetailsResponse, "Server and queue state"),
@@ -134,6 +138,7 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
         + ", `fetch/{id}`. Auth: `key` in the body or `Authorization: Bearer <key>`.",
         lifespan=lifespan,
     )
+    app.state.runtime = runtime
 
     for prefix in PREFIXES:
         documented = prefix == PREFIXES[0]
@@ -146,6 +151,16 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
     @app.get("/health", include_in_schema=False)
     def health():
         return {"status": "ok"}
+
+    @app.get(ARCHIVE_ROUTE + "/{model_id}.tar", include_in_schema=False)
+    def model_archive(request: Request, model_id: str, expires: str = "", signature: str = ""):
+        """A model's files for sync_models' target: authorised by the signed link, not a key."""
+        if not check_signature(request.url.path, expires, signature, runtime.link_secret):
+            raise ApiError("This archive link is invalid or has expired", status_code=403)
+        entry = runtime.weights.get(validate_model_id(model_id))
+        if entry is None or entry.status != "ready":
+            raise NotFound(f"Model id not found: {model_id}")
+        return StreamingResponse(runtime.weights.archive(model_id), media_type="application/x-tar")
 
     app.mount(runtime.storage.url_prefix, StaticFiles(directory=runtime.storage.root, check_dir=False), name="files")
     _install_error_handlers(app, runtime.settings)

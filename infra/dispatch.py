@@ -8,9 +8,11 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from infra.inputs import encode_png
 from infra.jobs import FAILED, SUCCESS, Job
+from infra.loader import LoadRequest, run_load
 from models.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class LocalDispatcher:
         self._engine = None
         self._engine_ready = threading.Event()
         self._engine_lock = threading.Lock()
+        self._loads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
 
     # --- lifecycle
     def start(self) -> None:
@@ -74,10 +77,20 @@ class LocalDispatcher:
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
+        self._loads.shutdown(wait=False, cancel_futures=True)
 
     # --- the interface handlers use
     def submit(self, job_id: int) -> None:
         self._queue.put(job_id)
+
+    def load(self, request: LoadRequest) -> None:
+        """Run a model load in the background (one at a time, beside the generation workers)."""
+        self._loads.submit(run_load, request, self.weights, self.settings, self.webhooks.post_event)
+
+    def evict(self, model_id: str) -> None:
+        """Drop a deleted model from memory, if the engine has it."""
+        if self._engine is not None:
+            self._engine.evict(model_id)
 
     def estimate(self, params: dict) -> float:
         """Seconds a job with these params will take, from the measured speed of earlier jobs."""

@@ -36,23 +36,22 @@ def download(url: str, field: str, settings: Settings) -> bytes:
     try:
         with httpx.Client(
             timeout=settings.image_fetch_timeout, follow_redirects=True, max_redirects=_MAX_REDIRECTS
-        ) as client:
-            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
-                if response.status_code != 200:
-                    raise BadInput(
-                        f"{field} could not be downloaded: {url} answered HTTP {response.status_code}",
-                        tip=f"Make sure {field} is a publicly reachable image URL.",
-                    )
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limit:
+        ) as client, client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+            if response.status_code != 200:
+                raise BadInput(
+                    f"{field} could not be downloaded: {url} answered HTTP {response.status_code}",
+                    tip=f"Make sure {field} is a publicly reachable image URL.",
+                )
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise _too_big(field, limit)
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
                     raise _too_big(field, limit)
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise _too_big(field, limit)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                chunks.append(chunk)
+            return b"".join(chunks)
     except httpx.InvalidURL:
         raise BadInput(f"{field} is not a valid URL: {url!r}") from None
     except httpx.TooManyRedirects:

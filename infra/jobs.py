@@ -130,6 +130,12 @@ class SqliteJobStore:
             ).fetchone()
         return count, eta
 
+    def processing(self) -> list[Job]:
+        """Every job queued or running."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE status = ?", (PROCESSING,)).fetchall()
+        return [self._job(row) for row in rows]
+
     def wait(self, job_id: int, timeout: float) -> Job | None:
         """Block until the job is terminal or `timeout` seconds pass; return its latest record."""
         deadline = time.monotonic() + timeout

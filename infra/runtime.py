@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from infra.dispatch import LocalDispatcher
 from infra.jobs import SqliteJobStore
+from infra.links import sign_path
 from infra.settings import Settings
 from infra.storage import LocalStorage
 from infra.webhooks import WebhookSender
@@ -17,6 +18,8 @@ from infra.weights import WeightsStore
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+
+ARCHIVE_ROUTE = "/api/v1/enterprise/model_archive"  # GET {route}/{model_id}.tar, signed (sync_models)
 
 BUILTIN_MODELS = {  # model id -> (category, 9-channel inpainting UNet?)
     "tiny-sd": ("stable_diffusion", False),
@@ -52,10 +55,22 @@ class Runtime:
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
 
+    @property
+    def link_secret(self) -> str:
+        """Signs links handed to other machines; changes when the API keys change."""
+        return "\n".join(sorted(self.settings.api_keys))
+
+    def archive_path(self, entry) -> str:
+        """A signed, expiring path to a tar of a model's files (for sync_models' target)."""
+        return sign_path(f"{ARCHIVE_ROUTE}/{entry.model_id}.tar", self.link_secret, self.settings.sync_link_seconds)
+
     def start(self) -> None:
         lost = self.jobs.fail_unfinished("The server restarted before this job finished; please submit it again.")
         if lost:
             log.warning("marked %d unfinished jobs from an earlier run as failed", lost)
+        interrupted = self.weights.recover("The server restarted while this model was loading; load it again.")
+        if interrupted:
+            log.warning("model loads interrupted by a restart: %s", ", ".join(interrupted))
         if self.settings.build_tiny_models:
             self.ensure_builtin_models()
         self.dispatcher.start()
@@ -66,11 +81,17 @@ class Runtime:
     def ensure_builtin_models(self) -> None:
         """Build the tiny built-in models into the weights store if they are not there yet."""
         for model_id, (category, inpaint) in BUILTIN_MODELS.items():
-            if self.weights.get(model_id) is None:
-                from infra.engine.tiny import build_tiny_pipeline
+            entry = self.weights.get(model_id)
+            if entry is not None and entry.status == "ready":
+                continue
+            if entry is not None:
+                self.weights.delete(model_id)
+            from infra.engine import LOAD_LOCK
+            from infra.engine.tiny import build_tiny_pipeline
 
-                log.info("building the built-in model %s", model_id)
+            log.info("building the built-in model %s", model_id)
+            with LOAD_LOCK:
                 self.weights.install(
                     model_id, category, lambda folder, inpaint=inpaint: build_tiny_pipeline(folder, inpaint=inpaint),
-                    source="built-in (random weights)",
+                    source="built-in (random weights)", family="sd",
                 )

@@ -66,6 +66,25 @@ class Settings(BaseSettings):
     max_input_image_pixels: int = Field(4096 * 4096, description="Largest accepted input image, in pixels.")
     image_fetch_timeout: float = Field(20.0, description="Seconds to download an input image.")
 
+    # --- model catalog
+    allow_local_model_paths: bool = Field(
+        True, description="Let load_model take a local file or folder path as `url` (local mode)."
+    )
+    max_model_bytes: int = Field(20 * 1024**3, description="Largest model file load_model downloads.")
+    model_download_timeout: float = Field(
+        120.0, description="Seconds a model download may stall before it fails."
+    )
+    model_cache_mb: int = Field(
+        24_000, description="Memory the loaded models (pipelines, VAEs, ControlNets) may use; least recently used go first."
+    )
+    max_loaded_loras: int = Field(8, description="LoRA adapters kept loaded per model (least recently used go first).")
+    sync_url: str | None = Field(
+        None, description="Base URL of the deployment sync_models copies to when a request gives no `sync_url`."
+    )
+    sync_link_seconds: int = Field(
+        3600, description="How long the signed archive links sync_models hands to the target stay valid."
+    )
+
     @field_validator("api_keys", "placeholder_model_ids", mode="before")
     @classmethod
     def _split_commas(cls, value):

@@ -27,6 +27,17 @@ class WebhookSender:
         if job.webhook:
             threading.Thread(target=self._deliver, args=(job,), daemon=True, name=f"webhook-{job.id}").start()
 
+    def post_event(self, url: str, payload: dict) -> None:
+        """POST an event that is not a job (a model load finished) on its own thread."""
+        threading.Thread(target=self._post_event, args=(url, payload), daemon=True, name="webhook-event").start()
+
+    def _post_event(self, url: str, payload: dict) -> None:
+        try:
+            response = httpx.post(url, json=payload, timeout=self.timeout)
+            log.info("event webhook %s: HTTP %s", payload.get("event"), response.status_code)
+        except httpx.HTTPError as exc:
+            log.warning("event webhook %s to %s failed: %s", payload.get("event"), url, type(exc).__name__)
+
     def _deliver(self, job: Job) -> None:
         payload = job_response(job, fetch_result="").model_dump(mode="json", exclude_none=True)
         payload["track_id"] = job.track_id

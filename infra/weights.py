@@ -1,27 +1,51 @@
 """The weights store: one folder per model id under a root (the data dir locally, the Volume on
 Modal), each with a `manifest.json` that says what the model is and whether it is usable.
 
-Models are built or downloaded into a temporary folder and renamed into place, so a crash half
-way never leaves a folder that looks ready.
+A load first writes a manifest with status `loading` (so verify_model can answer at once), then
+builds the payload in a temporary folder beside it and moves it in; the manifest turns `ready`
+last, with one atomic replace. A crash at any point leaves `loading` (turned `failed` on the next
+start) or `failed`, never a half model that looks ready.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tarfile
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
-from models.errors import BadInput
+from models.errors import BadInput, Conflict
 
 MANIFEST = "manifest.json"
 READY, LOADING, FAILED = "ready", "loading", "failed"
-# categories whose folder is a full diffusers pipeline a generation can run on
+
+# what a folder holds; the first three are full diffusers pipelines a generation can run on
 PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl", "inpaint")
+ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
+CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "upscaler", "motion_adapter")
+
+# ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)
+CONTROLNET_11_IDS = {
+    "lllyasviel/control_v11p_sd15_inpaint": "inpaint",
+    "lllyasviel/control_v11e_sd15_ip2p": "ip2p",
+    "lllyasviel/control_v11f1e_sd15_tile": "tile",
+    "lllyasviel/control_v11e_sd15_shuffle": "shuffle",
+    "lllyasviel/control_v11p_sd15_softedge": "softedge",
+    "lllyasviel/control_v11p_sd15_scribble": "scribble",
+    "lllyasviel/control_v11p_sd15_lineart": "lineart",
+    "lllyasviel/control_v11p_sd15_normalbae": "normalbae",
+    "lllyasviel/control_v11f1p_sd15_depth": "depth",
+    "lllyasviel/control_v11p_sd15_mlsd": "mlsd",
+    "lllyasviel/control_v11p_sd15_canny": "canny",
+}
+
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -42,10 +66,26 @@ class ModelEntry:
     source: str = ""
     format: str = "diffusers"
     precision: str = "fp32"
+    # "sd" or "sdxl" for pipelines; the text-embedding width (cross-attention dim) the weights
+    # were made for, so a LoRA / ControlNet / embedding is never applied to a model it cannot fit
+    family: str = ""
+    context_dim: int = 0
+    file: str = ""  # the payload file of single-file kinds (lora, embeddings), relative to the folder
     loaded_at: float = 0.0
     load_seconds: float = 0.0
     size_bytes: int = 0
     message: str | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelEntry:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def version(self) -> tuple[str, float]:
+        """Changes whenever the model id is deleted and loaded again: caches key on it."""
+        return (self.model_id, self.loaded_at)
 
 
 class WeightsStore:
@@ -58,43 +98,138 @@ class WeightsStore:
 
     def get(self, model_id: str) -> ModelEntry | None:
         manifest = self.folder(model_id) / MANIFEST
-        if not manifest.is_file():
+        try:
+            return ModelEntry.from_json(manifest.read_text())
+        except (OSError, ValueError, TypeError):
             return None
-        return ModelEntry(**json.loads(manifest.read_text()))
 
     def list(self) -> list[ModelEntry]:
         entries = []
         for manifest in sorted(self.root.glob(f"*/{MANIFEST}")):
             try:
-                entries.append(ModelEntry(**json.loads(manifest.read_text())))
-            except (ValueError, TypeError):
+                entries.append(ModelEntry.from_json(manifest.read_text()))
+            except (OSError, ValueError, TypeError):
                 continue  # a foreign or damaged folder is not a model
         return entries
 
-    def install(self, model_id: str, category: str, build: Callable[[Path], None], **manifest) -> ModelEntry:
-        """Run `build(folder)` into a temporary folder, then move the result into place."""
-        target = self.folder(model_id)
-        started = time.time()
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-{model_id}-"))
+    # --- loading in steps: begin -> (build in a temp folder) -> finish | fail
+
+    def begin(self, entry: ModelEntry) -> ModelEntry:
+        """Claim `entry.model_id` with a `loading` manifest; an existing id is a conflict."""
+        folder = self.folder(entry.model_id)
         try:
-            build(tmp)
-            entry = ModelEntry(
-                model_id=model_id,
-                category=category,
-                loaded_at=time.time(),
-                load_seconds=round(time.time() - started, 3),
-                size_bytes=sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()),
-                **manifest,
-            )
-            (tmp / MANIFEST).write_text(json.dumps(asdict(entry), indent=2))
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.rename(target)
-            return entry
+            folder.mkdir()
+        except FileExistsError:
+            existing = self.get(entry.model_id)
+            state = f"is {existing.status}" if existing else "exists"
+            raise Conflict(
+                f"Model id {entry.model_id} already {state} on this server",
+                tip="Choose another model_id, or delete_model it first to replace it.",
+            ) from None
+        entry.status, entry.message, entry.loaded_at = LOADING, None, time.time()
+        self._write_manifest(folder, entry)
+        return entry
+
+    def temp_dir(self, model_id: str) -> Path:
+        """A scratch folder on the same file system as the store (so the final move is a rename)."""
+        return Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp-{model_id}-"))
+
+    def finish(self, entry: ModelEntry, built: Path, started: float) -> ModelEntry:
+        """Move the files of `built` into the model's folder, then mark it ready."""
+        folder = self.folder(entry.model_id)
+        for item in built.iterdir():
+            if item.name != MANIFEST:
+                item.rename(folder / item.name)
+        entry.status, entry.message = READY, None
+        if not entry.context_dim:
+            entry.context_dim = _context_dim(folder)
+        entry.loaded_at = time.time()
+        entry.load_seconds = round(entry.loaded_at - started, 3)
+        entry.size_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+        self._write_manifest(folder, entry)
+        shutil.rmtree(built, ignore_errors=True)
+        return entry
+
+    def fail(self, entry: ModelEntry, message: str) -> ModelEntry:
+        """Mark a load failed: the folder keeps only the manifest with the reason."""
+        folder = self.folder(entry.model_id)
+        for item in folder.iterdir():
+            if item.name != MANIFEST:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        entry.status, entry.message = FAILED, message
+        self._write_manifest(folder, entry)
+        return entry
+
+    def install(self, model_id: str, category: str, build: Callable[[Path], None], **manifest) -> ModelEntry:
+        """begin + build(temp folder) + finish in one go (built-in models)."""
+        entry = self.begin(ModelEntry(model_id=model_id, category=category, **manifest))
+        started = time.time()
+        built = self.temp_dir(model_id)
+        try:
+            build(built)
+            return self.finish(entry, built, started)
+        except BaseException as exc:
+            self.fail(entry, f"{type(exc).__name__}: {exc}")
+            raise
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(built, ignore_errors=True)
+
+    def delete(self, model_id: str) -> None:
+        shutil.rmtree(self.folder(model_id))
+
+    def recover(self, message: str) -> list[str]:
+        """After a restart: loads that were running are failed, scratch folders removed."""
+        for scratch in self.root.glob(".tmp-*"):
+            shutil.rmtree(scratch, ignore_errors=True)
+        failed = []
+        for entry in self.list():
+            if entry.status == LOADING:
+                self.fail(entry, message)
+                failed.append(entry.model_id)
+        return failed
+
+    # --- reading model facts without loading the weights
 
     def default_scheduler(self, model_id: str) -> str:
-        """The scheduler class a pipeline model was saved with (read without loading it)."""
+        """The scheduler class a pipeline model was saved with."""
         config = self.folder(model_id) / "scheduler" / "scheduler_config.json"
         return json.loads(config.read_text())["_class_name"]
+
+    def payload(self, model_id: str) -> Path:
+        """The weights of a model: its single file (lora, embeddings) or its folder."""
+        entry = self.get(model_id)
+        folder = self.folder(model_id)
+        return folder / entry.file if entry and entry.file else folder
+
+    def archive(self, model_id: str):
+        """The model's files (not its manifest) as a streamed tar: an iterator of byte chunks."""
+        folder = self.folder(model_id)
+        read_end, write_end = os.pipe()
+
+        def write() -> None:
+            try:
+                with os.fdopen(write_end, "wb") as pipe, tarfile.open(fileobj=pipe, mode="w|") as tar:
+                    for item in sorted(folder.iterdir()):
+                        if item.name != MANIFEST:
+                            tar.add(item, arcname=item.name)
+            except OSError:  # the reader went away
+                pass
+
+        threading.Thread(target=write, daemon=True, name=f"archive-{model_id}").start()
+        with os.fdopen(read_end, "rb") as pipe:
+            while chunk := pipe.read(1 << 20):
+                yield chunk
+
+    @staticmethod
+    def _write_manifest(folder: Path, entry: ModelEntry) -> None:
+        tmp = folder / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(asdict(entry), indent=2))
+        os.replace(tmp, folder / MANIFEST)
+
+
+def _context_dim(folder: Path) -> int:
+    """The cross-attention width a pipeline (unet/) or ControlNet folder was built for, or 0."""
+    for config in (folder / "unet" / "config.json", folder / "config.json"):
+        if config.is_file():
+            return int(json.loads(config.read_text()).get("cross_attention_dim") or 0)
+    return 0

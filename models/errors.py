@@ -41,6 +41,12 @@ class NotFound(ApiError):
     status_code = 404
 
 
+class Conflict(ApiError):
+    """The request clashes with the server's state (a model id that exists, is loading or in use)."""
+
+    status_code = 409
+
+
 class PayloadTooLarge(ApiError):
     status_code = 413
 

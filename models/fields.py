@@ -171,3 +171,30 @@ JobId = Annotated[
     AfterValidator(_in_range(0, 2**53 - 1)),
     WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*\d+\s*$"}]}),
 ]
+
+
+def _each(check):
+    def check_all(values):
+        return [check(v) for v in values]
+
+    return check_all
+
+
+def FloatList(lo: float | None = None, hi: float | None = None):
+    """One number or several: 0.7, "0.7", "0.45,0.55" or [0.45, 0.55] -> [floats in [lo, hi]]."""
+    return Annotated[
+        list[float],
+        BeforeValidator(lambda value: [parse_number(item) for item in parse_csv(value)]),
+        AfterValidator(_each(_in_range(lo, hi))),
+        WithJsonSchema(
+            {"anyOf": [_number_schema("number", lo, hi), {"type": "array", "items": {"type": "number"}}]}
+        ),
+    ]
+
+
+# One image reference or a list of them (never split at commas: data URIs contain one).
+ImageList = Annotated[
+    list[str],
+    BeforeValidator(lambda value: [parse_text(v) for v in value] if isinstance(value, list) else [parse_text(value)]),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+]

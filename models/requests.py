@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from models.fields import CsvList, Dimension, JobId, LooseFloat, LooseInt, Text, YesNo
+from models.fields import CsvList, Dimension, FloatList, ImageList, JobId, LooseFloat, LooseInt, Text, YesNo
 
 SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
 
@@ -61,10 +61,14 @@ class GenerationRequest(WireModel):
     safety_checker_type: SafetyCheckerType = "sensitive_content_text"
     clip_skip: LooseInt(1, 8) | None = None
     tomesd: YesNo = True
-    vae: Text | None = None
-    lora_model: CsvList | None = None
-    lora_strength: CsvList | None = None
-    embeddings_model: Text | None = None
+    vae: Text | None = Field(None, description="A VAE loaded with load_vae; default: the model's own.")
+    lora_model: CsvList | None = Field(None, description="LoRA ids, comma-separated.")
+    lora_strength: FloatList(0.1, 1) | None = Field(
+        None, description="One strength for all LoRAs or one per LoRA, comma-separated. Default 1."
+    )
+    embeddings_model: Text | None = Field(
+        None, description="A textual-inversion embedding id; write the id in the prompt where it should act."
+    )
     multi_lingual: YesNo = False
     panorama: YesNo = False
     self_attention: YesNo = False
@@ -96,14 +100,20 @@ class InpaintRequest(Img2ImgRequest):
 
 class ControlnetRequest(GenerationRequest):
     prompt: Text | None = None
-    controlnet_model: CsvList
-    controlnet_type: Text | None = None
-    controlnet_conditioning_scale: LooseFloat(0, 20) = 1.0
+    controlnet_model: CsvList = Field(description="ControlNet id, or several comma-separated (multi-ControlNet).")
+    controlnet_type: CsvList | None = Field(
+        None, description="Preprocessor type per ControlNet (canny, depth, ...); default: the ControlNet's id."
+    )
+    controlnet_conditioning_scale: FloatList(0, 20) = Field(
+        default_factory=lambda: [1.0], description="One scale for all ControlNets or one per ControlNet."
+    )
     auto_hint: YesNo = False
     guess_mode: YesNo = False
-    init_image: Text | None = None
-    control_image: Text | None = None
-    mask_image: Text | None = None
+    init_image: Text | None = Field(None, description="Source image (img2img ControlNet); the hint if no control_image.")
+    control_image: ImageList | None = Field(
+        None, description="The hint image, or a JSON list with one hint per ControlNet."
+    )
+    mask_image: Text | None = Field(None, description="With init_image: ControlNet inpainting (white = repaint).")
     strength: LooseFloat(0, 1) = 0.7
 
 
@@ -171,28 +181,44 @@ class FetchRequest(WireModel):
 
 
 class LoadModelRequest(WireModel):
-    url: Text
-    model_id: Text
-    model_type: Literal["huggingface", "api_trained", "custom_ckpt", "lora", "controlnet", "embeddings"] = "huggingface"
-    from_safetensors: YesNo = False
-    revision: Literal["fp16", "fp32"] = "fp32"
-    upcast_attention: YesNo = False
-    webhook: Text | None = None
+    url: Text = Field(
+        description="Hugging Face repo id (owner/name), an http(s) URL to a .safetensors/.ckpt/.pt/.bin file, "
+        "or (local mode) a file or folder path."
+    )
+    model_id: Text | None = Field(
+        None, description="Id to register. Optional only for ControlNet 1.1 repos, which have conventional ids."
+    )
+    model_type: Literal["huggingface", "api_trained", "custom_ckpt", "lora", "controlnet", "embeddings", "vae"] = Field(
+        "huggingface", description="huggingface / api_trained / custom_ckpt = a Stable Diffusion model (family detected)."
+    )
+    from_safetensors: YesNo = Field(False, description="Accepted; the file format is detected from the file.")
+    revision: Literal["fp16", "fp32"] = Field("fp32", description="Precision the weights are stored and run in.")
+    upcast_attention: YesNo = Field(False, description="Compute attention in fp32 (SD 2.1 checkpoints).")
+    webhook: Text | None = Field(None, description="Receives the outcome when the load ends.")
+
+
+ModelCategory = Literal[
+    "stable_diffusion", "stable_diffusion_xl", "inpaint", "lora", "controlnet", "embeddings", "vae"
+]
 
 
 class LoadModelV2Request(WireModel):
     url: Text
     model_id: Text
-    model_category: Literal["lora", "stable_diffusion", "stable_diffusion_xl", "controlnet", "embeddings"]
-    model_format: Literal["ckpt", "safetensors", "pt", "diffusers"]
+    model_category: ModelCategory
+    model_format: Literal["ckpt", "safetensors", "pt", "bin", "diffusers", "archive"] = Field(
+        description="Accepted as a hint; the format is detected from the file (archive: a sync_models .tar)."
+    )
     revision: Literal["fp16", "fp32"] = "fp32"
+    upcast_attention: YesNo = False
     webhook: Text | None = None
 
 
 class LoadVaeRequest(WireModel):
     vae_id: Text
-    vae_url: Text
-    vae_type: Literal["diffusers", "safetensors", "pt"] = "diffusers"
+    vae_url: Text = Field(description="Hugging Face repo id, an http(s) URL to a VAE file, or (local mode) a path.")
+    vae_type: Literal["diffusers", "safetensors", "pt", "ckpt", "bin"] = "diffusers"
+    revision: Literal["fp16", "fp32"] = "fp32"
     webhook: Text | None = None
 
 
@@ -204,6 +230,9 @@ class ModelIdRequest(WireModel):
 
 class SyncModelsRequest(WireModel):
     sync_key: Text = Field(description="Enterprise key of the deployment to copy the models to.")
+    sync_url: Text | None = Field(
+        None, description="Base URL of that deployment (default: the server's SDAPI_SYNC_URL setting)."
+    )
 
 
 # --------------------------------------------------------------------------- server admin

@@ -38,7 +38,9 @@ BASE = {"prompt": "a cat"}
         ("lora_model", "more_details,animie", ["more_details", "animie"]),
         ("lora_model", " a , b ,", ["a", "b"]),
         ("lora_model", ["a", "b"], ["a", "b"]),
-        ("lora_strength", "0.45,0.55", ["0.45", "0.55"]),
+        ("lora_strength", "0.45,0.55", [0.45, 0.55]),
+        ("lora_strength", 0.7, [0.7]),
+        ("lora_strength", ["0.5", 1], [0.5, 1.0]),
         ("lora_model", None, None),
     ],
 )

@@ -1,5 +1,12 @@
 """The only package that imports torch and diffusers. Import its modules lazily from the rest."""
 
+import threading
+
+# diffusers/accelerate build models under `init_empty_weights`, which patches torch.nn globally:
+# a model constructed on another thread meanwhile gets `meta` tensors. Every load in this process
+# (pipelines, components, LoRAs, conversions) takes this lock.
+LOAD_LOCK = threading.RLock()
+
 
 def quiet_libraries() -> None:
     """Errors only from diffusers / transformers, and no progress bars in the server log."""

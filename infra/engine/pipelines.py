@@ -1,74 +1,208 @@
-"""Pipeline cache: model id -> loaded components, and per-job pipeline variants.
+"""Model cache: model id -> loaded weights, and per-job pipeline variants.
 
-A model is loaded once (weights on the target device); text2img / img2img / inpaint pipelines
-are built around the same components with `from_pipe` (milliseconds, no copy), each with its
-own fresh scheduler so concurrent jobs never share scheduler state.
+A pipeline model is loaded once (weights on the target device); the text2img / img2img / inpaint
+/ ControlNet / panorama / self-attention pipelines of a job are built around the same components
+with `from_pipe` (milliseconds, no copy), each with its own fresh scheduler so concurrent jobs
+never share scheduler state. VAEs and ControlNets are cached the same way, as components.
+
+Entries are keyed by the manifest's version (id + load time): a model deleted and loaded again
+under the same id is reloaded, in this process and in any other that shares the store. The cache
+is bounded in bytes; the least recently used entries are evicted first.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
     DiffusionPipeline,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
+    StableDiffusionPanoramaPipeline,
     StableDiffusionPipeline,
+    StableDiffusionSAGPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 
+from infra.engine import LOAD_LOCK
 from infra.engine.schedulers import build_scheduler
-from infra.weights import WeightsStore
+from infra.weights import READY, WeightsStore
+from models.errors import BadInput, NotFound
 
-VARIANTS = {
-    "text2img": StableDiffusionPipeline,
-    "img2img": StableDiffusionImg2ImgPipeline,
-    "inpaint": StableDiffusionInpaintPipeline,
+log = logging.getLogger(__name__)
+
+# family -> what a job asks for -> the diffusers pipeline made for it
+VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
+    "sd": {
+        "text2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+        "controlnet": StableDiffusionControlNetPipeline,
+        "controlnet_img2img": StableDiffusionControlNetImg2ImgPipeline,
+        "controlnet_inpaint": StableDiffusionControlNetInpaintPipeline,
+        "panorama": StableDiffusionPanoramaPipeline,
+        "self_attention": StableDiffusionSAGPipeline,
+    },
+    "sdxl": {
+        "text2img": StableDiffusionXLPipeline,
+        "img2img": StableDiffusionXLImg2ImgPipeline,
+        "inpaint": StableDiffusionXLInpaintPipeline,
+        "controlnet": StableDiffusionXLControlNetPipeline,
+        "controlnet_img2img": StableDiffusionXLControlNetImg2ImgPipeline,
+        "controlnet_inpaint": StableDiffusionXLControlNetInpaintPipeline,
+    },
 }
+COMPONENTS = {"vae": AutoencoderKL, "controlnet": ControlNetModel}
 
 
 @dataclass
 class LoadedModel:
     model_id: str
+    version: tuple
     pipeline: DiffusionPipeline
     scheduler_config: dict[str, Any]  # pristine, as saved with the model
+    family: str  # "sd" | "sdxl"
+    size_bytes: int
+    # held for a whole job: LoRA / embedding / ToMe state lives in the shared modules
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    loras: OrderedDict = field(default_factory=OrderedDict)  # lora id -> (version, adapter name)
 
 
-class PipelineCache:
-    def __init__(self, weights: WeightsStore, device: torch.device, dtype: torch.dtype):
+@dataclass
+class LoadedComponent:
+    model_id: str
+    version: tuple
+    module: torch.nn.Module
+    size_bytes: int
+
+
+def module_bytes(*modules) -> int:
+    total = 0
+    for module in modules:
+        if isinstance(module, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return total
+
+
+class ModelCache:
+    def __init__(self, weights: WeightsStore, device: torch.device, dtype: torch.dtype, max_bytes: int):
         self.weights = weights
         self.device = device
         self.dtype = dtype
-        self._models: dict[str, LoadedModel] = {}
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, LoadedModel | LoadedComponent] = OrderedDict()
         self._lock = threading.Lock()
 
-    def model(self, model_id: str) -> LoadedModel:
-        with self._lock:
-            if model_id not in self._models:
-                self._models[model_id] = self._load(model_id)
-            return self._models[model_id]
+    # --- lookups (load on a miss)
 
-    def pipeline(self, model_id: str, task: str, scheduler: str, karras: bool, algorithm: str | None):
-        """A pipeline for `task` on the cached components of `model_id`, with a new scheduler."""
-        model = self.model(model_id)
+    def model(self, model_id: str) -> LoadedModel:
+        return self._get(model_id, ("stable_diffusion", "stable_diffusion_xl", "inpaint"), self._load_pipeline)
+
+    def component(self, model_id: str, kind: str) -> torch.nn.Module:
+        return self._get(model_id, (kind,), lambda entry: self._load_component(entry, kind)).module
+
+    def pipeline(self, model: LoadedModel, variant: str, scheduler: str, karras: bool, algorithm: str | None, **parts):
+        """A `variant` pipeline on the model's components, with a new scheduler (and `parts`
+        such as a VAE or ControlNet swapped in for this job only)."""
+        cls = VARIANTS[model.family].get(variant)
+        if cls is None:
+            what = variant.replace("_", " ")
+            raise BadInput(f"{what} is not available for {model.family.upper()} models like {model.model_id}")
         fresh = build_scheduler(scheduler, model.scheduler_config, karras, algorithm)
-        pipeline = VARIANTS[task].from_pipe(model.pipeline, scheduler=fresh)
+        pipeline = cls.from_pipe(model.pipeline, scheduler=fresh, **parts)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    # --- eviction
+
+    def evict(self, model_id: str) -> None:
+        with self._lock:
+            entry = self._entries.pop(model_id, None)
+        if entry is not None:
+            del entry
+            _release_memory()
+
     def clear(self) -> None:
         with self._lock:
-            self._models.clear()
+            self._entries.clear()
+        _release_memory()
 
-    def _load(self, model_id: str) -> LoadedModel:
-        folder = self.weights.folder(model_id)
-        unet_config = json.loads((folder / "unet" / "config.json").read_text())
-        cls = StableDiffusionInpaintPipeline if unet_config.get("in_channels") == 9 else StableDiffusionPipeline
-        pipeline = cls.from_pretrained(
-            folder, dtype=self.dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
-        ).to(self.device)
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._entries)
+
+    def models(self) -> list[LoadedModel]:
+        return [e for e in list(self._entries.values()) if isinstance(e, LoadedModel)]
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.size_bytes for e in self._entries.values())
+
+    # --- internals
+
+    def _get(self, model_id: str, categories: tuple[str, ...], load):
+        entry = self.weights.get(model_id)
+        if entry is None or entry.status != READY:
+            raise NotFound(f"Model {model_id} is not on this server (deleted or not loaded)")
+        if entry.category not in categories:
+            raise BadInput(f"Model {model_id} is a {entry.category} model, not {' or '.join(categories)}")
+        with self._lock:
+            cached = self._entries.get(model_id)
+            if cached is not None and cached.version == entry.version:
+                self._entries.move_to_end(model_id)
+                return cached
+            self._entries.pop(model_id, None)
+            loaded = load(entry)
+            self._entries[model_id] = loaded
+            self._make_room(keep=model_id)
+            return loaded
+
+    def _make_room(self, keep: str) -> None:
+        evicted = False
+        while self.used_bytes > self.max_bytes and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            if oldest == keep:
+                break
+            log.info("model cache full: evicting %s", oldest)
+            self._entries.pop(oldest)
+            evicted = True
+        if evicted:
+            _release_memory()
+
+    def _load_pipeline(self, entry) -> LoadedModel:
+        folder = self.weights.folder(entry.model_id)
+        with LOAD_LOCK:
+            pipeline = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        return LoadedModel(model_id, pipeline, scheduler_config)
+        family = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
+        size = module_bytes(*pipeline.components.values())
+        return LoadedModel(entry.model_id, entry.version, pipeline, scheduler_config, family, size)
+
+    def _load_component(self, entry, kind: str) -> LoadedComponent:
+        folder = self.weights.folder(entry.model_id)
+        with LOAD_LOCK:
+            module = COMPONENTS[kind].from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
+        return LoadedComponent(entry.model_id, entry.version, module.eval(), module_bytes(module))
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

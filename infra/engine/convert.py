@@ -1,0 +1,193 @@
+"""Downloaded weights -> the store's layout, verified by loading them as the claimed kind.
+
+Pipelines, VAEs and ControlNets are saved as diffusers folders (single-file checkpoints are
+converted once here, so later loads are plain `from_pretrained`); LoRAs and embeddings are kept as
+one normalised .safetensors file. Every function raises `CheckpointError` with a message a
+client can act on when the weights are not what the request said they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
+from safetensors.torch import save_file
+
+from infra.engine import LOAD_LOCK, quiet_libraries
+from infra.engine.checkpoints import CheckpointError, load_component_file, load_pipeline_file, read_state_dict
+
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")
+LORA_FILE, EMBEDDING_FILE = "lora.safetensors", "embedding.safetensors"
+
+
+def prepare_model(category: str | None, download: Path, out: Path, precision: str, upcast_attention: bool) -> dict:
+    """Verify `download` (a file or folder) as `category` and write the store payload into `out`.
+    category None = a pipeline of any family, detected. Returns the manifest facts."""
+    quiet_libraries()
+    with LOAD_LOCK:
+        return _prepare(category, _single_entry(download), out, precision, upcast_attention)
+
+
+def _prepare(category: str | None, source: Path, out: Path, precision: str, upcast_attention: bool) -> dict:
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    if category in (None, "stable_diffusion", "stable_diffusion_xl", "inpaint"):
+        return _prepare_pipeline(category, source, out, dtype, upcast_attention)
+    if category == "lora":
+        return _prepare_lora(_weights_file(source, "LoRA"), out)
+    if category == "embeddings":
+        return _prepare_embedding(_weights_file(source, "embedding"), out)
+    if category in ("vae", "controlnet"):
+        return _prepare_component(category, source, out, dtype)
+    raise CheckpointError(f"loading {category} models is not supported by this server")
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcast_attention: bool) -> dict:
+    if source.is_dir():
+        if not (source / "model_index.json").is_file():
+            raise CheckpointError("the folder is not a diffusers pipeline (no model_index.json)")
+        pipeline = _load_pipeline_folder(source, dtype)
+        fmt = "diffusers"
+    else:
+        pipeline = load_pipeline_file(source, dtype=dtype)
+        fmt = source.suffix.lstrip(".")
+    if getattr(pipeline, "unet", None) is None:
+        raise CheckpointError(f"{type(pipeline).__name__} is not a Stable Diffusion pipeline (no UNet)")
+    sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+    family = "sdxl" if sdxl else "sd"
+    category = "inpaint" if pipeline.unet.config.in_channels == 9 else ("stable_diffusion_xl" if sdxl else "stable_diffusion")
+    if claimed == "stable_diffusion_xl" and not sdxl:
+        raise CheckpointError("stable_diffusion_xl was claimed but the weights are a Stable Diffusion 1.x/2.x model")
+    if claimed in ("stable_diffusion", "inpaint") and sdxl:
+        raise CheckpointError(f"{claimed} was claimed but the weights are an SDXL model; use stable_diffusion_xl")
+    if claimed == "inpaint" and category != "inpaint":
+        raise CheckpointError("inpaint was claimed but the UNet is not an inpainting UNet (4 input channels, not 9)")
+    pipeline.to(dtype=dtype)
+    pipeline.save_pretrained(out, safe_serialization=True)
+    if upcast_attention:
+        config_path = out / "unet" / "config.json"
+        config = json.loads(config_path.read_text())
+        config["upcast_attention"] = True
+        config_path.write_text(json.dumps(config, indent=2))
+    return {"category": category, "family": family, "format": fmt, "context_dim": pipeline.unet.config.cross_attention_dim}
+
+
+def _load_pipeline_folder(folder: Path, dtype):
+    index = json.loads((folder / "model_index.json").read_text())
+    extra = {}
+    if "safety_checker" in index:  # we run our own checker (or none); never load theirs
+        extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
+    except Exception as exc:
+        raise CheckpointError(f"the diffusers folder does not load: {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _prepare_component(kind: str, source: Path, out: Path, dtype) -> dict:
+    cls = AutoencoderKL if kind == "vae" else ControlNetModel
+    if source.is_dir():
+        folder = source / kind if (source / kind / "config.json").is_file() else source
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"the folder has no config.json: it is not a diffusers {kind}")
+        try:
+            model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"the {kind} folder does not load: {type(exc).__name__}: {exc}") from exc
+        fmt = "diffusers"
+    else:
+        model = load_component_file(kind, source, dtype=dtype)
+        fmt = source.suffix.lstrip(".")
+    config_class = model.config.get("_class_name", type(model).__name__)
+    if not isinstance(model, cls):
+        raise CheckpointError(f"the weights are a {config_class}, not a {kind}")
+    model.save_pretrained(out, safe_serialization=True)
+    context_dim = model.config.cross_attention_dim if kind == "controlnet" else 0
+    return {"category": kind, "format": fmt, "context_dim": context_dim}
+
+
+def _prepare_lora(path: Path, out: Path) -> dict:
+    state = read_state_dict(path)
+    if not any(marker in key for key in state for marker in LORA_MARKERS):
+        raise CheckpointError("the file is not a LoRA: none of its keys are LoRA weights (lora_up/lora_down/lora_A/...)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, out / LORA_FILE)
+    sdxl = any(("lora_te2_" in k) or k.startswith("text_encoder_2.") for k in state)
+    return {"category": "lora", "format": path.suffix.lstrip("."), "family": "sdxl" if sdxl else "", "file": LORA_FILE,
+            "context_dim": _lora_context_dim(state)}
+
+
+def _lora_context_dim(state: dict) -> int:
+    """Width of the text embeddings the LoRA's cross-attention key projections expect, or 0."""
+    for key, tensor in state.items():
+        if "attn2" in key and "to_k" in key and any(m in key for m in ("lora_down", "lora_A", "lora.down")):
+            return int(tensor.shape[1])
+    return 0
+
+
+def _prepare_embedding(path: Path, out: Path) -> dict:
+    state = _embedding_tensors(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().float() for k, v in state.items()}, out / EMBEDDING_FILE)
+    if "clip_g" in state:
+        family, dim = "sdxl", state["clip_l"].shape[-1] + state["clip_g"].shape[-1]
+    else:
+        family, dim = "", state["emb_params"].shape[-1]
+    return {"category": "embeddings", "format": path.suffix.lstrip("."), "family": family, "file": EMBEDDING_FILE,
+            "context_dim": int(dim)}
+
+
+def _embedding_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Any textual-inversion format -> {"emb_params": [n, dim]} or SDXL's {"clip_l", "clip_g"}."""
+    if path.suffix in (".pt", ".bin", ".ckpt", ".pth"):
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"the embedding file does not load: {type(exc).__name__}") from exc
+    else:
+        raw = read_state_dict(path)
+    if isinstance(raw, dict) and "string_to_param" in raw:  # A1111 .pt
+        raw = {"emb_params": next(iter(raw["string_to_param"].values()))}
+    if isinstance(raw, dict) and {"clip_l", "clip_g"} <= raw.keys():
+        tensors = {"clip_l": raw["clip_l"], "clip_g": raw["clip_g"]}
+    elif isinstance(raw, dict) and len(raw) == 1:  # {"emb_params": t} or diffusers {"<token>": t}
+        tensors = {"emb_params": next(iter(raw.values()))}
+    else:
+        raise CheckpointError("the file is not a textual-inversion embedding (expected one vector set)")
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim not in (1, 2) or not tensor.is_floating_point():
+            raise CheckpointError("the file is not a textual-inversion embedding (no float vectors)")
+        tensors[name] = tensor if tensor.ndim == 2 else tensor[None]
+    return tensors
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _single_entry(download: Path) -> Path:
+    """A download folder holding exactly one file or folder stands for that entry."""
+    if download.is_dir():
+        entries = [p for p in download.iterdir() if not p.name.startswith(".")]
+        if len(entries) == 1:
+            return _single_entry(entries[0]) if entries[0].is_dir() and not _is_model_folder(entries[0]) else entries[0]
+    return download
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("model_index.json", "config.json"))
+
+
+def _weights_file(source: Path, what: str) -> Path:
+    if source.is_file():
+        return source
+    files = sorted(p for p in source.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    if len(files) != 1:
+        raise CheckpointError(f"expected one {what} weights file, found {len(files)}")
+    return files[0]

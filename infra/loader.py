@@ -1,0 +1,228 @@
+"""Model loads: fetch the weights a load_model / load_model_v2 / load_vae request names, verify
+and convert them on the engine side, and record the outcome in the weights store.
+
+Sources: an http(s) URL to a single weights file (streamed to disk, size-capped; Civitai-style
+URLs without an extension are named by Content-Disposition), a `.tar` archive (what sync_models
+serves), a Hugging Face repo id (`owner/name`, downloaded with huggingface_hub where the machine
+has internet), or a local file or folder when the server allows local paths.
+
+`run_load` never raises: the manifest ends `ready` or `failed` with a reason, and the webhook,
+when given, receives the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass
+from email.message import Message
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+
+from infra.weights import ModelEntry, WeightsStore
+from models.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_SKIP = (".fp16.safetensors", ".non_ema.safetensors", ".ema.safetensors")  # duplicates of the main weights
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+@dataclass
+class LoadRequest:
+    """What to load: `category` None means a pipeline whose family is detected."""
+
+    model_id: str
+    source: str
+    category: str | None
+    precision: str = "fp32"
+    upcast_attention: bool = False
+    webhook: str | None = None
+
+    def entry(self) -> ModelEntry:
+        """The manifest a load starts with; the format and family are filled in once verified."""
+        return ModelEntry(
+            model_id=self.model_id,
+            category=self.category or "stable_diffusion",
+            source=self.source,
+            format="",
+            precision=self.precision,
+        )
+
+
+def source_kind(source: str, allow_local: bool = True) -> str:
+    """'url', 'path' or 'hub' — or a BadInput that says what a valid source looks like."""
+    if urlparse(source).scheme in ("http", "https"):
+        return "url"
+    if source.startswith("file://") or source.startswith("/"):
+        if not allow_local:
+            raise BadInput("url: local paths are not allowed on this server", tip="Send an http(s) URL or a repo id.")
+        return "path"
+    if HUB_REPO.match(source):
+        return "hub"
+    raise BadInput(
+        f"url {source!r} is not a model source",
+        tip="Send an http(s) URL to a .safetensors/.ckpt/.pt/.bin file, or a Hugging Face repo id like owner/name.",
+    )
+
+
+def run_load(request: LoadRequest, weights: WeightsStore, settings, notify) -> ModelEntry:
+    """Fetch, verify/convert, install. Returns the final manifest entry (ready or failed)."""
+    entry = weights.get(request.model_id) or weights.begin(request.entry())
+    started = time.time()
+    scratch = weights.temp_dir(request.model_id)
+    try:
+        download = fetch_source(request.source, scratch / "download", settings)
+        from infra.engine.convert import prepare_model  # torch: engine side only
+
+        facts = prepare_model(request.category, download, scratch / "built", request.precision, request.upcast_attention)
+        for key, value in facts.items():
+            setattr(entry, key, value)
+        entry = weights.finish(entry, scratch / "built", started)
+        log.info("model %s loaded (%s, %.1fs)", entry.model_id, entry.category, entry.load_seconds)
+    except Exception as exc:  # every failure ends in a `failed` manifest with a reason
+        message = _describe(exc)
+        log.warning("model %s failed to load: %s", request.model_id, message)
+        entry = weights.fail(entry, message)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if request.webhook:
+        notify(request.webhook, load_event(entry))
+    return entry
+
+
+def load_event(entry: ModelEntry) -> dict:
+    """The webhook payload of a finished load."""
+    ok = entry.status == "ready"
+    return {
+        "status": "success" if ok else "failed",
+        "event": "model_load",
+        "model_id": entry.model_id,
+        "category": entry.category,
+        "message": "model loaded" if ok else entry.message,
+        "load_time": entry.load_seconds,
+    }
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def fetch_source(source: str, target: Path, settings) -> Path:
+    """Bring the weights into `target` (a folder); returns the file or folder fetched."""
+    target.mkdir(parents=True)
+    kind = source_kind(source, settings.allow_local_model_paths)
+    if kind == "url":
+        path = download_file(source, target, settings)
+        return _unpack(path, target) if path.name.endswith(ARCHIVE_SUFFIXES) else path
+    if kind == "path":
+        local = Path(source.removeprefix("file://"))
+        if not local.exists():
+            raise LoadError(f"local path {local} does not exist")
+        if local.is_dir():
+            return Path(shutil.copytree(local, target / local.name))
+        return Path(shutil.copy2(local, target / local.name))
+    return _hub_download(source, target)
+
+
+class LoadError(Exception):
+    """A load failed for a reason to show the client as is."""
+
+
+def download_file(url: str, target: Path, settings) -> Path:
+    cap = settings.max_model_bytes
+    timeout = httpx.Timeout(settings.model_download_timeout, connect=10.0)
+    try:
+        with httpx.stream("GET", url, follow_redirects=True, timeout=timeout) as response:
+            if response.status_code >= 400:
+                raise LoadError(f"download failed: HTTP {response.status_code} from {url}")
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > cap:
+                raise LoadError(f"the file is {declared} bytes, over this server's limit of {cap} bytes")
+            path = target / _file_name(response)
+            size = 0
+            with path.open("wb") as out:
+                for chunk in response.iter_bytes(1 << 20):
+                    size += len(chunk)
+                    if size > cap:
+                        raise LoadError(f"the file is over this server's limit of {cap} bytes")
+                    out.write(chunk)
+            if declared and size < declared:
+                raise LoadError(f"the download ended early ({size} of {declared} bytes)")
+            return path
+    except httpx.HTTPError as exc:
+        raise LoadError(f"download failed: {type(exc).__name__} for {url}") from exc
+
+
+def _file_name(response: httpx.Response) -> str:
+    """Content-Disposition's file name, else the URL's last path segment; never a path."""
+    disposition = response.headers.get("content-disposition")
+    name = ""
+    if disposition:
+        message = Message()
+        message["content-disposition"] = disposition
+        name = message.get_filename() or ""
+    name = name or unquote(urlparse(str(response.url)).path.rsplit("/", 1)[-1])
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name.rsplit("/", 1)[-1]).lstrip(".")
+    return name or "weights.bin"
+
+
+def _unpack(archive: Path, target: Path) -> Path:
+    folder = target / "unpacked"
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder, filter="data")  # no absolute paths, links out or devices
+    except (tarfile.TarError, OSError) as exc:
+        raise LoadError(f"the archive does not unpack: {exc}") from exc
+    archive.unlink()
+    return folder
+
+
+def _hub_download(repo_id: str, target: Path) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise LoadError(f"this server is offline (HF_HUB_OFFLINE): it cannot download {repo_id} from the hub")
+    try:
+        files = hub_files_to_fetch(HfApi().list_repo_files(repo_id))
+        return Path(snapshot_download(repo_id, local_dir=target / repo_id.replace("/", "--"), allow_patterns=files))
+    except RepositoryNotFoundError as exc:
+        raise LoadError(f"Hugging Face repo {repo_id} does not exist or is private") from exc
+    except HfHubHTTPError as exc:
+        raise LoadError(f"Hugging Face hub download of {repo_id} failed: {exc}") from exc
+    except Exception as exc:  # the hub client's own network errors (no internet, DNS, timeouts)
+        raise LoadError(f"cannot reach the Hugging Face hub to download {repo_id}: {type(exc).__name__}") from exc
+
+
+def hub_files_to_fetch(files: list[str]) -> list[str]:
+    """Of a repo's files: configs, tokenizers and one set of weights per folder (.safetensors,
+    else .bin), without fp16/EMA duplicates or the single-file checkpoints many diffusers repos
+    also carry at their root."""
+    diffusers_layout = "model_index.json" in files
+    with_safetensors = {name.rpartition("/")[0] for name in files if name.endswith(".safetensors")}
+    chosen = []
+    for name in files:
+        folder = name.rpartition("/")[0]
+        if diffusers_layout and not folder and name != "model_index.json":
+            continue  # v1-5-pruned.ckpt and friends: the same weights once more
+        if name.endswith((".json", ".txt", ".model")):
+            chosen.append(name)
+        elif name.endswith(".safetensors") and not name.endswith(HUB_SKIP):
+            chosen.append(name)
+        elif name.endswith(".bin") and folder not in with_safetensors and ".fp16." not in name:
+            chosen.append(name)
+    return chosen
+
+
+def _describe(exc: Exception) -> str:
+    from_engine = type(exc).__name__ == "CheckpointError"
+    if isinstance(exc, LoadError) or from_engine:
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
