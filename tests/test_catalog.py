@@ -217,6 +217,8 @@ def test_embeddings_act_where_their_token_is_and_are_unloaded_after(catalog, fil
     with_embedding = image_of(catalog, prompt=f"a red bench {emb_id}", embeddings_model=emb_id)
     assert differs(with_embedding, base)
     assert same(image_of(catalog, prompt=f"a red bench {emb_id}"), base)
+    again = image_of(catalog, prompt=f"a red bench {emb_id}", embeddings_model=emb_id)  # unloaded cleanly: loads again
+    assert same(again, with_embedding)
 
 
 @pytest.mark.parametrize("source", ["vae.safetensors", "vae_ldm.safetensors", "vae_folder"])
@@ -397,6 +399,26 @@ def test_controlnet_11_repos_get_their_conventional_ids(catalog, monkeypatch):
     assert wait_loaded(catalog, "depth")["status"] == "error"  # no hub here; the id was claimed though
     unnamed = call(catalog, "load_model", url="someone/my-model", model_type="custom_ckpt")
     assert unnamed["http"] == 422 and "model_id" in unnamed["message"]
+
+
+def test_sdxl_embedding(catalog, files):
+    root = files["root"]
+    if wait_loaded(catalog, "xl")["http"] == 404:
+        load(catalog, "load_model_v2", url=str(root / "tiny-sdxl"), model_id="xl", model_category="stable_diffusion_xl",
+             model_format="diffusers")
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(14)
+    save_file({"clip_l": torch.randn(1, 32, generator=generator), "clip_g": torch.randn(1, 64, generator=generator)},
+              root / "xl_emb.safetensors")
+    assert load(catalog, url=f"{files['url']}/xl_emb.safetensors", model_id="xl-emb", model_type="embeddings")[
+        "status"] == "success"
+    base = image_of(catalog, model_id="xl", prompt="a bench xl-emb")
+    assert differs(image_of(catalog, model_id="xl", prompt="a bench xl-emb", embeddings_model="xl-emb"), base)
+    assert same(image_of(catalog, model_id="xl", prompt="a bench xl-emb"), base)
+    refused = call(catalog, "text2img", prompt="x", embeddings_model="xl-emb")  # on the SD 1.x default model
+    assert refused["http"] == 400 and "was made for a model with" in refused["message"]
 
 
 def test_sdxl_controlnet(catalog, files):

@@ -207,5 +207,7 @@ def _unload_embedding(model: LoadedModel, token: str) -> None:
     if model.family == "sdxl":
         pairs.append((pipeline.tokenizer_2, pipeline.text_encoder_2))
     for tokenizer, text_encoder in pairs:
-        if token in tokenizer.get_vocab():
-            pipeline.unload_textual_inversion(tokens=[token], tokenizer=tokenizer, text_encoder=text_encoder)
+        # a multi-vector embedding adds token, token_1, token_2, ...
+        added = [t for t in tokenizer.get_added_vocab() if t == token or re.fullmatch(re.escape(token) + r"_\d+", t)]
+        if added:
+            pipeline.unload_textual_inversion(tokens=added, tokenizer=tokenizer, text_encoder=text_encoder)
