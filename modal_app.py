@@ -30,14 +30,19 @@ image = (
         "safetensors==0.8.0",
         "scipy==1.17.1",
         "numpy==2.4.6",
+        "peft==0.21.2",
+        "tomesd==0.1.3",
+        "opencv-python-headless==5.0.0.93",
         "fastapi==0.165.0",
         "pydantic>=2.10,<3",
         "pydantic-settings>=2.6,<3",
         "httpx==0.28.1",
         "pillow==13.0.0",
     )
-    .env({"SDAPI_DATA_DIR": "/tmp/sdapi", "SDAPI_MODELS_DIR": WEIGHTS_PATH, "HF_HUB_OFFLINE": "1"})
-    .add_local_python_source("handlers", "models", "infra")
+    # load_model reaches the hub and model URLs from here; local paths mean nothing in a container
+    .env({"SDAPI_DATA_DIR": "/tmp/sdapi", "SDAPI_MODELS_DIR": WEIGHTS_PATH, "SDAPI_ALLOW_LOCAL_MODEL_PATHS": "false"})
+    # not only .py files: infra/engine/configs holds the architecture configs single-file loading needs
+    .add_local_python_source("handlers", "models", "infra", ignore=["**/__pycache__/**", "**/*.pyc"])
 )
 
 weights = modal.Volume.from_name("sd-enterprise-weights", create_if_missing=True)
