@@ -36,8 +36,10 @@ _NOT_YET = {
     "ip_adapter_image": "IP-Adapter",
 }
 
-# auto_hint preprocessors this server has (see infra/engine/hints.py); the others need networks
+# auto_hint preprocessors this server has (see infra/engine/hints.py): these need no weights...
 AUTO_HINTS = ("canny", "tile", "ip2p", "qrcode", "inpaint")
+# ...these run a network loaded into the store under this id (model_category "preprocessor")
+PREPROCESSOR_IDS = {"depth": "depth-preprocessor"}
 
 # text-embedding width -> the model family it means, for messages
 FAMILY_BY_CONTEXT_DIM = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
@@ -102,7 +104,8 @@ def models_used(params: dict) -> set[str]:
     """Every model id a job's parameters refer to (delete_model refuses to delete these)."""
     used = {params.get("model_id"), params.get("vae"), params.get("embedding")}
     used.update(lora_id for lora_id, _ in params.get("loras", []))
-    used.update(net["model_id"] for net in params.get("controlnets", []))
+    for net in params.get("controlnets", []):
+        used.update((net["model_id"], net.get("preprocessor")))
     return {model_id for model_id in used if model_id}
 
 
@@ -259,16 +262,32 @@ def _controlnet_params(req: ControlnetRequest, model: ModelEntry, rt) -> dict:
     for net_id, kind, scale in zip(ids, types, scales, strict=True):
         entry = _controlnet_entry(net_id, rt)
         _check_fits(entry, "controlnet_model", model)
-        if req.auto_hint and kind not in AUTO_HINTS:
+        net = {"model_id": net_id, "type": kind, "scale": scale}
+        if req.auto_hint and kind in PREPROCESSOR_IDS:
+            net["preprocessor"] = _preprocessor(kind, rt)
+        elif req.auto_hint and kind not in AUTO_HINTS:
             raise BadInput(
-                f"auto_hint for {kind} is not available on this server: its preprocessor network is not installed",
+                f"auto_hint for {kind} is not available on this server: it has no {kind} preprocessor",
                 tip=f"Send the {kind} hint as control_image with auto_hint \"no\" "
-                f"(auto_hint works for: {', '.join(AUTO_HINTS)}).",
+                f"(auto_hint works for: {', '.join([*AUTO_HINTS, *PREPROCESSOR_IDS])}).",
             )
         if req.auto_hint and kind == "inpaint" and req.mask_image is None:
             raise BadInput("auto_hint for an inpaint ControlNet needs mask_image (the area to repaint)")
-        nets.append({"model_id": net_id, "type": kind, "scale": scale})
+        nets.append(net)
     return {"controlnets": nets}
+
+
+def _preprocessor(kind: str, rt) -> str:
+    """The store id of the network auto_hint runs for `kind`, checked to be loaded."""
+    model_id = PREPROCESSOR_IDS[kind]
+    entry = rt.weights.get(model_id)
+    if entry is None or entry.status != READY or entry.category != "preprocessor":
+        raise BadInput(
+            f"auto_hint for {kind} needs the {kind} preprocessor, which is not loaded on this server",
+            tip=f'Load one: load_model_v2 with a depth-estimation model (e.g. url "Intel/dpt-hybrid-midas"), '
+            f'model_category "preprocessor", model_id "{model_id}"; or send the {kind} map as control_image.',
+        )
+    return model_id
 
 
 def _controlnet_entry(net_id: str, rt) -> ModelEntry:

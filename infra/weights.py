@@ -29,7 +29,8 @@ READY, LOADING, FAILED = "ready", "loading", "failed"
 # what a folder holds; the first three are full diffusers pipelines a generation can run on
 PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl", "inpaint")
 ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
-CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "upscaler", "motion_adapter")
+# "preprocessor": a network that turns an image into a ControlNet hint (a depth estimator, ...)
+CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "motion_adapter")
 
 # ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)
 CONTROLNET_11_IDS = {

@@ -198,7 +198,7 @@ class LoadModelRequest(WireModel):
 
 
 ModelCategory = Literal[
-    "stable_diffusion", "stable_diffusion_xl", "inpaint", "lora", "controlnet", "embeddings", "vae"
+    "stable_diffusion", "stable_diffusion_xl", "inpaint", "lora", "controlnet", "embeddings", "vae", "preprocessor"
 ]
 
 

@@ -390,3 +390,24 @@ def write_controlnet(pipeline_dir: Path, path: Path, layout: str = "diffusers_fo
     else:
         raise ValueError(f"unknown ControlNet layout {layout!r}: use 'diffusers_folder' or 'single_file'")
     return path
+
+
+# --- ControlNet preprocessors --------------------------------------------------------------------
+
+
+def write_depth_estimator(path: Path, seed: int = 0) -> Path:
+    """A tiny DPT depth-estimation model with its image processor (a transformers folder), the
+    shape of the networks `auto_hint` runs for depth ControlNets."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=4, backbone_out_indices=[0, 1, 2, 3],
+        num_attention_heads=4, intermediate_size=37, neck_hidden_sizes=[16, 32, 32, 32], fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5], is_hybrid=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DPTForDepthEstimation(config).eval()
+    model.save_pretrained(path)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path

@@ -21,6 +21,7 @@ from infra.engine.tiny import build_tiny_sdxl
 from tests.conftest import KEY, _Files, centre_mask, open_client, png_bytes, scene
 from tests.model_files import (
     write_controlnet,
+    write_depth_estimator,
     write_embedding,
     write_lora,
     write_single_file_checkpoint,
@@ -280,6 +281,22 @@ def test_controlnet_follows_the_hint(catalog, controlnets):
     refused = call(catalog, "controlnet", prompt="x", controlnet_model="my-canny", controlnet_type="depth",
                    init_image=f"{url}/hint.png", auto_hint="yes")
     assert refused["http"] == 400 and "control_image" in refused["tip"]
+
+
+def test_auto_hint_depth_runs_the_loaded_preprocessor(catalog, controlnets, files):
+    url = controlnets
+    body = dict(controlnet_model="my-canny", controlnet_type="depth", init_image=f"{url}/hint.png", auto_hint="yes")
+    missing = call(catalog, "controlnet", prompt="x", **body)
+    assert missing["http"] == 400 and "depth-preprocessor" in missing["tip"]
+    with LOAD_LOCK:
+        write_depth_estimator(files["root"] / "depth-net")
+    assert load(catalog, "load_model_v2", url=str(files["root"] / "depth-net"), model_id="depth-preprocessor",
+                model_category="preprocessor", model_format="diffusers")["status"] == "success"
+    depth_hint = image_of(catalog, "controlnet", **body)
+    raw_hint = image_of(catalog, "controlnet", **{**body, "auto_hint": "no"})
+    assert not same(depth_hint, raw_hint)  # the hint was the estimated depth map, not the photo
+    unknown = call(catalog, "controlnet", prompt="x", **{**body, "controlnet_type": "openpose"})
+    assert unknown["http"] == 400 and "openpose" in unknown["message"]
 
 
 def test_multi_controlnet_img2img_and_inpaint(catalog, controlnets):

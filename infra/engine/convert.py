@@ -41,6 +41,8 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         return _prepare_embedding(_weights_file(source, "embedding"), out)
     if category in ("vae", "controlnet"):
         return _prepare_component(category, source, out, dtype)
+    if category == "preprocessor":
+        return _prepare_preprocessor(source, out)
     raise CheckpointError(f"loading {category} models is not supported by this server")
 
 
@@ -111,6 +113,23 @@ def _prepare_component(kind: str, source: Path, out: Path, dtype) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     context_dim = model.config.cross_attention_dim if kind == "controlnet" else 0
     return {"category": kind, "format": fmt, "context_dim": context_dim}
+
+
+def _prepare_preprocessor(source: Path, out: Path) -> dict:
+    """A ControlNet hint network. Depth estimators (DPT, Depth Anything, ...: any transformers
+    depth-estimation model with its image processor) are the kind this server runs."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    if not (source.is_dir() and (source / "config.json").is_file()):
+        raise CheckpointError("a preprocessor is a transformers model folder (config.json + weights + image processor)")
+    try:
+        model = AutoModelForDepthEstimation.from_pretrained(source, local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"the folder is not a depth-estimation model: {type(exc).__name__}: {exc}") from exc
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return {"category": "preprocessor", "format": "transformers"}
 
 
 def _prepare_lora(path: Path, out: Path) -> dict:

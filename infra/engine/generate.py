@@ -121,7 +121,10 @@ class Engine:
         for i, net in enumerate(params["controlnets"]):
             source = inputs.get(f"control_image_{i}") or inputs.get("control_image_0") or inputs.get("init_image")
             hint = _open(source)
-            hints.append(make_hint(net["type"], hint, mask) if params.get("auto_hint") else hint)
+            if params.get("auto_hint"):
+                estimator = self.cache.component(net["preprocessor"], "preprocessor") if net.get("preprocessor") else None
+                hint = make_hint(net["type"], hint, mask, estimator)
+            hints.append(hint)
         scales = [net["scale"] for net in params["controlnets"]]
         call = {
             "controlnet_conditioning_scale": scales[0] if len(nets) == 1 else scales,

@@ -2,8 +2,9 @@
 
 Canny edges need only OpenCV; `tile`, `ip2p` and `qrcode` ControlNets take the image itself;
 `inpaint` takes the image with the area to repaint marked (-1, as ControlNet 1.1 inpaint was
-trained). Preprocessors that need their own networks (depth, openpose, ...) are not installed:
-asking for them is refused by the handler before a job exists (see `handlers.controlnet`).
+trained). `depth` runs a depth-estimation network loaded into the weights store as a
+`preprocessor` (passed in as `estimator`). Other kinds need networks this server does not run:
+the handler refuses them before a job exists.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from PIL import Image
 CANNY_THRESHOLDS = (100, 200)
 
 
-def make_hint(kind: str, image: Image.Image, mask: Image.Image | None = None):
+def make_hint(kind: str, image: Image.Image, mask: Image.Image | None = None, estimator=None):
     """The control image for a ControlNet of type `kind`, from the (already resized) input."""
+    if kind == "depth":
+        depth = estimator(image.convert("RGB"))["depth"].convert("L").resize(image.size, Image.Resampling.BICUBIC)
+        return Image.merge("RGB", [depth] * 3)
     if kind == "canny":
         edges = cv2.Canny(np.asarray(image.convert("RGB")), *CANNY_THRESHOLDS)
         return Image.fromarray(np.stack([edges] * 3, axis=-1))

@@ -115,7 +115,8 @@ class ModelCache:
     def model(self, model_id: str) -> LoadedModel:
         return self._get(model_id, ("stable_diffusion", "stable_diffusion_xl", "inpaint"), self._load_pipeline)
 
-    def component(self, model_id: str, kind: str) -> torch.nn.Module:
+    def component(self, model_id: str, kind: str):
+        """A VAE or ControlNet module, or a preprocessor (a transformers pipeline)."""
         return self._get(model_id, (kind,), lambda entry: self._load_component(entry, kind)).module
 
     def pipeline(self, model: LoadedModel, variant: str, scheduler: str, karras: bool, algorithm: str | None, **parts):
@@ -197,6 +198,12 @@ class ModelCache:
 
     def _load_component(self, entry, kind: str) -> LoadedComponent:
         folder = self.weights.folder(entry.model_id)
+        if kind == "preprocessor":
+            from transformers import pipeline as transformers_pipeline
+
+            with LOAD_LOCK:
+                estimator = transformers_pipeline("depth-estimation", model=str(folder), device=self.device)
+            return LoadedComponent(entry.model_id, entry.version, estimator, module_bytes(estimator.model))
         with LOAD_LOCK:
             module = COMPONENTS[kind].from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
         return LoadedComponent(entry.model_id, entry.version, module.eval(), module_bytes(module))
