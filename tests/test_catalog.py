@@ -150,10 +150,17 @@ def test_inpainting_checkpoint_is_detected_and_serves_inpaint(catalog, files):
     assert refused["http"] == 400 and "inpainting model" in refused["message"]
 
 
-def test_sdxl_family_runs_text2img_img2img_inpaint_and_single_file(catalog, files):
+@pytest.fixture(scope="module")
+def sdxl(catalog, files) -> str:
+    """The tiny SDXL model, loaded from a local diffusers folder as "xl"."""
+    answer = load(catalog, "load_model_v2", url=str(files["root"] / "tiny-sdxl"), model_id="xl",
+                  model_category="stable_diffusion_xl", model_format="diffusers")
+    assert answer["category"] == "stable_diffusion_xl"
+    return "xl"
+
+
+def test_sdxl_family_runs_text2img_img2img_inpaint_and_single_file(catalog, files, sdxl):
     root = files["root"]
-    assert load(catalog, "load_model_v2", url=str(root / "tiny-sdxl"), model_id="xl", model_category="stable_diffusion_xl",
-                model_format="diffusers")["category"] == "stable_diffusion_xl"
     assert load(catalog, "load_model_v2", url=str(root / "tiny-sdxl-inpaint"), model_id="xl-inpaint",
                 model_category="stable_diffusion_xl", model_format="diffusers")["category"] == "inpaint"
     hint, mask = f"{files['url']}/hint.png", f"{files['url']}/mask.png"
@@ -418,11 +425,8 @@ def test_controlnet_11_repos_get_their_conventional_ids(catalog, monkeypatch):
     assert unnamed["http"] == 422 and "model_id" in unnamed["message"]
 
 
-def test_sdxl_embedding(catalog, files):
+def test_sdxl_embedding(catalog, files, sdxl):
     root = files["root"]
-    if wait_loaded(catalog, "xl")["http"] == 404:
-        load(catalog, "load_model_v2", url=str(root / "tiny-sdxl"), model_id="xl", model_category="stable_diffusion_xl",
-             model_format="diffusers")
     import torch
     from safetensors.torch import save_file
 
@@ -438,11 +442,8 @@ def test_sdxl_embedding(catalog, files):
     assert refused["http"] == 400 and "was made for a model with" in refused["message"]
 
 
-def test_sdxl_controlnet(catalog, files):
+def test_sdxl_controlnet(catalog, files, sdxl):
     root = files["root"]
-    if wait_loaded(catalog, "xl")["http"] == 404:
-        load(catalog, "load_model_v2", url=str(root / "tiny-sdxl"), model_id="xl", model_category="stable_diffusion_xl",
-             model_format="diffusers")
     with LOAD_LOCK:
         write_controlnet(root / "tiny-sdxl", root / "cn-xl", "diffusers_folder", seed=13)
     assert load(catalog, url=str(root / "cn-xl"), model_id="xl-canny", model_type="controlnet")["status"] == "success"
