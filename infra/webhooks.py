@@ -32,19 +32,19 @@ class WebhookSender:
         threading.Thread(target=self._post_event, args=(url, payload), daemon=True, name="webhook-event").start()
 
     def _post_event(self, url: str, payload: dict) -> None:
-        try:
-            response = httpx.post(url, json=payload, timeout=self.timeout)
-            log.info("event webhook %s: HTTP %s", payload.get("event"), response.status_code)
-        except httpx.HTTPError as exc:
-            log.warning("event webhook %s to %s failed: %s", payload.get("event"), url, type(exc).__name__)
+        log.info("event webhook %s to %s: %s", payload.get("event"), url, self._post(url, payload))
 
     def _deliver(self, job: Job) -> None:
         payload = job_response(job, fetch_result="").model_dump(mode="json", exclude_none=True)
         payload["track_id"] = job.track_id
-        try:
-            response = httpx.post(job.webhook, json=payload, timeout=self.timeout)
-            status = "delivered" if response.is_success else f"failed: HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            status = f"failed: {type(exc).__name__}"
+        status = self._post(job.webhook, payload)
         log.info("webhook for job %s: %s", job.id, status)
         self.jobs.update(job.id, webhook_status=status)
+
+    def _post(self, url: str, payload: dict) -> str:
+        """One POST; its outcome as `delivered` or `failed: <why>`."""
+        try:
+            response = httpx.post(url, json=payload, timeout=self.timeout)
+            return "delivered" if response.is_success else f"failed: HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            return f"failed: {type(exc).__name__}"

@@ -32,7 +32,6 @@ besides tensors (e.g. PyTorch Lightning callbacks) is refused rather than unpick
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import zipfile
@@ -58,7 +57,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+from infra.engine import CONFIGS_DIR, read_json
+
 SHARED_TOKENIZER_DIR = CONFIGS_DIR / "clip-tokenizer"
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -178,7 +178,7 @@ def component_config_dirs(kind: Literal["vae", "controlnet"]) -> list[Path]:
     for folder in sorted(CONFIGS_DIR.iterdir()):
         for candidate in (folder, folder / "vae"):
             config_file = candidate / "config.json"
-            if config_file.is_file() and _read_json(config_file).get("_class_name") == class_name:
+            if config_file.is_file() and read_json(config_file).get("_class_name") == class_name:
                 folders.append(candidate)
     return folders
 
@@ -189,7 +189,7 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
     folder = Path(folder)
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
         return CLIPTokenizer.from_pretrained(folder)
-    config = _read_json(folder / "tokenizer_config.json")
+    config = read_json(folder / "tokenizer_config.json")
     settings = {}
     for key in TOKENIZER_SETTINGS:
         if key in config:
@@ -201,10 +201,6 @@ def load_tokenizer(folder: str | Path) -> CLIPTokenizer:
 def _configs_entry(folder: Path) -> str:
     """The name of the configs/ folder that `folder` is or lies in: "sdxl" for configs/sdxl/vae."""
     return folder.relative_to(CONFIGS_DIR).parts[0]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 # --------------------------------------------------------------------------- pipeline detection
@@ -263,10 +259,10 @@ def _detect_family(state_dict: dict[str, torch.Tensor]) -> Literal["sd1", "sd2",
 def _pipeline_config_features(folder: Path) -> tuple[dict[str, Any], int]:
     """What a pipeline folder's configs build, as `_unet/_text_encoder/_vae_checkpoint_features` see
     a checkpoint; and the UNet's input channels."""
-    index = _read_json(folder / "model_index.json")
-    unet = _read_json(folder / "unet" / "config.json")
+    index = read_json(folder / "model_index.json")
+    unet = read_json(folder / "unet" / "config.json")
     text_encoders = [
-        _read_json(folder / name / "config.json")
+        read_json(folder / name / "config.json")
         for name in ("text_encoder", "text_encoder_2")
         if index.get(name, [None])[0] is not None
     ]
@@ -274,7 +270,7 @@ def _pipeline_config_features(folder: Path) -> tuple[dict[str, Any], int]:
         **_unet_config_features(unet),
         "text encoder widths": tuple(config["hidden_size"] for config in text_encoders),
         "text encoder activations": tuple(config.get("hidden_act", "quick_gelu") for config in text_encoders),
-        **_vae_config_features(_read_json(folder / "vae" / "config.json")),
+        **_vae_config_features(read_json(folder / "vae" / "config.json")),
     }
     return features, unet.get("in_channels", 4)
 
@@ -413,7 +409,7 @@ def load_pipeline_file(path: str | Path, dtype: torch.dtype = torch.float32):
         raise CheckpointError("rename the file to end in .safetensors (lowercase): diffusers reads it by its extension")
     state_dict = read_state_dict(path)
     arch = detect_pipeline(state_dict)
-    index = _read_json(arch.config_dir / "model_index.json")
+    index = read_json(arch.config_dir / "model_index.json")
     components: dict[str, Any] = {"image_encoder": None, "feature_extractor": None}
     for name in ("tokenizer", "tokenizer_2"):
         if index.get(name, [None])[0] is not None:
@@ -426,7 +422,7 @@ def load_pipeline_file(path: str | Path, dtype: torch.dtype = torch.float32):
 
     # The UNet and VAE are converted here from the state dict already read; the pipeline call converts the
     # text encoder(s) and reads the file a second time (memory-mapped, so it costs little).
-    unet_config = _read_json(arch.config_dir / "unet" / "config.json")
+    unet_config = read_json(arch.config_dir / "unet" / "config.json")
     unet_changes = {}
     if arch.inpaint and unet_config.get("in_channels", 4) != 9:  # the inpainting variant of a 4-channel folder
         overrides = INPAINT_OVERRIDES.get(arch.name, {})
@@ -471,7 +467,7 @@ def detect_component(
     if config_name is not None:
         candidates = [folder for folder in candidates if _configs_entry(folder) == config_name]
     for folder in candidates:
-        config = _read_json(folder / "config.json")
+        config = read_json(folder / "config.json")
         expected = _vae_config_features(config) if kind == "vae" else _controlnet_config_features(config)
         if expected == found:
             return folder
@@ -490,7 +486,7 @@ def load_component_file(
     state_dict = read_state_dict(path)
     config_dir = detect_component(kind, state_dict, config_name)
     ldm_layout = "controlnet_cond_embedding.conv_in.weight" not in state_dict
-    if kind == "controlnet" and ldm_layout and _read_json(config_dir / "config.json").get("addition_embed_type"):
+    if kind == "controlnet" and ldm_layout and read_json(config_dir / "config.json").get("addition_embed_type"):
         # diffusers' LDM ControlNet converter does not map SDXL's added-conditioning (label_emb) weights
         raise CheckpointError(
             "SDXL ControlNets are supported in the diffusers layout only (diffusion_pytorch_model.safetensors), "

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from infra.engine import LOAD_LOCK, quiet_libraries
 from infra.engine.checkpoints import CheckpointError, load_component_file, load_pipeline_file, read_state_dict
+from infra.weights import PIPELINE_CATEGORIES
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")
@@ -33,7 +34,7 @@ def prepare_model(category: str | None, download: Path, out: Path, precision: st
 
 def _prepare(category: str | None, source: Path, out: Path, precision: str, upcast_attention: bool) -> dict:
     dtype = torch.float16 if precision == "fp16" else torch.float32
-    if category in (None, "stable_diffusion", "stable_diffusion_xl", "inpaint"):
+    if category is None or category in PIPELINE_CATEGORIES:
         return _prepare_pipeline(category, source, out, dtype, upcast_attention)
     if category == "lora":
         return _prepare_lora(_weights_file(source, "LoRA"), out)
@@ -69,7 +70,6 @@ def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcas
         raise CheckpointError(f"{claimed} was claimed but the weights are an SDXL model; use stable_diffusion_xl")
     if claimed == "inpaint" and category != "inpaint":
         raise CheckpointError("inpaint was claimed but the UNet is not an inpainting UNet (4 input channels, not 9)")
-    pipeline.to(dtype=dtype)
     pipeline.save_pretrained(out, safe_serialization=True)
     if upcast_attention:
         config_path = out / "unet" / "config.json"
@@ -107,9 +107,6 @@ def _prepare_component(kind: str, source: Path, out: Path, dtype) -> dict:
     else:
         model = load_component_file(kind, source, dtype=dtype)
         fmt = source.suffix.lstrip(".")
-    config_class = model.config.get("_class_name", type(model).__name__)
-    if not isinstance(model, cls):
-        raise CheckpointError(f"the weights are a {config_class}, not a {kind}")
     model.save_pretrained(out, safe_serialization=True)
     context_dim = model.config.cross_attention_dim if kind == "controlnet" else 0
     return {"category": kind, "format": fmt, "context_dim": context_dim}

@@ -43,7 +43,7 @@ from diffusers import (
 
 from infra.engine import LOAD_LOCK
 from infra.engine.schedulers import build_scheduler
-from infra.weights import READY, WeightsStore
+from infra.weights import PIPELINE_CATEGORIES, READY, WeightsStore
 from models.errors import BadInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class ModelCache:
     # --- lookups (load on a miss)
 
     def model(self, model_id: str) -> LoadedModel:
-        return self._get(model_id, ("stable_diffusion", "stable_diffusion_xl", "inpaint"), self._load_pipeline)
+        return self._get(model_id, PIPELINE_CATEGORIES, self._load_pipeline)
 
     def component(self, model_id: str, kind: str):
         """A VAE or ControlNet module, or a preprocessor (a transformers pipeline)."""

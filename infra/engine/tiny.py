@@ -27,7 +27,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
+from infra.engine import CONFIGS_DIR, read_json
+
 TINY_SD_CONFIGS = CONFIGS_DIR / "tiny-sd"
 TINY_SDXL_CONFIGS = CONFIGS_DIR / "tiny-sdxl"
 TINY_CONTROLNET_CONFIGS = CONFIGS_DIR / "controlnet-tiny-sd"
@@ -45,10 +46,6 @@ INPAINT_PIPELINES = {  # pipeline class in model_index.json -> its inpainting co
 }
 
 TOKENIZER_MAX_LENGTH = 77
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 def diffusers_model_from_config(config_path: Path, **overrides: Any):
