@@ -85,6 +85,50 @@ class Settings(BaseSettings):
         3600, description="How long the signed archive links sync_models hands to the target stay valid."
     )
 
+    # --- outputs
+    temp_output_seconds: int = Field(
+        24 * 3600, description="How long `temp: yes` outputs and upload_image uploads stay available."
+    )
+    cleanup_interval: float = Field(
+        3600.0, description="Seconds between runs of the cache cleaner (expired outputs); 0 turns the timer off."
+    )
+    max_output_pixels: int = Field(
+        4096 * 4096, description="Largest image super_resolution, upscale or highres_fix may produce, in pixels."
+    )
+
+    # --- safety checker and nsfw_image_check
+    safety_checker_default: bool = Field(
+        True, description="Whether generations run the NSFW safety checker when a request does not say."
+    )
+    nsfw_threshold: float = Field(
+        0.5, description="NSFW score (0..1) at and above which an image counts as NSFW."
+    )
+
+    # --- super resolution, upscale, highres_fix
+    upscale_model_id: str = Field("RealESRGAN_x2plus", description="Upscaler `upscale: yes` uses (2x).")
+    face_restorer_id: str = Field("GFPGANv1.4", description="Face restoration model `face_enhance` uses.")
+    upscale_tile: int = Field(256, description="Upscalers run on tiles of this many input pixels a side.")
+    upscale_tile_overlap: int = Field(16, description="Pixels each upscaler tile overlaps its neighbours by.")
+    highres_fix_scale: float = Field(2.0, description="How much highres_fix enlarges the first pass.")
+    highres_fix_strength: float = Field(
+        0.5, description="Denoising strength of highres_fix's second pass (0..1)."
+    )
+    fetch_known_models: bool = Field(
+        True,
+        description="Download the well-known upscalers, face restorer and motion adapter into the weights "
+        "store on first use (off: load them with load_model_v2 first).",
+    )
+    known_model_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON object overriding where a well-known model is downloaded from, e.g. '
+        '{"RealESRGAN_x2plus": "https://mirror.example/RealESRGAN_x2plus.pth"}.',
+    )
+
+    # --- text2video
+    default_motion_adapter_id: str = Field(
+        "tiny-motion-adapter", description="AnimateDiff motion adapter text2video uses when a request names none."
+    )
+
     @field_validator("api_keys", "placeholder_model_ids", mode="before")
     @classmethod
     def _split_commas(cls, value):

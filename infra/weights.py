@@ -30,7 +30,28 @@ READY, LOADING, FAILED = "ready", "loading", "failed"
 PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl", "inpaint")
 ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
 # "preprocessor": a network that turns an image into a ControlNet hint (a depth estimator, ...)
-CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "motion_adapter")
+# "upscaler" / "face_restorer": super-resolution and face-restoration networks (spandrel);
+# "motion_adapter": an AnimateDiff motion module for text2video
+CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter")
+
+# Well-known models fetched into the store on first use (setting `fetch_known_models`), through
+# the same load path as load_model. id -> (source, category); `known_model_urls` overrides sources.
+KNOWN_MODELS = {
+    "RealESRGAN_x4plus": (
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth", "upscaler"),
+    "RealESRNet_x4plus": (
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.1/RealESRNet_x4plus.pth", "upscaler"),
+    "RealESRGAN_x4plus_anime_6B": (
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth", "upscaler"),
+    "RealESRGAN_x2plus": (
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth", "upscaler"),
+    "realesr-general-x4v3": (
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.5.0/realesr-general-x4v3.pth", "upscaler"),
+    # "ultra_resolution" (4K+): the community 4x-UltraSharp ESRGAN
+    "ultra_resolution": ("https://huggingface.co/Kim2091/UltraSharp/resolve/main/4x-UltraSharp.pth", "upscaler"),
+    "GFPGANv1.4": ("https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth", "face_restorer"),
+    "animatediff-motion-adapter-v1-5-2": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion_adapter"),
+}
 
 # ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)
 CONTROLNET_11_IDS = {
@@ -71,7 +92,8 @@ class ModelEntry:
     # were made for, so a LoRA / ControlNet / embedding is never applied to a model it cannot fit
     family: str = ""
     context_dim: int = 0
-    file: str = ""  # the payload file of single-file kinds (lora, embeddings), relative to the folder
+    file: str = ""  # the payload file of single-file kinds (lora, embeddings, upscalers), relative to the folder
+    scale: int = 0  # upscalers: the network's own scale factor
     loaded_at: float = 0.0
     load_seconds: float = 0.0
     size_bytes: int = 0

@@ -44,6 +44,14 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         return _prepare_component(category, source, out, dtype)
     if category == "preprocessor":
         return _prepare_preprocessor(source, out)
+    if category in ("upscaler", "face_restorer"):
+        from infra.engine.upscale import prepare_upscaler
+
+        return prepare_upscaler(category, _weights_file(source, category.replace("_", " ")), out)
+    if category == "motion_adapter":
+        from infra.engine.video import prepare_motion_adapter
+
+        return prepare_motion_adapter(source, out, dtype)
     raise CheckpointError(f"loading {category} models is not supported by this server")
 
 

@@ -116,7 +116,8 @@ class ModelCache:
         return self._get(model_id, PIPELINE_CATEGORIES, self._load_pipeline)
 
     def component(self, model_id: str, kind: str):
-        """A VAE or ControlNet module, or a preprocessor (a transformers pipeline)."""
+        """A VAE, ControlNet or motion adapter module, a preprocessor (a transformers pipeline), or
+        an upscaler / face restorer (a spandrel model descriptor)."""
         return self._get(model_id, (kind,), lambda entry: self._load_component(entry, kind)).module
 
     def pipeline(self, model: LoadedModel, variant: str, scheduler: str, karras: bool, algorithm: str | None, **parts):
@@ -204,6 +205,18 @@ class ModelCache:
             with LOAD_LOCK:
                 estimator = transformers_pipeline("depth-estimation", model=str(folder), device=self.device)
             return LoadedComponent(entry.model_id, entry.version, estimator, module_bytes(estimator.model))
+        if kind in ("upscaler", "face_restorer"):
+            from infra.engine.upscale import load_upscaler
+
+            with LOAD_LOCK:
+                descriptor = load_upscaler(self.weights.payload(entry.model_id), self.device)
+            return LoadedComponent(entry.model_id, entry.version, descriptor, module_bytes(descriptor.model))
+        if kind == "motion_adapter":
+            from infra.engine.video import load_motion_adapter
+
+            with LOAD_LOCK:
+                adapter = load_motion_adapter(folder, self.device, self.dtype)
+            return LoadedComponent(entry.model_id, entry.version, adapter, module_bytes(adapter))
         with LOAD_LOCK:
             module = COMPONENTS[kind].from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
         return LoadedComponent(entry.model_id, entry.version, module.eval(), module_bytes(module))
