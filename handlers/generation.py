@@ -11,10 +11,10 @@ from __future__ import annotations
 import secrets
 import uuid
 
-from handlers.queue import job_envelope
+from handlers.ondemand import require_model
+from handlers.queue import check_output_size, expiry, output_key, submit_job, yes_no
 from infra.engine.schedulers import SchedulerError, resolve_algorithm, resolve_name
-from infra.inputs import encode_png, load_image
-from infra.jobs import Job
+from infra.inputs import encode_png
 from infra.weights import CONTROLNET_11_IDS, PIPELINE_CATEGORIES, READY, ModelEntry, validate_model_id
 from models.errors import ApiError, BadInput, NotAvailable, NotFound
 from models.requests import ControlnetRequest, GenerationRequest, Img2ImgRequest, InpaintRequest, Text2ImgRequest
@@ -24,14 +24,9 @@ DEFAULT_SIZE = 512
 MAX_SIZE = 1024
 MASK_ASPECT_TOLERANCE = 0.02
 
-# documented fields whose feature later work adds; asking for them is an error, not a no-op
+# documented fields whose feature this server does not have; asking for them is an error, not a no-op
 _NOT_YET = {
-    "safety_checker": "the NSFW safety checker",
-    "upscale": "upscaling",
-    "highres_fix": "highres_fix",
     "multi_lingual": "prompt translation",
-    "base64": "base64 output",
-    "temp": "temporary links",
     "ip_adapter_id": "IP-Adapter",
     "ip_adapter_image": "IP-Adapter",
 }
@@ -52,13 +47,13 @@ def text2img(req: Text2ImgRequest, rt) -> JobResponse:
 
 
 def img2img(req: Img2ImgRequest, rt) -> JobResponse:
-    init = load_image(req.init_image, "init_image", rt.settings)
+    init = rt.load_image(req.init_image, "init_image")
     return _generate("img2img", req, rt, images={"init_image": init})
 
 
 def inpaint(req: InpaintRequest, rt) -> JobResponse:
-    init = load_image(req.init_image, "init_image", rt.settings)
-    mask = load_image(req.mask_image, "mask_image", rt.settings)
+    init = rt.load_image(req.init_image, "init_image")
+    mask = rt.load_image(req.mask_image, "mask_image")
     _check_mask(init, mask)
     return _generate("inpaint", req, rt, images={"init_image": init, "mask_image": mask.convert("L")})
 
@@ -70,11 +65,11 @@ def controlnet(req: ControlnetRequest, rt) -> JobResponse:
     first turned into the ControlNet's kind of hint (canny edges...)."""
     images = {}
     if req.init_image is not None:
-        images["init_image"] = load_image(req.init_image, "init_image", rt.settings)
+        images["init_image"] = rt.load_image(req.init_image, "init_image")
     if req.mask_image is not None:
         if "init_image" not in images:
             raise BadInput("mask_image needs init_image: ControlNet inpainting repaints the init_image")
-        mask = load_image(req.mask_image, "mask_image", rt.settings)
+        mask = rt.load_image(req.mask_image, "mask_image")
         _check_mask(images["init_image"], mask)
         images["mask_image"] = mask.convert("L")
     hints = req.control_image or []
@@ -84,7 +79,7 @@ def controlnet(req: ControlnetRequest, rt) -> JobResponse:
             tip="Send one control_image for all ControlNets, or a list with one per ControlNet.",
         )
     for i, ref in enumerate(hints):
-        images[f"control_image_{i}"] = load_image(ref, "control_image", rt.settings)
+        images[f"control_image_{i}"] = rt.load_image(ref, "control_image")
     if not hints and "init_image" not in images:
         raise BadInput("controlnet needs a control_image (the hint) or an init_image", tip="Send control_image.")
     return _generate("controlnet", req, rt, images)
@@ -102,7 +97,8 @@ def _check_mask(init, mask) -> None:
 
 def models_used(params: dict) -> set[str]:
     """Every model id a job's parameters refer to (delete_model refuses to delete these)."""
-    used = {params.get("model_id"), params.get("vae"), params.get("embedding")}
+    used = {params.get("model_id"), params.get("vae"), params.get("embedding"), params.get("motion_adapter"),
+            params.get("face_restorer"), (params.get("upscale") or {}).get("model_id")}
     used.update(lora_id for lora_id, _ in params.get("loras", []))
     for net in params.get("controlnets", []):
         used.update((net["model_id"], net.get("preprocessor")))
@@ -124,7 +120,7 @@ def _generate(task: str, req: GenerationRequest, rt, images: dict) -> JobRespons
         prompt = enhance_prompt(prompt, rt.settings.enhance_prompt_suffix)
     strength = getattr(req, "strength", None)
     file_prefix = str(uuid.uuid4())
-    output_keys = [f"generations/{file_prefix}-{i}.png" for i in range(req.samples)]
+    output_keys = [output_key(f"{file_prefix}-{i}", req.base64) for i in range(req.samples)]
 
     params = {
         "model_id": model.model_id,
@@ -142,6 +138,7 @@ def _generate(task: str, req: GenerationRequest, rt, images: dict) -> JobRespons
         "clip_skip": req.clip_skip,
         "tomesd": req.tomesd,
         **_adapter_params(req, model, rt),
+        **_output_params(req, width, height, rt),
     }
     if task == "text2img":
         params.update(panorama=req.panorama, self_attention=req.self_attention)
@@ -157,21 +154,28 @@ def _generate(task: str, req: GenerationRequest, rt, images: dict) -> JobRespons
     meta = _meta(req, params, seed, file_prefix)
 
     inputs = {name: encode_png(_fit(image, width, height)) for name, image in images.items()}
-    job = Job(
-        id=0,
-        endpoint=task,
-        params=params,
-        meta=meta,
-        output_keys=output_keys,
-        future_links=[rt.storage.url(key, rt.base_url) for key in output_keys],
-        eta=rt.dispatcher.estimate(params),
-        webhook=req.webhook,
-        track_id=req.track_id,
-    )
-    job = rt.jobs.create(job, inputs)
-    rt.dispatcher.submit(job.id)
-    budget = 0.0 if req.instant_response else rt.settings.sync_timeout
-    return job_envelope(rt.jobs.wait(job.id, budget), rt)
+    return submit_job(task, params, meta, output_keys, inputs, req, rt)
+
+
+def _output_params(req: GenerationRequest, width: int, height: int, rt) -> dict:
+    """What happens after the first pass: highres_fix (a second pass at a larger size), upscale
+    (2x through the upscaler), the safety checker, base64 files, temporary links."""
+    settings = rt.settings
+    params: dict = {"highres_fix": None, "upscale": None, "safety_checker": None, "base64": req.base64}
+    final_w, final_h = width, height
+    if req.highres_fix:
+        final_w = max(8, int(width * settings.highres_fix_scale) // 8 * 8)
+        final_h = max(8, int(height * settings.highres_fix_scale) // 8 * 8)
+        params["highres_fix"] = {"width": final_w, "height": final_h, "strength": settings.highres_fix_strength}
+    if req.upscale:
+        final_w, final_h = final_w * 2, final_h * 2
+        params["upscale"] = {"model_id": settings.upscale_model_id, "scale": 2}
+    check_output_size(final_w, final_h, f"{width}x{height} with highres_fix/upscale", settings)
+    awaiting = require_model(settings.upscale_model_id, "upscaler", "upscale", rt) if req.upscale else []
+    checker = req.safety_checker if req.safety_checker is not None else settings.safety_checker_default
+    if checker:
+        params["safety_checker"] = {"type": req.safety_checker_type, "threshold": settings.nsfw_threshold}
+    return {**params, "output_width": final_w, "output_height": final_h, "await_models": awaiting, **expiry(req.temp, settings)}
 
 
 def resolve_model(task: str, requested: str | None, rt, inpainting: bool = False) -> ModelEntry:
@@ -353,13 +357,12 @@ def _fit(image, width: int, height: int):
 
 def _meta(req: GenerationRequest, params: dict, seed: int, file_prefix: str) -> dict:
     """The effective parameters, with the ModelsLab meta keys."""
-    yes_no = lambda flag: "yes" if flag else "no"  # noqa: E731
     meta = {
         "prompt": params["prompt"],
         "model_id": params["model_id"],
         "negative_prompt": params["negative_prompt"] or "",
         "scheduler": params["scheduler"],
-        "safetychecker": "no",
+        "safetychecker": yes_no(params["safety_checker"]),
         "safety_checker_type": req.safety_checker_type,
         "W": params["width"],
         "H": params["height"],
@@ -373,7 +376,10 @@ def _meta(req: GenerationRequest, params: dict, seed: int, file_prefix: str) -> 
         "algorithm_type": req.algorithm_type,
         "clip_skip": req.clip_skip,
         "tomesd": yes_no(params["tomesd"]),
-        "upscale": "no",
+        "upscale": yes_no(params["upscale"]),
+        "highres_fix": yes_no(params["highres_fix"]),
+        "output_W": params["output_width"],
+        "output_H": params["output_height"],
         "multi_lingual": "no",
         "panorama": yes_no(params.get("panorama")),
         "self_attention": yes_no(params.get("self_attention")),
@@ -382,8 +388,8 @@ def _meta(req: GenerationRequest, params: dict, seed: int, file_prefix: str) -> 
         "lora_strength": ",".join(_number(strength) for _, strength in params["loras"]) or None,
         "vae": params["vae"],
         "full_url": "no",
-        "base64": "no",
-        "temp": "no",
+        "base64": yes_no(req.base64),
+        "temp": yes_no(req.temp),
         "instant_response": yes_no(req.instant_response),
         "outdir": "out",
         "file_prefix": file_prefix,

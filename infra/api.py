@@ -19,15 +19,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from handlers import catalog, generation, queue, system
+from handlers import catalog, generation, media, queue, system, video
 from handlers.pending import not_available
 from infra.links import check_signature
 from infra.runtime import ARCHIVE_ROUTE
+from infra.storage import content_type
 from infra.weights import validate_model_id
 from models import requests as rq
 from models.errors import ApiError, InvalidKey, NotFound, PayloadTooLarge
@@ -36,9 +36,10 @@ from models.responses import (
     JobResponse,
     MessageResponse,
     ModelListResponse,
+    NsfwCheckResponse,
     SchedulersListResponse,
-    SuccessResponse,
     SystemDetailsResponse,
+    UploadImageResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -60,15 +61,13 @@ ENDPOINTS: dict[str, Endpoint] = {
     "img2img": Endpoint(rq.Img2ImgRequest, generation.img2img, JobResponse, "Image to image"),
     "inpaint": Endpoint(rq.InpaintRequest, generation.inpaint, JobResponse, "Inpainting: repaint the white area of mask_image"),
     "controlnet": Endpoint(rq.ControlnetRequest, generation.controlnet, JobResponse, "ControlNet generation"),
-    "text2video": Endpoint(rq.Text2VideoRequest, not_available("text2video", "video generation"), JobResponse, "Text to video"),
+    "text2video": Endpoint(rq.Text2VideoRequest, video.text2video, JobResponse, "Text to video (AnimateDiff; mp4 or gif)"),
     "super_resolution": Endpoint(
-        rq.SuperResolutionRequest, not_available("super_resolution", "upscaler models"), SuccessResponse, "Upscale an image"
+        rq.SuperResolutionRequest, media.super_resolution, JobResponse, "Upscale an image (output: one URL string)"
     ),
-    "upload_image": Endpoint(
-        rq.UploadImageRequest, not_available("upload_image", "image upload"), MessageResponse, "Store a base64 image"
-    ),
+    "upload_image": Endpoint(rq.UploadImageRequest, media.upload_image, UploadImageResponse, "Store a base64 image"),
     "nsfw_image_check": Endpoint(
-        rq.NsfwImageCheckRequest, not_available("nsfw_image_check", "the NSFW classifier"), MessageResponse, "Classify an image"
+        rq.NsfwImageCheckRequest, media.nsfw_image_check, NsfwCheckResponse, "Is an image NSFW?"
     ),
     "fetch": Endpoint(rq.FetchRequest, queue.fetch, JobResponse, "Result of a queued job (also POST fetch/{id})"),
     # model catalog
@@ -162,7 +161,13 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
             raise NotFound(f"Model id not found: {model_id}")
         return StreamingResponse(runtime.weights.archive(model_id), media_type="application/x-tar")
 
-    app.mount(runtime.storage.url_prefix, StaticFiles(directory=runtime.storage.root, check_dir=False), name="files")
+    @app.api_route(runtime.storage.url_prefix + "/{key:path}", methods=["GET", "HEAD"], include_in_schema=False)
+    def stored_file(key: str):
+        """Outputs and uploads, until they expire (`temp: yes`, upload_image)."""
+        path = runtime.storage.open_path(key)
+        if path is None:
+            raise NotFound(f"No such file: {key} (it may have expired)", tip="Temporary links live 24 hours.")
+        return FileResponse(path, media_type=content_type(key))
     _install_error_handlers(app, runtime.settings)
     app.openapi = lambda: _openapi(app)
     return app

@@ -10,9 +10,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from infra.inputs import encode_png
 from infra.jobs import FAILED, SUCCESS, Job
 from infra.loader import LoadRequest, run_load
+from infra.storage import content_type
 from models.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,17 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
     started = time.time()
     jobs.update(job_id, started_at=started)
     try:
-        images = get_engine().generate(job.endpoint, job.params, jobs.inputs(job_id))
-        for key, image in zip(job.output_keys, images, strict=True):
-            storage.put(key, encode_png(image), "image/png")
-        jobs.update(job_id, status=SUCCESS, generation_time=round(time.time() - started, 3), finished_at=time.time())
+        files, facts = get_engine().run(job.endpoint, job.params, jobs.inputs(job_id))
+        expires_at = job.params.get("expires_at")
+        for key, data in zip(job.output_keys, files, strict=True):
+            storage.put(key, data, content_type(key), expires_at=expires_at)
+        jobs.update(
+            job_id,
+            status=SUCCESS,
+            meta={**job.meta, **facts},
+            generation_time=round(time.time() - started, 3),
+            finished_at=time.time(),
+        )
     except ApiError as exc:
         jobs.update(job_id, status=FAILED, message=str(exc.message), finished_at=time.time())
     except Exception as exc:  # the job ends `failed`, the trace goes to the log only
@@ -43,9 +50,13 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
 
 
 def work_units(params: dict) -> float:
-    """Denoising steps x megapixels x images: what a job's run time is proportional to."""
-    steps = params["steps"] * params.get("strength", 1.0)
-    return steps * (params["width"] * params["height"] / 1e6) * params["samples"]
+    """Denoising steps x megapixels x images (x video frames): what a job's run time is
+    proportional to. An upscale-only job counts as one step at its output size."""
+    steps = params.get("steps", 1) * params.get("strength", 1.0)
+    units = steps * params["width"] * params["height"] / 1e6
+    if highres := params.get("highres_fix"):
+        units += params["steps"] * highres["strength"] * highres["width"] * highres["height"] / 1e6
+    return units * params.get("samples", 1) * params.get("num_frames", 1)
 
 
 class LocalDispatcher:
@@ -118,8 +129,8 @@ class LocalDispatcher:
             self._learn(job, time.time() - started)
 
     def _learn(self, job: Job | None, seconds: float) -> None:
-        if job is None or job.status != SUCCESS:
-            return
+        if job is None or job.status != SUCCESS or "steps" not in job.params:
+            return  # only denoising jobs tell the speed of denoising
         units = work_units(job.params)
         if units > 0:
             self.seconds_per_unit = 0.7 * self.seconds_per_unit + 0.3 * (seconds / units)

@@ -92,7 +92,9 @@ def decode_image(data: bytes, field: str, source: str, max_pixels: int) -> Image
                 f"{field} is {width}x{height} pixels, more than the {max_pixels} pixels this server accepts"
             )
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise BadInput(f"{field} has more than the {max_pixels} pixels this server accepts") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise BadInput(
             f"{field}: {source} is not a readable image",
             tip="Send a PNG, JPEG or WebP image.",

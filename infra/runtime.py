@@ -7,13 +7,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
+from infra.cleaner import CacheCleaner
 from infra.dispatch import LocalDispatcher
+from infra.inputs import decode_image, load_image
 from infra.jobs import SqliteJobStore
 from infra.links import sign_path
 from infra.settings import Settings
 from infra.storage import LocalStorage
 from infra.webhooks import WebhookSender
 from infra.weights import WeightsStore
+from models.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +24,10 @@ VERSION = "0.1.0"
 
 ARCHIVE_ROUTE = "/api/v1/enterprise/model_archive"  # GET {route}/{model_id}.tar, signed (sync_models)
 
-BUILTIN_MODELS = {  # model id -> (category, 9-channel inpainting UNet?)
-    "tiny-sd": ("stable_diffusion", False),
-    "tiny-sd-inpaint": ("inpaint", True),
+BUILTIN_MODELS = {  # model id -> category
+    "tiny-sd": "stable_diffusion",
+    "tiny-sd-inpaint": "inpaint",  # the same architecture with a 9-channel inpainting UNet
+    "tiny-motion-adapter": "motion_adapter",  # AnimateDiff motion modules for tiny-sd (text2video)
 }
 
 
@@ -35,6 +39,7 @@ class Runtime:
     weights: WeightsStore
     dispatcher: LocalDispatcher
     webhooks: WebhookSender
+    cleaner: CacheCleaner
     base_url: str = ""
     version: str = VERSION
 
@@ -46,7 +51,8 @@ class Runtime:
         weights = WeightsStore(settings.weights_dir)
         webhooks = WebhookSender(jobs)
         dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks)
-        return cls(settings, jobs, storage, weights, dispatcher, webhooks)
+        cleaner = CacheCleaner(storage, settings.cleanup_interval)
+        return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner)
 
     def for_request(self, request_base_url: str) -> Runtime:
         """This runtime with the base URL clients reach us at (the setting wins over the request)."""
@@ -54,6 +60,17 @@ class Runtime:
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
+
+    def load_image(self, ref: str, field: str):
+        """An image input (URL, base64, data URI). A link to this server's own files (an upload_image
+        URL, an earlier output) is read from storage directly, not fetched over HTTP."""
+        own = self.storage.url("", self.base_url)
+        if self.base_url and ref.startswith(own):
+            path = self.storage.open_path(ref[len(own):])
+            if path is None:
+                raise NotFound(f"{field}: {ref} is not (or no longer) stored on this server")
+            return decode_image(path.read_bytes(), field, ref, self.settings.max_input_image_pixels)
+        return load_image(ref, field, self.settings)
 
     @property
     def link_secret(self) -> str:
@@ -74,24 +91,29 @@ class Runtime:
         if self.settings.build_tiny_models:
             self.ensure_builtin_models()
         self.dispatcher.start()
+        self.cleaner.start()
 
     def stop(self) -> None:
+        self.cleaner.stop()
         self.dispatcher.stop()
 
     def ensure_builtin_models(self) -> None:
         """Build the tiny built-in models into the weights store if they are not there yet."""
-        for model_id, (category, inpaint) in BUILTIN_MODELS.items():
+        for model_id, category in BUILTIN_MODELS.items():
             entry = self.weights.get(model_id)
             if entry is not None and entry.status == "ready":
                 continue
             if entry is not None:
                 self.weights.delete(model_id)
             from infra.engine import LOAD_LOCK
-            from infra.engine.tiny import build_tiny_pipeline
+            from infra.engine.tiny import build_tiny_motion_adapter, build_tiny_pipeline
+
+            def build(folder, category=category):
+                if category == "motion_adapter":
+                    build_tiny_motion_adapter(folder)
+                else:
+                    build_tiny_pipeline(folder, inpaint=category == "inpaint")
 
             log.info("building the built-in model %s", model_id)
             with LOAD_LOCK:
-                self.weights.install(
-                    model_id, category, lambda folder, inpaint=inpaint: build_tiny_pipeline(folder, inpaint=inpaint),
-                    source="built-in (random weights)", family="sd",
-                )
+                self.weights.install(model_id, category, build, source="built-in (random weights)", family="sd")

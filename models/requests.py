@@ -57,7 +57,9 @@ class GenerationRequest(WireModel):
     use_karras_sigmas: YesNo = True
     algorithm_type: Text = Field("none", description="none | dpmsolver+++ | dpmsolver++ | sde-dpmsolver++")
     enhance_prompt: YesNo = True
-    safety_checker: YesNo = False
+    safety_checker: YesNo | None = Field(
+        None, description="Run the NSFW safety checker; default: the server's setting (yes unless changed)."
+    )
     safety_checker_type: SafetyCheckerType = "sensitive_content_text"
     clip_skip: LooseInt(1, 8) | None = None
     tomesd: YesNo = True
@@ -72,10 +74,14 @@ class GenerationRequest(WireModel):
     multi_lingual: YesNo = False
     panorama: YesNo = False
     self_attention: YesNo = False
-    upscale: YesNo = False
-    highres_fix: YesNo = False
-    base64: YesNo = False
-    temp: YesNo = False
+    upscale: YesNo = Field(False, description="Upscale the result 2x with the server's upscaler.")
+    highres_fix: YesNo = Field(
+        False, description="Generate, enlarge (2x by default) and refine in a second img2img pass at the larger size."
+    )
+    base64: YesNo = Field(
+        False, description="Outputs are stored as text files holding the base64 of the PNG (links end in .base64)."
+    )
+    temp: YesNo = Field(False, description="Outputs are deleted after 24 hours (the links stop working).")
     instant_response: YesNo = Field(False, description="Answer `processing` at once instead of waiting.")
     loadbalancer: YesNo = Field(False, description="Accepted and ignored: Modal autoscaling balances load.")
     ip_adapter_id: Text | None = None
@@ -118,9 +124,13 @@ class ControlnetRequest(GenerationRequest):
 
 
 class Text2VideoRequest(WireModel):
-    """G1 `/enterprise/text2video` fields plus the G3 `video/text2video` ones."""
+    """G1 `/enterprise/text2video` fields plus the G3 `video/text2video` ones. The video is made by
+    AnimateDiff: a motion adapter (`motion_module`) on an SD 1.x model (`model_id`)."""
 
-    model_id: Text | None = None
+    model_id: Text | None = Field(None, description="An SD 1.x model id; defaults to the server's default model.")
+    motion_module: Text | None = Field(
+        None, description="A motion adapter (model_category motion_adapter); default: the server's."
+    )
     prompt: Text
     negative_prompt: Text | None = None
     width: Dimension | None = None
@@ -154,17 +164,24 @@ class Text2VideoRequest(WireModel):
 
 class SuperResolutionRequest(WireModel):
     url: Text = Field(description="URL (or base64) of the image to upscale.")
-    scale: LooseFloat(1, 4) = 4
-    model_id: Text = "realesr-general-x4v3"
-    face_enhance: YesNo = False
+    scale: LooseFloat(1, 4) = Field(4, description="1..4; the network's own scale is resampled to this one.")
+    model_id: Text = Field(
+        "realesr-general-x4v3",
+        description="RealESRGAN_x4plus, RealESRNet_x4plus, RealESRGAN_x4plus_anime_6B, RealESRGAN_x2plus, "
+        "realesr-general-x4v3, ultra_resolution, or any upscaler loaded with load_model_v2.",
+    )
+    face_enhance: YesNo = Field(False, description="Restore faces with the face restoration model (GFPGAN).")
     base64: YesNo = False
+    temp: YesNo = False
+    instant_response: YesNo = False
     webhook: Text | None = None
     track_id: Text | None = None
 
 
 class UploadImageRequest(WireModel):
     base64_image: Text = Field(description="Raw base64 or a data: URI.")
-    image_type: Literal["png", "jpeg", "jpg"]
+    image_type: Literal["png", "jpeg", "jpg"] = Field(description="The type of the image; the bytes must match it.")
+    deploy_type: Text | None = Field(None, description="Accepted and ignored.")
 
 
 class NsfwImageCheckRequest(WireModel):
@@ -198,7 +215,8 @@ class LoadModelRequest(WireModel):
 
 
 ModelCategory = Literal[
-    "stable_diffusion", "stable_diffusion_xl", "inpaint", "lora", "controlnet", "embeddings", "vae", "preprocessor"
+    "stable_diffusion", "stable_diffusion_xl", "inpaint", "lora", "controlnet", "embeddings", "vae", "preprocessor",
+    "upscaler", "face_restorer", "motion_adapter",
 ]
 
 
@@ -206,7 +224,7 @@ class LoadModelV2Request(WireModel):
     url: Text
     model_id: Text
     model_category: ModelCategory
-    model_format: Literal["ckpt", "safetensors", "pt", "bin", "diffusers", "archive"] = Field(
+    model_format: Literal["ckpt", "safetensors", "pt", "pth", "bin", "diffusers", "archive"] = Field(
         description="Accepted as a hint; the format is detected from the file (archive: a sync_models .tar)."
     )
     revision: Literal["fp16", "fp32"] = "fp32"

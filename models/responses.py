@@ -82,6 +82,21 @@ class SystemDetailsResponse(Envelope):
     models: list[str] = Field(default_factory=list)
 
 
+class UploadImageResponse(Envelope):
+    status: Literal["success"] = "success"
+    message: str = "image uploaded"
+    image_url: str
+
+
+class NsfwCheckResponse(Envelope):
+    """The spec's shape (no `status`; `images` echoes the input), plus the score behind the verdict."""
+
+    images: str
+    has_nsfw_concept: list[bool]
+    nsfw_score: float = Field(description="0..1: the detector's confidence in its most certain explicit finding.")
+    threshold: float = Field(description="Scores at or above this count as NSFW (setting SDAPI_NSFW_THRESHOLD).")
+
+
 class SchedulersListResponse(Envelope):
     schedulers: list[str]
 
@@ -92,11 +107,14 @@ JobResponse = SuccessResponse | ProcessingResponse | FailedResponse
 def job_response(job, fetch_result: str, eta: float = 0.0) -> JobResponse:
     """The envelope for a job record (anything with the fields of `infra.jobs.Job`)."""
     if job.status == "success":
+        flagged = job.meta.get("nsfw_content_detected") if job.meta else None
         return SuccessResponse(
             generationTime=job.generation_time,
             id=job.id,
-            output=job.future_links,
+            # super_resolution answers one URL string, as the spec shows; everything else a list
+            output=job.future_links[0] if job.endpoint == "super_resolution" else job.future_links,
             meta=job.meta,
+            nsfw_content_detected=any(flagged) if flagged is not None else None,
             webhook_status=job.webhook_status or None,
         )
     if job.status == "failed":

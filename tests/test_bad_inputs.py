@@ -3,9 +3,14 @@ never a 500, and the server keeps working afterwards."""
 
 from __future__ import annotations
 
+import base64
+import io
 import socket
+import struct
+import zlib
 
 import pytest
+from PIL import Image
 
 from tests.conftest import KEY
 
@@ -14,6 +19,24 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _png_b64(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _png_header_b64(width: int, height: int) -> str:
+    """A PNG that claims width x height in its header (no pixel data): a decompression bomb's calling card."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk + end).decode()
+
+
+PNG_B64 = _png_b64(16, 16)
+HUGE_PNG_B64 = _png_header_b64(20000, 20000)
 
 
 def t2i(**fields):
@@ -43,7 +66,8 @@ def catalogue(server):
         ("unknown model", t2i(model_id="no-such-model"), 404, "Model id not found"),
         ("path traversal model id", t2i(model_id="../../etc/passwd"), 400, "not a valid model id"),
         ("inpaint model on text2img", t2i(model_id="tiny-sd-inpaint"), 400, "inpainting model"),
-        ("feature not built yet", t2i(upscale="yes"), 501, "upscale"),
+        ("upscaler not in the store", t2i(upscale="yes"), 404, "RealESRGAN_x2plus"),
+        ("feature this server lacks", t2i(multi_lingual="yes"), 501, "multi_lingual"),
         ("unknown LoRA", t2i(lora_model="more_details"), 404, "more_details (lora_model)"),
         ("unknown VAE", t2i(vae="no-such-vae"), 404, "no-such-vae (vae)"),
         ("unknown embedding", t2i(embeddings_model="easyneg"), 404, "easyneg (embeddings_model)"),
@@ -66,7 +90,32 @@ def catalogue(server):
         ("delete unknown model", ("delete_model", {"key": KEY, "model_id": "nope"}), 404, "not found"),
         ("delete default model", ("delete_model", {"key": KEY, "model_id": "tiny-sd"}), 409, "default model"),
         ("sync without a target", ("sync_models", {"key": KEY, "sync_key": "k"}), 400, "sync_url"),
-        ("safety checker not built yet", t2i(safety_checker="yes"), 501, "safety_checker"),
+        ("unknown safety_checker_type", t2i(safety_checker_type="sepia"), 422, "safety_checker_type"),
+        ("super_resolution scale 9", ("super_resolution", {"key": KEY, "url": f"{server}/init64.png", "scale": 9}), 422,
+         "between 1 and 4"),
+        ("super_resolution broken base64", ("super_resolution", {"key": KEY, "url": "data:image/png;base64,@@@@"}), 400,
+         "base64"),
+        ("super_resolution unknown model", ("super_resolution", {"key": KEY, "url": f"{server}/init64.png",
+                                                                 "model_id": "my-upscaler"}), 404, "my-upscaler"),
+        ("super_resolution upscaler not in the store", ("super_resolution", {"key": KEY, "url": f"{server}/init64.png"}),
+         404, "realesr-general-x4v3"),
+        ("upload a PNG claimed as jpeg", ("upload_image", {"key": KEY, "base64_image": PNG_B64, "image_type": "jpeg"}),
+         400, "is a PNG image but image_type says jpeg"),
+        ("upload a 20000x20000 header", ("upload_image", {"key": KEY, "base64_image": HUGE_PNG_B64, "image_type": "png"}),
+         400, "pixels"),
+        ("upload broken base64", ("upload_image", {"key": KEY, "base64_image": "not base64!", "image_type": "png"}), 400,
+         "base64"),
+        ("upload type gif", ("upload_image", {"key": KEY, "base64_image": PNG_B64, "image_type": "gif"}), 422,
+         "image_type"),
+        ("nsfw check of a non-image", ("nsfw_image_check", {"key": KEY, "init_image": f"{server}/not_an_image.png"}),
+         400, "not a readable image"),
+        ("text2video zeroscope upscaling", ("text2video", {"key": KEY, "prompt": "x", "upscale_height": 1024}), 501,
+         "upscale_height"),
+        ("text2video 40 frames", ("text2video", {"key": KEY, "prompt": "x", "num_frames": 40}), 422, "num_frames"),
+        ("text2video unknown motion module", ("text2video", {"key": KEY, "prompt": "x", "motion_module": "mm-x"}), 404,
+         "mm-x"),
+        ("text2video on an inpainting model", ("text2video", {"key": KEY, "prompt": "x", "model_id": "tiny-sd-inpaint"}),
+         400, "inpainting model"),
         ("broken image URL (404)", inpaint(server, init_image=f"{server}/missing.png"), 400, "HTTP 404"),
         ("unreachable image URL", inpaint(server, init_image=f"http://127.0.0.1:{closed_port()}/a.png"), 400,
          "could not be downloaded"),

@@ -152,7 +152,10 @@ def test_text2img_echoes_effective_parameters(client):
     assert (meta["W"], meta["H"], meta["n_samples"], meta["guidance_scale"]) == (64, 96, 2, 3.0)
     assert meta["prompt"] == "a cat sitting on a bench" and meta["negative_prompt"] == "blurry"
     assert meta["scheduler"] == "EulerDiscreteScheduler" and meta["track_id"] == "5"
-    assert meta["safetychecker"] == "no" and meta["outdir"] == "out"
+    assert meta["safetychecker"] == "yes" and meta["outdir"] == "out"  # the checker runs unless asked not to
+    assert meta["nsfw_content_detected"] == [False, False] and result["nsfw_content_detected"] is False
+    assert (meta["upscale"], meta["highres_fix"], meta["base64"], meta["temp"]) == ("no", "no", "no", "no")
+    assert (meta["output_W"], meta["output_H"]) == (64, 96)
     assert [fetch_png(client, url).size for url in result["output"]] == [(64, 96), (64, 96)]
 
 

@@ -1,4 +1,5 @@
-"""Job -> images for text2img, img2img, inpaint and controlnet.
+"""Job -> output files: images for text2img, img2img, inpaint and controlnet (with highres_fix,
+upscale, the safety checker and base64 files), super_resolution, text2video.
 
 `job.params` holds the effective parameters the handler resolved (model id, size, resolved
 seeds, scheduler, LoRAs, ...); input images arrive as PNG bytes already fitted to the output
@@ -8,10 +9,12 @@ sending its own seed with samples 1.
 
 from __future__ import annotations
 
+import base64
 import copy
 import inspect
 import io
 import logging
+import time
 
 import torch
 from diffusers.configuration_utils import FrozenDict
@@ -22,10 +25,16 @@ from infra.engine import quiet_libraries
 from infra.engine.adapters import diffusers_clip_skip, job_adapters, seed_tome, text_model_alias
 from infra.engine.hints import make_hint
 from infra.engine.pipelines import LoadedModel, ModelCache
-from infra.engine.postprocess import composite_inpaint
+from infra.engine.postprocess import composite_inpaint, treat_flagged
+from infra.engine.schedulers import build_scheduler
+from infra.inputs import encode_png
+from infra.media import encode_video
+from infra.safety import detector
 from infra.settings import Settings
-from infra.weights import WeightsStore
-from models.errors import BadInput
+from infra.weights import FAILED, LOADING, WeightsStore
+from models.errors import ApiError, BadInput
+
+MODEL_WAIT_SECONDS = 3600  # longest a job waits for a model it needs to finish loading
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +73,85 @@ class Engine:
         for loaded in self.cache.models():
             forget_lora(loaded, model_id)
 
+    def run(self, task: str, params: dict, inputs: dict[str, bytes]) -> tuple[list[bytes], dict]:
+        """A job's output files (in the order of its output keys) and facts for its `meta`."""
+        self.await_models(params.get("await_models", []))
+        facts: dict = {}
+        if task == "text2video":
+            frames = self.video(params)
+            return [encode_video(frames, params["fps"], params["output_type"])], facts
+        if task == "super_resolution":
+            image, faces = self.super_resolve(_open(inputs["image"]), params)
+            images = [image]
+            if params.get("face_restorer"):
+                facts["faces_restored"] = faces
+        else:
+            images = self.generate(task, params, inputs)
+            if upscale := params.get("upscale"):
+                upscaler = self.cache.component(upscale["model_id"], "upscaler")
+                images = [self._upscale(upscaler, image, upscale["scale"]) for image in images]
+        if checker := params.get("safety_checker"):
+            images, flagged = check_images(images, checker["type"], checker["threshold"])
+            facts["nsfw_content_detected"] = flagged
+        return [encode_image(image, params.get("base64", False)) for image in images], facts
+
+    def await_models(self, model_ids: list[str]) -> None:
+        """Wait for models a job needs that were still loading (fetched on first use) when it was queued."""
+        deadline = time.monotonic() + MODEL_WAIT_SECONDS
+        for model_id in model_ids:
+            while (entry := self.weights.get(model_id)) is not None and entry.status == LOADING:
+                if time.monotonic() > deadline:
+                    raise ApiError(f"{model_id} is still loading; try again later")
+                time.sleep(0.2)
+            if entry is None or entry.status == FAILED:
+                reason = entry.message if entry is not None else "it was deleted"
+                raise ApiError(f"{model_id} could not be loaded: {reason}")
+
+    def super_resolve(self, image: Image.Image, params: dict) -> tuple[Image.Image, int]:
+        """Upscale to the job's size; with a face restorer, restore the faces found in the input."""
+        from infra.engine.upscale import restore_faces
+
+        upscaler = self.cache.component(params["model_id"], "upscaler")
+        output = self._upscale(upscaler, image, params["scale"])
+        if output.size != (params["width"], params["height"]):
+            output = output.resize((params["width"], params["height"]), Image.Resampling.LANCZOS)
+        if not params.get("face_restorer"):
+            return output, 0
+        sx, sy = output.width / image.width, output.height / image.height
+        boxes = [
+            (round(x * sx), round(y * sy), round(w * sx), round(h * sy)) for x, y, w, h in
+            (face.box for face in detector().faces(image))
+        ]
+        if boxes:
+            restorer = self.cache.component(params["face_restorer"], "face_restorer")
+            output = restore_faces(restorer, output, boxes)
+        return output, len(boxes)
+
+    def _upscale(self, upscaler, image: Image.Image, scale: float) -> Image.Image:
+        from infra.engine.upscale import upscale
+
+        return upscale(upscaler, image, scale, self.settings.upscale_tile, self.settings.upscale_tile_overlap)
+
+    def video(self, params: dict) -> list[Image.Image]:
+        from infra.engine.video import generate_video
+
+        model = self.cache.model(params["model_id"])
+        adapter = self.cache.component(params["motion_adapter"], "motion_adapter")
+        scheduler = build_scheduler(params["scheduler"], model.scheduler_config, False, None)
+        call = {**params, "clip_skip": self._clip_skip(model, params.get("clip_skip"))}
+        no_adapters = job_adapters(model, self.weights, [], None, False, self.settings.max_loaded_loras)
+        with no_adapters, text_model_alias(model):  # LoRAs of an earlier job switched off; holds the model's lock
+            return generate_video(model, adapter, call, scheduler)
+
     def generate(self, task: str, params: dict, inputs: dict[str, bytes]) -> list[Image.Image]:
         init = _open(inputs["init_image"]) if "init_image" in inputs else None
         mask = _open(inputs["mask_image"]).convert("L") if "mask_image" in inputs else None
         strength = params.get("strength", 1.0)
+        highres = params.get("highres_fix")
         if task in ("img2img", "inpaint") and int(params["steps"] * strength) < 1:
             # strength x steps < 1 means no denoising step at all: the answer is the input itself
-            return [init.copy() for _ in range(params["samples"])]
+            size = (highres["width"], highres["height"]) if highres else init.size
+            return [init.resize(size, Image.Resampling.LANCZOS) for _ in range(params["samples"])]
 
         model = self.cache.model(params["model_id"])
         parts = {}
@@ -93,6 +174,7 @@ class Engine:
 
         loras = [(lora_id, strength) for lora_id, strength in params.get("loras", [])]
         tome = params.get("tomesd", False) and variant != "self_attention"  # SAG reads the attention maps ToMe merges
+        refine = self._highres_pass(model, params, init, mask, parts) if highres else None
         images = []
         adapters = job_adapters(model, self.weights, loras, params.get("embedding"), tome, self.settings.max_loaded_loras)
         with adapters, text_model_alias(model):
@@ -103,8 +185,48 @@ class Engine:
                     image = pipeline(prompt=params["prompt"], generator=generator, **call).images[0]
                 if mask is not None:
                     image = composite_inpaint(image, init, mask)
+                if refine is not None:
+                    image = refine(image, seed)
                 images.append(image)
         return images
+
+    def _highres_pass(self, model: LoadedModel, params: dict, init, mask, parts: dict):
+        """highres_fix's second pass: the first image enlarged (Lanczos) to the highres size and
+        refined by img2img (inpaint when there is a mask, composited again so unmasked pixels stay
+        the enlarged original) at the setting's strength, with the same seed and adapters."""
+        highres = params["highres_fix"]
+        size = (highres["width"], highres["height"])
+        if int(params["steps"] * highres["strength"]) < 1:  # no denoising step: enlarging is all it does
+            return lambda image, seed: image.resize(size, Image.Resampling.LANCZOS)
+        variant = "inpaint" if mask is not None else "img2img"
+        vae = {"vae": parts["vae"]} if "vae" in parts else {}
+        pipeline = self.cache.pipeline(
+            model, variant, params["scheduler"], params["use_karras_sigmas"], params["algorithm"], **vae
+        )
+        big_mask = mask.resize(size, Image.Resampling.BOX) if mask is not None else None
+        big_init = init.resize(size, Image.Resampling.LANCZOS) if mask is not None else None
+        call = {
+            "negative_prompt": params["negative_prompt"] or None,
+            "num_inference_steps": params["steps"],
+            "guidance_scale": params["guidance_scale"],
+            "strength": highres["strength"],
+            "width": size[0],
+            "height": size[1],
+            "clip_skip": self._clip_skip(model, params.get("clip_skip")),
+        }
+        if big_mask is not None:
+            call["mask_image"] = big_mask
+        accepted = inspect.signature(type(pipeline).__call__).parameters
+        call = {k: v for k, v in call.items() if k in accepted}
+
+        def refine(image: Image.Image, seed: int) -> Image.Image:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            enlarged = image.resize(size, Image.Resampling.LANCZOS)
+            with torch.inference_mode():
+                refined = pipeline(prompt=params["prompt"], image=enlarged, generator=generator, **call).images[0]
+            return composite_inpaint(refined, big_init, big_mask) if big_mask is not None else refined
+
+        return refine
 
     def _variant_and_inputs(self, task, params, init, mask, inputs, parts) -> tuple[str, dict]:
         if task == "text2img":
@@ -158,6 +280,19 @@ def vae_for(model: LoadedModel, vae):
     view = copy.copy(vae)
     view._internal_dict = FrozenDict({**vae.config, "scaling_factor": factor})
     return view
+
+
+def check_images(images: list[Image.Image], treatment: str, threshold: float) -> tuple[list[Image.Image], list[bool]]:
+    """The safety checker: every image scored by the NSFW detector; flagged ones replaced by their
+    treated version (blur, pixelate, black or a notice). Returns the images and which were flagged."""
+    flagged = [detector().nsfw_score(image) >= threshold for image in images]
+    return [treat_flagged(image, treatment) if hit else image for image, hit in zip(images, flagged)], flagged
+
+
+def encode_image(image: Image.Image, as_base64: bool) -> bytes:
+    """PNG bytes, or for `base64: yes` the base64 text of those bytes (ASCII, no data: prefix)."""
+    png = encode_png(image)
+    return base64.b64encode(png) if as_base64 else png
 
 
 def _open(data: bytes) -> Image.Image:

@@ -128,7 +128,8 @@ class ModelCache:
             what = variant.replace("_", " ")
             raise BadInput(f"{what} is not available for {model.family.upper()} models like {model.model_id}")
         fresh = build_scheduler(scheduler, model.scheduler_config, karras, algorithm)
-        pipeline = cls.from_pipe(model.pipeline, scheduler=fresh, **parts)
+        # from_pipe casts every component to `dtype` in place (float32 when not given): keep the model's own
+        pipeline = cls.from_pipe(model.pipeline, scheduler=fresh, dtype=model.pipeline.dtype, **parts)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 

@@ -16,6 +16,12 @@ weights from a seeded generator and saves a complete diffusers pipeline folder.
   The two encoders must differ in width: diffusers' single-file loader tells the SDXL text
   encoders apart only by the width of their position embeddings.
 * `configs/controlnet-tiny-sd`: a ControlNet matching the tiny SD UNet (config.json only).
+* `configs/tiny-motion-adapter`: an AnimateDiff `MotionAdapter` matching the tiny SD UNet (2 blocks,
+  32/64 channels, 1 motion layer per block, a mid-block motion module, 32 frames at most; config.json
+  only). It has 8 attention heads like every released AnimateDiff module, so the original
+  single-file layout of it loads back exactly (see `video.py`). diffusers initialises motion
+  modules randomly (no zero-initialised output projection), so the tiny adapter really mixes the
+  frames: a video with it differs from one with another seed's adapter.
 
 An inpainting variant is the same folder with a 9-channel UNet (`in_channels` 9).
 """
@@ -32,6 +38,7 @@ from infra.engine import CONFIGS_DIR, read_json
 TINY_SD_CONFIGS = CONFIGS_DIR / "tiny-sd"
 TINY_SDXL_CONFIGS = CONFIGS_DIR / "tiny-sdxl"
 TINY_CONTROLNET_CONFIGS = CONFIGS_DIR / "controlnet-tiny-sd"
+TINY_MOTION_ADAPTER_CONFIGS = CONFIGS_DIR / "tiny-motion-adapter"
 
 INPAINT_IN_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
@@ -136,6 +143,20 @@ def build_tiny_sdxl(folder: Path, inpaint: bool = False, seed: int = 0) -> None:
     """Save a tiny SDXL pipeline (StableDiffusionXLPipeline; StableDiffusionXLInpaintPipeline with a
     9-channel UNet for inpainting) to `folder`."""
     build_from_configs(TINY_SDXL_CONFIGS, folder, inpaint=inpaint, seed=seed)
+
+
+def build_tiny_motion_adapter(folder: Path, seed: int = 0) -> None:
+    """Save a tiny AnimateDiff MotionAdapter for the tiny SD UNet to `folder` (config.json +
+    diffusion_pytorch_model.safetensors), with random weights drawn from `seed`."""
+    import torch
+
+    from infra.engine import LOAD_LOCK, quiet_libraries
+
+    quiet_libraries()
+    with LOAD_LOCK:  # no model construction while another thread loads under accelerate's patch
+        torch.manual_seed(seed)
+        adapter = diffusers_model_from_config(TINY_MOTION_ADAPTER_CONFIGS)
+    adapter.save_pretrained(folder, safe_serialization=True)
 
 
 def _byte_chars() -> list[str]:

@@ -1,0 +1,343 @@
+"""text2video: AnimateDiff, a motion adapter (temporal attention modules) on a Stable Diffusion 1.x
+model, run with diffusers' `AnimateDiffPipeline`.
+
+Motion adapters in the store are diffusers `MotionAdapter` folders. `prepare_motion_adapter` takes
+such a folder, or a single original AnimateDiff checkpoint (guoyww's `mm_sd_v15*.ckpt` /
+`.safetensors`). diffusers' `MotionAdapter.from_single_file` cannot be used offline: without
+`config=` it fetches the config of the release it guesses from the keys (e.g.
+guoyww/animatediff-motion-adapter-v1-5-2) from the hub. The architecture is in the tensor shapes,
+though, so the config is read from them (blocks, channels, layers, frames) and the keys are renamed
+with diffusers' own converter; only the number of attention heads is not in the shapes, and every
+released module uses 8. SDXL motion adapters, PIA and SparseCtrl files are refused.
+
+How a video job runs (`generate_video`): the model's UNet2DConditionModel becomes a
+UNetMotionModel, the same UNet with a motion module after every block. diffusers does that
+conversion in `AnimateDiffPipeline(...)` / `AnimateDiffPipeline.from_pipe(sd, motion_adapter=...)`
+with `UNetMotionModel.from_unet2d`, which initialises a new model randomly and then *copies* the
+UNet's and the adapter's weights into it (seconds and ~1.7 GB more for SD 1.5 in fp16, per model
+and adapter); `from_pipe` also casts every shared component to float32 unless `dtype=` is given.
+Neither changes the shared SD pipeline's own modules otherwise, but we do not copy at all:
+`motion_unet` builds the UNetMotionModel on the meta device and assigns it the *same tensors*
+as the model's UNet and the adapter (the UNetMotionModel's state dict is exactly the union of
+the two). Building takes milliseconds and no memory, the text2img pipeline is untouched
+(its modules are not replaced or wrapped, only their tensors are read), and a LoRA loaded into
+the model's UNet (peft wraps its layers) does not reach the video: the motion UNet's layers are
+plain and share only the base weights. Inference never writes to weights.
+
+The built pipelines are kept in a small `VideoPipelines` cache per (model, adapter) object pair;
+a job swaps in only its own fresh scheduler. An entry disappears by itself when the model cache
+drops either object (a weakref finalizer), so a cached video pipeline never keeps an evicted
+model's VAE, text encoder or UNet tensors in memory. The caller holds `model.lock` for the job,
+which also serialises the jobs that use one cached pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
+from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+from PIL import Image
+
+from infra.engine import LOAD_LOCK, read_json
+from infra.engine.adapters import text_model_alias
+from infra.engine.checkpoints import CheckpointError, read_state_dict
+from infra.engine.pipelines import LoadedModel
+from models.errors import BadInput
+
+# Every released AnimateDiff motion module has 8 heads; the head count is not in the weight shapes.
+ANIMATEDIFF_HEADS = 8
+ANIMATEDIFF_NORM_GROUPS = 32
+DEFAULT_MAX_FRAMES = 32  # diffusers' default, for a file without positional-encoding tensors
+SDXL_CHANNELS = [320, 640, 1280]  # the AnimateDiff SDXL (beta) adapter's blocks
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def prepare_motion_adapter(source: Path, out: Path, dtype: torch.dtype) -> dict:
+    """Verify `source` (a diffusers MotionAdapter folder, or an original AnimateDiff single file)
+    as a motion adapter and save it to `out` as a diffusers folder in `dtype`. Returns the manifest
+    facts. The caller holds LOAD_LOCK."""
+    if source.is_dir():
+        adapter = _adapter_from_folder(source, dtype)
+        fmt = "diffusers"
+    else:
+        adapter = _adapter_from_file(source, dtype)
+        fmt = source.suffix.lstrip(".").lower()
+    channels = list(adapter.config.block_out_channels)
+    if adapter.config.conv_in_channels:
+        raise CheckpointError(
+            "this is a PIA (image animation) motion adapter; only AnimateDiff text2video adapters are supported"
+        )
+    if channels == SDXL_CHANNELS:
+        raise CheckpointError(
+            "this is an SDXL motion adapter; this server runs AnimateDiff on Stable Diffusion 1.x models only"
+        )
+    adapter.save_pretrained(out, safe_serialization=True)
+    return {"category": "motion_adapter", "format": fmt, "family": "sd"}
+
+
+def load_motion_adapter(folder: Path, device: torch.device, dtype: torch.dtype) -> MotionAdapter:
+    """A stored motion adapter, in eval mode on `device`. The caller holds LOAD_LOCK."""
+    adapter = MotionAdapter.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return adapter.to(device).eval()
+
+
+def _adapter_from_folder(source: Path, dtype: torch.dtype) -> MotionAdapter:
+    # an AnimateDiff pipeline folder keeps its adapter in motion_adapter/
+    folder = source / "motion_adapter" if (source / "motion_adapter" / "config.json").is_file() else source
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(
+            "the folder has no config.json: it is not a diffusers MotionAdapter. Load a MotionAdapter folder "
+            "(config.json + weights) or one AnimateDiff motion module file (.ckpt / .safetensors)"
+        )
+    try:
+        class_name = read_json(folder / "config.json").get("_class_name")
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the folder's config.json is not a JSON object: {exc}") from exc
+    if class_name != "MotionAdapter":
+        raise CheckpointError(
+            f"the folder holds a {class_name or 'model of unknown class'}, not a MotionAdapter (AnimateDiff motion module)"
+        )
+    try:
+        adapter = MotionAdapter.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"the motion adapter folder does not load: {type(exc).__name__}: {exc}") from exc
+    # diffusers leaves weights missing from the file on the meta device, without an error
+    missing = [name for name, t in (*adapter.named_parameters(), *adapter.named_buffers()) if t.is_meta]
+    if missing:
+        raise CheckpointError(
+            f"the motion adapter folder does not load: its weights do not match its config.json "
+            f"({len(missing)} tensors missing, e.g. {missing[0]})"
+        )
+    return adapter
+
+
+def _adapter_from_file(path: Path, dtype: torch.dtype) -> MotionAdapter:
+    original = read_state_dict(path)
+    if any(key.startswith("controlnet_cond_embedding.") for key in original):
+        raise CheckpointError("this is an AnimateDiff SparseCtrl ControlNet, not a motion module")
+    state = convert_animatediff_checkpoint_to_diffusers(original)  # drops the (computed) pos_encoder tensors
+    config = _adapter_config(state, _max_frames(original))
+    try:
+        adapter = MotionAdapter.from_config(config)
+        missing, unexpected = adapter.load_state_dict(state, strict=False)
+    except Exception as exc:
+        raise CheckpointError(f"the motion module weights do not fit together: {type(exc).__name__}: {exc}") from exc
+    # the sinusoidal positional encodings are computed, not learned: they may be missing
+    missing = [key for key in missing if not key.endswith("pos_embed.pe")]
+    if missing or unexpected:
+        shown = ", ".join((missing + unexpected)[:3])
+        raise CheckpointError(f"the file is not a complete AnimateDiff motion module (e.g. {shown})")
+    return adapter.to(dtype).eval()
+
+
+def _adapter_config(state: dict[str, torch.Tensor], max_frames: int) -> dict:
+    """A MotionAdapter config from the shapes of its (diffusers-keyed) weights."""
+    down = _motion_layers(state, "down_blocks")
+    if not down:
+        raise CheckpointError(
+            "the file is not an AnimateDiff motion module: it has no down_blocks.*.motion_modules weights"
+        )
+    if sorted(down) != list(range(len(down))):
+        raise CheckpointError(f"the motion module's down blocks are not numbered 0..n-1: {sorted(down)}")
+    blocks = range(len(down))
+    try:
+        channels = [int(state[f"down_blocks.{i}.motion_modules.0.proj_in.weight"].shape[0]) for i in blocks]
+    except KeyError as exc:
+        raise CheckpointError(f"the motion module has no input projection {exc}") from exc
+    layers = [len(down[i]) for i in blocks]
+    transformer_layers = [_transformer_layers(state, f"down_blocks.{i}.motion_modules.0.") for i in blocks]
+    mid = _motion_layers(state, "mid_block", numbered=False).get(None, set())
+    return {
+        "block_out_channels": channels,
+        "motion_layers_per_block": _one_or_all(layers),
+        "motion_transformer_layers_per_block": _one_or_all(transformer_layers),
+        "motion_mid_block_layers_per_block": max(len(mid), 1),
+        "motion_transformer_layers_per_mid_block": _transformer_layers(state, "mid_block.motion_modules.0.")
+        if mid
+        else 1,
+        "motion_num_attention_heads": ANIMATEDIFF_HEADS,
+        "motion_norm_num_groups": ANIMATEDIFF_NORM_GROUPS,
+        "motion_max_seq_length": max_frames,
+        "use_motion_mid_block": bool(mid),
+    }
+
+
+def _motion_layers(state: dict, prefix: str, numbered: bool = True) -> dict:
+    """block index (None for the unnumbered mid block) -> the indices of its motion modules."""
+    pattern = re.compile(
+        rf"^{prefix}\.(\d+)\.motion_modules\.(\d+)\." if numbered else rf"^{prefix}\.motion_modules\.(\d+)\."
+    )
+    found: dict = {}
+    for key in state:
+        if match := pattern.match(key):
+            block, layer = (int(match[1]), int(match[2])) if numbered else (None, int(match[1]))
+            found.setdefault(block, set()).add(layer)
+    return found
+
+
+def _transformer_layers(state: dict, prefix: str) -> int:
+    return (
+        len({m[1] for key in state if (m := re.match(rf"^{re.escape(prefix)}transformer_blocks\.(\d+)\.", key))}) or 1
+    )
+
+
+def _max_frames(original: dict[str, torch.Tensor]) -> int:
+    """Frames the positional encoding covers: its [1, frames, channels] tensor, in either layout."""
+    for key, tensor in original.items():
+        if key.endswith(("pos_encoder.pe", "pos_embed.pe")) and tensor.ndim == 3:
+            return int(tensor.shape[1])
+    return DEFAULT_MAX_FRAMES
+
+
+def _one_or_all(values: list[int]) -> int | list[int]:
+    return values[0] if len(set(values)) == 1 else values
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def motion_unet(unet, adapter: MotionAdapter) -> UNetMotionModel:
+    """The UNetMotionModel of `unet` + `adapter`, sharing their tensors (no copy). A peft-wrapped
+    (LoRA) layer of `unet` contributes its base weights only."""
+    blocks = list(unet.config.block_out_channels)
+    if list(adapter.config.block_out_channels) != blocks:
+        raise BadInput(
+            f"the motion adapter is for UNet blocks of {list(adapter.config.block_out_channels)} channels; "
+            f"the model's UNet has {blocks}"
+        )
+    base = {}
+    for key, tensor in unet.state_dict().items():
+        if ".lora_" in key:  # a LoRA's own tensors (lora_A / lora_B / lora_magnitude_vector ...)
+            continue
+        base[key.replace(".base_layer.", ".")] = tensor
+    motion = {k: v.to(device=unet.device, dtype=unet.dtype) for k, v in adapter.state_dict().items()}
+    with LOAD_LOCK, torch.device("meta"):
+        try:  # from_unet2d checks the layer counts and derives the config; load_weights=False: no copy
+            model = UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
+        except ValueError as exc:
+            raise BadInput(f"the motion adapter does not fit the model's UNet: {exc}") from exc
+    try:
+        model.load_state_dict({**base, **motion}, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise BadInput(f"the motion adapter does not fit the model's UNet: {str(exc)[:300]}") from exc
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a diffusers change would show here
+        raise RuntimeError("UNetMotionModel has tensors outside its state dict; cannot share the UNet's weights")
+    return model.eval()
+
+
+def build_video_pipeline(model: LoadedModel, adapter: MotionAdapter) -> AnimateDiffPipeline:
+    """An AnimateDiffPipeline on the model's VAE, text encoder and tokenizer and a motion UNet that
+    shares the model's UNet weights. Its scheduler is the model's until a job swaps in its own."""
+    _check_model(model)
+    sd = model.pipeline
+    pipeline = AnimateDiffPipeline(
+        vae=sd.vae,
+        text_encoder=sd.text_encoder,
+        tokenizer=sd.tokenizer,
+        unet=motion_unet(sd.unet, adapter),  # a UNetMotionModel: the constructor converts nothing
+        motion_adapter=None,  # its tensors live in the motion UNet; not holding it lets the cache evict it
+        scheduler=sd.scheduler,
+        feature_extractor=None,
+        image_encoder=None,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _check_model(model: LoadedModel) -> None:
+    if model.family != "sd":
+        raise BadInput(f"text2video runs on Stable Diffusion 1.x models; {model.model_id} is {model.family.upper()}")
+    if model.pipeline.unet.config.in_channels != 4:
+        raise BadInput(f"text2video needs a text2img model; {model.model_id} is an inpainting model")
+
+
+class VideoPipelines:
+    """Built AnimateDiff pipelines per (LoadedModel, MotionAdapter) object pair, the `max_entries`
+    most recently used. An entry goes when either object is garbage collected (evicted from the
+    model cache), so it never keeps an evicted model's tensors alive."""
+
+    def __init__(self, max_entries: int = 2):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, int], tuple[AnimateDiffPipeline, list[weakref.finalize]]] = OrderedDict()
+        self._lock = threading.RLock()  # a finalizer may run (garbage collection) while this thread holds it
+
+    def get(self, model: LoadedModel, adapter: MotionAdapter) -> AnimateDiffPipeline:
+        key = (id(model), id(adapter))  # ids are unique while both live; the finalizers drop the entry first
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key][0]
+        pipeline = build_video_pipeline(model, adapter)  # under the model's lock: one build per key
+        with self._lock:
+            finalizers = [weakref.finalize(model, self._forget, key), weakref.finalize(adapter, self._forget, key)]
+            self._entries[key] = (pipeline, finalizers)
+            while len(self._entries) > self.max_entries:
+                _, (_, old) = self._entries.popitem(last=False)
+                for finalizer in old:
+                    finalizer.detach()
+        return pipeline
+
+    def clear(self) -> None:
+        with self._lock:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for _, finalizers in entries:
+            for finalizer in finalizers:
+                finalizer.detach()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        with self._lock:
+            entry = self._entries.pop(key, None)
+        for finalizer in entry[1] if entry else ():
+            finalizer.detach()  # the other object's finalizer must not drop a later entry with a reused id
+
+
+VIDEO_PIPELINES = VideoPipelines()  # the process's cache, used unless the caller brings its own
+
+
+def generate_video(
+    model: LoadedModel,
+    adapter: MotionAdapter,
+    params: dict,
+    scheduler,
+    pipelines: VideoPipelines | None = None,
+) -> list[Image.Image]:
+    """The frames of one video. `params`: prompt, negative_prompt (str | None), width, height,
+    num_frames, steps, guidance_scale, seed (int), clip_skip (diffusers' count of skipped layers, or
+    None). `scheduler` is a fresh scheduler for this job. The caller holds `model.lock`."""
+    _check_model(model)
+    max_frames = adapter.config.motion_max_seq_length
+    if not 1 <= params["num_frames"] <= max_frames:
+        raise BadInput(
+            f"num_frames must be between 1 and {max_frames} for this motion adapter, not {params['num_frames']}"
+        )
+    if params["width"] % 8 or params["height"] % 8:
+        raise BadInput(f"width and height must be multiples of 8, not {params['width']}x{params['height']}")
+    pipeline = (pipelines if pipelines is not None else VIDEO_PIPELINES).get(model, adapter)
+    pipeline.scheduler = scheduler
+    generator = torch.Generator("cpu").manual_seed(params["seed"])
+    with text_model_alias(model), torch.inference_mode():  # the alias is a no-op if the caller set it
+        output = pipeline(
+            prompt=params["prompt"],
+            negative_prompt=params.get("negative_prompt") or None,
+            num_frames=params["num_frames"],
+            width=params["width"],
+            height=params["height"],
+            num_inference_steps=params["steps"],
+            guidance_scale=params["guidance_scale"],
+            clip_skip=params.get("clip_skip"),
+            generator=generator,
+            output_type="pil",
+        )
+    return list(output.frames[0])
