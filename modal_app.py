@@ -22,7 +22,7 @@ WEIGHTS_PATH = "/weights"
 image = (
     modal.Image.debian_slim(python_version="3.11")
     # on Linux, PyPI's torch wheel is the CUDA build; the local CPU pin is kept apart in pyproject's `cpu` extra
-    .pip_install("torch==2.13.0")
+    .pip_install("torch==2.13.0", "torchvision==0.28.0")
     .pip_install(
         "diffusers==0.42.1",
         "transformers==5.23.0",
@@ -33,6 +33,10 @@ image = (
         "peft==0.21.2",
         "tomesd==0.1.3",
         "opencv-python-headless==5.0.0.93",
+        "spandrel==0.4.2",
+        "imageio-ffmpeg==0.8.1",
+        "nudenet==3.4.2",
+        "onnxruntime==1.32.0",
         "fastapi==0.165.0",
         "pydantic>=2.10,<3",
         "pydantic-settings>=2.6,<3",
@@ -40,7 +44,9 @@ image = (
         "pillow==13.0.0",
     )
     # load_model reaches the hub and model URLs from here; local paths mean nothing in a container
-    .env({"SDAPI_DATA_DIR": "/tmp/sdapi", "SDAPI_MODELS_DIR": WEIGHTS_PATH, "SDAPI_ALLOW_LOCAL_MODEL_PATHS": "false"})
+    # text2video's default adapter is the real AnimateDiff one, fetched into the Volume on first use
+    .env({"SDAPI_DATA_DIR": "/tmp/sdapi", "SDAPI_MODELS_DIR": WEIGHTS_PATH, "SDAPI_ALLOW_LOCAL_MODEL_PATHS": "false",
+          "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2"})
     # not only .py files: infra/engine/configs holds the architecture configs single-file loading needs
     .add_local_python_source("handlers", "models", "infra", ignore=["**/__pycache__/**", "**/*.pyc"])
 )

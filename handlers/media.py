@@ -24,6 +24,7 @@ from models.requests import NsfwImageCheckRequest, SuperResolutionRequest, Uploa
 from models.responses import JobResponse, NsfwCheckResponse, UploadImageResponse
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG"}
+NETWORK_OUTPUT_FACTOR = 4  # an upscaler's own output may be this many times the output limit, before resampling
 
 
 def super_resolution(req: SuperResolutionRequest, rt) -> JobResponse:
@@ -32,6 +33,16 @@ def super_resolution(req: SuperResolutionRequest, rt) -> JobResponse:
     width, height = round(image.width * req.scale), round(image.height * req.scale)
     check_output_size(width, height, f"url is {image.width}x{image.height}; scale {req.scale:g}", settings)
     awaiting = require_model(req.model_id, "upscaler", "model_id", rt)
+    entry = rt.weights.get(req.model_id)
+    if not awaiting and entry.scale > req.scale:
+        # the network's own output is held whole before it is resampled down to `scale`
+        net_w, net_h = image.width * entry.scale, image.height * entry.scale
+        if net_w * net_h > NETWORK_OUTPUT_FACTOR * settings.max_output_pixels:
+            raise BadInput(
+                f"url is {image.width}x{image.height}: {req.model_id} makes {net_w}x{net_h} before scaling to "
+                f"{req.scale:g}x, more than this server holds",
+                tip="Send a smaller image, a scale closer to the model's own, or use a x2 model.",
+            )
     restorer = None
     if req.face_enhance:
         restorer = settings.face_restorer_id

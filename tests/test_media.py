@@ -251,11 +251,21 @@ def test_super_resolution_fetch_answers_a_string_too(media, image_server):
     assert result["status"] == "success" and result["output"] == queued["future_links"][0]
 
 
-def test_super_resolution_output_limit(make_client, image_server):
-    client = make_client(max_output_pixels=200 * 200)
-    response = client.post(f"{API}/super_resolution", json={"key": KEY, "url": f"{image_server}/init64.png",
-                                                            "scale": 4})
-    assert response.status_code == 400 and "256x256" in response.json()["message"]
+def test_super_resolution_output_limits(media, image_server):
+    runtime = media.app.state.runtime
+    limit = runtime.settings.max_output_pixels
+    try:
+        runtime.settings.max_output_pixels = 200 * 200
+        response = media.post(f"{API}/super_resolution", json={"key": KEY, "url": f"{image_server}/init64.png",
+                                                               "scale": 4, "model_id": "my-x4"})
+        assert response.status_code == 400 and "256x256" in response.json()["message"]
+        # scale 1 from the x4 net: the output fits, but the network's own 4x output would not
+        runtime.settings.max_output_pixels = 64 * 64 * 3
+        response = media.post(f"{API}/super_resolution", json={"key": KEY, "url": f"{image_server}/init64.png",
+                                                               "scale": 1, "model_id": "my-x4"})
+        assert response.status_code == 400 and "256x256 before scaling" in response.json()["message"]
+    finally:
+        runtime.settings.max_output_pixels = limit
 
 
 class _Weights(http.server.SimpleHTTPRequestHandler):
