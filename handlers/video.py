@@ -64,21 +64,15 @@ def text2video(req: Text2VideoRequest, rt) -> JobResponse:
         "await_models": awaiting,
         **expiry(req.temp, rt.settings),
     }
+    # meta: the effective parameters under their ModelsLab names
+    echoed = ("prompt", "model_id", "num_frames", "fps", "output_type", "steps", "guidance_scale", "seed", "scheduler",
+              "clip_skip")
     meta = {
-        "prompt": prompt,
-        "model_id": model.model_id,
+        **{name: params[name] for name in echoed},
         "motion_module": adapter_id,
         "negative_prompt": req.negative_prompt or "",
         "W": params["width"],
         "H": params["height"],
-        "num_frames": req.num_frames,
-        "fps": req.fps,
-        "output_type": req.output_type,
-        "steps": req.num_inference_steps,
-        "guidance_scale": req.guidance_scale,
-        "seed": seed,
-        "scheduler": scheduler,
-        "clip_skip": req.clip_skip,
         "enhance_prompt": yes_no(req.enhance_prompt),
         "temp": yes_no(req.temp),
         "instant_response": yes_no(req.instant_response),

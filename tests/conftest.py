@@ -31,6 +31,19 @@ def models_dir(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
+    per process spin-wait on each other: a tiny conv took 10-100x longer. Modules of engine-level
+    tests use one thread (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def open_client(data_dir: Path, models_dir: Path, **overrides) -> TestClient:
     """A started TestClient on a fresh app over `data_dir` (close it with __exit__)."""
     # tests never fetch the well-known models from the internet (a test that wants it names a loopback URL)

@@ -47,6 +47,8 @@ from tests.model_files import (
 
 quiet_libraries()
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def generate(pipe, prompt: str = "a photo of a cat", **kwargs) -> np.ndarray:
     kwargs = {"num_inference_steps": 2, "height": 64, "width": 64, **kwargs}
@@ -81,14 +83,6 @@ def hint_image() -> Image.Image:
     return image
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two threads
-    per process made each call 10-50x slower (0.1 s -> 1-7 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from infra.engine.upscale import (  # first: it makes torchvision importable bef
 from infra.safety import detector
 from tests import upscaler_files as files
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
     """A textured RGB test image: a crop of skimage's astronaut, shifted per seed."""
@@ -38,14 +40,6 @@ def _prepared(folder, category: str, path):
     return facts, load_upscaler(folder / facts["file"], "cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These nets are small and the test machine's CPU cores are shared: with one OpenMP thread
-    busy elsewhere, the other spin-waits and a tiny conv takes 100x longer. One thread is steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
