@@ -134,7 +134,7 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
         + ", ".join(f"`{p}/{{name}}`" for p in PREFIXES)
         + ". Aliases: "
         + ", ".join(f"`{a}` = `{n}`" for a, n in ALIASES.items())
-        + ", `fetch/{id}`. Auth: `key` in the body or `Authorization: Bearer <key>`.",
+        + ", `fetch/{id}`, `video/fetch/{id}`. Auth: `key` in the body or `Authorization: Bearer <key>`.",
         lifespan=lifespan,
     )
     app.state.runtime = runtime
@@ -146,6 +146,8 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
         for alias, name in ALIASES.items():
             _add_route(app, f"{prefix}/{alias}", alias, ENDPOINTS[name], runtime, False)
         _add_route(app, f"{prefix}/fetch/{{request_id}}", "fetch_by_path", ENDPOINTS["fetch"], runtime, documented)
+        # the G3 video server's fetch path
+        _add_route(app, f"{prefix}/video/fetch/{{request_id}}", "video_fetch", ENDPOINTS["fetch"], runtime, False)
 
     @app.get("/health", include_in_schema=False)
     def health():

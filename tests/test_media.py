@@ -419,7 +419,7 @@ def test_text2video_gif_through_the_g3_route_and_the_queue(client):
                   output_type="gif", num_inference_steps=2, instant_response=True)
     assert queued["status"] == "processing" and queued["future_links"][0].endswith(".gif")
     deadline = time.monotonic() + 60
-    while (result := post(client, "fetch", request_id=queued["id"]))["status"] == "processing":
+    while (result := post(client, f"video/fetch/{queued['id']}"))["status"] == "processing":  # G3's fetch path
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert result["status"] == "success" and result["output"] == queued["future_links"]
