@@ -15,7 +15,7 @@ def test_web_tier_imports_without_torch(tmp_path):
     script = textwrap.dedent(
         f"""
         import sys
-        import handlers, handlers.generation, handlers.queue, handlers.system, handlers.catalog
+        import handlers, handlers.generation, handlers.queue, handlers.system, handlers.catalog, handlers.media, handlers.video
         import models, infra.api, infra.runtime
         from fastapi.testclient import TestClient
         from infra.settings import Settings
@@ -25,6 +25,16 @@ def test_web_tier_imports_without_torch(tmp_path):
         client = TestClient(app)
         assert client.post("/api/v1/enterprise/schedulers_list", json={{"key": "enterprise_api_key"}}).status_code == 200
         assert client.post("/api/v1/enterprise/system_details", json={{"key": "enterprise_api_key"}}).status_code == 200
+        # the web tier answers these itself (the NSFW detector is ONNX on the CPU): still no torch
+        import base64, io
+        from PIL import Image
+        buffer = io.BytesIO(); Image.new("RGB", (32, 32), (9, 9, 9)).save(buffer, format="PNG")
+        png = base64.b64encode(buffer.getvalue()).decode()
+        check = client.post("/api/v1/enterprise/nsfw_image_check", json={{"key": "enterprise_api_key", "init_image": png}})
+        assert check.json()["has_nsfw_concept"] == [False], check.text
+        upload = client.post("/api/v1/enterprise/upload_image",
+                             json={{"key": "enterprise_api_key", "base64_image": png, "image_type": "png"}})
+        assert upload.json()["status"] == "success", upload.text
         heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
         print("HEAVY:", heavy)
         """
