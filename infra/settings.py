@@ -96,6 +96,29 @@ class Settings(BaseSettings):
         4096 * 4096, description="Largest image super_resolution, upscale or highres_fix may produce, in pixels."
     )
 
+    # --- webhooks
+    webhook_secret: str | None = Field(
+        None,
+        description="Secret of the webhook signature (HMAC-SHA256); default: derived from the API keys. "
+        "Set it to share it with receivers.",
+    )
+    webhook_attempts: int = Field(5, description="Deliveries tried per webhook before it is given up.")
+    webhook_backoff: float = Field(
+        2.0, description="Seconds before the first webhook retry; doubled for each later one (with +-25 % jitter)."
+    )
+    webhook_timeout: float = Field(10.0, description="Seconds a webhook receiver has to answer one delivery.")
+
+    # --- durable jobs
+    job_attempts: int = Field(
+        2, description="Times a job may be started: a job whose worker died is retried until this many starts."
+    )
+    job_retention_seconds: int = Field(
+        7 * 24 * 3600, description="How long finished job records (fetch results) are kept."
+    )
+
+    # --- S3 storage (the bucket itself is set with update_s3)
+    s3_acl: str | None = Field(None, description="ACL set on every uploaded object, e.g. public-read; none by default.")
+
     # --- safety checker and nsfw_image_check
     safety_checker_default: bool = Field(
         True, description="Whether generations run the NSFW safety checker when a request does not say."

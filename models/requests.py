@@ -259,12 +259,15 @@ DeployType = Text
 
 
 class UpdateS3Request(WireModel):
-    public_url: Text
+    public_url: Text = Field(description="Public prefix objects are read under, e.g. https://cdn.example/.")
     region_name: Text
-    endpoint_url: Text
+    endpoint_url: Text = Field(
+        description="S3 endpoint; virtual-hosted (https://<bucket>.s3.amazonaws.com) or with the bucket as its path."
+    )
     aws_access_key_id: Text
-    aws_secret_access_key: Text
-    image_directory: Text
+    aws_secret_access_key: Text = Field(description="Stored, never returned or logged.")
+    image_directory: Text = Field(description="Key prefix (folder) inside the bucket, e.g. generations.")
+    bucket: Text | None = Field(None, description="The bucket (ours); default: read from endpoint_url.")
     deploy_type: DeployType = "text_to_image"
 
 
