@@ -18,7 +18,22 @@ def system_details(req: KeyOnlyRequest, rt) -> SystemDetailsResponse:
         device=rt.dispatcher.device,
         version=rt.version,
         models=models,
+        loaded_models=rt.dispatcher.loaded_models(),
+        memory_mb=_resident_mb(),
+        storage=rt.storage.describe(),
     )
+
+
+def _resident_mb() -> float | None:
+    """This process's resident memory (Linux), in MiB."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def schedulers_list(req: KeyOnlyRequest, rt) -> SchedulersListResponse:

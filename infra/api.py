@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from handlers import catalog, generation, media, queue, system, video
+from handlers import catalog, generation, media, queue, server, system, video
 from handlers.pending import not_available
 from infra.links import check_signature
 from infra.runtime import ARCHIVE_ROUTE
@@ -87,22 +87,16 @@ ENDPOINTS: dict[str, Endpoint] = {
     # server
     "system_details": Endpoint(rq.KeyOnlyRequest, system.system_details, SystemDetailsResponse, "Server and queue state"),
     "schedulers_list": Endpoint(rq.KeyOnlyRequest, system.schedulers_list, SchedulersListResponse, "Usable scheduler names"),
-    "restart_server": Endpoint(
-        rq.KeyOnlyRequest, not_available("restart_server", "restarts"), MessageResponse, "Restart the workers", True
-    ),
+    "restart_server": Endpoint(rq.KeyOnlyRequest, server.restart_server, MessageResponse, "Restart the engine", True),
     "update_server": Endpoint(
-        rq.KeyOnlyRequest, not_available("update_server", "updates"), MessageResponse, "Update the server", True
+        rq.KeyOnlyRequest, server.update_server, MessageResponse, "Reload settings; report the version", True
     ),
     "update_s3": Endpoint(rq.UpdateS3Request, not_available("update_s3", "S3 storage"), MessageResponse, "Use an S3 bucket", True),
     "reset_s3": Endpoint(
         rq.ResetS3Request, not_available("reset_s3", "S3 storage"), MessageResponse, "Back to default storage", True
     ),
-    "clear_cache": Endpoint(
-        rq.KeyOnlyRequest, not_available("clear_cache", "cache clearing"), MessageResponse, "Clear caches", True
-    ),
-    "clear_queue": Endpoint(
-        rq.KeyOnlyRequest, not_available("clear_queue", "queue clearing"), MessageResponse, "Drop queued jobs", True
-    ),
+    "clear_cache": Endpoint(rq.KeyOnlyRequest, server.clear_cache, MessageResponse, "Unload models, clean caches", True),
+    "clear_queue": Endpoint(rq.KeyOnlyRequest, server.clear_queue, MessageResponse, "Cancel queued jobs", True),
 }
 
 # other names clients use for the same endpoints

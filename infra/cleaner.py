@@ -1,34 +1,44 @@
-"""The cache cleaner: deletes outputs past their expiry (`temp: yes` outputs, uploads).
+"""The cache cleaner: outputs past their expiry (`temp: yes` outputs, uploads), job records past
+their retention (`SDAPI_JOB_RETENTION_SECONDS`) and download scratch folders no load owns.
 
-Locally it runs on a timer thread (setting `cleanup_interval`); on Modal a scheduled function
-runs the same `clean`. Expired objects are already refused by the file route the moment they
-expire; the cleaner frees their space.
+`clean()` is one pass. Locally it runs on a timer thread (setting `cleanup_interval`); on Modal a
+scheduled function runs the same pass; `clear_cache` runs it and also unloads the models from
+memory (the timer does not: that would make the next job after every pass a cold one). Expired
+objects are refused by the file route the moment they expire; the cleaner frees their space.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
 
 class CacheCleaner:
-    def __init__(self, storage, interval: float):
-        self.storage = storage
-        self.interval = interval
+    def __init__(self, storage, jobs, weights, settings):
+        self.storage, self.jobs, self.weights, self.settings = storage, jobs, weights, settings
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def clean(self) -> dict:
         """One pass; what it freed."""
-        removed, freed = self.storage.remove_expired()
-        if removed:
-            log.info("cache cleaner: removed %d expired outputs (%d bytes)", removed, freed)
-        return {"expired_outputs": removed, "bytes_freed": freed}
+        outputs, output_bytes = self.storage.remove_expired()
+        jobs = self.jobs.delete_finished_before(time.time() - self.settings.job_retention_seconds)
+        scratch, scratch_bytes = self.weights.remove_stale_scratch()
+        report = {
+            "expired_outputs": outputs,
+            "old_jobs": jobs,
+            "download_scratch": scratch,
+            "bytes_freed": output_bytes + scratch_bytes,
+        }
+        if outputs or jobs or scratch:
+            log.info("cache cleaner: %s", report)
+        return report
 
     def start(self) -> None:
-        if self.interval > 0 and self._thread is None:
+        if self.settings.cleanup_interval > 0 and self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, daemon=True, name="cache-cleaner")
             self._thread.start()
@@ -40,7 +50,7 @@ class CacheCleaner:
             self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self.settings.cleanup_interval):
             try:
                 self.clean()
             except Exception:  # a failed pass must not end the timer

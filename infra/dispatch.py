@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from infra.jobs import FAILED, SUCCESS, Job
 from infra.loader import LoadRequest, run_load
-from infra.storage import content_type
+from infra.storage import StorageError, content_type
 from models.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -22,11 +22,10 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
     """Run one job to its end: outputs stored under their precomputed keys, then `success`;
     any error (the engine failing to start included) -> `failed` with a message.
     Never raises, never leaves the job `processing`. Returns the finished record."""
+    if not jobs.claim(job_id):  # cancelled by clear_queue, finished, or taken by another worker
+        return jobs.get(job_id)
     job = jobs.get(job_id)
-    if job is None or job.done:
-        return job
     started = time.time()
-    jobs.update(job_id, started_at=started)
     try:
         files, facts = get_engine().run(job.endpoint, job.params, jobs.inputs(job_id))
         expires_at = job.params.get("expires_at")
@@ -41,6 +40,8 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
         )
     except ApiError as exc:
         jobs.update(job_id, status=FAILED, message=str(exc.message), finished_at=time.time())
+    except StorageError as exc:  # never `success` with outputs that are not stored
+        jobs.update(job_id, status=FAILED, message=f"The outputs could not be stored: {exc}", finished_at=time.time())
     except Exception as exc:  # the job ends `failed`, the trace goes to the log only
         log.exception("job %s failed", job_id)
         jobs.update(job_id, status=FAILED, message=f"Generation failed: {type(exc).__name__}: {exc}", finished_at=time.time())
@@ -103,6 +104,28 @@ class LocalDispatcher:
         if self._engine is not None:
             self._engine.evict(model_id)
 
+    def loaded_models(self) -> list[str]:
+        """Ids of the models (and components) in the engine's memory, least recently used first."""
+        engine = self._engine
+        return engine.cache.loaded if engine is not None else []
+
+    def unload_models(self) -> list[str]:
+        """Drop every loaded model from memory (they load again on their next job)."""
+        engine = self._engine
+        return engine.unload_all() if engine is not None else []
+
+    def restart(self) -> list[str]:
+        """A fresh engine: the current one (its models, pipelines, torch state) is dropped and a new
+        one starts and warms the default model in the background. Queued jobs stay queued and run
+        on the new engine; a running job finishes on the old one, which goes when it is done."""
+        with self._engine_lock:
+            old, self._engine = self._engine, None
+            self._engine_ready.clear()
+            self.device = "restarting"
+        unloaded = old.unload_all() if old is not None else []
+        threading.Thread(target=self._warm, daemon=True, name="engine-restart").start()
+        return unloaded
+
     def estimate(self, params: dict) -> float:
         """Seconds a job with these params will take, from the measured speed of earlier jobs."""
         return self.seconds_per_unit * work_units(params)
@@ -118,11 +141,14 @@ class LocalDispatcher:
             return self._engine
 
     # --- workers
-    def _work(self) -> None:
+    def _warm(self) -> None:
         try:
             self.engine().warm(self.settings.default_model_id)
         except Exception:  # a broken default model must not kill the worker; jobs report it
             log.exception("could not warm the default model")
+
+    def _work(self) -> None:
+        self._warm()
         while (job_id := self._queue.get()) is not None:
             started = time.time()
             job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks)

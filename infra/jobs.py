@@ -42,6 +42,7 @@ class Job:
     webhook: str | None = None
     track_id: str | None = None
     webhook_status: str = ""
+    attempts: int = 0  # times a worker has started it (a worker that died mid-job leaves it started)
 
     @property
     def done(self) -> bool:
@@ -62,8 +63,11 @@ class SqliteJobStore:
             "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, endpoint TEXT, params TEXT, meta TEXT,"
             " output_keys TEXT, future_links TEXT, status TEXT, message TEXT, eta REAL, created_at REAL,"
             " started_at REAL, finished_at REAL, generation_time REAL, webhook TEXT, track_id TEXT,"
-            " webhook_status TEXT)"
+            " webhook_status TEXT, attempts INTEGER DEFAULT 0)"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "attempts" not in columns:  # a database from before jobs were retried
+            self._db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER DEFAULT 0")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
         self._db.execute("CREATE TABLE IF NOT EXISTS job_inputs (job_id INTEGER, name TEXT, data BLOB)")
         self._lock = threading.Lock()
@@ -100,15 +104,56 @@ class SqliteJobStore:
                 self._db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
             self._changed.notify_all()
 
-    def fail_unfinished(self, message: str) -> int:
-        """Mark every job still `processing` as failed (used at start-up: their worker is gone)."""
+    def claim(self, job_id: int) -> bool:
+        """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
+        already started. Counts the attempt."""
         with self._changed:
             cursor = self._db.execute(
-                "UPDATE jobs SET status = ?, message = ?, finished_at = ? WHERE status = ?",
-                (FAILED, message, time.time(), PROCESSING),
+                "UPDATE jobs SET started_at = ?, attempts = attempts + 1"
+                " WHERE id = ? AND status = ? AND started_at IS NULL",
+                (time.time(), job_id, PROCESSING),
             )
+            self._changed.notify_all()
+            return cursor.rowcount == 1
+
+    def cancel_queued(self, message: str) -> list[int]:
+        """End every job not yet started as `failed` with `message`; running jobs are left alone."""
+        with self._changed:
+            rows = self._db.execute(
+                "UPDATE jobs SET status = ?, message = ?, finished_at = ? WHERE status = ? AND started_at IS NULL"
+                " RETURNING id",
+                (FAILED, message, time.time(), PROCESSING),
+            ).fetchall()
             self._db.execute("DELETE FROM job_inputs WHERE job_id NOT IN (SELECT id FROM jobs WHERE status = ?)", (PROCESSING,))
             self._changed.notify_all()
+        return [row[0] for row in rows]
+
+    def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
+        """At start-up, for the jobs a dead process left `processing`: those never started, and those
+        started fewer than `max_attempts` times, are queued again (oldest first); the others end
+        `failed` with `message`. Returns (ids to queue, ids failed)."""
+        with self._changed:
+            self._db.execute("BEGIN IMMEDIATE")
+            failed = [row[0] for row in self._db.execute(
+                "UPDATE jobs SET status = ?, message = ?, finished_at = ?"
+                " WHERE status = ? AND started_at IS NOT NULL AND attempts >= ? RETURNING id",
+                (FAILED, message, time.time(), PROCESSING, max_attempts),
+            ).fetchall()]
+            self._db.execute("UPDATE jobs SET started_at = NULL WHERE status = ?", (PROCESSING,))
+            queued = [row[0] for row in self._db.execute(
+                "SELECT id FROM jobs WHERE status = ? ORDER BY created_at", (PROCESSING,)
+            ).fetchall()]
+            self._db.execute("DELETE FROM job_inputs WHERE job_id NOT IN (SELECT id FROM jobs WHERE status = ?)", (PROCESSING,))
+            self._db.execute("COMMIT")
+            self._changed.notify_all()
+        return queued, failed
+
+    def delete_finished_before(self, cutoff: float) -> int:
+        """Forget finished jobs older than `cutoff` (their fetch results); returns how many."""
+        with self._changed:
+            cursor = self._db.execute(
+                "DELETE FROM jobs WHERE status IN (?, ?) AND finished_at < ?", (SUCCESS, FAILED, cutoff)
+            )
             return cursor.rowcount
 
     # --- reading

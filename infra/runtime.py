@@ -4,6 +4,8 @@ the Modal deployment builds the same object from Modal primitives."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from dataclasses import dataclass, replace
 
@@ -31,6 +33,14 @@ BUILTIN_MODELS = {  # model id -> category
 }
 
 
+def webhook_secret(settings: Settings) -> str:
+    """The webhook signing secret: the setting, else HMAC-SHA256("sdapi-webhooks") keyed with the
+    first API key (hex) — a receiver that knows the key can compute it; the README shows how."""
+    if settings.webhook_secret:
+        return settings.webhook_secret
+    return hmac.new(settings.api_keys[0].encode(), b"sdapi-webhooks", hashlib.sha256).hexdigest()
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -49,9 +59,9 @@ class Runtime:
         jobs = SqliteJobStore(settings.db_path)
         storage = LocalStorage(settings.outputs_dir)
         weights = WeightsStore(settings.weights_dir)
-        webhooks = WebhookSender(jobs)
+        webhooks = WebhookSender(jobs, settings, webhook_secret(settings))
         dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks)
-        cleaner = CacheCleaner(storage, settings.cleanup_interval)
+        cleaner = CacheCleaner(storage, jobs, weights, settings)
         return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner)
 
     def for_request(self, request_base_url: str) -> Runtime:
@@ -82,20 +92,28 @@ class Runtime:
         return sign_path(f"{ARCHIVE_ROUTE}/{entry.model_id}.tar", self.link_secret, self.settings.sync_link_seconds)
 
     def start(self) -> None:
-        lost = self.jobs.fail_unfinished("The server restarted before this job finished; please submit it again.")
-        if lost:
-            log.warning("marked %d unfinished jobs from an earlier run as failed", lost)
+        attempts = self.settings.job_attempts
+        queued, failed = self.jobs.recover(
+            attempts, f"The server stopped while this job was running ({attempts} attempts); please submit it again."
+        )
+        if queued or failed:
+            log.warning("jobs left by an earlier run: %d queued again, %d failed", len(queued), len(failed))
         interrupted = self.weights.recover("The server restarted while this model was loading; load it again.")
         if interrupted:
             log.warning("model loads interrupted by a restart: %s", ", ".join(interrupted))
         if self.settings.build_tiny_models:
             self.ensure_builtin_models()
         self.dispatcher.start()
+        for job_id in queued:
+            self.dispatcher.submit(job_id)
+        for job_id in failed:
+            self.webhooks.job_finished(self.jobs.get(job_id))
         self.cleaner.start()
 
     def stop(self) -> None:
         self.cleaner.stop()
         self.dispatcher.stop()
+        self.webhooks.stop()
 
     def ensure_builtin_models(self) -> None:
         """Build the tiny built-in models into the weights store if they are not there yet."""

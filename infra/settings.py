@@ -15,7 +15,8 @@ DEFAULT_ENHANCE_SUFFIX = "highly detailed, sharp focus, professional lighting, 8
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SDAPI_", extra="ignore")
+    # `.env` in the working directory too: edit it and call update_server to apply changes
+    model_config = SettingsConfigDict(env_prefix="SDAPI_", env_file=".env", extra="ignore")
 
     # --- serving
     host: str = Field("127.0.0.1", description="Address the local server listens on.")

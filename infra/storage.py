@@ -26,6 +26,10 @@ CONTENT_TYPES = {
 }
 
 
+class StorageError(RuntimeError):
+    """An output could not be stored (or the storage could not be reached); the message says where."""
+
+
 def content_type(key: str) -> str:
     suffix = Path(key).suffix.lower()
     return CONTENT_TYPES.get(suffix) or mimetypes.guess_type(key)[0] or "application/octet-stream"
@@ -52,8 +56,11 @@ class LocalStorage:
             raise ValueError(f"storage key escapes the storage root: {key!r}")
         return path
 
-    def url(self, key: str, base_url: str) -> str:
+    def url(self, key: str, base_url: str, expires_at: float | None = None) -> str:
         return f"{base_url}{self.url_prefix}/{key}"
+
+    def describe(self) -> dict:
+        return {"kind": "local", "root": str(self.root)}
 
     def open_path(self, key: str, now: float | None = None) -> Path | None:
         """The file behind a served key, or None when there is none or it has expired."""

@@ -211,6 +211,19 @@ class WeightsStore:
                 failed.append(entry.model_id)
         return failed
 
+    def remove_stale_scratch(self) -> tuple[int, int]:
+        """Delete download/build scratch folders no running load owns: (folders, bytes freed)."""
+        removed = freed = 0
+        for scratch in self.root.glob(".tmp-*"):
+            model_id = scratch.name[len(".tmp-"):].rpartition("-")[0]
+            entry = self.get(model_id) if _MODEL_ID.match(model_id or "-") else None
+            if entry is not None and entry.status == LOADING:
+                continue
+            freed += sum(p.stat().st_size for p in scratch.rglob("*") if p.is_file())
+            shutil.rmtree(scratch, ignore_errors=True)
+            removed += 1
+        return removed, freed
+
     # --- reading model facts without loading the weights
 
     def default_scheduler(self, model_id: str) -> str:

@@ -79,7 +79,10 @@ class SystemDetailsResponse(Envelope):
     queue_num: int = Field(description="Jobs queued or running.")
     device: str
     version: str
-    models: list[str] = Field(default_factory=list)
+    models: list[str] = Field(default_factory=list, description="Ready models in the weights store.")
+    loaded_models: list[str] = Field(default_factory=list, description="Models in the engine's memory now.")
+    memory_mb: float | None = Field(None, description="Resident memory of the server process, MiB.")
+    storage: dict[str, Any] = Field(default_factory=dict, description="Where outputs go (no secrets).")
 
 
 class UploadImageResponse(Envelope):

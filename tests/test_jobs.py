@@ -59,12 +59,41 @@ def test_jobs_fail_cleanly_when_the_engine_cannot_start(make_client, monkeypatch
         assert result["status"] == "failed" and "libcudart" in result["message"]
 
 
-def test_jobs_left_processing_by_a_dead_server_are_failed_on_restart(make_client, tmp_path):
-    store = SqliteJobStore(tmp_path / "dead" / "jobs.sqlite3")
-    orphan = store.create(Job(0, "text2img", {}, {}, [], []))
-    client = make_client(data_dir=tmp_path / "dead")
-    result = client.post("/api/v1/enterprise/fetch", json={"key": KEY, "request_id": orphan.id}).json()
-    assert result["status"] == "failed" and "restarted" in result["message"]
+def _orphans(client, data_dir, started_attempts: list[int]) -> list[int]:
+    """Jobs a dead server left `processing` in `data_dir`'s database: copies of a real text2img
+    job, one per entry of `started_attempts` (0 = still queued, n = started n times)."""
+    done = client.post("/api/v1/enterprise/text2img",
+                       json={"key": KEY, "prompt": "x", "width": 64, "height": 64, "steps": 2}).json()
+    template = client.app.state.runtime.jobs.get(done["id"])
+    store = SqliteJobStore(data_dir / "jobs.sqlite3")
+    ids = []
+    for n, attempts in enumerate(started_attempts):
+        keys = [f"generations/orphan-{n}.png"]
+        job = store.create(Job(0, "text2img", template.params, template.meta, keys, [f"http://testserver/files/{keys[0]}"]))
+        if attempts:
+            store.update(job.id, started_at=time.time(), attempts=attempts)
+        ids.append(job.id)
+    return ids
+
+
+def test_jobs_left_processing_by_a_dead_server_are_run_again_or_failed(make_client, tmp_path):
+    """Queued jobs run after the restart; a job that was running is retried while it has
+    attempts left (SDAPI_JOB_ATTEMPTS), else it ends `failed` saying so."""
+    queued, retried, exhausted = _orphans(make_client(), tmp_path / "dead", [0, 1, 2])
+    client = make_client(data_dir=tmp_path / "dead", job_attempts=2)
+    results = {}
+    deadline = time.monotonic() + 60
+    while len(results) < 3 and time.monotonic() < deadline:
+        for job_id in (queued, retried, exhausted):
+            result = client.post("/api/v1/enterprise/fetch", json={"key": KEY, "request_id": job_id}).json()
+            if result["status"] != "processing":
+                results[job_id] = result
+        time.sleep(0.1)
+    assert results[queued]["status"] == "success" and results[retried]["status"] == "success"
+    assert client.get(results[retried]["output"][0]).status_code == 200
+    assert results[exhausted]["status"] == "failed"
+    assert "stopped while this job was running (2 attempts)" in results[exhausted]["message"]
+    assert client.app.state.runtime.jobs.get(retried).attempts == 2
 
 
 def test_results_survive_a_restart(make_client, tmp_path):

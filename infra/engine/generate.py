@@ -65,6 +65,15 @@ class Engine:
     def warm(self, model_id: str) -> None:
         self.cache.model(model_id)
 
+    def unload_all(self) -> list[str]:
+        """Drop every cached model, component and video pipeline; their ids."""
+        from infra.engine.video import VIDEO_PIPELINES
+
+        unloaded = self.cache.loaded
+        VIDEO_PIPELINES.clear()
+        self.cache.clear()
+        return unloaded
+
     def evict(self, model_id: str) -> None:
         """Forget a deleted model: its cache entry, and its adapter in every cached model."""
         from infra.engine.adapters import forget_lora

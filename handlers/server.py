@@ -1,0 +1,71 @@
+"""Server admin endpoints: restart_server, update_server, clear_cache, clear_queue.
+
+What each does, locally (the Modal deployment maps them onto its containers, see modal_app.py):
+- restart_server: a fresh engine — loaded models, pipelines and torch state dropped, the default
+  model warmed again in the background. Queued jobs stay queued; a running job finishes.
+- update_server: settings read again (environment and `.env`) and applied where they can change
+  in a running process; the ones that need a process restart are named. The catalog is the
+  weights store on disk, read on every request; the reply counts it.
+- clear_cache: models unloaded from memory, plus one pass of the cache cleaner (expired outputs,
+  old job records, download scratch). Reports what it freed.
+- clear_queue: jobs not yet started end `failed` ("cancelled") and notify their webhooks;
+  running jobs finish.
+"""
+
+from __future__ import annotations
+
+from infra.settings import Settings
+from infra.weights import READY
+from models.requests import KeyOnlyRequest
+from models.responses import MessageResponse
+
+# settings a running process cannot take on: they shape what was built at start-up
+RESTART_ONLY = ("host", "port", "data_dir", "models_dir", "workers", "device", "torch_threads", "build_tiny_models")
+
+
+def restart_server(req: KeyOnlyRequest, rt) -> MessageResponse:
+    queued, _ = rt.jobs.unfinished()
+    unloaded = rt.dispatcher.restart()
+    return MessageResponse(
+        message="server restarting",
+        models_unloaded=unloaded,
+        jobs_kept=queued,
+        tip="Queued jobs run when the engine is back; system_details shows its state.",
+    )
+
+
+def update_server(req: KeyOnlyRequest, rt) -> MessageResponse:
+    fresh = Settings()
+    changed, needs_restart = [], []
+    for name in Settings.model_fields:
+        if getattr(fresh, name) == getattr(rt.settings, name):
+            continue
+        if name in RESTART_ONLY:
+            needs_restart.append(name)
+        else:
+            setattr(rt.settings, name, getattr(fresh, name))
+            changed.append(name)
+    models = [entry.model_id for entry in rt.weights.list() if entry.status == READY]
+    return MessageResponse(
+        message="server updated",
+        version=rt.version,
+        settings_changed=changed,
+        needs_restart=needs_restart,
+        model_count=len(models),
+    )
+
+
+def clear_cache(req: KeyOnlyRequest, rt) -> MessageResponse:
+    unloaded = rt.dispatcher.unload_models()
+    report = rt.cleaner.clean()
+    return MessageResponse(message="Cache cleared successfully", models_unloaded=unloaded, **report)
+
+
+def clear_queue(req: KeyOnlyRequest, rt) -> MessageResponse:
+    cancelled = rt.jobs.cancel_queued("Cancelled by clear_queue before it started; please submit it again.")
+    for job_id in cancelled:
+        rt.webhooks.job_finished(rt.jobs.get(job_id))
+    return MessageResponse(
+        message=f"Queue cleared: {len(cancelled)} queued job(s) cancelled; running jobs finish",
+        cancelled=cancelled,
+    )
