@@ -214,7 +214,7 @@ def resolve_bucket(endpoint_url: str, bucket: str | None = None) -> tuple[str, s
 class S3Storage:
     """Outputs as objects in one bucket under `image_directory`. Thread-safe (boto3 clients are)."""
 
-    url_prefix = "/files"  # the app's own file route stays mounted; `open_path` gives it nothing to serve
+    url_prefix = "/files"  # like LocalStorage, for the app's file route; `open_path` gives it nothing to serve
     list_page_size = 1000  # markers a ListObjectsV2 request returns (S3's maximum)
     delete_batch_size = 1000  # keys a DeleteObjects request takes (S3's maximum)
     check_timeout = 5.0  # seconds per network step of `check()`
@@ -243,7 +243,8 @@ class S3Storage:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        # a fresh session: no profile, credentials or endpoint from the environment get mixed in
+        # a session of its own: boto3's shared default session is not safe to create clients from in
+        # several threads; endpoint, region and credentials are explicit, whatever ~/.aws or AWS_* hold
         return boto3.session.Session().client(
             "s3",
             endpoint_url=c.endpoint_url,
@@ -334,7 +335,7 @@ class S3Storage:
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    stamp, _, key = item["Key"][len(prefix):].partition("/")
+                    stamp, _, key = item["Key"][len(prefix) :].partition("/")
                     if stamp.isdigit() and key and int(stamp) <= now:
                         expired.append((item["Key"], self.object_key(key)))
         except (BotoCoreError, ClientError) as exc:
@@ -366,7 +367,7 @@ class S3Storage:
         one DeleteObject per key instead."""
         failed: set[str] = set()
         for start in range(0, len(keys), self.delete_batch_size):
-            batch = keys[start:start + self.delete_batch_size]
+            batch = keys[start : start + self.delete_batch_size]
             try:
                 answer = self.client.delete_objects(
                     Bucket=self.config.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
@@ -411,9 +412,7 @@ class S3Storage:
         extra = {"ACL": c.acl} if c.acl else {}
         warnings = []
         try:
-            self._check_client.put_object(
-                Bucket=c.bucket, Key=object_key, Body=body, ContentType="text/plain", **extra
-            )
+            self._check_client.put_object(Bucket=c.bucket, Key=object_key, Body=body, ContentType="text/plain", **extra)
         except (BotoCoreError, ClientError) as exc:
             raise self._error(f"S3 check failed: could not write the test object {object_key}", exc) from None
         try:

@@ -19,3 +19,25 @@ def test_ci_runs_the_readme_test_command():
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert "scripts/test.sh" in README and "scripts/test.sh" in ci
     assert "scripts/serve.sh" in README
+
+
+def test_the_readme_webhook_check_verifies_our_signatures():
+    """The receiver snippet in the README accepts what the server signs, and nothing else."""
+    import time
+
+    from infra.runtime import webhook_secret
+    from infra.webhooks import sign
+
+    section = README[README.index("## Webhooks"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 - our own README
+    body, timestamp = b'{"status": "success", "id": 1}', str(int(time.time()))
+    secret = webhook_secret(Settings(api_keys=["customer-key"]))
+    import hashlib
+    import hmac
+
+    assert secret == hmac.new(b"customer-key", b"sdapi-webhooks", hashlib.sha256).hexdigest()  # as documented
+    assert namespace["verify"](secret, timestamp, body, sign(secret, timestamp, body))
+    assert not namespace["verify"](secret, timestamp, body + b" ", sign(secret, timestamp, body))
+    assert not namespace["verify"](secret, str(int(time.time()) - 3600), body, sign(secret, int(time.time()) - 3600, body))

@@ -325,7 +325,11 @@ def iam_mode(endpoint, bucket):
         policy = {
             "Version": "2012-10-17",
             "Statement": [
-                {"Effect": "Allow", "Action": actions, "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}
+                {
+                    "Effect": "Allow",
+                    "Action": actions,
+                    "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                }
             ],
         }
         iam.put_user_policy(UserName=name, PolicyName="outputs", PolicyDocument=json.dumps(policy))
@@ -392,10 +396,22 @@ def update_s3(endpoint_url: str, bucket: str | None = None, **fields) -> UpdateS
     "endpoint_url, bucket, expected",
     [
         ("https://my-out.s3.amazonaws.com", None, ("my-out", "https://s3.amazonaws.com", "virtual")),
-        ("https://my-out.s3.eu-west-1.amazonaws.com/", None, ("my-out", "https://s3.eu-west-1.amazonaws.com", "virtual")),
-        ("https://my-out.s3-eu-west-1.amazonaws.com", None, ("my-out", "https://s3-eu-west-1.amazonaws.com", "virtual")),
+        (
+            "https://my-out.s3.eu-west-1.amazonaws.com/",
+            None,
+            ("my-out", "https://s3.eu-west-1.amazonaws.com", "virtual"),
+        ),
+        (
+            "https://my-out.s3-eu-west-1.amazonaws.com",
+            None,
+            ("my-out", "https://s3-eu-west-1.amazonaws.com", "virtual"),
+        ),
         ("https://my.dotted.out.s3.amazonaws.com", None, ("my.dotted.out", "https://s3.amazonaws.com", "path")),
-        ("https://space1.nyc3.digitaloceanspaces.com", None, ("space1", "https://nyc3.digitaloceanspaces.com", "virtual")),
+        (
+            "https://space1.nyc3.digitaloceanspaces.com",
+            None,
+            ("space1", "https://nyc3.digitaloceanspaces.com", "virtual"),
+        ),
         (
             "https://0123456789abcdef0123456789abcdef.r2.cloudflarestorage.com/outputs",
             None,
