@@ -19,7 +19,8 @@ from handlers.ondemand import require_model
 from handlers.queue import check_output_size, expiry, output_key, submit_job, yes_no
 from infra.inputs import decode_base64, encode_png
 from infra.safety import detector
-from models.errors import BadInput
+from infra.storage import StorageError
+from models.errors import ApiError, BadInput
 from models.requests import NsfwImageCheckRequest, SuperResolutionRequest, UploadImageRequest
 from models.responses import JobResponse, NsfwCheckResponse, UploadImageResponse
 
@@ -100,8 +101,12 @@ def upload_image(req: UploadImageRequest, rt) -> UploadImageResponse:
     except (OSError, ValueError, SyntaxError):
         raise BadInput("base64_image is a damaged or truncated image", tip="Send the complete image file.") from None
     key = f"uploads/{time.time_ns()}{secrets.randbelow(1000):03d}.{req.image_type}"
-    rt.storage.put(key, data, f"image/{expected.lower()}", expires_at=time.time() + settings.temp_output_seconds)
-    return UploadImageResponse(image_url=rt.storage.url(key, rt.base_url))
+    expires_at = time.time() + settings.temp_output_seconds
+    try:
+        rt.storage.put(key, data, f"image/{expected.lower()}", expires_at=expires_at)
+    except StorageError as exc:
+        raise ApiError(f"The image could not be stored: {exc}", status_code=502) from None
+    return UploadImageResponse(image_url=rt.storage.url(key, rt.base_url, expires_at=expires_at))
 
 
 def nsfw_image_check(req: NsfwImageCheckRequest, rt) -> NsfwCheckResponse:

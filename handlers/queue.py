@@ -41,13 +41,15 @@ def remaining_seconds(job, rt) -> float:
 def submit_job(endpoint: str, params: dict, meta: dict, output_keys: list[str], inputs: dict, req, rt) -> JobResponse:
     """Create the job with its output links fixed, hand it to the dispatcher and wait up to the
     sync budget: `success` if it finished by then, `processing` with `fetch_result` if not."""
+    params["storage"] = rt.storage.current_id  # the outputs land where the links say, even if storage changes
+    links = [rt.storage.url(key, rt.base_url, expires_at=params.get("expires_at")) for key in output_keys]
     job = Job(
         id=0,
         endpoint=endpoint,
         params=params,
         meta=meta,
         output_keys=output_keys,
-        future_links=[rt.storage.url(key, rt.base_url) for key in output_keys],
+        future_links=links,
         eta=rt.dispatcher.estimate(params),
         webhook=req.webhook,
         track_id=req.track_id,

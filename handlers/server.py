@@ -10,13 +10,18 @@ What each does, locally (the Modal deployment maps them onto its containers, see
   old job records, download scratch). Reports what it freed.
 - clear_queue: jobs not yet started end `failed` ("cancelled") and notify their webhooks;
   running jobs finish.
+- update_s3: new outputs go to an S3-compatible bucket, once a test write there succeeded; the
+  setting survives restarts. The secret key is stored, never returned or logged.
+- reset_s3: back to the server's own storage.
 """
 
 from __future__ import annotations
 
 from infra.settings import Settings
+from infra.storage import StorageError
 from infra.weights import READY
-from models.requests import KeyOnlyRequest
+from models.errors import BadInput
+from models.requests import KeyOnlyRequest, ResetS3Request, UpdateS3Request
 from models.responses import MessageResponse
 
 # settings a running process cannot take on: they shape what was built at start-up
@@ -69,3 +74,22 @@ def clear_queue(req: KeyOnlyRequest, rt) -> MessageResponse:
         message=f"Queue cleared: {len(cancelled)} queued job(s) cancelled; running jobs finish",
         cancelled=cancelled,
     )
+
+
+def update_s3(req: UpdateS3Request, rt) -> MessageResponse:
+    from infra.s3 import S3Config
+
+    config = S3Config.from_request(req, rt.settings.s3_acl)
+    try:
+        warnings = rt.storage.use_s3(config)
+    except StorageError as exc:
+        raise BadInput(
+            f"The S3 settings were not applied: {exc}",
+            tip="Check endpoint_url, the bucket, the keys and that they may PutObject and GetObject there.",
+        ) from None
+    return MessageResponse(message="S3 storage updated", storage=rt.storage.describe(), warnings=warnings)
+
+
+def reset_s3(req: ResetS3Request, rt) -> MessageResponse:
+    rt.storage.reset()
+    return MessageResponse(message="Storage reset to the server's default", storage=rt.storage.describe())

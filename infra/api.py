@@ -24,7 +24,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handlers import catalog, generation, media, queue, server, system, video
-from handlers.pending import not_available
 from infra.links import check_signature
 from infra.runtime import ARCHIVE_ROUTE
 from infra.storage import content_type
@@ -91,10 +90,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "update_server": Endpoint(
         rq.KeyOnlyRequest, server.update_server, MessageResponse, "Reload settings; report the version", True
     ),
-    "update_s3": Endpoint(rq.UpdateS3Request, not_available("update_s3", "S3 storage"), MessageResponse, "Use an S3 bucket", True),
-    "reset_s3": Endpoint(
-        rq.ResetS3Request, not_available("reset_s3", "S3 storage"), MessageResponse, "Back to default storage", True
-    ),
+    "update_s3": Endpoint(rq.UpdateS3Request, server.update_s3, MessageResponse, "Store outputs in an S3 bucket", True),
+    "reset_s3": Endpoint(rq.ResetS3Request, server.reset_s3, MessageResponse, "Back to the default storage", True),
     "clear_cache": Endpoint(rq.KeyOnlyRequest, server.clear_cache, MessageResponse, "Unload models, clean caches", True),
     "clear_queue": Endpoint(rq.KeyOnlyRequest, server.clear_queue, MessageResponse, "Cancel queued jobs", True),
 }

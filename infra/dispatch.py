@@ -30,7 +30,7 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
         files, facts = get_engine().run(job.endpoint, job.params, jobs.inputs(job_id))
         expires_at = job.params.get("expires_at")
         for key, data in zip(job.output_keys, files, strict=True):
-            storage.put(key, data, content_type(key), expires_at=expires_at)
+            storage.put(key, data, content_type(key), expires_at=expires_at, storage_id=job.params.get("storage"))
         jobs.update(
             job_id,
             status=SUCCESS,

@@ -15,7 +15,7 @@ from infra.inputs import decode_image, load_image
 from infra.jobs import SqliteJobStore
 from infra.links import sign_path
 from infra.settings import Settings
-from infra.storage import LocalStorage
+from infra.storage import LocalStorage, OutputStorage
 from infra.webhooks import WebhookSender
 from infra.weights import WeightsStore
 from models.errors import NotFound
@@ -45,7 +45,7 @@ def webhook_secret(settings: Settings) -> str:
 class Runtime:
     settings: Settings
     jobs: SqliteJobStore
-    storage: LocalStorage
+    storage: OutputStorage
     weights: WeightsStore
     dispatcher: LocalDispatcher
     webhooks: WebhookSender
@@ -57,7 +57,7 @@ class Runtime:
     def local(cls, settings: Settings | None = None) -> Runtime:
         settings = settings or Settings()
         jobs = SqliteJobStore(settings.db_path)
-        storage = LocalStorage(settings.outputs_dir)
+        storage = OutputStorage(LocalStorage(settings.outputs_dir), settings.data_dir / "storage.json")
         weights = WeightsStore(settings.weights_dir)
         webhooks = WebhookSender(jobs, settings, webhook_secret(settings))
         dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks)

@@ -1,5 +1,6 @@
 """Where outputs go. `LocalStorage` writes files under the data dir that the app serves at
-`/files/<key>`; the S3 side (boto3) implements the same `put` / `url` / `remove_expired`.
+`/files/<key>`; `infra.s3.S3Storage` (boto3) implements the same `put` / `url` / `remove_expired`;
+`OutputStorage` is the one the app uses: local, or the bucket update_s3 set.
 
 An object may carry an expiry (`temp: yes` outputs, upload_image uploads): past it the object is
 no longer served, and the cache cleaner deletes it. Locally the expiry is a small file under
@@ -11,6 +12,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,9 +111,93 @@ class LocalStorage:
         return self.root / EXPIRY_DIR / self.path(key).relative_to(self.root.resolve())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
+    if mode is not None:
+        os.fchmod(fd, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+class OutputStorage:
+    """Where outputs go now: the local files, or the S3 bucket `update_s3` set. The S3 setting is
+    kept in `config_path` (mode 0600: it holds the secret key) so it survives restarts;
+    `reset_s3` deletes it.
+
+    A job records the storage it was submitted under (`storage_id`): its outputs land there, under
+    the links it was given, even when update_s3 switches storage while it is queued. Local files
+    stay served after a switch."""
+
+    def __init__(self, local: LocalStorage, config_path: Path, acl: str | None = None):
+        self.local = local
+        self.config_path = config_path
+        self._backends: dict = {"local": local}
+        self._current = "local"
+        self._lock = threading.Lock()
+        if config_path.is_file():
+            from infra.s3 import S3Config
+
+            self._switch(S3Config.from_json(config_path.read_text()))
+
+    # --- the interface of one storage, on the current backend (or the job's)
+    url_prefix = LocalStorage.url_prefix
+
+    @property
+    def root(self) -> Path:
+        return self.local.root
+
+    @property
+    def current_id(self) -> str:
+        return self._current
+
+    def backend(self, storage_id: str | None = None):
+        """The backend a job was submitted under; the current one for new work (or when the job's
+        backend is no longer known to this process, after update_s3 and a restart)."""
+        return self._backends.get(storage_id or self._current) or self._backends[self._current]
+
+    def put(self, key: str, data: bytes, content_type: str, expires_at: float | None = None,
+            storage_id: str | None = None) -> None:
+        self.backend(storage_id).put(key, data, content_type, expires_at=expires_at)
+
+    def url(self, key: str, base_url: str, expires_at: float | None = None, storage_id: str | None = None) -> str:
+        return self.backend(storage_id).url(key, base_url, expires_at=expires_at)
+
+    def open_path(self, key: str, now: float | None = None) -> Path | None:
+        return self.local.open_path(key, now)
+
+    def remove_expired(self, now: float | None = None) -> tuple[int, int]:
+        removed = freed = 0
+        for backend in list(self._backends.values()):
+            count, size = backend.remove_expired(now)
+            removed, freed = removed + count, freed + size
+        return removed, freed
+
+    def describe(self) -> dict:
+        return self.backend().describe()
+
+    # --- switching
+    def use_s3(self, config) -> list[str]:
+        """Check the bucket with a test write, then send new outputs there and remember it.
+        Raises StorageError (nothing changes) when the check fails; returns its warnings."""
+        from infra.s3 import S3Storage
+
+        warnings = S3Storage(config).check()
+        self._switch(config)
+        _write_atomic(self.config_path, config.to_json().encode(), mode=0o600)
+        return warnings
+
+    def reset(self) -> None:
+        """Back to local storage; the S3 setting is forgotten."""
+        with self._lock:
+            self._current = "local"
+        self.config_path.unlink(missing_ok=True)
+
+    def _switch(self, config) -> None:
+        from infra.s3 import S3Storage
+
+        storage_id = f"s3:{config.endpoint_url}/{config.bucket}/{config.image_directory}"
+        with self._lock:
+            self._backends[storage_id] = S3Storage(config)
+            self._current = storage_id

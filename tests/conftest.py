@@ -44,6 +44,21 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A real S3 endpoint on loopback: moto's server on a free port (one per test module)."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
 def open_client(data_dir: Path, models_dir: Path, **overrides) -> TestClient:
     """A started TestClient on a fresh app over `data_dir` (close it with __exit__)."""
     # tests never fetch the well-known models from the internet (a test that wants it names a loopback URL)

@@ -97,18 +97,6 @@ def test_oversized_bodies_are_refused(make_client):
     assert response.json()["status"] == "error"
 
 
-@pytest.mark.parametrize(
-    "name", ["update_s3", "reset_s3"]
-)
-def test_endpoints_not_built_yet_say_so(module_client, name):
-    body = {"key": KEY, **{f: "x" for f in required_fields(name)}}
-    body.update({"model_category": "lora", "model_format": "ckpt", "image_type": "png", "controlnet_model": "canny"})
-    response = module_client.post(f"/api/v1/enterprise/{name}", json=body)
-    assert response.status_code == 501
-    assert response.json()["status"] == "error"
-    assert "not available on this server yet" in response.json()["message"]
-
-
 def test_openapi_documents_every_request_model(module_client):
     schema = module_client.get("/openapi.json").json()
     for name, endpoint in ENDPOINTS.items():

@@ -13,7 +13,6 @@ emulated and not tested. A missing bucket, a closed port and a silent endpoint a
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import threading
 import time
@@ -23,7 +22,6 @@ from urllib.parse import parse_qs, urlparse
 import boto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 
 from infra.s3 import PRESIGN_MAX_SECONDS, S3Config, S3Storage, StorageError, resolve_bucket
 from models.errors import BadInput
@@ -34,14 +32,8 @@ ADMIN_CREDS = {"region_name": "us-east-1", "aws_access_key_id": "admin", "aws_se
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    """A moto S3 server on a free loopback port (port=0: the OS picks, read back after start)."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+def endpoint(moto_endpoint):
+    return moto_endpoint
 
 
 @pytest.fixture(scope="module")
