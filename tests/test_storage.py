@@ -110,3 +110,21 @@ def test_a_storage_that_fails_fails_the_job_with_a_message(make_client, moto_end
     assert SECRET not in str(result)
     assert post(client, "reset_s3").status_code == 200
     assert post(client, "text2img", **t2i()).json()["status"] == "success"
+
+
+def test_a_stopped_s3_endpoint_fails_jobs_cleanly(make_client):
+    """The S3 server itself goes away after update_s3: jobs end `failed` saying so, promptly."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a",
+                 aws_secret_access_key="a").create_bucket(Bucket="out")
+    client = make_client()
+    assert post(client, "update_s3", **s3_body(endpoint, "out")).status_code == 200
+    server.stop()
+    result = post(client, "text2img", **t2i()).json()
+    assert result["status"] == "failed" and "could not be stored" in result["message"]
+    assert SECRET not in str(result)
