@@ -3,12 +3,7 @@ clear_cache, update_server, system_details."""
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
 import time
-
-import pytest
 
 from tests.conftest import KEY
 
@@ -46,25 +41,6 @@ def wait_started(client, job_id: int, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture
-def receiver():
-    received = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
-
-
 def test_clear_queue_cancels_queued_jobs_and_lets_the_running_one_finish(make_client, receiver):
     url, received = receiver
     client = make_client()
@@ -90,7 +66,7 @@ def test_restart_server_gives_a_fresh_engine_and_keeps_the_queue(make_client):
     dispatcher = client.app.state.runtime.dispatcher
     assert post(client, "text2img", **quick(instant_response="no")).json()["status"] == "success"
     before = dispatcher.engine()
-    running = post(client, "text2img", **slow(steps=20)).json()["id"]
+    running = post(client, "text2img", **slow()).json()["id"]
     wait_started(client, running)
     queued = post(client, "text2img", **quick()).json()["id"]
     result = post(client, "restart_server").json()

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
-import json
-import threading
 import time
-
-import pytest
 
 from infra.jobs import MAX_ID, Job, SqliteJobStore
 from tests.conftest import KEY
@@ -107,25 +102,6 @@ def test_results_survive_a_restart(make_client, tmp_path):
     result = second.post("/api/v1/enterprise/fetch", json={"key": KEY, "request_id": done["id"]}).json()
     assert result["status"] == "success" and result["output"] == done["output"]
     assert second.get(done["output"][0]).status_code == 200
-
-
-@pytest.fixture
-def receiver():
-    received = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
 
 
 def test_webhook_gets_the_result_with_track_id(client, receiver):

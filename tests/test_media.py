@@ -121,15 +121,27 @@ def test_truncated_upload_is_refused(client):
     assert response.status_code == 400 and "truncated" in response.json()["message"]
 
 
-def test_uploads_and_temp_outputs_expire_and_the_cleaner_removes_them(make_client):
-    client = make_client(temp_output_seconds=1, cleanup_interval=0)
+def test_uploads_and_temp_outputs_expire_and_the_cleaner_removes_them(make_client, monkeypatch):
+    """With a 1-hour lifetime: served now; once the storage's clock is 2 hours later, refused and
+    removed by the cleaner, while permanent outputs stay (no real waiting: the clock is moved)."""
+    import infra.storage
+
+    client = make_client(temp_output_seconds=3600, cleanup_interval=0)
     upload = post(client, "upload_image", base64_image=b64(png_bytes(scene(16, 16))), image_type="png")
     temp = post(client, "text2img", **t2i(temp="yes"))
     kept = post(client, "text2img", **t2i())
     assert temp["meta"]["temp"] == "yes" and kept["meta"]["temp"] == "no"
     for url in (upload["image_url"], temp["output"][0], kept["output"][0]):
         assert client.get(url).status_code == 200
-    time.sleep(1.2)
+
+    real_time = time.time
+
+    class TwoHoursLater:
+        @staticmethod
+        def time() -> float:
+            return real_time() + 2 * 3600
+
+    monkeypatch.setattr(infra.storage, "time", TwoHoursLater)
     for url in (upload["image_url"], temp["output"][0]):
         gone = client.get(url)
         assert gone.status_code == 404 and "expired" in gone.json()["message"]
