@@ -1,12 +1,28 @@
 """Deploy the API to Modal:  modal deploy modal_app.py
 
-Preview deployment: ONE GPU container serves the same FastAPI app as the local server, with
-its in-process worker, the weights on a Volume and the jobs database on the container's disk.
-That is why it is capped at one container. The scalable shape (CPU web tier + autoscaling GPU
-worker class + modal.Dict jobs + scheduled cache cleaner) replaces this file in the Modal issue.
+What runs where:
+- `web`: the same FastAPI app as the local server, on CPU containers (`@modal.asgi_app`,
+  `@modal.concurrent`), built with the Modal runtime: jobs in a `modal.Dict`, work handed to the
+  GPU class with `.spawn()`, outputs on the `sd-enterprise-data` Volume (served under `/files/...`
+  as locally) or in the S3 bucket set with update_s3. Its image has no torch: it starts fast.
+- `Worker`: the GPU class (`SDAPI_MODAL_GPU`, A100-80GB by default). `@modal.enter(snap=True)`
+  loads the default model on the CPU for the memory snapshot; a second `@modal.enter` moves it to
+  the GPU. `run(job_id)` takes one job through the same `execute_job` the local worker uses.
+  Autoscaling replaces a load balancer: min / max / buffer containers and the scale-down window
+  are settable at deploy time through the environment variables below.
+- `download_model`: model loads (load_model, load_vae, first-use upscalers) on a CPU container with
+  the weights Volume mounted; the Volume is committed when the load ends.
+- `clean_caches`: a `modal.Cron` running the same cleaning pass as clear_cache (expired outputs,
+  old job records, download scratch).
 
-Before the first deploy, create the API keys secret:
+Before the first deploy, create the secret with the API keys (and, optionally, the webhook secret):
     modal secret create sd-enterprise-api SDAPI_API_KEYS=<your-key>[,<another-key>]
+
+Deploy-time settings (environment variables of the `modal deploy` command):
+    SDAPI_MODAL_GPU (A100-80GB), SDAPI_MODAL_MIN_CONTAINERS (0), SDAPI_MODAL_MAX_CONTAINERS (10),
+    SDAPI_MODAL_BUFFER_CONTAINERS (0), SDAPI_MODAL_SCALEDOWN_WINDOW (300 s),
+    SDAPI_MODAL_GPU_SNAPSHOT (false: CPU memory snapshot only; true: also GPU memory, Modal's
+    experimental option — restores CUDA state and compiled kernels, see the README).
 """
 
 from __future__ import annotations
@@ -17,57 +33,199 @@ import modal
 
 APP_NAME = "sd-enterprise-api"
 GPU = os.environ.get("SDAPI_MODAL_GPU", "A100-80GB")
-WEIGHTS_PATH = "/weights"
+MIN_CONTAINERS = int(os.environ.get("SDAPI_MODAL_MIN_CONTAINERS", "0"))
+MAX_CONTAINERS = int(os.environ.get("SDAPI_MODAL_MAX_CONTAINERS", "10"))
+BUFFER_CONTAINERS = int(os.environ.get("SDAPI_MODAL_BUFFER_CONTAINERS", "0"))
+SCALEDOWN_WINDOW = int(os.environ.get("SDAPI_MODAL_SCALEDOWN_WINDOW", "300"))
+GPU_SNAPSHOT = os.environ.get("SDAPI_MODAL_GPU_SNAPSHOT", "false").lower() in ("1", "true", "yes")
 
-image = (
+WEIGHTS_PATH = "/weights"  # the weights store (Volume)
+DATA_PATH = "/data"  # outputs served under /files when no S3 bucket is set (Volume)
+WEB_TIMEOUT = 150  # Modal's limit for a web request; the sync budget below stays under it
+
+# --------------------------------------------------------------------------- images
+
+WEB_PACKAGES = [
+    "fastapi==0.165.0",
+    "pydantic>=2.10,<3",
+    "pydantic-settings>=2.6,<3",
+    "httpx==0.28.1",
+    "pillow==13.0.0",
+    "nudenet==3.4.2",
+    "onnxruntime==1.32.0",
+    "numpy==2.4.6",
+    "boto3==1.44.5",
+]
+ENGINE_PACKAGES = [
+    "diffusers==0.42.1",
+    "transformers==5.23.0",
+    "accelerate==1.15.0",
+    "safetensors==0.8.0",
+    "scipy==1.17.1",
+    "peft==0.21.2",
+    "tomesd==0.1.3",
+    "opencv-python-headless==5.0.0.93",
+    "spandrel==0.4.2",
+    "imageio-ffmpeg==0.8.1",
+]
+SETTINGS = {
+    "SDAPI_DATA_DIR": DATA_PATH,
+    "SDAPI_MODELS_DIR": WEIGHTS_PATH,
+    "SDAPI_ALLOW_LOCAL_MODEL_PATHS": "false",  # paths mean nothing inside a container
+    "SDAPI_BUILD_TINY_MODELS": "false",
+    "SDAPI_DEFAULT_MODEL_ID": os.environ.get("SDAPI_DEFAULT_MODEL_ID", "stable-diffusion-v1-5"),
+    "SDAPI_DEFAULT_INPAINT_MODEL_ID": os.environ.get("SDAPI_DEFAULT_INPAINT_MODEL_ID", "stable-diffusion-inpainting"),
+    "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2",
+    "SDAPI_SYNC_TIMEOUT": "120",
+    "SDAPI_CLEANUP_INTERVAL": "0",  # the cron function cleans
+}
+SOURCE = ("handlers", "models", "infra")
+IGNORE = ["**/__pycache__/**", "**/*.pyc"]  # not only .py: infra/engine/configs holds architecture configs
+
+web_image = (
     modal.Image.debian_slim(python_version="3.11")
-    # on Linux, PyPI's torch wheel is the CUDA build; the local CPU pin is kept apart in pyproject's `cpu` extra
+    .pip_install(*WEB_PACKAGES)
+    .env(SETTINGS)
+    .add_local_python_source(*SOURCE, ignore=IGNORE)
+)
+# on Linux, PyPI's torch wheel is the CUDA build (the local CPU pin lives in pyproject's `cpu` extra)
+gpu_image = (
+    modal.Image.debian_slim(python_version="3.11")
     .pip_install("torch==2.13.0", "torchvision==0.28.0")
-    .pip_install(
-        "diffusers==0.42.1",
-        "transformers==5.23.0",
-        "accelerate==1.15.0",
-        "safetensors==0.8.0",
-        "scipy==1.17.1",
-        "numpy==2.4.6",
-        "peft==0.21.2",
-        "tomesd==0.1.3",
-        "opencv-python-headless==5.0.0.93",
-        "spandrel==0.4.2",
-        "imageio-ffmpeg==0.8.1",
-        "nudenet==3.4.2",
-        "onnxruntime==1.32.0",
-        "fastapi==0.165.0",
-        "pydantic>=2.10,<3",
-        "pydantic-settings>=2.6,<3",
-        "httpx==0.28.1",
-        "pillow==13.0.0",
-    )
-    # load_model reaches the hub and model URLs from here; local paths mean nothing in a container
-    # text2video's default adapter is the real AnimateDiff one, fetched into the Volume on first use
-    .env({"SDAPI_DATA_DIR": "/tmp/sdapi", "SDAPI_MODELS_DIR": WEIGHTS_PATH, "SDAPI_ALLOW_LOCAL_MODEL_PATHS": "false",
-          "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2"})
-    # not only .py files: infra/engine/configs holds the architecture configs single-file loading needs
-    .add_local_python_source("handlers", "models", "infra", ignore=["**/__pycache__/**", "**/*.pyc"])
+    .pip_install(*ENGINE_PACKAGES, *WEB_PACKAGES)
+    .env(SETTINGS)
+    .add_local_python_source(*SOURCE, ignore=IGNORE)
 )
 
-weights = modal.Volume.from_name("sd-enterprise-weights", create_if_missing=True)
+# --------------------------------------------------------------------------- app, volumes, dicts, secret
+
 app = modal.App(APP_NAME)
+weights = modal.Volume.from_name("sd-enterprise-weights", create_if_missing=True)
+data = modal.Volume.from_name("sd-enterprise-data", create_if_missing=True)
+jobs_dict = modal.Dict.from_name("sd-enterprise-jobs", create_if_missing=True)
+inputs_dict = modal.Dict.from_name("sd-enterprise-inputs", create_if_missing=True)
+config_dict = modal.Dict.from_name("sd-enterprise-config", create_if_missing=True)
+secret = modal.Secret.from_name("sd-enterprise-api", required_keys=["SDAPI_API_KEYS"])
+VOLUMES = {WEIGHTS_PATH: weights, DATA_PATH: data}
 
 
-@app.function(
-    image=image,
-    gpu=GPU,
-    volumes={WEIGHTS_PATH: weights},
-    secrets=[modal.Secret.from_name("sd-enterprise-api", required_keys=["SDAPI_API_KEYS"])],
-    max_containers=1,  # jobs live in this container's SQLite file (see the module docstring)
-    scaledown_window=300,
-    timeout=3600,
-)
-@modal.concurrent(max_inputs=32)
-@modal.asgi_app()
-def api():
-    from infra.api import create_app
+def modal_runtime():
+    """The app's runtime on Modal: the same Runtime as locally, with Modal's backends."""
     from infra.runtime import Runtime
 
-    return create_app(Runtime.local())
+    return Runtime.modal(
+        jobs=jobs_dict,
+        inputs=inputs_dict,
+        config=config_dict,
+        spawn_job=lambda job_id: Worker().run.spawn(job_id),
+        spawn_load=lambda request: download_model.spawn(request),
+        device_label=f"modal: {GPU}",
+        commit_outputs=data.commit,
+        reload_outputs=data.reload,
+    )
+
+
+# --------------------------------------------------------------------------- the GPU worker
+
+
+@app.cls(
+    image=gpu_image,
+    gpu=GPU,
+    volumes=VOLUMES,
+    secrets=[secret],
+    min_containers=MIN_CONTAINERS,
+    max_containers=MAX_CONTAINERS,
+    buffer_containers=BUFFER_CONTAINERS,
+    scaledown_window=SCALEDOWN_WINDOW,
+    timeout=3600,
+    enable_memory_snapshot=True,
+    experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
+)
+@modal.concurrent(max_inputs=1)  # one job at a time per GPU; autoscaling adds containers
+class Worker:
+    @modal.enter(snap=True)
+    def load_on_cpu(self):
+        """Before the snapshot: imports and the default model's weights in CPU memory."""
+        from infra.worker import ModalWorker
+
+        self.worker = ModalWorker(modal_runtime(), device="cuda" if GPU_SNAPSHOT else "cpu")
+        self.worker.warm()
+
+    @modal.enter(snap=False)
+    def move_to_gpu(self):
+        """After each restore: the loaded weights move to the GPU (a no-op with a GPU snapshot)."""
+        self.worker.move_to("cuda")
+
+    @modal.method()
+    def run(self, job_id: int) -> str:
+        """Run one job to `success` or `failed`; returns its status."""
+        status = self.worker.run(job_id, reload_weights=weights.reload)
+        if self.worker.outdated():  # restart_server / clear_cache asked for fresh containers
+            import modal.experimental
+
+            modal.experimental.stop_fetching_inputs()
+        return status
+
+
+# --------------------------------------------------------------------------- model downloads and cleaning
+
+
+@app.function(image=gpu_image, volumes={WEIGHTS_PATH: weights}, secrets=[secret], timeout=3600)
+def download_model(request: dict) -> str:
+    """A load_model / load_vae / first-use download: fetch, verify, convert into the Volume, commit."""
+    from infra.worker import run_download
+
+    status = run_download(modal_runtime(), request)
+    weights.commit()
+    return status
+
+
+@app.function(image=web_image, volumes=VOLUMES, secrets=[secret], schedule=modal.Cron("17 * * * *"))
+def clean_caches() -> dict:
+    """Hourly: jobs whose worker died (retried or failed), expired outputs, job records past their
+    retention, download scratch."""
+    runtime = modal_runtime()
+    queued, failed = runtime.recover_jobs()
+    report = {**runtime.cleaner.clean(), "jobs_requeued": len(queued), "jobs_failed": len(failed)}
+    runtime.webhooks.wait_idle(60)
+    data.commit()
+    weights.commit()
+    return report
+
+
+# --------------------------------------------------------------------------- the web tier
+
+
+@app.function(image=web_image, volumes=VOLUMES, secrets=[secret], timeout=WEB_TIMEOUT, min_containers=MIN_CONTAINERS)
+@modal.concurrent(max_inputs=100)
+@modal.asgi_app()
+def web():
+    from infra.api import create_app
+
+    return create_app(modal_runtime())
+
+
+# --------------------------------------------------------------------------- smoke test
+
+
+@app.local_entrypoint()
+def smoke(key: str, model_id: str = "", prompt: str = "a lighthouse at dusk"):
+    """modal run modal_app.py --key <api key>: calls the deployed app's endpoints, prints timings
+    (the first call may hit cold containers, the second warm ones)."""
+    import time
+
+    import httpx
+
+    base = web.get_web_url()
+    body = {"key": key, "prompt": prompt, "width": 512, "height": 512, "num_inference_steps": 20}
+    if model_id:
+        body["model_id"] = model_id
+    for attempt in ("cold", "warm"):
+        started = time.time()
+        result = httpx.post(f"{base}/api/v1/enterprise/text2img", json=body, timeout=WEB_TIMEOUT).json()
+        while result.get("status") == "processing":
+            time.sleep(2)
+            result = httpx.post(result["fetch_result"], json={"key": key}, timeout=30).json()
+        print(f"{attempt}: {result.get('status')} in {time.time() - started:.1f} s -> {result.get('output')}")
+    details = httpx.post(f"{base}/api/v1/enterprise/system_details", json={"key": key}, timeout=30).json()
+    print("system_details:", details)

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from handlers.generation import models_used
+from infra.jobs import models_used
 from infra.loader import LoadRequest, source_kind
 from infra.runtime import BUILTIN_MODELS
 from infra.weights import CONTROLNET_11_IDS, FAILED, LOADING, READY, validate_model_id

@@ -95,16 +95,6 @@ def _check_mask(init, mask) -> None:
         )
 
 
-def models_used(params: dict) -> set[str]:
-    """Every model id a job's parameters refer to (delete_model refuses to delete these)."""
-    used = {params.get("model_id"), params.get("vae"), params.get("embedding"), params.get("motion_adapter"),
-            params.get("face_restorer"), (params.get("upscale") or {}).get("model_id")}
-    used.update(lora_id for lora_id, _ in params.get("loras", []))
-    for net in params.get("controlnets", []):
-        used.update((net["model_id"], net.get("preprocessor")))
-    return {model_id for model_id in used if model_id}
-
-
 # --------------------------------------------------------------------------- shared steps
 
 

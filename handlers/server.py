@@ -5,7 +5,9 @@ What each does, locally (the Modal deployment maps them onto its containers, see
   model warmed again in the background. Queued jobs stay queued; a running job finishes.
 - update_server: settings read again (environment and `.env`) and applied where they can change
   in a running process; the ones that need a process restart are named. The catalog is the
-  weights store on disk, read on every request; the reply counts it.
+  weights store on disk, read on every request; the reply counts it. On Modal the web container
+  that answers re-reads its environment, and the GPU workers are retired (the generation in the
+  config Dict) so containers started afterwards read theirs.
 - clear_cache: models unloaded from memory, plus one pass of the cache cleaner (expired outputs,
   old job records, download scratch). Reports what it freed.
 - clear_queue: jobs not yet started end `failed` ("cancelled") and notify their webhooks;
@@ -51,12 +53,15 @@ def update_server(req: KeyOnlyRequest, rt) -> MessageResponse:
             setattr(rt.settings, name, getattr(fresh, name))
             changed.append(name)
     models = [entry.model_id for entry in rt.weights.list() if entry.status == READY]
+    if rt.on_modal:  # the GPU containers read their settings at start: retire them so fresh ones start
+        rt.dispatcher.restart()
     return MessageResponse(
         message="server updated",
         version=rt.version,
         settings_changed=changed,
         needs_restart=needs_restart,
         model_count=len(models),
+        workers_restarted=rt.on_modal,
     )
 
 

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from infra.cleaner import CacheCleaner
+from infra.config_store import FileConfigStore
 from infra.dispatch import LocalDispatcher
 from infra.inputs import decode_image, load_image
 from infra.jobs import SqliteJobStore
@@ -50,6 +51,7 @@ class Runtime:
     dispatcher: LocalDispatcher
     webhooks: WebhookSender
     cleaner: CacheCleaner
+    on_modal: bool = False  # on Modal: containers come and go, so start-up does not treat running jobs as dead
     base_url: str = ""
     version: str = VERSION
 
@@ -57,12 +59,32 @@ class Runtime:
     def local(cls, settings: Settings | None = None) -> Runtime:
         settings = settings or Settings()
         jobs = SqliteJobStore(settings.db_path)
-        storage = OutputStorage(LocalStorage(settings.outputs_dir), settings.data_dir / "storage.json")
+        storage = OutputStorage(LocalStorage(settings.outputs_dir), FileConfigStore(settings.data_dir / "config"))
         weights = WeightsStore(settings.weights_dir)
         webhooks = WebhookSender(jobs, settings, webhook_secret(settings))
         dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks)
         cleaner = CacheCleaner(storage, jobs, weights, settings)
         return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner)
+
+    @classmethod
+    def modal(cls, jobs, inputs, config, spawn_job, spawn_load, device_label: str, commit_outputs=None,
+              reload_outputs=None, settings: Settings | None = None) -> Runtime:
+        """The runtime on Modal (see modal_app.py): jobs and run-time config in `modal.Dict`s, work
+        handed to the GPU class with `spawn_job(job_id)`, model loads to the download function with
+        `spawn_load(request)`, outputs on a Volume (committed after each write, reloaded on a miss)
+        or in the S3 bucket set with update_s3. No torch is imported here."""
+        from infra.modal_backends import DictConfigStore, DictJobStore, ModalDispatcher
+
+        settings = settings or Settings()
+        job_store = DictJobStore(jobs, inputs)
+        config_store = DictConfigStore(config)
+        local = LocalStorage(settings.outputs_dir, on_write=commit_outputs, on_miss=reload_outputs)
+        storage = OutputStorage(local, config_store)
+        weights = WeightsStore(settings.weights_dir)
+        webhooks = WebhookSender(job_store, settings, webhook_secret(settings))
+        dispatcher = ModalDispatcher(spawn_job, spawn_load, config_store, job_store, settings, device_label)
+        cleaner = CacheCleaner(storage, job_store, weights, settings)
+        return cls(settings, job_store, storage, weights, dispatcher, webhooks, cleaner, on_modal=True)
 
     def for_request(self, request_base_url: str) -> Runtime:
         """This runtime with the base URL clients reach us at (the setting wins over the request)."""
@@ -92,23 +114,30 @@ class Runtime:
         return sign_path(f"{ARCHIVE_ROUTE}/{entry.model_id}.tar", self.link_secret, self.settings.sync_link_seconds)
 
     def start(self) -> None:
+        if not self.on_modal:  # locally a start means the previous process is gone; on Modal it does not
+            self.weights.recover("The server restarted while this model was loading; load it again.")
+            if self.settings.build_tiny_models:
+                self.ensure_builtin_models()
+        self.dispatcher.start()
+        if not self.on_modal:
+            self.recover_jobs()
+        self.cleaner.start()
+
+    def recover_jobs(self) -> tuple[list[int], list[int]]:
+        """Jobs a dead worker left `processing`: run again while they have attempts left, else
+        failed (and their webhooks called). Locally at start-up; on Modal from the scheduled
+        cleaner (the Dict store counts a job dead when nothing was heard from it for a long time)."""
         attempts = self.settings.job_attempts
         queued, failed = self.jobs.recover(
             attempts, f"The server stopped while this job was running ({attempts} attempts); please submit it again."
         )
         if queued or failed:
-            log.warning("jobs left by an earlier run: %d queued again, %d failed", len(queued), len(failed))
-        interrupted = self.weights.recover("The server restarted while this model was loading; load it again.")
-        if interrupted:
-            log.warning("model loads interrupted by a restart: %s", ", ".join(interrupted))
-        if self.settings.build_tiny_models:
-            self.ensure_builtin_models()
-        self.dispatcher.start()
+            log.warning("jobs left by a dead worker: %d queued again, %d failed", len(queued), len(failed))
         for job_id in queued:
             self.dispatcher.submit(job_id)
         for job_id in failed:
             self.webhooks.job_finished(self.jobs.get(job_id))
-        self.cleaner.start()
+        return queued, failed
 
     def stop(self) -> None:
         self.cleaner.stop()

@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 EXPIRY_DIR = ".expires"
@@ -38,11 +39,16 @@ def content_type(key: str) -> str:
 
 
 class LocalStorage:
+    """Files under `root`. On Modal `root` is on a Volume shared by the web tier and the workers:
+    `on_write` (Volume.commit) publishes what a worker wrote, `on_miss` (Volume.reload) lets the
+    web tier see files committed by other containers since it started."""
+
     url_prefix = "/files"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, on_write: Callable[[], None] | None = None, on_miss: Callable[[], None] | None = None):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.on_write, self.on_miss = on_write, on_miss
 
     def put(self, key: str, data: bytes, content_type: str, expires_at: float | None = None) -> None:
         """Write atomically: a reader never sees half a file under an advertised link. The expiry
@@ -51,6 +57,8 @@ class LocalStorage:
         if expires_at is not None:
             _write_atomic(self._expiry_path(key), repr(expires_at).encode())
         _write_atomic(path, data)
+        if self.on_write is not None:
+            self.on_write()
 
     def path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -72,6 +80,8 @@ class LocalStorage:
             path = self.path(key)
         except ValueError:
             return None
+        if not path.is_file() and self.on_miss is not None:
+            self.on_miss()
         if not path.is_file():
             return None
         expires_at = self.expires_at(key)
@@ -111,11 +121,9 @@ class LocalStorage:
         return self.root / EXPIRY_DIR / self.path(key).relative_to(self.root.resolve())
 
 
-def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
-    if mode is not None:
-        os.fchmod(fd, mode)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -123,23 +131,26 @@ def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
 
 class OutputStorage:
     """Where outputs go now: the local files, or the S3 bucket `update_s3` set. The S3 setting is
-    kept in `config_path` (mode 0600: it holds the secret key) so it survives restarts;
-    `reset_s3` deletes it.
+    kept in the config store (`infra.config_store`: a 0600 file locally, a modal.Dict on Modal) so
+    it survives restarts and every container sees it; `reset_s3` deletes it.
 
     A job records the storage it was submitted under (`storage_id`): its outputs land there, under
     the links it was given, even when update_s3 switches storage while it is queued. Local files
     stay served after a switch."""
 
-    def __init__(self, local: LocalStorage, config_path: Path, acl: str | None = None):
+    CONFIG_NAME = "s3-storage"
+
+    def __init__(self, local: LocalStorage, config):
         self.local = local
-        self.config_path = config_path
+        self.config = config
         self._backends: dict = {"local": local}
         self._current = "local"
         self._lock = threading.Lock()
-        if config_path.is_file():
+        saved = config.get(self.CONFIG_NAME)
+        if saved:
             from infra.s3 import S3Config
 
-            self._switch(S3Config.from_json(config_path.read_text()))
+            self._switch(S3Config.from_json(saved))
 
     # --- the interface of one storage, on the current backend (or the job's)
     url_prefix = LocalStorage.url_prefix
@@ -185,14 +196,14 @@ class OutputStorage:
 
         warnings = S3Storage(config).check()
         self._switch(config)
-        _write_atomic(self.config_path, config.to_json().encode(), mode=0o600)
+        self.config.put(self.CONFIG_NAME, config.to_json())
         return warnings
 
     def reset(self) -> None:
         """Back to local storage; the S3 setting is forgotten."""
         with self._lock:
             self._current = "local"
-        self.config_path.unlink(missing_ok=True)
+        self.config.delete(self.CONFIG_NAME)
 
     def _switch(self, config) -> None:
         from infra.s3 import S3Storage

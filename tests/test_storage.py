@@ -64,7 +64,7 @@ def test_update_s3_sends_outputs_to_the_bucket_and_survives_a_restart(make_clien
 
     details = post(client, "system_details")
     assert details.json()["storage"]["bucket"] == name and SECRET not in details.text
-    saved = (tmp_path / "data" / "storage.json")
+    saved = tmp_path / "data" / "config" / "s3-storage"
     assert saved.stat().st_mode & 0o077 == 0  # the secret is on disk for the owner only
     client.__exit__(None, None, None)
 

@@ -56,6 +56,11 @@ class Engine:
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.cache = ModelCache(weights, self.device, dtype, settings.model_cache_mb * 1024 * 1024)
 
+    def move_to(self, device: str) -> None:
+        """Run on `device` from now on, with the loaded models moved there (fp16 on CUDA)."""
+        self.device = resolve_device(device)
+        self.cache.move_to(self.device, torch.float16 if self.device.type == "cuda" else torch.float32)
+
     @property
     def device_name(self) -> str:
         if self.device.type == "cuda":

@@ -133,6 +133,19 @@ class ModelCache:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    def move_to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move every cached model to `device` / `dtype` and load later ones there (a Modal worker
+        loads on the CPU for its memory snapshot, then moves to the GPU after the restore)."""
+        with self._lock:
+            self.device, self.dtype = device, dtype
+            for entry in self._entries.values():
+                if isinstance(entry, LoadedModel):
+                    entry.pipeline.to(device, dtype)
+                elif isinstance(entry.module, torch.nn.Module):
+                    entry.module.to(device=device, dtype=dtype)
+                elif hasattr(entry.module, "to"):  # spandrel descriptors, transformers pipelines
+                    entry.module.to(device)
+
     # --- eviction
 
     def evict(self, model_id: str) -> None:

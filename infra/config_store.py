@@ -1,0 +1,102 @@
+"""Run-time configuration shared by every process of a deployment: named string values (the S3
+settings update_s3 stores) and the generation counter (bumped by restart_server / clear_cache so
+Modal workers stop taking inputs and fresh containers take over). `FileConfigStore` is the local
+side (files under the data dir), `DictConfigStore` the Modal side (a `modal.Dict`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+GENERATION_KEY = "__generation__"
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name) or name == GENERATION_KEY:
+        raise ValueError(f"not a config name: {name!r} (letters, digits, _ . -, not starting with . or -)")
+    return name
+
+
+class DictConfigStore:
+    """Run-time configuration on a `modal.Dict`, shared by the web tier and the workers: named
+    string values (the S3 settings update_s3 stores, ...) and the generation.
+
+    The generation is an integer that restart_server / clear_cache / delete_model bump; a worker
+    remembers the generation it started under and stops taking inputs once it sees a larger one,
+    so fresh containers take over. Bumps never go backwards and never coincide: bump n is won
+    with a `generation:{n}` key (skip_if_exists); `generation()` reads the published number and
+    looks one step past it, so a bump whose publishing write was overtaken is still seen."""
+
+    def __init__(self, d):
+        self._d = d
+
+    def get(self, name: str) -> str | None:
+        return self._d.get(_check_name(name))
+
+    def put(self, name: str, value: str) -> None:
+        self._d.put(_check_name(name), value)
+
+    def delete(self, name: str) -> None:
+        self._d.pop(_check_name(name), None)
+
+    def generation(self) -> int:
+        n = self._d.get(GENERATION_KEY, 0)
+        while f"generation:{n + 1}" in self._d:
+            n += 1
+        return n
+
+    def bump_generation(self) -> int:
+        """A new, larger generation; returns it."""
+        n = self.generation() + 1
+        while not self._d.put(f"generation:{n}", time.time(), skip_if_exists=True):
+            n += 1
+        self._d.put(GENERATION_KEY, n)
+        return n
+
+
+class FileConfigStore:
+    """The local config store: one file per name under `folder`, mode 0600 (values may hold
+    secrets, e.g. S3 keys), written atomically. Same interface as `DictConfigStore`."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> str | None:
+        path = self.folder / _check_name(name)
+        return path.read_text() if path.is_file() else None
+
+    def put(self, name: str, value: str) -> None:
+        with self._lock:
+            _write_private(self.folder / _check_name(name), value)
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            (self.folder / _check_name(name)).unlink(missing_ok=True)
+
+    def generation(self) -> int:
+        path = self.folder / GENERATION_KEY
+        return int(path.read_text()) if path.is_file() else 0
+
+    def bump_generation(self) -> int:
+        with self._lock:
+            n = self.generation() + 1
+            _write_private(self.folder / GENERATION_KEY, str(n))
+            return n
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,70 @@
+"""The GPU worker's side on Modal: one container of `modal_app.Worker` runs jobs through the same
+`execute_job` as the local worker threads, with an engine that can be built on the CPU (for the
+memory snapshot) and moved to the GPU after the restore.
+
+Kept out of modal_app.py so it is plain Python that tests can drive with stand-ins.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from infra.dispatch import execute_job
+from infra.jobs import models_used
+from infra.loader import LoadRequest, run_load
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_FLUSH_SECONDS = 30  # a container may be reclaimed after its input: deliver webhooks first
+
+
+class ModalWorker:
+    def __init__(self, runtime, device: str = "cpu"):
+        from infra.engine.generate import Engine
+
+        self.runtime = runtime
+        settings = runtime.settings.model_copy(update={"device": device})
+        self.engine = Engine(settings, runtime.weights)
+        self.generation = runtime.dispatcher.config.generation()
+
+    def warm(self) -> None:
+        """Load the default model (before the memory snapshot: into CPU memory)."""
+        try:
+            self.engine.warm(self.runtime.settings.default_model_id)
+        except Exception:  # no default model on the Volume yet: jobs load what they need
+            log.exception("could not warm the default model")
+
+    def move_to(self, device: str) -> None:
+        self.engine.move_to(device)
+
+    def run(self, job_id: int, reload_weights: Callable[[], None] | None = None) -> str:
+        """One job to its end; the weights Volume is reloaded first when a model it needs is not
+        visible in this container yet (loaded by another container after this one started)."""
+        runtime = self.runtime
+        job = runtime.jobs.get(job_id)
+        if job is None:
+            return "missing"
+        if reload_weights is not None and _missing_models(job.params, runtime.weights):
+            reload_weights()
+        finished = execute_job(job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks)
+        runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
+        return finished.status if finished else "missing"
+
+    def outdated(self) -> bool:
+        """True when restart_server / clear_cache asked for fresh containers after this one started."""
+        return self.runtime.dispatcher.config.generation() > self.generation
+
+
+def run_download(runtime, request: dict) -> str:
+    """A model load on the download function: the same `run_load` as locally; its outcome."""
+    load = LoadRequest(**request)
+    run_load(load, runtime.weights, runtime.settings, runtime.webhooks.post_event)
+    runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
+    entry = runtime.weights.get(load.model_id)
+    return entry.status if entry is not None else "missing"
+
+
+def _missing_models(params: dict, weights) -> bool:
+
+    return any(weights.get(model_id) is None for model_id in models_used(params))
