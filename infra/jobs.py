@@ -59,6 +59,20 @@ def models_used(params: dict) -> set[str]:
     return {model_id for model_id in used if model_id}
 
 
+def wait_until_done(get, job_id: int, timeout: float, pause) -> Job | None:
+    """`get(job_id)` until the job is terminal or `timeout` seconds pass, calling `pause(remaining)`
+    in between (each store waits its own way); the latest record."""
+    deadline = time.monotonic() + timeout
+    job = get(job_id)
+    while job is not None and not job.done:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        pause(remaining)
+        job = get(job_id)
+    return job
+
+
 _JSON_FIELDS = ("params", "meta", "output_keys", "future_links")
 _COLUMNS = [f for f in Job.__dataclass_fields__]
 
@@ -193,16 +207,12 @@ class SqliteJobStore:
 
     def wait(self, job_id: int, timeout: float) -> Job | None:
         """Block until the job is terminal or `timeout` seconds pass; return its latest record."""
-        deadline = time.monotonic() + timeout
-        job = self.get(job_id)
-        while job is not None and not job.done:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            with self._changed:
-                self._changed.wait(min(remaining, 0.5))
-            job = self.get(job_id)
-        return job
+
+        def pause(seconds: float) -> None:
+            with self._changed:  # woken by any update, at the latest after half a second
+                self._changed.wait(min(seconds, 0.5))
+
+        return wait_until_done(self.get, job_id, timeout, pause)
 
     # --- rows
     @staticmethod

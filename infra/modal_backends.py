@@ -29,7 +29,7 @@ from typing import Any
 
 from infra.config_store import DictConfigStore, FileConfigStore  # noqa: F401 - the Modal and local config stores
 from infra.dispatch import work_units
-from infra.jobs import FAILED, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job
+from infra.jobs import FAILED, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job, wait_until_done
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
 
@@ -218,15 +218,7 @@ class DictJobStore:
 
     def wait(self, job_id: int, timeout: float) -> Job | None:
         """Poll until the job is terminal or `timeout` seconds pass; return its latest record."""
-        deadline = time.monotonic() + timeout
-        job = self.get(job_id)
-        while job is not None and not job.done:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            time.sleep(min(POLL_SECONDS, remaining))
-            job = self.get(job_id)
-        return job
+        return wait_until_done(self.get, job_id, timeout, lambda remaining: time.sleep(min(POLL_SECONDS, remaining)))
 
     # --- the unfinished index
     def _read_index(self) -> dict[int, float]:
