@@ -15,8 +15,10 @@ What runs where:
 - `clean_caches`: a `modal.Cron` running the same cleaning pass as clear_cache (expired outputs,
   old job records, download scratch).
 
-Before the first deploy, create the secret with the API keys (and, optionally, the webhook secret):
-    modal secret create sd-enterprise-api SDAPI_API_KEYS=<your-key>[,<another-key>]
+Before the first deploy, create the secret with the API keys (and, optionally, the webhook signing
+secret and a default S3 bucket as update_s3's fields in JSON):
+    modal secret create sd-enterprise-api SDAPI_API_KEYS=<your-key>[,<another-key>] \
+        [SDAPI_WEBHOOK_SECRET=<secret>] [SDAPI_S3_CONFIG='{"endpoint_url": ..., ...}']
 
 Deploy-time settings (environment variables of the `modal deploy` command):
     SDAPI_MODAL_GPU (A100-80GB), SDAPI_MODAL_MIN_CONTAINERS (0), SDAPI_MODAL_MAX_CONTAINERS (10),
@@ -122,6 +124,8 @@ def modal_runtime():
         device_label=f"modal: {GPU}",
         commit_outputs=data.commit,
         reload_outputs=data.reload,
+        commit_weights=weights.commit,  # a `loading` manifest the web tier writes is seen by the downloader
+        reload_weights=weights.reload,
     )
 
 

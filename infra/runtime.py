@@ -16,7 +16,7 @@ from infra.inputs import decode_image, load_image
 from infra.jobs import SqliteJobStore
 from infra.links import sign_path
 from infra.settings import Settings
-from infra.storage import LocalStorage, OutputStorage
+from infra.storage import LocalStorage, OutputStorage, default_s3
 from infra.webhooks import WebhookSender
 from infra.weights import WeightsStore
 from models.errors import NotFound
@@ -59,7 +59,9 @@ class Runtime:
     def local(cls, settings: Settings | None = None) -> Runtime:
         settings = settings or Settings()
         jobs = SqliteJobStore(settings.db_path)
-        storage = OutputStorage(LocalStorage(settings.outputs_dir), FileConfigStore(settings.data_dir / "config"))
+        storage = OutputStorage(
+            LocalStorage(settings.outputs_dir), FileConfigStore(settings.data_dir / "config"), default_s3(settings)
+        )
         weights = WeightsStore(settings.weights_dir)
         webhooks = WebhookSender(jobs, settings, webhook_secret(settings))
         dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks)
@@ -68,19 +70,20 @@ class Runtime:
 
     @classmethod
     def modal(cls, jobs, inputs, config, spawn_job, spawn_load, device_label: str, commit_outputs=None,
-              reload_outputs=None, settings: Settings | None = None) -> Runtime:
+              reload_outputs=None, commit_weights=None, reload_weights=None, settings: Settings | None = None) -> Runtime:
         """The runtime on Modal (see modal_app.py): jobs and run-time config in `modal.Dict`s, work
         handed to the GPU class with `spawn_job(job_id)`, model loads to the download function with
         `spawn_load(request)`, outputs on a Volume (committed after each write, reloaded on a miss)
-        or in the S3 bucket set with update_s3. No torch is imported here."""
+        or in the S3 bucket set with update_s3, weights on a Volume (committed after each manifest
+        change, reloaded before reads). No torch is imported here."""
         from infra.modal_backends import DictConfigStore, DictJobStore, ModalDispatcher
 
         settings = settings or Settings()
         job_store = DictJobStore(jobs, inputs)
         config_store = DictConfigStore(config)
         local = LocalStorage(settings.outputs_dir, on_write=commit_outputs, on_miss=reload_outputs)
-        storage = OutputStorage(local, config_store)
-        weights = WeightsStore(settings.weights_dir)
+        storage = OutputStorage(local, config_store, default_s3(settings))
+        weights = WeightsStore(settings.weights_dir, on_write=commit_weights, refresh=reload_weights)
         webhooks = WebhookSender(job_store, settings, webhook_secret(settings))
         dispatcher = ModalDispatcher(spawn_job, spawn_load, config_store, job_store, settings, device_label)
         cleaner = CacheCleaner(storage, job_store, weights, settings)

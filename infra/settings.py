@@ -119,6 +119,11 @@ class Settings(BaseSettings):
 
     # --- S3 storage (the bucket itself is set with update_s3)
     s3_acl: str | None = Field(None, description="ACL set on every uploaded object, e.g. public-read; none by default.")
+    s3_config: str | None = Field(
+        None,
+        description="JSON object with update_s3's fields: the bucket outputs go to by default (e.g. set in the "
+        "Modal secret). update_s3 overrides it; reset_s3 returns to it.",
+    )
 
     # --- safety checker and nsfw_image_check
     safety_checker_default: bool = Field(

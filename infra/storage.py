@@ -140,9 +140,11 @@ class OutputStorage:
 
     CONFIG_NAME = "s3-storage"
 
-    def __init__(self, local: LocalStorage, config):
+    def __init__(self, local: LocalStorage, config, default_s3=None):
+        """`default_s3`: an S3Config the server starts with (setting `s3_config`), else local files."""
         self.local = local
         self.config = config
+        self.default_s3 = default_s3
         self._backends: dict = {"local": local}
         self._current = "local"
         self._lock = threading.Lock()
@@ -151,6 +153,8 @@ class OutputStorage:
             from infra.s3 import S3Config
 
             self._switch(S3Config.from_json(saved))
+        elif default_s3 is not None:
+            self._switch(default_s3)
 
     # --- the interface of one storage, on the current backend (or the job's)
     url_prefix = LocalStorage.url_prefix
@@ -200,10 +204,14 @@ class OutputStorage:
         return warnings
 
     def reset(self) -> None:
-        """Back to local storage; the S3 setting is forgotten."""
-        with self._lock:
-            self._current = "local"
+        """Back to the server's default storage (the `s3_config` bucket, else local files); the
+        update_s3 setting is forgotten."""
         self.config.delete(self.CONFIG_NAME)
+        if self.default_s3 is not None:
+            self._switch(self.default_s3)
+        else:
+            with self._lock:
+                self._current = "local"
 
     def _switch(self, config) -> None:
         from infra.s3 import S3Storage
@@ -212,3 +220,21 @@ class OutputStorage:
         with self._lock:
             self._backends[storage_id] = S3Storage(config)
             self._current = storage_id
+
+
+def default_s3(settings):
+    """The S3Config of the `s3_config` setting (update_s3's fields as JSON), or None."""
+    if not settings.s3_config:
+        return None
+    import json
+
+    from pydantic import ValidationError
+
+    from infra.s3 import S3Config
+    from models.requests import UpdateS3Request
+
+    try:
+        fields = UpdateS3Request.model_validate(json.loads(settings.s3_config))
+    except (ValueError, ValidationError) as exc:
+        raise ValueError(f"SDAPI_S3_CONFIG is not a JSON object with update_s3's fields: {exc}") from None
+    return S3Config.from_request(fields, settings.s3_acl)

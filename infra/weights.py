@@ -112,14 +112,21 @@ class ModelEntry:
 
 
 class WeightsStore:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, on_write: Callable[[], None] | None = None,
+                 refresh: Callable[[], None] | None = None, refresh_seconds: float = 2.0):
+        """On Modal `root` is a Volume several containers share: `on_write` (Volume.commit) runs
+        after every manifest change or delete so the others can see it, and `refresh`
+        (Volume.reload) runs before reads, at most every `refresh_seconds`."""
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.on_write, self.refresh, self.refresh_seconds = on_write, refresh, refresh_seconds
+        self._refreshed = 0.0
 
     def folder(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
 
     def get(self, model_id: str) -> ModelEntry | None:
+        self._refresh()
         manifest = self.folder(model_id) / MANIFEST
         try:
             return ModelEntry.from_json(manifest.read_text())
@@ -127,6 +134,7 @@ class WeightsStore:
             return None
 
     def list(self) -> list[ModelEntry]:
+        self._refresh()
         entries = []
         for manifest in sorted(self.root.glob(f"*/{MANIFEST}")):
             try:
@@ -199,6 +207,7 @@ class WeightsStore:
 
     def delete(self, model_id: str) -> None:
         shutil.rmtree(self.folder(model_id))
+        self._written()
 
     def recover(self, message: str) -> list[str]:
         """After a restart: loads that were running are failed, scratch folders removed."""
@@ -256,11 +265,23 @@ class WeightsStore:
             while chunk := pipe.read(1 << 20):
                 yield chunk
 
-    @staticmethod
-    def _write_manifest(folder: Path, entry: ModelEntry) -> None:
+    def _write_manifest(self, folder: Path, entry: ModelEntry) -> None:
         tmp = folder / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(asdict(entry), indent=2))
         os.replace(tmp, folder / MANIFEST)
+        self._written()
+
+    def _written(self) -> None:
+        if self.on_write is not None:
+            self.on_write()
+
+    def _refresh(self) -> None:
+        if self.refresh is not None and time.monotonic() - self._refreshed >= self.refresh_seconds:
+            self._refreshed = time.monotonic()
+            try:
+                self.refresh()
+            except Exception:  # a reload can fail while a file is open; the next read tries again
+                pass
 
 
 def _context_dim(folder: Path) -> int:

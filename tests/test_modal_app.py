@@ -78,7 +78,11 @@ def modal_client(models_dir, tmp_path):
     holder = {}
     run_job = FakeFunction(lambda job_id: holder["worker"].run(job_id))
     load = FakeFunction(lambda request: run_download(holder["runtime"], request))
-    runtime = Runtime.modal(FakeDict(), FakeDict(), FakeDict(), run_job.spawn, load.spawn, "modal: test", settings=settings)
+    holder["commits"], holder["reloads"] = [], []  # what Volume.commit / Volume.reload would be asked
+    runtime = Runtime.modal(FakeDict(), FakeDict(), FakeDict(), run_job.spawn, load.spawn, "modal: test",
+                            commit_weights=lambda: holder["commits"].append("weights"),
+                            reload_weights=lambda: holder["reloads"].append("weights"),
+                            commit_outputs=lambda: holder["commits"].append("outputs"), settings=settings)
     holder["runtime"] = runtime
     holder["worker"] = ModalWorker(runtime, device="cpu")
     with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
@@ -90,6 +94,7 @@ def test_the_web_app_on_the_modal_runtime_runs_jobs_end_to_end(modal_client):
     result = client.post("/api/v1/enterprise/text2img", json={"key": KEY, "prompt": "x", "width": 64, "height": 64,
                                                               "steps": 2}).json()
     assert result["status"] == "success", result
+    assert "outputs" in holder["commits"]  # the worker's file is committed for the web tier to serve
     assert client.get(result["output"][0]).content[:8] == b"\x89PNG\r\n\x1a\n"
     fetched = client.post(f"/api/v1/enterprise/fetch/{result['id']}", json={"key": KEY}).json()
     assert fetched["status"] == "success" and fetched["output"] == result["output"]
@@ -144,3 +149,5 @@ def test_model_loads_on_modal_go_to_the_download_function(modal_client, tmp_path
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert runtime.weights.get("x2").status == "ready"
+    # every manifest change (loading -> ready) was committed for the other containers, reads reloaded
+    assert holder["commits"].count("weights") >= 2 and holder["reloads"]

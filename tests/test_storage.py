@@ -128,3 +128,19 @@ def test_a_stopped_s3_endpoint_fails_jobs_cleanly(make_client):
     result = post(client, "text2img", **t2i()).json()
     assert result["status"] == "failed" and "could not be stored" in result["message"]
     assert SECRET not in str(result)
+
+
+def test_a_default_bucket_from_the_settings_is_where_reset_s3_returns(make_client, moto_endpoint, bucket, tmp_path):
+    """SDAPI_S3_CONFIG (e.g. from the Modal secret) is the server's default storage: outputs go
+    there from the start, update_s3 overrides it, reset_s3 comes back to it."""
+    import json
+
+    name, admin = bucket
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    admin.create_bucket(Bucket=other)
+    client = make_client(s3_config=json.dumps(s3_body(moto_endpoint, name)))
+    assert post(client, "text2img", **t2i()).json()["output"][0].startswith(f"{moto_endpoint}/{name}/")
+    assert post(client, "update_s3", **s3_body(moto_endpoint, other)).status_code == 200
+    assert post(client, "text2img", **t2i()).json()["output"][0].startswith(f"{moto_endpoint}/{other}/")
+    assert post(client, "reset_s3").json()["storage"]["bucket"] == name
+    assert post(client, "text2img", **t2i()).json()["output"][0].startswith(f"{moto_endpoint}/{name}/")
