@@ -29,7 +29,7 @@ from infra.runtime import ARCHIVE_ROUTE
 from infra.storage import content_type
 from infra.weights import validate_model_id
 from models import requests as rq
-from models.errors import ApiError, InvalidKey, NotFound, PayloadTooLarge
+from models.errors import ApiError, Forbidden, InvalidKey, NotFound, PayloadTooLarge
 from models.responses import (
     ErrorResponse,
     JobResponse,
@@ -50,7 +50,7 @@ class Endpoint:
     handler: Callable[[Any, Any], BaseModel]
     response: Any
     summary: str
-    admin: bool = False  # catalog and server endpoints; key roles arrive with per-key limits
+    admin: bool = False  # catalog and server endpoints: admin keys only, when the server has separate ones
 
 
 # The whole API. name -> (request model, handler, response model, summary, admin-only)
@@ -172,7 +172,7 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
 def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, documented: bool) -> None:
     async def route(request: Request):
         data, problem = await _read_body(request, runtime.settings.max_body_bytes)
-        _check_key(data, request, runtime.settings.api_keys)
+        _check_key(data, request, runtime.settings, name, endpoint.admin)
         if problem:
             raise problem
         if "request_id" in request.path_params:
@@ -230,12 +230,25 @@ async def _read_body(request: Request, limit: int) -> tuple[dict, ApiError | Non
     return data, None
 
 
-def _check_key(data: dict, request: Request, keys: list[str]) -> None:
+def _check_key(data: dict, request: Request, settings, name: str, admin_only: bool) -> None:
+    """A valid key (body `key` or `Authorization: Bearer`), compared in constant time; for the
+    catalog and server endpoints an admin key when the server has separate admin keys."""
     key = data.get("key")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     candidates = [k for k in (key, token if scheme.lower() == "bearer" else None) if isinstance(k, str) and k]
-    if not any(hmac.compare_digest(c.encode(), k.encode()) for c in candidates for k in keys):
+    admins = settings.admin_api_keys
+    valid = [*settings.api_keys, *admins]
+    if not any(_same(c, k) for c in candidates for k in valid):
         raise InvalidKey()
+    if admin_only and admins and not any(_same(c, k) for c in candidates for k in admins):
+        raise Forbidden(
+            f"This key may not use {name}: it is a generation key",
+            tip="Catalog and server endpoints need an admin key (SDAPI_ADMIN_API_KEYS).",
+        )
+
+
+def _same(candidate: str, key: str) -> bool:
+    return hmac.compare_digest(candidate.encode(), key.encode())
 
 
 def _validation_messages(exc: ValidationError) -> dict[str, list[str]]:

@@ -13,6 +13,7 @@ import io
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from infra import fetcher
 from infra.settings import Settings
 from models.errors import BadInput
 
@@ -32,26 +33,28 @@ def load_image(ref: str, field: str, settings: Settings) -> Image.Image:
 
 
 def download(url: str, field: str, settings: Settings) -> bytes:
+    """Fetch an image URL through `infra.fetcher` (public addresses only, unless allowlisted;
+    redirects checked; at most `max_input_image_bytes`)."""
     limit = settings.max_input_image_bytes
     try:
-        with httpx.Client(
-            timeout=settings.image_fetch_timeout, follow_redirects=True, max_redirects=_MAX_REDIRECTS
-        ) as client, client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+        with fetcher.stream(
+            "GET",
+            url,
+            allowlist=settings.fetch_allowlist,
+            timeout=settings.image_fetch_timeout,
+            headers={"Accept": "image/*"},
+            max_redirects=_MAX_REDIRECTS,
+        ) as response:
             if response.status_code != 200:
                 raise BadInput(
                     f"{field} could not be downloaded: {url} answered HTTP {response.status_code}",
                     tip=f"Make sure {field} is a publicly reachable image URL.",
                 )
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise _too_big(field, limit)
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_big(field, limit)
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return b"".join(fetcher.iter_capped(response, limit))
+    except fetcher.Blocked as exc:
+        raise BadInput(f"{field} could not be downloaded: {exc.message}", tip=exc.tip) from None
+    except fetcher.TooLarge:
+        raise _too_big(field, limit) from None
     except httpx.InvalidURL:
         raise BadInput(f"{field} is not a valid URL: {url!r}") from None
     except httpx.TooManyRedirects:

@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
+from infra import fetcher
 from infra.weights import ModelEntry, WeightsStore
 from models.errors import BadInput
 
@@ -136,26 +137,33 @@ class LoadError(Exception):
 
 
 def download_file(url: str, target: Path, settings) -> Path:
+    """Download `url` into `target` through `infra.fetcher` (public addresses only, unless
+    allowlisted; redirects checked; at most `max_model_bytes`)."""
     cap = settings.max_model_bytes
     timeout = httpx.Timeout(settings.model_download_timeout, connect=10.0)
     try:
-        with httpx.stream("GET", url, follow_redirects=True, timeout=timeout) as response:
+        with fetcher.stream(
+            "GET", url, allowlist=getattr(settings, "fetch_allowlist", []), timeout=timeout
+        ) as response:
             if response.status_code >= 400:
                 raise LoadError(f"download failed: HTTP {response.status_code} from {url}")
             declared = int(response.headers.get("content-length") or 0)
-            if declared > cap:
-                raise LoadError(f"the file is {declared} bytes, over this server's limit of {cap} bytes")
+            fetcher.check_length(response, cap)  # before a file is created
             path = target / _file_name(response)
             size = 0
             with path.open("wb") as out:
-                for chunk in response.iter_bytes(1 << 20):
+                for chunk in fetcher.iter_capped(response, cap, 1 << 20):
                     size += len(chunk)
-                    if size > cap:
-                        raise LoadError(f"the file is over this server's limit of {cap} bytes")
                     out.write(chunk)
             if declared and size < declared:
                 raise LoadError(f"the download ended early ({size} of {declared} bytes)")
             return path
+    except fetcher.Blocked as exc:
+        raise LoadError(f"download refused: {exc.message}") from None
+    except fetcher.TooLarge as exc:
+        if exc.declared is not None:
+            raise LoadError(f"the file is {exc.declared} bytes, over this server's limit of {cap} bytes") from None
+        raise LoadError(f"the file is over this server's limit of {cap} bytes") from None
     except httpx.HTTPError as exc:
         raise LoadError(f"download failed: {type(exc).__name__} for {url}") from exc
 

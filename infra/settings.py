@@ -30,6 +30,12 @@ class Settings(BaseSettings):
         default_factory=lambda: [DEV_API_KEY],
         description="Comma-separated API keys. Default: the development key `enterprise_api_key`.",
     )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated admin keys: only these may use the catalog and server endpoints "
+        "(load/delete models, sync, restart/update server, update_s3/reset_s3, clear_cache/clear_queue); "
+        "the SDAPI_API_KEYS then only generate. Empty: every API key is an admin key.",
+    )
     errors_with_http_200: bool = Field(
         False, description="Answer errors with HTTP 200 (status in the body only), for legacy clients."
     )
@@ -66,6 +72,12 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted input image file.")
     max_input_image_pixels: int = Field(4096 * 4096, description="Largest accepted input image, in pixels.")
     image_fetch_timeout: float = Field(20.0, description="Seconds to download an input image.")
+    fetch_allowlist: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated hosts or host:port pairs the server may fetch (images, model "
+        "files, webhooks) although they resolve to a loopback, private or link-local address; "
+        "every other such URL is refused. Default: none.",
+    )
 
     # --- model catalog
     allow_local_model_paths: bool = Field(
@@ -158,7 +170,7 @@ class Settings(BaseSettings):
         "tiny-motion-adapter", description="AnimateDiff motion adapter text2video uses when a request names none."
     )
 
-    @field_validator("api_keys", "placeholder_model_ids", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "placeholder_model_ids", "fetch_allowlist", mode="before")
     @classmethod
     def _split_commas(cls, value):
         if isinstance(value, str):

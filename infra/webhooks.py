@@ -41,6 +41,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from infra import fetcher
 from infra.jobs import Job
 from models.responses import job_response
 
@@ -123,7 +124,7 @@ class WebhookSender:
         self.backoff = max(0.0, settings.webhook_backoff)
         self.timeout = settings.webhook_timeout
         self.senders = max(1, senders)
-        self._client = httpx.Client(timeout=self.timeout, follow_redirects=False, headers={"User-Agent": USER_AGENT})
+        self.fetch_allowlist = list(getattr(settings, "fetch_allowlist", []))  # hosts allowed although private
         self._random = random.Random()
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, _Delivery]] = []  # (due, monotonic seconds; tie-break; delivery)
@@ -271,10 +272,12 @@ class WebhookSender:
                 self._push(delivery, time.monotonic() + delay)
 
     def _post(self, delivery: _Delivery) -> _Outcome:
-        """POST the delivery's bytes, signed for this attempt. Only the status line and headers of
-        the answer are read; its body is ignored."""
+        """POST the delivery's bytes, signed for this attempt, through `infra.fetcher` (public
+        addresses only unless allowlisted; redirects are not followed). Only the status line and
+        headers of the answer are read; its body is ignored."""
         timestamp = str(int(time.time()))
         headers = {
+            "User-Agent": USER_AGENT,
             "Content-Type": "application/json",
             "X-Webhook-Id": delivery.event_id,
             "X-Webhook-Timestamp": timestamp,
@@ -282,8 +285,20 @@ class WebhookSender:
             "X-Webhook-Signature": sign(self.secret, timestamp, delivery.body),
         }
         try:
-            with self._client.stream("POST", delivery.url, content=delivery.body, headers=headers) as response:
+            with fetcher.stream(
+                "POST",
+                delivery.url,
+                allowlist=self.fetch_allowlist,
+                timeout=self.timeout,
+                headers=headers,
+                content=delivery.body,
+                follow_redirects=False,
+            ) as response:
                 code, retry_after = response.status_code, response.headers.get("Retry-After")
+        except fetcher.PrivateAddress as exc:  # not sent, not retried
+            return _Outcome(False, f"not sent: {exc.message}")
+        except fetcher.Blocked as exc:  # not http(s)
+            return _Outcome(False, f"invalid webhook URL: {exc.message}")
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             return _Outcome(False, f"invalid webhook URL: {_short(exc)}")
         except httpx.TimeoutException:

@@ -85,6 +85,8 @@ def open_client(data_dir: Path, models_dir: Path, **overrides) -> TestClient:
     """A started TestClient on a fresh app over `data_dir` (close it with __exit__)."""
     # tests never fetch the well-known models from the internet (a test that wants it names a loopback URL)
     overrides.setdefault("fetch_known_models", False)
+    # tests serve images, models and webhooks from loopback servers, which the fetcher refuses otherwise
+    overrides.setdefault("fetch_allowlist", ["127.0.0.1", "localhost"])
     settings = Settings(data_dir=data_dir, models_dir=models_dir, **overrides)
     client = TestClient(create_app(Runtime.local(settings)), raise_server_exceptions=False)
     client.__enter__()

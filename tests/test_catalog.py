@@ -510,10 +510,10 @@ def test_downloads_are_size_capped_and_local_paths_can_be_refused(files, tmp_pat
     from models.errors import BadInput
 
     with pytest.raises(LoadError, match="limit"):
-        fetch_source(f"{files['url']}/tiny.safetensors", tmp_path / "dl", Settings(max_model_bytes=1000))
+        fetch_source(f"{files['url']}/tiny.safetensors", tmp_path / "dl", Settings(max_model_bytes=1000, fetch_allowlist=["127.0.0.1"]))
     with pytest.raises(BadInput, match="local paths are not allowed"):
         source_kind(str(files["root"] / "tiny.safetensors"), allow_local=False)
-    named = fetch_source(f"{files['url']}/tiny.ckpt", tmp_path / "dl2", Settings())
+    named = fetch_source(f"{files['url']}/tiny.ckpt", tmp_path / "dl2", Settings(fetch_allowlist=["127.0.0.1"]))
     assert named.name == "tiny.ckpt" and named.stat().st_size == (files["root"] / "tiny.ckpt").stat().st_size
 
 

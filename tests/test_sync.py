@@ -48,7 +48,8 @@ class Server:
 def deployment(tmp_path, models_dir, name: str, key: str) -> Server:
     models = tmp_path / name / "models"
     shutil.copytree(models_dir, models)
-    settings = Settings(data_dir=tmp_path / name / "data", models_dir=models, api_keys=[key])
+    settings = Settings(data_dir=tmp_path / name / "data", models_dir=models, api_keys=[key],
+                        fetch_allowlist=["127.0.0.1"])  # the two deployments talk over loopback
     return Server(create_app(Runtime.local(settings)))
 
 

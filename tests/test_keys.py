@@ -1,0 +1,56 @@
+"""Key roles: with SDAPI_ADMIN_API_KEYS set, the catalog and server endpoints need an admin key;
+generation keys may generate, fetch and read the catalog. Keys are never echoed."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.api import ENDPOINTS
+
+API = "/api/v1/enterprise"
+GEN, ADMIN = "gen-key-7f3a", "admin-key-91bd"
+ADMIN_ONLY = sorted(name for name, endpoint in ENDPOINTS.items() if endpoint.admin)
+
+
+@pytest.fixture(scope="module")
+def roles(models_dir, tmp_path_factory):
+    from tests.conftest import open_client
+
+    client = open_client(tmp_path_factory.mktemp("roles"), models_dir, api_keys=[GEN], admin_api_keys=[ADMIN])
+    yield client
+    client.__exit__(None, None, None)
+
+
+def test_the_admin_endpoints_are_the_catalog_and_server_ones():
+    assert ADMIN_ONLY == ["clear_cache", "clear_queue", "delete_model", "load_model", "load_model_v2", "load_vae",
+                          "reset_s3", "restart_server", "sync_models", "update_s3", "update_server"]
+
+
+@pytest.mark.parametrize("name", ADMIN_ONLY)
+def test_generation_keys_may_not_use_admin_endpoints(roles, name):
+    response = roles.post(f"{API}/{name}", json={"key": GEN})
+    assert response.status_code == 403, response.text
+    assert response.json()["status"] == "error" and name in response.json()["message"]
+    assert GEN not in response.text
+
+
+def test_generation_keys_generate_and_read(roles):
+    body = {"key": GEN, "prompt": "x", "width": 64, "height": 64, "steps": 2}
+    result = roles.post(f"{API}/text2img", json=body)
+    assert result.json()["status"] == "success" and GEN not in result.text
+    for name in ("fetch", "system_details", "get_all_models", "schedulers_list"):
+        extra = {"request_id": result.json()["id"]} if name == "fetch" else {}
+        assert roles.post(f"{API}/{name}", json={"key": GEN, **extra}).status_code == 200, name
+
+
+def test_admin_keys_do_everything(roles):
+    assert roles.post(f"{API}/clear_queue", json={"key": ADMIN}).json()["status"] == "success"
+    assert roles.post(f"{API}/clear_queue", headers={"Authorization": f"Bearer {ADMIN}"}, json={}).status_code == 200
+    body = {"key": ADMIN, "prompt": "x", "width": 64, "height": 64, "steps": 2}
+    assert roles.post(f"{API}/text2img", json=body).json()["status"] == "success"
+
+
+def test_unknown_keys_are_refused_everywhere(roles):
+    for name in ("text2img", "clear_queue", "fetch"):
+        response = roles.post(f"{API}/{name}", json={"key": "nope"})
+        assert response.status_code == 401 and "nope" not in response.text
