@@ -8,10 +8,12 @@ verify_model / get_all_models and is posted to `webhook` when one is given.
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
 
+from infra import fetcher
 from infra.jobs import models_used
 from infra.loader import LoadRequest, source_kind
 from infra.runtime import BUILTIN_MODELS
@@ -134,37 +136,49 @@ def sync_models(req: SyncModelsRequest, rt) -> MessageResponse:
             "sync_url is required: the base URL of the deployment to copy the models to",
             tip="Send sync_url (e.g. https://other.example) or set SDAPI_SYNC_URL on this server.",
         )
+    try:  # a client-given URL: refused at once when it points into a private network
+        parsed = httpx.URL(target)
+        fetcher.resolve(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80), rt.settings.fetch_allowlist)
+    except httpx.HTTPError as exc:  # InvalidURL, or a host that does not resolve
+        raise BadInput(f"cannot reach the sync target {target}: {exc}") from None
     synced, skipped, failed = [], [], {}
-    with httpx.Client(timeout=30.0) as client:
-        for entry in rt.weights.list():
-            if entry.status != READY or entry.model_id in BUILTIN_MODELS:
-                continue
-            body = {
-                "key": req.sync_key,
-                "url": rt.url(rt.archive_path(entry)),
-                "model_id": entry.model_id,
-                "model_category": entry.category,
-                "model_format": "archive",
-                "revision": entry.precision,
-            }
-            try:
-                response = client.post(f"{target}/api/v1/enterprise/load_model_v2", json=body)
-            except httpx.HTTPError as exc:
-                raise BadInput(f"cannot reach the sync target {target}: {type(exc).__name__}") from None
-            if response.status_code == 401:
-                raise BadInput("the sync target rejected sync_key", tip="Send the enterprise key of the target server.")
-            if response.status_code == 409:
-                skipped.append(entry.model_id)
-            elif response.is_success:
-                synced.append(entry.model_id)
-            else:
-                failed[entry.model_id] = _message(response)
+    for entry in rt.weights.list():
+        if entry.status != READY or entry.model_id in BUILTIN_MODELS:
+            continue
+        body = {
+            "key": req.sync_key,
+            "url": rt.url(rt.archive_path(entry)),
+            "model_id": entry.model_id,
+            "model_category": entry.category,
+            "model_format": "archive",
+            "revision": entry.precision,
+        }
+        response = _post_json(f"{target}/api/v1/enterprise/load_model_v2", body, rt.settings.fetch_allowlist, target)
+        if response.status_code == 401:
+            raise BadInput("the sync target rejected sync_key", tip="Send the enterprise key of the target server.")
+        if response.status_code == 409:
+            skipped.append(entry.model_id)
+        elif response.is_success:
+            synced.append(entry.model_id)
+        else:
+            failed[entry.model_id] = _message(response)
     return MessageResponse(
         message=f"{len(synced)} Models synced successfully",
         model_list=synced,
         skipped=skipped,
         failed=failed,
     )
+
+
+def _post_json(url: str, body: dict, allowlist: list[str], target: str) -> httpx.Response:
+    """POST through the SSRF-safe fetcher (the target is a client-given URL), response read."""
+    try:
+        with fetcher.stream("POST", url, allowlist=allowlist, timeout=30.0, follow_redirects=False,
+                            headers={"Content-Type": "application/json"}, content=json.dumps(body).encode()) as response:
+            response.read()
+            return response
+    except httpx.HTTPError as exc:
+        raise BadInput(f"cannot reach the sync target {target}: {type(exc).__name__}") from None
 
 
 def _message(response: httpx.Response) -> str:
