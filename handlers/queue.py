@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from infra.jobs import Job
+from infra.limits import check_job_cap
 from models.errors import BadInput, NotFound
 from models.requests import FetchRequest
 from models.responses import JobResponse, job_response
@@ -41,6 +42,7 @@ def remaining_seconds(job, rt) -> float:
 def submit_job(endpoint: str, params: dict, meta: dict, output_keys: list[str], inputs: dict, req, rt) -> JobResponse:
     """Create the job with its output links fixed, hand it to the dispatcher and wait up to the
     sync budget: `success` if it finished by then, `processing` with `fetch_result` if not."""
+    check_job_cap(rt.jobs, rt.caller, rt.settings)
     params["storage"] = rt.storage.current_id  # the outputs land where the links say, even if storage changes
     links = [rt.storage.url(key, rt.base_url, expires_at=params.get("expires_at")) for key in output_keys]
     job = Job(
@@ -53,6 +55,7 @@ def submit_job(endpoint: str, params: dict, meta: dict, output_keys: list[str], 
         eta=rt.dispatcher.estimate(params),
         webhook=req.webhook,
         track_id=req.track_id,
+        owner=rt.caller,
     )
     job = rt.jobs.create(job, inputs)
     rt.dispatcher.submit(job.id)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handlers import catalog, generation, media, queue, server, system, video
+from infra.limits import RateLimiter, key_id
 from infra.links import check_signature
 from infra.runtime import ARCHIVE_ROUTE
 from infra.storage import content_type
@@ -130,15 +131,16 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
     )
     app.state.runtime = runtime
 
+    limiter = RateLimiter(runtime.settings)
     for prefix in PREFIXES:
         documented = prefix == PREFIXES[0]
         for name, endpoint in ENDPOINTS.items():
-            _add_route(app, f"{prefix}/{name}", name, endpoint, runtime, documented)
+            _add_route(app, f"{prefix}/{name}", name, endpoint, runtime, documented, limiter)
         for alias, name in ALIASES.items():
-            _add_route(app, f"{prefix}/{alias}", alias, ENDPOINTS[name], runtime, False)
-        _add_route(app, f"{prefix}/fetch/{{request_id}}", "fetch_by_path", ENDPOINTS["fetch"], runtime, documented)
+            _add_route(app, f"{prefix}/{alias}", alias, ENDPOINTS[name], runtime, False, limiter)
+        _add_route(app, f"{prefix}/fetch/{{request_id}}", "fetch_by_path", ENDPOINTS["fetch"], runtime, documented, limiter)
         # the G3 video server's fetch path
-        _add_route(app, f"{prefix}/video/fetch/{{request_id}}", "video_fetch", ENDPOINTS["fetch"], runtime, False)
+        _add_route(app, f"{prefix}/video/fetch/{{request_id}}", "video_fetch", ENDPOINTS["fetch"], runtime, False, limiter)
 
     @app.get("/health", include_in_schema=False)
     def health():
@@ -169,10 +171,11 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
 # --------------------------------------------------------------------------- routes
 
 
-def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, documented: bool) -> None:
+def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, documented: bool, limiter) -> None:
     async def route(request: Request):
         data, problem = await _read_body(request, runtime.settings.max_body_bytes)
-        _check_key(data, request, runtime.settings, name, endpoint.admin)
+        caller = key_id(_check_key(data, request, runtime.settings, name, endpoint.admin))
+        limiter.check(caller)
         if problem:
             raise problem
         if "request_id" in request.path_params:
@@ -181,7 +184,7 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, 
             parsed = endpoint.request.model_validate(data)
         except ValidationError as exc:
             raise ApiError(_validation_messages(exc), tip="Fix the fields named in `message`.", status_code=422) from None
-        result = await run_in_threadpool(endpoint.handler, parsed, runtime.for_request(str(request.base_url)))
+        result = await run_in_threadpool(endpoint.handler, parsed, runtime.for_request(str(request.base_url), caller))
         return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
     app.add_api_route(
@@ -230,7 +233,7 @@ async def _read_body(request: Request, limit: int) -> tuple[dict, ApiError | Non
     return data, None
 
 
-def _check_key(data: dict, request: Request, settings, name: str, admin_only: bool) -> None:
+def _check_key(data: dict, request: Request, settings, name: str, admin_only: bool) -> str:
     """A valid key (body `key` or `Authorization: Bearer`), compared in constant time; for the
     catalog and server endpoints an admin key when the server has separate admin keys."""
     key = data.get("key")
@@ -245,6 +248,7 @@ def _check_key(data: dict, request: Request, settings, name: str, admin_only: bo
             f"This key may not use {name}: it is a generation key",
             tip="Catalog and server endpoints need an admin key (SDAPI_ADMIN_API_KEYS).",
         )
+    return next(c for c in candidates if any(_same(c, k) for k in valid))
 
 
 def _same(candidate: str, key: str) -> bool:

@@ -43,6 +43,7 @@ class Job:
     track_id: str | None = None
     webhook_status: str = ""
     attempts: int = 0  # times a worker has started it (a worker that died mid-job leaves it started)
+    owner: str = ""  # the key that submitted it, as `infra.limits.key_id` (never the key itself)
 
     @property
     def done(self) -> bool:
@@ -87,11 +88,12 @@ class SqliteJobStore:
             "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, endpoint TEXT, params TEXT, meta TEXT,"
             " output_keys TEXT, future_links TEXT, status TEXT, message TEXT, eta REAL, created_at REAL,"
             " started_at REAL, finished_at REAL, generation_time REAL, webhook TEXT, track_id TEXT,"
-            " webhook_status TEXT, attempts INTEGER DEFAULT 0)"
+            " webhook_status TEXT, attempts INTEGER DEFAULT 0, owner TEXT DEFAULT '')"
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        if "attempts" not in columns:  # a database from before jobs were retried
-            self._db.execute("ALTER TABLE jobs ADD COLUMN attempts INTEGER DEFAULT 0")
+        for column, kind in (("attempts", "INTEGER DEFAULT 0"), ("owner", "TEXT DEFAULT ''")):
+            if column not in columns:  # a database from an earlier version
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
         self._db.execute("CREATE TABLE IF NOT EXISTS job_inputs (job_id INTEGER, name TEXT, data BLOB)")
         self._lock = threading.Lock()

@@ -53,6 +53,7 @@ class Runtime:
     cleaner: CacheCleaner
     on_modal: bool = False  # on Modal: containers come and go, so start-up does not treat running jobs as dead
     base_url: str = ""
+    caller: str = ""  # the requesting key's id (infra.limits.key_id), set per request
     version: str = VERSION
 
     @classmethod
@@ -89,9 +90,10 @@ class Runtime:
         cleaner = CacheCleaner(storage, job_store, weights, settings)
         return cls(settings, job_store, storage, weights, dispatcher, webhooks, cleaner, on_modal=True)
 
-    def for_request(self, request_base_url: str) -> Runtime:
-        """This runtime with the base URL clients reach us at (the setting wins over the request)."""
-        return replace(self, base_url=(self.settings.public_url or request_base_url).rstrip("/"))
+    def for_request(self, request_base_url: str, caller: str = "") -> Runtime:
+        """This runtime for one request: the base URL clients reach us at (the setting wins over
+        the request) and the caller (`infra.limits.key_id` of its key)."""
+        return replace(self, base_url=(self.settings.public_url or request_base_url).rstrip("/"), caller=caller)
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"

@@ -36,6 +36,8 @@ class Settings(BaseSettings):
         "(load/delete models, sync, restart/update server, update_s3/reset_s3, clear_cache/clear_queue); "
         "the SDAPI_API_KEYS then only generate. Empty: every API key is an admin key.",
     )
+    rate_limit_per_minute: int = Field(0, description="Requests per minute one key may make; 0 = no limit.")
+    max_jobs_per_key: int = Field(0, description="Jobs one key may have queued or running at once; 0 = no limit.")
     errors_with_http_200: bool = Field(
         False, description="Answer errors with HTTP 200 (status in the body only), for legacy clients."
     )

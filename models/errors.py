@@ -37,6 +37,12 @@ class Forbidden(ApiError):
     status_code = 403
 
 
+class RateLimited(ApiError):
+    """ModelsLab's "Rate limit exceeded", with HTTP 429."""
+
+    status_code = 429
+
+
 class NotFound(ApiError):
     status_code = 404
 

@@ -54,3 +54,34 @@ def test_unknown_keys_are_refused_everywhere(roles):
     for name in ("text2img", "clear_queue", "fetch"):
         response = roles.post(f"{API}/{name}", json={"key": "nope"})
         assert response.status_code == 401 and "nope" not in response.text
+
+
+def test_requests_per_minute_are_limited_per_key(make_client):
+    client = make_client(api_keys=[GEN, "other-key"], rate_limit_per_minute=3)
+    for _ in range(3):
+        assert client.post(f"{API}/system_details", json={"key": GEN}).status_code == 200
+    limited = client.post(f"{API}/system_details", json={"key": GEN})
+    assert limited.status_code == 429
+    assert limited.json()["status"] == "error" and limited.json()["message"] == "Rate limit exceeded"
+    assert "3 requests a minute" in limited.json()["tip"] and GEN not in limited.text
+    assert client.post(f"{API}/system_details", json={"key": "other-key"}).status_code == 200  # per key
+
+
+def test_jobs_queued_or_running_at_once_are_capped_per_key(make_client):
+    import time
+
+    client = make_client(api_keys=[GEN, "other-key"], max_jobs_per_key=1)
+    slow = {"prompt": "x", "width": 512, "height": 512, "steps": 40, "instant_response": "yes"}
+    first = client.post(f"{API}/text2img", json={"key": GEN, **slow}).json()
+    assert first["status"] == "processing"
+    second = client.post(f"{API}/text2img", json={"key": GEN, **slow})
+    assert second.status_code == 429 and "limit 1" in second.json()["tip"]
+    quick = {"prompt": "x", "width": 64, "height": 64, "steps": 2}
+    assert client.post(f"{API}/text2img", json={"key": "other-key", **quick, "instant_response": "yes"}).status_code == 200
+    jobs = client.app.state.runtime.jobs
+    assert jobs.get(first["id"]).owner and jobs.get(first["id"]).owner != GEN  # a hash, never the key
+    deadline = time.monotonic() + 120
+    while client.post(f"{API}/fetch", json={"key": GEN, "request_id": first["id"]}).json()["status"] == "processing":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert client.post(f"{API}/text2img", json={"key": GEN, **quick}).json()["status"] == "success"
