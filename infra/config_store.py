@@ -5,12 +5,12 @@ side (files under the data dir), `DictConfigStore` the Modal side (a `modal.Dict
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
+
+from infra.storage import write_atomic
 
 GENERATION_KEY = "__generation__"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -73,7 +73,7 @@ class FileConfigStore:
 
     def put(self, name: str, value: str) -> None:
         with self._lock:
-            _write_private(self.folder / _check_name(name), value)
+            write_atomic(self.folder / _check_name(name), value.encode())
 
     def delete(self, name: str) -> None:
         with self._lock:
@@ -86,17 +86,5 @@ class FileConfigStore:
     def bump_generation(self) -> int:
         with self._lock:
             n = self.generation() + 1
-            _write_private(self.folder / GENERATION_KEY, str(n))
+            write_atomic(self.folder / GENERATION_KEY, str(n).encode())
             return n
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # created 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -55,8 +55,8 @@ class LocalStorage:
         is written first, so an object that should expire is never visible without it."""
         path = self.path(key)
         if expires_at is not None:
-            _write_atomic(self._expiry_path(key), repr(expires_at).encode())
-        _write_atomic(path, data)
+            write_atomic(self._expiry_path(key), repr(expires_at).encode())
+        write_atomic(path, data)
         if self.on_write is not None:
             self.on_write()
 
@@ -121,12 +121,18 @@ class LocalStorage:
         return self.root / EXPIRY_DIR / self.path(key).relative_to(self.root.resolve())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` so a reader sees the old file or the whole new one, never half of it. The file
+    is created with mode 0600 (mkstemp), so it also suits secrets (the config store)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class OutputStorage:

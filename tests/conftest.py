@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import socket
 import threading
 from pathlib import Path
 
@@ -66,9 +67,15 @@ def receiver():
     server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    """A real S3 endpoint on loopback: moto's server on a free port (one per test module)."""
+def free_port() -> int:
+    """A loopback port nothing listens on (a closed endpoint, or one a test server will take)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto():
+    """A real S3 endpoint on loopback: moto's server on a free port. Returns (server, base URL)."""
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -77,7 +84,14 @@ def moto_endpoint():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    return server, f"http://{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's S3 server for one test module."""
+    server, url = start_moto()
+    yield url
     server.stop()
 
 

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
 import zlib
 
 import pytest
 from PIL import Image
 
-from tests.conftest import KEY
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import KEY, free_port
 
 
 def _png_b64(width: int, height: int) -> str:
@@ -124,7 +117,7 @@ def catalogue(server):
         ("text2video on an inpainting model", ("text2video", {"key": KEY, "prompt": "x", "model_id": "tiny-sd-inpaint"}),
          400, "inpainting model"),
         ("broken image URL (404)", inpaint(server, init_image=f"{server}/missing.png"), 400, "HTTP 404"),
-        ("unreachable image URL", inpaint(server, init_image=f"http://127.0.0.1:{closed_port()}/a.png"), 400,
+        ("unreachable image URL", inpaint(server, init_image=f"http://127.0.0.1:{free_port()}/a.png"), 400,
          "could not be downloaded"),
         ("not a URL at all", inpaint(server, init_image="ftp://example.com/a.png"), 400, "base64"),
         ("non-image URL", inpaint(server, init_image=f"{server}/not_an_image.png"), 400, "not a readable image"),

@@ -26,6 +26,7 @@ import pytest
 from infra.s3 import PRESIGN_MAX_SECONDS, S3Config, S3Storage, StorageError, resolve_bucket
 from models.errors import BadInput
 from models.requests import UpdateS3Request
+from tests.conftest import free_port
 
 SECRET = f"sk-{uuid.uuid4().hex}"  # a secret no message may ever contain
 ADMIN_CREDS = {"region_name": "us-east-1", "aws_access_key_id": "admin", "aws_secret_access_key": "admin-secret"}
@@ -65,12 +66,6 @@ def storage_for(endpoint: str, bucket: str, **overrides) -> S3Storage:
 def keys(admin, bucket: str) -> set[str]:
     pages = admin.get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return {item["Key"] for page in pages for item in page.get("Contents", [])}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_no_secret(text: str):
@@ -172,7 +167,7 @@ def test_a_presigned_link_lives_at_most_seven_days(endpoint, bucket):
 def test_presigning_does_not_touch_the_network(monkeypatch):
     """An endpoint nothing listens on and an AWS host name: both presign with every socket
     connection refused by the test. The AWS endpoint is addressed virtual-hosted, others path-style."""
-    dead = storage_for(f"http://127.0.0.1:{closed_port()}", "bkt")
+    dead = storage_for(f"http://127.0.0.1:{free_port()}", "bkt")
 
     def no_network(*args, **kwargs):
         raise AssertionError("presigning opened a connection")
@@ -243,7 +238,7 @@ def test_check_warns_when_public_url_does_not_serve_the_objects(endpoint, admin,
     wrong = storage_for(endpoint, bucket, public_url=f"{endpoint}/{bucket}/generations/")  # directory twice
     [warning] = wrong.check()
     assert "public_url does not serve the objects" in warning and "HTTP 404" in warning
-    dead = storage_for(endpoint, bucket, public_url=f"http://127.0.0.1:{closed_port()}/")
+    dead = storage_for(endpoint, bucket, public_url=f"http://127.0.0.1:{free_port()}/")
     [warning] = dead.check()
     assert "ConnectError" in warning
     assert keys(admin, bucket) == set()
@@ -260,7 +255,7 @@ def test_check_names_a_missing_bucket(endpoint):
 
 
 def test_check_fails_fast_on_an_unreachable_endpoint():
-    endpoint = f"http://127.0.0.1:{closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError) as caught:
         storage_for(endpoint, "bkt").check()
     assert f"in bucket bkt at {endpoint}: endpoint unreachable (connection refused)" in str(caught.value)
@@ -286,7 +281,7 @@ def test_check_gives_up_on_an_endpoint_that_never_answers(monkeypatch):
 
 
 def test_put_to_a_stopped_endpoint_raises_storage_error():
-    endpoint = f"http://127.0.0.1:{closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError) as caught:
         storage_for(endpoint, "bkt").put("abc-0.png", b"x", "image/png", expires_at=time.time() + 60)
     message = str(caught.value)

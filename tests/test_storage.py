@@ -4,14 +4,13 @@ back; temp outputs get presigned links; a storage that fails makes the job fail 
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import boto3
 import httpx
 import pytest
 
-from tests.conftest import KEY
+from tests.conftest import KEY, free_port, start_moto
 
 API = "/api/v1/enterprise"
 SECRET = f"sk-{uuid.uuid4().hex}"
@@ -38,12 +37,6 @@ def s3_body(endpoint: str, bucket: str, **overrides) -> dict:
     return {"public_url": f"{endpoint}/{bucket}/", "region_name": "us-east-1", "endpoint_url": f"{endpoint}/{bucket}",
             "aws_access_key_id": "AKIAEXAMPLE", "aws_secret_access_key": SECRET, "image_directory": "generations",
             **overrides}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_update_s3_sends_outputs_to_the_bucket_and_survives_a_restart(make_client, moto_endpoint, bucket, tmp_path):
@@ -96,7 +89,7 @@ def test_update_s3_refuses_a_bucket_it_cannot_write(make_client, moto_endpoint):
     assert response.status_code == 400 and "no-such-bucket" in response.json()["message"]
     assert SECRET not in response.text
     assert post(client, "system_details").json()["storage"]["kind"] == "local"  # nothing changed
-    unreachable = post(client, "update_s3", **s3_body(f"http://127.0.0.1:{closed_port()}", "b"))
+    unreachable = post(client, "update_s3", **s3_body(f"http://127.0.0.1:{free_port()}", "b"))
     assert unreachable.status_code == 400 and SECRET not in unreachable.text
 
 
@@ -114,12 +107,7 @@ def test_a_storage_that_fails_fails_the_job_with_a_message(make_client, moto_end
 
 def test_a_stopped_s3_endpoint_fails_jobs_cleanly(make_client):
     """The S3 server itself goes away after update_s3: jobs end `failed` saying so, promptly."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    server, endpoint = start_moto()
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a",
                  aws_secret_access_key="a").create_bucket(Bucket="out")
     client = make_client()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from infra.jobs import FAILED, SUCCESS, Job, SqliteJobStore
 from infra.settings import Settings
 from infra.webhooks import WebhookSender, sign, verify
 from models.responses import job_response
+from tests.conftest import free_port
 
 SECRET = "test-webhook-secret"
 
@@ -137,13 +137,6 @@ def expected_payload(job: Job) -> dict:
     """The ModelsLab webhook payload: the fetch body of the finished job plus `track_id`."""
     payload = job_response(job, fetch_result="").model_dump(mode="json", exclude_none=True)
     return {**payload, "track_id": job.track_id}
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- payload and signature
