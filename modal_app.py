@@ -107,6 +107,7 @@ data = modal.Volume.from_name("sd-enterprise-data", create_if_missing=True)
 jobs_dict = modal.Dict.from_name("sd-enterprise-jobs", create_if_missing=True)
 inputs_dict = modal.Dict.from_name("sd-enterprise-inputs", create_if_missing=True)
 config_dict = modal.Dict.from_name("sd-enterprise-config", create_if_missing=True)
+usage_dict = modal.Dict.from_name("sd-enterprise-usage", create_if_missing=True)
 secret = modal.Secret.from_name("sd-enterprise-api", required_keys=["SDAPI_API_KEYS"])
 VOLUMES = {WEIGHTS_PATH: weights, DATA_PATH: data}
 
@@ -119,6 +120,7 @@ def modal_runtime():
         jobs=jobs_dict,
         inputs=inputs_dict,
         config=config_dict,
+        usage=usage_dict,
         spawn_job=lambda job_id: Worker().run.spawn(job_id),
         spawn_load=lambda request: download_model.spawn(request),
         device_label=f"modal: {GPU}",
@@ -187,10 +189,11 @@ def download_model(request: dict) -> str:
 @app.function(image=web_image, volumes=VOLUMES, secrets=[secret], schedule=modal.Cron("17 * * * *"))
 def clean_caches() -> dict:
     """Hourly: jobs whose worker died (retried or failed), expired outputs, job records past their
-    retention, download scratch."""
+    retention, download scratch; usage entries folded into one."""
     runtime = modal_runtime()
     queued, failed = runtime.recover_jobs()
-    report = {**runtime.cleaner.clean(), "jobs_requeued": len(queued), "jobs_failed": len(failed)}
+    report = {**runtime.cleaner.clean(), "jobs_requeued": len(queued), "jobs_failed": len(failed),
+              "usage_entries_folded": runtime.usage.store.compact()}
     runtime.webhooks.wait_idle(60)
     data.commit()
     weights.commit()

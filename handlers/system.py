@@ -1,11 +1,16 @@
-"""Server endpoints that report state: system_details, schedulers_list."""
+"""Server endpoints that report state: system_details, schedulers_list, usage (ours)."""
 
 from __future__ import annotations
 
+from datetime import date
+
 from infra.engine.schedulers import SUPPORTED
+from infra.limits import key_id
+from infra.usage import today
 from infra.weights import READY
-from models.requests import KeyOnlyRequest
-from models.responses import SchedulersListResponse, SystemDetailsResponse
+from models.errors import BadInput
+from models.requests import KeyOnlyRequest, UsageRequest
+from models.responses import SchedulersListResponse, SystemDetailsResponse, UsageResponse
 
 
 def system_details(req: KeyOnlyRequest, rt) -> SystemDetailsResponse:
@@ -39,3 +44,25 @@ def _resident_mb() -> float | None:
 def schedulers_list(req: KeyOnlyRequest, rt) -> SchedulersListResponse:
     """The schedulers this server can run (see docs/compatibility.md for the four it cannot)."""
     return SchedulersListResponse(schedulers=list(SUPPORTED))
+
+
+def usage(req: UsageRequest, rt) -> UsageResponse:
+    """Per-key usage between two UTC days (default: this month so far), for billing."""
+    end = _day(req.end_date, "end_date") if req.end_date else today()
+    start = _day(req.start_date, "start_date") if req.start_date else end[:8] + "01"
+    if start > end:
+        raise BadInput(f"start_date {start} is after end_date {end}", tip="Swap the two dates.")
+    keys = None
+    if req.api_key:
+        keys = [key_id(req.api_key)]
+    elif req.key_id:
+        keys = [req.key_id]
+    totals = rt.usage.totals(start, end, keys)
+    return UsageResponse(start_date=start, end_date=end, keys=totals.by_key(req.by_day))
+
+
+def _day(value: str, field: str) -> str:
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise BadInput(f"{field} must be a date like 2026-11-24, not {value!r}", tip="Use YYYY-MM-DD (UTC).") from None

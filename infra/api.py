@@ -40,6 +40,7 @@ from models.responses import (
     SchedulersListResponse,
     SystemDetailsResponse,
     UploadImageResponse,
+    UsageResponse,
 )
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     # server
     "system_details": Endpoint(rq.KeyOnlyRequest, system.system_details, SystemDetailsResponse, "Server and queue state"),
     "schedulers_list": Endpoint(rq.KeyOnlyRequest, system.schedulers_list, SchedulersListResponse, "Usable scheduler names"),
+    "usage": Endpoint(rq.UsageRequest, system.usage, UsageResponse, "Per-key usage for billing (ours)", True),
     "restart_server": Endpoint(rq.KeyOnlyRequest, server.restart_server, MessageResponse, "Restart the engine", True),
     "update_server": Endpoint(
         rq.KeyOnlyRequest, server.update_server, MessageResponse, "Reload settings; report the version", True
@@ -104,6 +106,8 @@ ALIASES = {
     "fetch_queue_image": "fetch",  # the docs' endpoint index
     "video/text2video": "text2video",  # G3 video server path
 }
+
+ENDPOINT_NAMES = {**ALIASES, "fetch_by_path": "fetch", "video_fetch": "fetch"}
 
 PREFIXES = ("/api/v1/enterprise", "/api/v1/enterprise/images", "/api/v1/enterprise/txt2img")
 
@@ -172,20 +176,30 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
 
 
 def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, documented: bool, limiter) -> None:
+    usage_name = ENDPOINT_NAMES.get(name, name)  # aliases are metered under the endpoint they stand for
+
     async def route(request: Request):
         data, problem = await _read_body(request, runtime.settings.max_body_bytes)
         caller = key_id(_check_key(data, request, runtime.settings, name, endpoint.admin))
-        limiter.check(caller)
-        if problem:
-            raise problem
-        if "request_id" in request.path_params:
-            data["request_id"] = request.path_params["request_id"]
+        failed = True
         try:
-            parsed = endpoint.request.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(_validation_messages(exc), tip="Fix the fields named in `message`.", status_code=422) from None
-        result = await run_in_threadpool(endpoint.handler, parsed, runtime.for_request(str(request.base_url), caller))
-        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+            limiter.check(caller)
+            if problem:
+                raise problem
+            if "request_id" in request.path_params:
+                data["request_id"] = request.path_params["request_id"]
+            try:
+                parsed = endpoint.request.model_validate(data)
+            except ValidationError as exc:
+                raise ApiError(
+                    _validation_messages(exc), tip="Fix the fields named in `message`.", status_code=422
+                ) from None
+            rt = runtime.for_request(str(request.base_url), caller)
+            result = await run_in_threadpool(endpoint.handler, parsed, rt)
+            failed = False
+            return JSONResponse(result.model_dump(mode="json", exclude_none=True))
+        finally:
+            runtime.usage.request(caller, usage_name, failed)
 
     app.add_api_route(
         path,
@@ -199,15 +213,36 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, 
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{endpoint.request.__name__}"}}},
-            }
+            },
+            **({"parameters": [REQUEST_ID_PARAMETER]} if "{request_id}" in path else {}),
         },
-        responses={
-            200: {"model": endpoint.response},
-            401: {"model": ErrorResponse, "description": "Invalid Api Key"},
-            422: {"model": ErrorResponse, "description": "Invalid fields (message: field -> messages)"},
-            400: {"model": ErrorResponse, "description": "Unusable input (image, model, ...)"},
-        },
+        responses={200: {"model": endpoint.response}, **ERROR_RESPONSES},
     )
+
+
+# every error status a route answers, each with the error envelope (documented, so clients and the
+# schema fuzz in tests/test_fuzz.py can hold the API to it)
+ERROR_RESPONSES: dict[int, dict] = {
+    code: {"model": ErrorResponse, "description": description}
+    for code, description in {
+        400: "Unusable input (image, model, ...)",
+        401: "Invalid Api Key",
+        403: "An admin endpoint called with a generation key",
+        404: "Unknown model, job or file",
+        409: "Clashes with the server's state (a model id that exists, is loading or in use)",
+        413: "Request body too large",
+        422: "Invalid fields (message: field -> messages)",
+        429: "Rate limit exceeded",
+        501: "A documented feature this server does not offer",
+    }.items()
+}
+REQUEST_ID_PARAMETER = {
+    "name": "request_id",
+    "in": "path",
+    "required": True,
+    "description": "The `id` of a generation response (overrides `request_id` in the body).",
+    "schema": {"type": "integer", "minimum": 0},
+}
 
 
 async def _read_body(request: Request, limit: int) -> tuple[dict, ApiError | None]:

@@ -18,10 +18,11 @@ from models.errors import ApiError
 log = logging.getLogger(__name__)
 
 
-def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
+def execute_job(job_id: int, jobs, storage, get_engine, webhooks, usage=None) -> Job | None:
     """Run one job to its end: outputs stored under their precomputed keys, then `success`;
     any error (the engine failing to start included) -> `failed` with a message.
-    Never raises, never leaves the job `processing`. Returns the finished record."""
+    Never raises, never leaves the job `processing`. Returns the finished record; its usage
+    (images, video seconds, engine seconds) goes to the `usage` meter, for its key."""
     if not jobs.claim(job_id):  # cancelled by clear_queue, finished, or taken by another worker
         return jobs.get(job_id)
     job = jobs.get(job_id)
@@ -46,6 +47,8 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks) -> Job | None:
         log.exception("job %s failed", job_id)
         jobs.update(job_id, status=FAILED, message=f"Generation failed: {type(exc).__name__}: {exc}", finished_at=time.time())
     finished = jobs.get(job_id)
+    if usage is not None and finished is not None:
+        usage.job(finished, time.time() - started)
     webhooks.job_finished(finished)
     return finished
 
@@ -64,9 +67,10 @@ class LocalDispatcher:
     """Worker threads in this process. The engine (torch) is created on the first worker thread,
     so the web tier starts without importing torch and the model warms up in the background."""
 
-    def __init__(self, settings, jobs, storage, weights, webhooks):
+    def __init__(self, settings, jobs, storage, weights, webhooks, usage=None):
         self.settings = settings
         self.jobs, self.storage, self.weights, self.webhooks = jobs, storage, weights, webhooks
+        self.usage = usage
         self.seconds_per_unit = settings.initial_seconds_per_step  # per step per megapixel per image
         self.device = "starting"
         self._queue: queue.Queue[int | None] = queue.Queue()
@@ -151,7 +155,7 @@ class LocalDispatcher:
         self._warm()
         while (job_id := self._queue.get()) is not None:
             started = time.time()
-            job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks)
+            job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks, self.usage)
             self._learn(job, time.time() - started)
 
     def _learn(self, job: Job | None, seconds: float) -> None:

@@ -17,6 +17,7 @@ from infra.jobs import SqliteJobStore
 from infra.links import sign_path
 from infra.settings import Settings
 from infra.storage import LocalStorage, OutputStorage, default_s3
+from infra.usage import SqliteUsageStore, UsageMeter
 from infra.webhooks import WebhookSender
 from infra.weights import WeightsStore
 from models.errors import NotFound
@@ -51,6 +52,7 @@ class Runtime:
     dispatcher: LocalDispatcher
     webhooks: WebhookSender
     cleaner: CacheCleaner
+    usage: UsageMeter
     on_modal: bool = False  # on Modal: containers come and go, so start-up does not treat running jobs as dead
     base_url: str = ""
     caller: str = ""  # the requesting key's id (infra.limits.key_id), set per request
@@ -65,19 +67,21 @@ class Runtime:
         )
         weights = WeightsStore(settings.weights_dir)
         webhooks = WebhookSender(jobs, settings, webhook_secret(settings))
-        dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks)
+        usage = UsageMeter(SqliteUsageStore(settings.data_dir / "usage.sqlite3"), settings)
+        dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks, usage)
         cleaner = CacheCleaner(storage, jobs, weights, settings)
-        return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner)
+        return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner, usage)
 
     @classmethod
-    def modal(cls, jobs, inputs, config, spawn_job, spawn_load, device_label: str, commit_outputs=None,
+    def modal(cls, jobs, inputs, config, usage, spawn_job, spawn_load, device_label: str, commit_outputs=None,
               reload_outputs=None, commit_weights=None, reload_weights=None, settings: Settings | None = None) -> Runtime:
-        """The runtime on Modal (see modal_app.py): jobs and run-time config in `modal.Dict`s, work
+        """The runtime on Modal (see modal_app.py): jobs, run-time config and usage in `modal.Dict`s, work
         handed to the GPU class with `spawn_job(job_id)`, model loads to the download function with
         `spawn_load(request)`, outputs on a Volume (committed after each write, reloaded on a miss)
         or in the S3 bucket set with update_s3, weights on a Volume (committed after each manifest
         change, reloaded before reads). No torch is imported here."""
         from infra.modal_backends import DictConfigStore, DictJobStore, ModalDispatcher
+        from infra.usage import DictUsageStore
 
         settings = settings or Settings()
         job_store = DictJobStore(jobs, inputs)
@@ -88,7 +92,8 @@ class Runtime:
         webhooks = WebhookSender(job_store, settings, webhook_secret(settings))
         dispatcher = ModalDispatcher(spawn_job, spawn_load, config_store, job_store, settings, device_label)
         cleaner = CacheCleaner(storage, job_store, weights, settings)
-        return cls(settings, job_store, storage, weights, dispatcher, webhooks, cleaner, on_modal=True)
+        meter = UsageMeter(DictUsageStore(usage), settings)
+        return cls(settings, job_store, storage, weights, dispatcher, webhooks, cleaner, meter, on_modal=True)
 
     def for_request(self, request_base_url: str, caller: str = "") -> Runtime:
         """This runtime for one request: the base URL clients reach us at (the setting wins over
@@ -123,6 +128,7 @@ class Runtime:
             self.weights.recover("The server restarted while this model was loading; load it again.")
             if self.settings.build_tiny_models:
                 self.ensure_builtin_models()
+        self.usage.start()
         self.dispatcher.start()
         if not self.on_modal:
             self.recover_jobs()
@@ -148,6 +154,7 @@ class Runtime:
         self.cleaner.stop()
         self.dispatcher.stop()
         self.webhooks.stop()
+        self.usage.stop()
 
     def ensure_builtin_models(self) -> None:
         """Build the tiny built-in models into the weights store if they are not there yet."""

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     )
     rate_limit_per_minute: int = Field(0, description="Requests per minute one key may make; 0 = no limit.")
     max_jobs_per_key: int = Field(0, description="Jobs one key may have queued or running at once; 0 = no limit.")
+    usage_flush_seconds: float = Field(
+        2.0, description="How often per-key usage counted in memory is written to the usage store (and at stop)."
+    )
     errors_with_http_200: bool = Field(
         False, description="Answer errors with HTTP 200 (status in the body only), for legacy clients."
     )

@@ -47,7 +47,9 @@ class ModalWorker:
             return "missing"
         if reload_weights is not None and _missing_models(job.params, runtime.weights):
             reload_weights()
-        finished = execute_job(job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks)
+        finished = execute_job(
+            job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks, runtime.usage
+        )
         runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
         return finished.status if finished else "missing"
 

@@ -12,4 +12,5 @@ from models.responses import (
     SchedulersListResponse,
     SuccessResponse,
     SystemDetailsResponse,
+    UsageResponse,
 )

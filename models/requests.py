@@ -271,5 +271,15 @@ class UpdateS3Request(WireModel):
     deploy_type: DeployType = "text_to_image"
 
 
+class UsageRequest(WireModel):
+    """Ours: per-key usage for billing (admin keys)."""
+
+    start_date: Text | None = Field(None, description="First UTC day, YYYY-MM-DD (default: the 1st of this month).")
+    end_date: Text | None = Field(None, description="Last UTC day, YYYY-MM-DD (default: today).")
+    api_key: Text | None = Field(None, description="Only this API key's usage (the key itself; never echoed).")
+    key_id: Text | None = Field(None, description="Only this key id's usage (as listed in an earlier answer).")
+    by_day: YesNo = Field(False, description="Also break each key's usage down by day.")
+
+
 class ResetS3Request(WireModel):
     deploy_type: DeployType = "text_to_image"

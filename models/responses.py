@@ -72,6 +72,17 @@ class ModelListResponse(Envelope):
     )
 
 
+class UsageResponse(Envelope):
+    status: Literal["success"] = "success"
+    start_date: str
+    end_date: str
+    keys: list[dict[str, Any]] = Field(
+        description="One object per key: `key_id` (a hash of the key), `total` and `endpoints` (endpoint -> counts), "
+        "and `days` (day -> counts) with `by_day`. Counts: requests, errors, jobs_succeeded, jobs_failed, images, "
+        "video_seconds, gpu_seconds."
+    )
+
+
 class SystemDetailsResponse(Envelope):
     status: Literal["ok"] = "ok"
     model_count: int

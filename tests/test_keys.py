@@ -23,7 +23,7 @@ def roles(models_dir, tmp_path_factory):
 
 def test_the_admin_endpoints_are_the_catalog_and_server_ones():
     assert ADMIN_ONLY == ["clear_cache", "clear_queue", "delete_model", "load_model", "load_model_v2", "load_vae",
-                          "reset_s3", "restart_server", "sync_models", "update_s3", "update_server"]
+                          "reset_s3", "restart_server", "sync_models", "update_s3", "update_server", "usage"]
 
 
 @pytest.mark.parametrize("name", ADMIN_ONLY)

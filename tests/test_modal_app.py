@@ -79,7 +79,7 @@ def modal_client(models_dir, tmp_path):
     run_job = FakeFunction(lambda job_id: holder["worker"].run(job_id))
     load = FakeFunction(lambda request: run_download(holder["runtime"], request))
     holder["commits"], holder["reloads"] = [], []  # what Volume.commit / Volume.reload would be asked
-    runtime = Runtime.modal(FakeDict(), FakeDict(), FakeDict(), run_job.spawn, load.spawn, "modal: test",
+    runtime = Runtime.modal(FakeDict(), FakeDict(), FakeDict(), FakeDict(), run_job.spawn, load.spawn, "modal: test",
                             commit_weights=lambda: holder["commits"].append("weights"),
                             reload_weights=lambda: holder["reloads"].append("weights"),
                             commit_outputs=lambda: holder["commits"].append("outputs"), settings=settings)
@@ -120,7 +120,7 @@ from infra.runtime import Runtime
 from infra.settings import Settings
 from tests.modal_standins import FakeDict
 settings = Settings(data_dir={str(tmp_path)!r}, build_tiny_models=False)
-runtime = Runtime.modal(FakeDict(), FakeDict(), FakeDict(), lambda job_id: None, lambda request: None, "modal: test",
+runtime = Runtime.modal(FakeDict(), FakeDict(), FakeDict(), FakeDict(), lambda job_id: None, lambda request: None, "modal: test",
                         settings=settings)
 with TestClient(create_app(runtime)) as client:
     assert client.post("/api/v1/enterprise/system_details", json={{"key": "{KEY}"}}).status_code == 200
