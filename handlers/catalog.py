@@ -64,7 +64,12 @@ def load_vae(req: LoadVaeRequest, rt) -> MessageResponse:
 
 def _start_load(request: LoadRequest, rt, message: str) -> MessageResponse:
     validate_model_id(request.model_id)
-    source_kind(request.source, rt.settings.allow_local_model_paths)  # a bad source is refused now, not later
+    # a bad source, or a URL or webhook on a private address, is refused now, not in the background
+    allowlist = rt.settings.fetch_allowlist
+    if source_kind(request.source, rt.settings.allow_local_model_paths) == "url":
+        fetcher.check_url(request.source, "url", allowlist)
+    if request.webhook:
+        fetcher.check_url(request.webhook, "webhook", allowlist)
     rt.weights.begin(request.entry())
     rt.dispatcher.load(request)
     return MessageResponse(

@@ -70,7 +70,7 @@ def super_resolution(req: SuperResolutionRequest, rt) -> JobResponse:
         "webhook": req.webhook,
         "track_id": req.track_id,
     }
-    name = f"{int(time.time())}-{uuid.uuid4().hex[:8]}_out"
+    name = f"{int(time.time())}-{uuid.uuid4().hex}_out"  # the link is the credential: 122 random bits
     return submit_job("super_resolution", params, meta, [output_key(name, req.base64)], {"image": encode_png(image)}, req, rt)
 
 
@@ -100,7 +100,8 @@ def upload_image(req: UploadImageRequest, rt) -> UploadImageResponse:
         image.load()  # the whole file decodes, not only its header
     except (OSError, ValueError, SyntaxError):
         raise BadInput("base64_image is a damaged or truncated image", tip="Send the complete image file.") from None
-    key = f"uploads/{time.time_ns()}{secrets.randbelow(1000):03d}.{req.image_type}"
+    # digits, as ModelsLab names uploads; 30 random ones (~100 bits) so the link cannot be guessed
+    key = f"uploads/{time.time_ns()}{secrets.randbelow(10**30):030d}.{req.image_type}"
     expires_at = time.time() + settings.temp_output_seconds
     try:
         rt.storage.put(key, data, f"image/{expected.lower()}", expires_at=expires_at)

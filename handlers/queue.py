@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from infra.fetcher import check_url
 from infra.jobs import Job
 from infra.limits import check_job_cap
 from models.errors import BadInput, NotFound
@@ -43,6 +44,8 @@ def submit_job(endpoint: str, params: dict, meta: dict, output_keys: list[str], 
     """Create the job with its output links fixed, hand it to the dispatcher and wait up to the
     sync budget: `success` if it finished by then, `processing` with `fetch_result` if not."""
     check_job_cap(rt.jobs, rt.caller, rt.settings)
+    if req.webhook:
+        check_url(req.webhook, "webhook", rt.settings.fetch_allowlist)
     params["storage"] = rt.storage.current_id  # the outputs land where the links say, even if storage changes
     links = [rt.storage.url(key, rt.base_url, expires_at=params.get("expires_at")) for key in output_keys]
     job = Job(

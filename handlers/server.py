@@ -19,6 +19,7 @@ What each does, locally (the Modal deployment maps them onto its containers, see
 
 from __future__ import annotations
 
+from infra.fetcher import check_url
 from infra.settings import Settings
 from infra.storage import StorageError
 from infra.weights import READY
@@ -85,8 +86,12 @@ def update_s3(req: UpdateS3Request, rt) -> MessageResponse:
     from infra.s3 import S3Config
 
     config = S3Config.from_request(req, rt.settings.s3_acl)
+    # the server connects to both: public addresses only (a bucket on a private network: allowlist its host)
+    allowlist = rt.settings.fetch_allowlist
+    check_url(config.endpoint_url, "endpoint_url", allowlist)
+    check_url(config.public_url, "public_url", allowlist)
     try:
-        warnings = rt.storage.use_s3(config)
+        warnings = rt.storage.use_s3(config, allowlist)
     except StorageError as exc:
         raise BadInput(
             f"The S3 settings were not applied: {exc}",
@@ -98,3 +103,4 @@ def update_s3(req: UpdateS3Request, rt) -> MessageResponse:
 def reset_s3(req: ResetS3Request, rt) -> MessageResponse:
     rt.storage.reset()
     return MessageResponse(message="Storage reset to the server's default", storage=rt.storage.describe())
+

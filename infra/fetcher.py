@@ -185,6 +185,21 @@ def check_length(response: httpx.Response, limit: int) -> None:
         raise TooLarge(limit, int(declared))
 
 
+def check_url(url: str, field: str, allowlist: list[str] | tuple[str, ...] = ()) -> None:
+    """Refuse, before any work is queued, a URL the server will connect to later (a webhook, an S3
+    endpoint): a `BadInput` naming `field` unless it is http(s) and its host resolves to a public
+    (or allowlisted) address. The connection itself is checked again when it is made."""
+    try:
+        parsed = _parse(url)
+        resolve(parsed.host, parsed.port or _DEFAULT_PORTS[parsed.scheme], allowlist)
+    except Blocked as exc:
+        raise BadInput(f"{field}: {exc.message}", tip="Use a publicly reachable http(s) URL.") from None
+    except httpx.InvalidURL as exc:
+        raise BadInput(f"{field}: {url!r} is not a valid URL ({exc})", tip="Send an absolute http(s) URL.") from None
+    except httpx.ConnectError as exc:
+        raise BadInput(f"{field}: {exc}", tip="Check the host name.") from None
+
+
 def _parse(url: str) -> httpx.URL:
     """An absolute http(s) URL with a host, or `Blocked` / `httpx.InvalidURL`."""
     parsed = httpx.URL(url)  # raises httpx.InvalidURL

@@ -47,6 +47,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from infra import fetcher
 from infra.storage import StorageError
 from models.errors import BadInput
 
@@ -397,10 +398,11 @@ class S3Storage:
 
     # ----------------------------------------------------------------------------- the check
 
-    def check(self) -> list[str]:
+    def check(self, allowlist: list[str] | tuple[str, ...] = ()) -> list[str]:
         """The test update_s3 runs before accepting credentials: write a small object
         `<image_directory>/.sdapi-check-<uuid>` (with the ACL, when one is set), read it back,
-        fetch it under `public_url`, delete it. A failed write or read -> StorageError naming what
+        fetch it under `public_url` (through the SSRF-safe fetcher: a private address only when
+        in `allowlist`), delete it. A failed write or read -> StorageError naming what
         failed. What does not stop outputs from being stored comes back as warnings: `public_url`
         not serving the object (links would not open), and a refused delete (the ModelsLab policy
         grants no s3:DeleteObject: the check object stays, expired temp outputs cannot be removed).
@@ -425,7 +427,7 @@ class S3Storage:
                     f"S3 check failed: the test object {object_key} read back from bucket {c.bucket} "
                     f"at {c.endpoint_url} differs from what was written"
                 )
-            if warning := self._check_public_url(name, body):
+            if warning := self._check_public_url(name, body, allowlist):
                 warnings.append(warning)
         finally:
             try:
@@ -439,17 +441,21 @@ class S3Storage:
             log.warning("S3 check of bucket %s: %s", c.bucket, warning)
         return warnings
 
-    def _check_public_url(self, key: str, body: bytes) -> str | None:
+    def _check_public_url(self, key: str, body: bytes, allowlist) -> str | None:
         """A warning when the object `key` cannot be read under public_url, else None."""
         link = self.url(key)
         try:
-            answer = httpx.get(link, timeout=self.check_timeout, follow_redirects=True)
-        except httpx.HTTPError as exc:
+            with fetcher.stream("GET", link, allowlist=allowlist, timeout=self.check_timeout) as answer:
+                status = answer.status_code
+                content = b"".join(fetcher.iter_capped(answer, len(body) + 1)) if status == 200 else b""
+        except fetcher.Blocked as exc:
+            return f"public_url does not serve the objects: {exc.message}"
+        except (httpx.HTTPError, fetcher.TooLarge) as exc:
             return f"public_url does not serve the objects: fetching {link} failed ({type(exc).__name__})"
-        if answer.status_code != 200 or answer.content != body:
+        if status != 200 or content != body:
             return (
-                f"public_url does not serve the objects: {link} answered HTTP {answer.status_code}"
-                + (" with other content" if answer.status_code == 200 else "")
+                f"public_url does not serve the objects: {link} answered HTTP {status}"
+                + (" with other content" if status == 200 else "")
                 + "; links handed to clients will not open (public_url must be the prefix the bucket is readable"
                 " under, image_directory is appended to it)"
             )

@@ -199,12 +199,12 @@ class OutputStorage:
         return self.backend().describe()
 
     # --- switching
-    def use_s3(self, config) -> list[str]:
+    def use_s3(self, config, allowlist: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Check the bucket with a test write, then send new outputs there and remember it.
         Raises StorageError (nothing changes) when the check fails; returns its warnings."""
         from infra.s3 import S3Storage
 
-        warnings = S3Storage(config).check()
+        warnings = S3Storage(config).check(allowlist)
         self._switch(config)
         self.config.put(self.CONFIG_NAME, config.to_json())
         return warnings

@@ -85,3 +85,50 @@ def test_jobs_queued_or_running_at_once_are_capped_per_key(make_client):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert client.post(f"{API}/text2img", json={"key": GEN, **quick}).json()["status"] == "success"
+
+
+def test_no_route_answers_without_a_valid_key_except_health_docs_and_links(roles):
+    """Every API route refuses a request without a valid key. The only others: health, the docs,
+    the signed model-archive links and the output links, which are capabilities (see below)."""
+    from fastapi.routing import APIRoute
+
+    open_routes = set()
+    for route in roles.app.routes:
+        if isinstance(route, APIRoute) and "POST" in route.methods:
+            path = route.path.replace("{request_id}", "1")
+            assert roles.post(path, json={"prompt": "x"}).status_code == 401, path
+            assert roles.post(path, json={"key": "wrong"}).status_code == 401, path
+        else:
+            open_routes.add(route.path)
+    assert open_routes == {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                           "/api/v1/enterprise/model_archive/{model_id}.tar", "/files/{key:path}"}
+    assert roles.get("/api/v1/enterprise/model_archive/tiny-sd.tar").status_code == 403  # unsigned
+
+
+def test_output_links_are_unguessable(roles, image_server):
+    """Output and upload links work without a key, like ModelsLab's public bucket links, so their
+    names carry at least ~100 random bits; nothing lists a folder."""
+    import re
+
+    body = {"key": GEN, "prompt": "x", "width": 32, "height": 32, "steps": 1, "samples": 2}
+    links = roles.post(f"{API}/text2img", json=body).json()["output"]
+    upload = roles.post(f"{API}/upload_image", json={"key": GEN, "image_type": "png",
+                                                     "base64_image": _png_b64()}).json()["image_url"]
+    uuid = "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+    assert all(re.fullmatch(rf"http://testserver/files/generations/{uuid}-\d\.png", link) for link in links), links
+    assert re.fullmatch(r"http://testserver/files/uploads/\d{49,}\.png", upload), upload
+    for link in (*links, upload):
+        assert roles.get(link).status_code == 200
+    for listing in ("/files/generations", "/files/generations/", "/files/uploads/", "/files/"):
+        assert roles.get(listing).status_code == 404
+
+
+def _png_b64() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -28,6 +28,7 @@ from models.errors import BadInput
 from models.requests import UpdateS3Request
 from tests.conftest import free_port
 
+LOOPBACK = ("127.0.0.1", "localhost")  # moto and the test servers live there; the fetcher refuses it otherwise
 SECRET = f"sk-{uuid.uuid4().hex}"  # a secret no message may ever contain
 ADMIN_CREDS = {"region_name": "us-east-1", "aws_access_key_id": "admin", "aws_secret_access_key": "admin-secret"}
 
@@ -230,16 +231,16 @@ def test_remove_expired_only_looks_under_its_own_image_directory(endpoint, admin
 
 def test_check_passes_on_a_working_bucket_and_leaves_nothing_behind(endpoint, admin, bucket):
     storage = storage_for(endpoint, bucket, acl="public-read")
-    assert storage.check() == []
+    assert storage.check(LOOPBACK) == []
     assert keys(admin, bucket) == set()
 
 
 def test_check_warns_when_public_url_does_not_serve_the_objects(endpoint, admin, bucket):
     wrong = storage_for(endpoint, bucket, public_url=f"{endpoint}/{bucket}/generations/")  # directory twice
-    [warning] = wrong.check()
+    [warning] = wrong.check(LOOPBACK)
     assert "public_url does not serve the objects" in warning and "HTTP 404" in warning
     dead = storage_for(endpoint, bucket, public_url=f"http://127.0.0.1:{free_port()}/")
-    [warning] = dead.check()
+    [warning] = dead.check(LOOPBACK)
     assert "ConnectError" in warning
     assert keys(admin, bucket) == set()
 
@@ -247,7 +248,7 @@ def test_check_warns_when_public_url_does_not_serve_the_objects(endpoint, admin,
 def test_check_names_a_missing_bucket(endpoint):
     storage = storage_for(endpoint, "no-such-bucket-here")
     with pytest.raises(StorageError) as caught:
-        storage.check()
+        storage.check(LOOPBACK)
     message = str(caught.value)
     assert "NoSuchBucket (the bucket does not exist)" in message
     assert f"in bucket no-such-bucket-here at {endpoint}" in message
@@ -257,7 +258,7 @@ def test_check_names_a_missing_bucket(endpoint):
 def test_check_fails_fast_on_an_unreachable_endpoint():
     endpoint = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(StorageError) as caught:
-        storage_for(endpoint, "bkt").check()
+        storage_for(endpoint, "bkt").check(LOOPBACK)
     assert f"in bucket bkt at {endpoint}: endpoint unreachable (connection refused)" in str(caught.value)
     assert_no_secret(str(caught.value))
 
@@ -272,7 +273,7 @@ def test_check_gives_up_on_an_endpoint_that_never_answers(monkeypatch):
     monkeypatch.setattr(S3Storage, "check_timeout", 0.5)  # + botocore's 1 s wait for `100 Continue`
     try:
         with pytest.raises(StorageError) as caught:
-            storage_for(f"http://127.0.0.1:{server.getsockname()[1]}", "bkt").check()
+            storage_for(f"http://127.0.0.1:{server.getsockname()[1]}", "bkt").check(LOOPBACK)
         assert "the endpoint did not answer (read timed out)" in str(caught.value)
     finally:
         server.close()
@@ -339,7 +340,7 @@ def iam_mode(endpoint, bucket):
 def test_check_names_bad_credentials_and_missing_permissions(endpoint, bucket, iam_mode):
     def check(access_key_id, secret):
         storage = storage_for(endpoint, bucket, access_key_id=access_key_id, secret_access_key=secret)
-        return storage.check()
+        return storage.check(LOOPBACK)
 
     def failure(access_key_id, secret) -> str:
         with pytest.raises(StorageError) as caught:
