@@ -46,7 +46,7 @@ def load_model(req: LoadModelRequest, rt) -> MessageResponse:
     if model_id is None and category == "controlnet":
         model_id = CONTROLNET_11_IDS.get(req.url.removeprefix("https://huggingface.co/").strip("/"))
     if model_id is None:
-        raise ApiError({"model_id": ["Field required"]}, tip="Name the model: model_id.", status_code=422)
+        raise ApiError({"model_id": ["The model_id field is required."]}, tip="Name the model: model_id.", status_code=422)
     request = LoadRequest(model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
     return _start_load(request, rt, "model load started")
 

@@ -225,7 +225,7 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, 
 ERROR_RESPONSES: dict[int, dict] = {
     code: {"model": ErrorResponse, "description": description}
     for code, description in {
-        400: "Unusable input (image, model, ...)",
+        400: "Unusable input (image, model, ...), or a documented feature this server does not offer",
         401: "Invalid Api Key",
         403: "An admin endpoint called with a generation key",
         404: "Unknown model, job or file",
@@ -233,7 +233,6 @@ ERROR_RESPONSES: dict[int, dict] = {
         413: "Request body too large",
         422: "Invalid fields (message: field -> messages)",
         429: "Rate limit exceeded",
-        501: "A documented feature this server does not offer",
     }.items()
 }
 REQUEST_ID_PARAMETER = {

@@ -58,6 +58,7 @@ class PayloadTooLarge(ApiError):
 
 
 class NotAvailable(ApiError):
-    """A documented feature this server does not offer yet: never a fake success."""
+    """A documented feature this server does not offer: never a fake success. A 400, not a 501: the
+    request asked for something this server cannot do, the server itself did not fail."""
 
-    status_code = 501
+    status_code = 400
