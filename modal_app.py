@@ -7,7 +7,9 @@ What runs where:
   as locally) or in the S3 bucket set with update_s3. Its image has no torch: it starts fast.
 - `Worker`: the GPU class (`SDAPI_MODAL_GPU`, A100-80GB by default). `@modal.enter(snap=True)`
   loads the default model on the CPU for the memory snapshot; a second `@modal.enter` moves it to
-  the GPU. `run(job_id)` takes one job through the same `execute_job` the local worker uses.
+  the GPU. `run(job_id)` takes one job through the same `execute_job` the local worker uses. Its
+  image turns on the engine's GPU fast path (`GPU_SETTINGS`: torch.compile with a compile cache on
+  the weights Volume, committed when a job compiled something new; SDAPI_COMPILE_MODE at deploy time).
   Autoscaling replaces a load balancer: min / max / buffer containers and the scale-down window
   are settable at deploy time through the environment variables below.
 - `download_model`: model loads (load_model, load_vae, first-use upscalers) on a CPU container with
@@ -80,6 +82,16 @@ SETTINGS = {
     "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2",
     "SDAPI_SYNC_TIMEOUT": "120",
     "SDAPI_CLEANUP_INTERVAL": "0",  # the cron function cleans
+    "SDAPI_STORE_PRECISION": "fp16",  # what the GPU worker runs; the downloader that stores it has no GPU
+}
+# the GPU worker only: the engine's fast path (channels_last, fused QKV, torch.compile of the UNet and
+# VAE decoder; see infra/engine/speed.py), one batched pass per job, and a compile cache on the weights
+# Volume that the worker commits after a job compiled something new, so later containers do not recompile
+GPU_SETTINGS = {
+    "SDAPI_FAST_PATH": "true",
+    "SDAPI_BATCH_SAMPLES": "true",
+    "SDAPI_COMPILE_MODE": os.environ.get("SDAPI_COMPILE_MODE", "reduce-overhead"),
+    "SDAPI_COMPILE_CACHE_DIR": f"{WEIGHTS_PATH}/.compile-cache",
 }
 SOURCE = ("handlers", "models", "infra")
 IGNORE = ["**/__pycache__/**", "**/*.pyc"]  # not only .py: infra/engine/configs holds architecture configs
@@ -95,7 +107,7 @@ gpu_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install("torch==2.13.0", "torchvision==0.28.0")
     .pip_install(*ENGINE_PACKAGES, *WEB_PACKAGES)
-    .env(SETTINGS)
+    .env({**SETTINGS, **GPU_SETTINGS})
     .add_local_python_source(*SOURCE, ignore=IGNORE)
 )
 
@@ -166,6 +178,8 @@ class Worker:
     def run(self, job_id: int) -> str:
         """Run one job to `success` or `failed`; returns its status."""
         status = self.worker.run(job_id, reload_weights=weights.reload)
+        if self.worker.compile_cache_grew():  # kernels compiled for a new shape: keep them for other containers
+            weights.commit()
         if self.worker.outdated():  # restart_server / clear_cache asked for fresh containers
             import modal.experimental
 

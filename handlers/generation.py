@@ -14,7 +14,7 @@ import uuid
 from handlers.ondemand import require_model
 from handlers.queue import check_output_size, expiry, output_key, submit_job, yes_no
 from infra.engine.schedulers import SchedulerError, resolve_algorithm, resolve_name
-from infra.inputs import encode_png
+from infra.inputs import encode_input
 from infra.weights import CONTROLNET_11_IDS, PIPELINE_CATEGORIES, READY, ModelEntry, validate_model_id
 from models.errors import ApiError, BadInput, NotAvailable, NotFound
 from models.requests import ControlnetRequest, GenerationRequest, Img2ImgRequest, InpaintRequest, Text2ImgRequest
@@ -143,7 +143,7 @@ def _generate(task: str, req: GenerationRequest, rt, images: dict) -> JobRespons
         params["strength"] = strength
     meta = _meta(req, params, seed, file_prefix)
 
-    inputs = {name: encode_png(_fit(image, width, height)) for name, image in images.items()}
+    inputs = {name: encode_input(_fit(image, width, height)) for name, image in images.items()}
     return submit_job(task, params, meta, output_keys, inputs, req, rt)
 
 

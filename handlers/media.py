@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from handlers.ondemand import require_model
 from handlers.queue import check_output_size, expiry, output_key, submit_job, yes_no
-from infra.inputs import decode_base64, encode_png
+from infra.inputs import decode_base64, encode_input
 from infra.safety import detector
 from infra.storage import StorageError
 from models.errors import ApiError, BadInput
@@ -71,7 +71,7 @@ def super_resolution(req: SuperResolutionRequest, rt) -> JobResponse:
         "track_id": req.track_id,
     }
     name = f"{int(time.time())}-{uuid.uuid4().hex}_out"  # the link is the credential: 122 random bits
-    return submit_job("super_resolution", params, meta, [output_key(name, req.base64)], {"image": encode_png(image)}, req, rt)
+    return submit_job("super_resolution", params, meta, [output_key(name, req.base64)], {"image": encode_input(image)}, req, rt)
 
 
 def upload_image(req: UploadImageRequest, rt) -> UploadImageResponse:

@@ -46,7 +46,7 @@ def require_model(model_id: str, category: str, field: str, rt) -> list[str]:
         )
     if entry is not None and entry.status == FAILED:
         rt.weights.delete(model_id)  # an earlier fetch failed: try again
-    request = LoadRequest(model_id, source, category)
+    request = LoadRequest(model_id, source, category)  # precision: the store's default (run_load)
     try:
         rt.weights.begin(request.entry())
     except Conflict:

@@ -112,5 +112,16 @@ def encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def encode_input(image: Image.Image) -> bytes:
+    """A job's input image as the engine gets it: lossless and fast. RGB and L images (every
+    decoded input, every mask) go as raw PPM / PGM pixels: ~1 ms for 512x512 where PNG takes
+    ~90 ms of the request; other modes as PNG. The engine opens either with `Image.open`."""
+    if image.mode not in ("RGB", "L"):
+        return encode_png(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PPM")
+    return buffer.getvalue()
+
+
 def _too_big(field: str, limit: int) -> BadInput:
     return BadInput(f"{field} is larger than {limit // (1024 * 1024)} MiB", tip="Send a smaller image.")

@@ -98,6 +98,7 @@ class SqliteJobStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS job_inputs (job_id INTEGER, name TEXT, data BLOB)")
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._changes = 0  # bumped (under the lock) with every notify: `wait` never sleeps through one
 
     # --- writing
     def create(self, job: Job, inputs: dict[str, bytes] | None = None) -> Job:
@@ -128,7 +129,7 @@ class SqliteJobStore:
             self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
             if changes.get("status") in TERMINAL:
                 self._db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
-            self._changed.notify_all()
+            self._notify()
 
     def claim(self, job_id: int) -> bool:
         """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
@@ -139,8 +140,7 @@ class SqliteJobStore:
                 " WHERE id = ? AND status = ? AND started_at IS NULL",
                 (time.time(), job_id, PROCESSING),
             )
-            self._changed.notify_all()
-            return cursor.rowcount == 1
+            return cursor.rowcount == 1  # no notify: waiters wait for the end, not the start
 
     def cancel_queued(self, message: str) -> list[int]:
         """End every job not yet started as `failed` with `message`; running jobs are left alone."""
@@ -151,7 +151,7 @@ class SqliteJobStore:
                 (FAILED, message, time.time(), PROCESSING),
             ).fetchall()
             self._db.execute("DELETE FROM job_inputs WHERE job_id NOT IN (SELECT id FROM jobs WHERE status = ?)", (PROCESSING,))
-            self._changed.notify_all()
+            self._notify()
         return [row[0] for row in rows]
 
     def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
@@ -171,7 +171,7 @@ class SqliteJobStore:
             ).fetchall()]
             self._db.execute("DELETE FROM job_inputs WHERE job_id NOT IN (SELECT id FROM jobs WHERE status = ?)", (PROCESSING,))
             self._db.execute("COMMIT")
-            self._changed.notify_all()
+            self._notify()
         return queued, failed
 
     def delete_finished_before(self, cutoff: float) -> int:
@@ -208,13 +208,28 @@ class SqliteJobStore:
         return [self._job(row) for row in rows]
 
     def wait(self, job_id: int, timeout: float) -> Job | None:
-        """Block until the job is terminal or `timeout` seconds pass; return its latest record."""
+        """Block until the job is terminal or `timeout` seconds pass; return its latest record.
+        Woken by the update that ends it: a change made between reading the record and starting to
+        wait is not slept through (the change count read with the record tells)."""
+        seen = [-1]
+
+        def get(job_id: int) -> Job | None:
+            with self._lock:
+                seen[0] = self._changes
+                row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._job(row) if row else None
 
         def pause(seconds: float) -> None:
             with self._changed:  # woken by any update, at the latest after half a second
-                self._changed.wait(min(seconds, 0.5))
+                if self._changes == seen[0]:
+                    self._changed.wait(min(seconds, 0.5))
 
-        return wait_until_done(self.get, job_id, timeout, pause)
+        return wait_until_done(get, job_id, timeout, pause)
+
+    def _notify(self) -> None:
+        """Wake the waiters; call with the lock held."""
+        self._changes += 1
+        self._changed.notify_all()
 
     # --- rows
     @staticmethod

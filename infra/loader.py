@@ -18,7 +18,7 @@ import re
 import shutil
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.message import Message
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -43,7 +43,7 @@ class LoadRequest:
     model_id: str
     source: str
     category: str | None
-    precision: str = "fp32"
+    precision: str | None = None  # None: the setting store_precision
     upcast_attention: bool = False
     webhook: str | None = None
 
@@ -74,9 +74,22 @@ def source_kind(source: str, allow_local: bool = True) -> str:
     )
 
 
+def store_precision(settings) -> str:
+    """The precision a load without `revision` is stored in (setting `store_precision`; `auto`: fp16
+    when this machine has a CUDA GPU, else fp32)."""
+    if settings.store_precision != "auto":
+        return settings.store_precision
+    import torch
+
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
 def run_load(request: LoadRequest, weights: WeightsStore, settings, notify) -> ModelEntry:
     """Fetch, verify/convert, install. Returns the final manifest entry (ready or failed)."""
+    if request.precision is None:
+        request = replace(request, precision=store_precision(settings))
     entry = weights.get(request.model_id) or weights.begin(request.entry())
+    entry.precision = request.precision
     started = time.time()
     scratch = weights.temp_dir(request.model_id)
     try:

@@ -55,7 +55,7 @@ def _queued_key(job_id: int) -> str:
 
 class DictJobStore:
     """`SqliteJobStore`'s interface on two `modal.Dict`s: `jobs` (records, claims, the index) and
-    `inputs` (the input images of a job, PNG bytes by name, deleted when the job ends).
+    `inputs` (the input images of a job, encoded image bytes by name, deleted when the job ends).
 
     Claims. A job's record holds `attempts` (starts so far) and `started_at` (None while queued).
     Starting attempt n+1 means winning `claim:{id}:{n+1}` with `put(..., skip_if_exists=True)`;

@@ -4,7 +4,7 @@ prefix `SDAPI_` (e.g. `SDAPI_PORT=9000`); the README lists them all."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -84,7 +84,49 @@ class Settings(BaseSettings):
         "every other such URL is refused. Default: none.",
     )
 
+    # --- GPU speed (issue 9; bench/gpu.py measures each knob against plain diffusers)
+    fast_path: bool = Field(
+        False,
+        description="GPU fast path (CUDA only; nothing changes on the CPU): channels_last, fused QKV projections, "
+        "cuDNN autotuning, torch.compile of the UNet and VAE decoder (`compile_mode`). Outputs "
+        "equal the plain fp16 pipeline's up to floating-point noise. A model that loads a LoRA runs uncompiled.",
+    )
+    compile_mode: str = Field(
+        "reduce-overhead",
+        description="torch.compile mode on the fast path: none | default | reduce-overhead (adds CUDA graphs) | "
+        "max-autotune | max-autotune-no-cudagraphs. Each new batch x size compiles once.",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Persistent torch.compile cache (inductor graphs, Triton kernels, autotuning) so a new "
+        "process does not recompile; on Modal a folder on the weights Volume. Default: torch's temp folder.",
+    )
+    batch_samples: bool = Field(
+        False,
+        description="Render a job's samples in one batched pass (one generator per image: the same images as "
+        "one by one up to floating-point noise; inpainting draws the masked image's VAE sample from the first "
+        "image's generator) instead of one pass per image. Not with ToMe.",
+    )
+    tomesd_mode: str = Field(
+        "request",
+        description="ToMe token merging (changes outputs): request (the request's `tomesd` field decides) | "
+        "off (never) | always (every job). ToMe jobs run the UNet uncompiled.",
+    )
+    tomesd_ratio: float = Field(0.5, description="Share of tokens ToMe merges (0..0.75) when it is used.")
+    cfg_cutoff: float = Field(
+        1.0,
+        description="Share of the steps (0..1] that run classifier-free guidance; the later ones run the "
+        "conditional half only, about half their UNet work. 1 = all steps (off). Changes outputs.",
+    )
+
     # --- model catalog
+    store_precision: Literal["auto", "fp16", "fp32"] = Field(
+        "auto",
+        description="Precision the weights store keeps a model in when its load request gives no `revision`. "
+        "auto: fp16 where the loading machine has a CUDA GPU (half the bytes a cold start reads; GPUs run fp16), "
+        "fp32 on a CPU-only machine (CPUs run fp32, and upcasting fp16 on every cold load costs more than reading "
+        "twice the bytes: bench/RESULTS.md). The Modal deployment sets fp16 (its downloader has no GPU).",
+    )
     allow_local_model_paths: bool = Field(
         True, description="Let load_model take a local file or folder path as `url` (local mode)."
     )
@@ -174,6 +216,35 @@ class Settings(BaseSettings):
     default_motion_adapter_id: str = Field(
         "tiny-motion-adapter", description="AnimateDiff motion adapter text2video uses when a request names none."
     )
+
+    @field_validator("compile_mode")
+    @classmethod
+    def _known_compile_mode(cls, value: str) -> str:
+        modes = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if value not in modes:
+            raise ValueError(f"compile_mode must be one of {', '.join(modes)}")
+        return value
+
+    @field_validator("tomesd_mode")
+    @classmethod
+    def _known_tomesd_mode(cls, value: str) -> str:
+        if value not in ("request", "off", "always"):
+            raise ValueError("tomesd_mode must be request, off or always")
+        return value
+
+    @field_validator("tomesd_ratio")
+    @classmethod
+    def _tome_ratio_range(cls, value: float) -> float:
+        if not 0 < value <= 0.75:
+            raise ValueError("tomesd_ratio must be in (0, 0.75]")
+        return value
+
+    @field_validator("cfg_cutoff")
+    @classmethod
+    def _cfg_cutoff_range(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("cfg_cutoff must be in (0, 1]")
+        return value
 
     @field_validator("api_keys", "admin_api_keys", "placeholder_model_ids", "fetch_allowlist", mode="before")
     @classmethod

@@ -27,6 +27,7 @@ class ModalWorker:
         settings = runtime.settings.model_copy(update={"device": device})
         self.engine = Engine(settings, runtime.weights)
         self.generation = runtime.dispatcher.config.generation()
+        self._compile_cache = _folder_fingerprint(settings.compile_cache_dir)
 
     def warm(self) -> None:
         """Load the default model (before the memory snapshot: into CPU memory)."""
@@ -53,6 +54,13 @@ class ModalWorker:
         runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
         return finished.status if finished else "missing"
 
+    def compile_cache_grew(self) -> bool:
+        """True once after a job added to the persistent compile cache (SDAPI_COMPILE_CACHE_DIR, on the
+        weights Volume on Modal): the caller commits the Volume so new containers start compiled."""
+        now = _folder_fingerprint(self.runtime.settings.compile_cache_dir)
+        grew, self._compile_cache = now != self._compile_cache, now
+        return grew
+
     def outdated(self) -> bool:
         """True when restart_server / clear_cache asked for fresh containers after this one started."""
         return self.runtime.dispatcher.config.generation() > self.generation
@@ -65,6 +73,23 @@ def run_download(runtime, request: dict) -> str:
     runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
     entry = runtime.weights.get(load.model_id)
     return entry.status if entry is not None else "missing"
+
+
+def _folder_fingerprint(folder) -> tuple[int, int]:
+    """(files, bytes) under `folder`; (0, 0) when it is not set or not there."""
+    files = size = 0
+    if folder is None:
+        return files, size
+    import os
+
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                size += os.path.getsize(os.path.join(root, name))
+                files += 1
+            except OSError:
+                continue
+    return files, size
 
 
 def _missing_models(params: dict, weights) -> bool:

@@ -209,7 +209,10 @@ class LoadModelRequest(WireModel):
         "huggingface", description="huggingface / api_trained / custom_ckpt = a Stable Diffusion model (family detected)."
     )
     from_safetensors: YesNo = Field(False, description="Accepted; the file format is detected from the file.")
-    revision: Literal["fp16", "fp32"] = Field("fp32", description="Precision the weights are stored and run in.")
+    revision: Literal["fp16", "fp32"] | None = Field(
+        None, description="Precision the weights are stored in; default: the server's SDAPI_STORE_PRECISION (auto: fp16 "
+        "on a GPU machine, fp32 on a CPU-only one)."
+    )
     upcast_attention: YesNo = Field(False, description="Compute attention in fp32 (SD 2.1 checkpoints).")
     webhook: Text | None = Field(None, description="Receives the outcome when the load ends.")
 
@@ -227,7 +230,7 @@ class LoadModelV2Request(WireModel):
     model_format: Literal["ckpt", "safetensors", "pt", "pth", "bin", "diffusers", "archive"] = Field(
         description="Accepted as a hint; the format is detected from the file (archive: a sync_models .tar)."
     )
-    revision: Literal["fp16", "fp32"] = "fp32"
+    revision: Literal["fp16", "fp32"] | None = None  # None: the server's store_precision
     upcast_attention: YesNo = False
     webhook: Text | None = None
 
@@ -236,7 +239,7 @@ class LoadVaeRequest(WireModel):
     vae_id: Text
     vae_url: Text = Field(description="Hugging Face repo id, an http(s) URL to a VAE file, or (local mode) a path.")
     vae_type: Literal["diffusers", "safetensors", "pt", "ckpt", "bin"] = "diffusers"
-    revision: Literal["fp16", "fp32"] = "fp32"
+    revision: Literal["fp16", "fp32"] | None = None  # None: the server's store_precision
     webhook: Text | None = None
 
 

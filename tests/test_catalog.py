@@ -191,6 +191,42 @@ def test_fp16_revision_stores_half_precision_weights(catalog, files):
     assert image_of(catalog, model_id="half").shape == (64, 64, 3)
 
 
+def test_a_load_without_revision_takes_the_store_precision_and_loads_back_exactly(catalog, files):
+    """Without `revision` the store keeps SDAPI_STORE_PRECISION: `auto` is fp32 on this CPU-only
+    machine; `fp16` (what the Modal deployment sets) keeps every weight rounded to fp16, and the
+    engine loads exactly those weights. `revision` wins over the setting."""
+    import torch
+    from safetensors.torch import load_file
+
+    runtime = catalog.app.state.runtime
+    weights = runtime.weights
+    source = dict(url=f"{files['url']}/tiny.safetensors", model_category="stable_diffusion", model_format="safetensors")
+    assert runtime.settings.store_precision == "auto" and not torch.cuda.is_available()
+    load(catalog, "load_model_v2", model_id="auto-precision", **source)
+    assert weights.get("auto-precision").precision == "fp32"
+    runtime.settings.store_precision = "fp16"
+    try:
+        load(catalog, "load_model_v2", model_id="default-precision", **source)
+        load(catalog, "load_model_v2", model_id="full-precision", revision="fp32", **source)
+    finally:
+        runtime.settings.store_precision = "auto"
+    assert weights.get("default-precision").precision == "fp16"
+    assert weights.get("full-precision").precision == "fp32"
+    half, full = weights.folder("default-precision"), weights.folder("full-precision")
+    for component in ("unet", "vae", "text_encoder"):
+        [stored] = (half / component).glob("*.safetensors")
+        [source] = (full / component).glob("*.safetensors")
+        stored_state, source_state = load_file(stored), load_file(source)
+        assert stored_state.keys() == source_state.keys()
+        assert all(t.dtype == torch.float16 for t in stored_state.values() if t.is_floating_point())
+        assert all(torch.equal(stored_state[k], source_state[k].half()) for k in stored_state)
+    assert image_of(catalog, model_id="default-precision").shape == (64, 64, 3)
+    model = runtime.dispatcher.engine().cache.model("default-precision")  # what the engine loaded
+    [stored] = (half / "unet").glob("*.safetensors")
+    loaded = model.pipeline.unet.state_dict()
+    assert all(torch.equal(loaded[k], v.to(loaded[k].dtype)) for k, v in load_file(stored).items())
+
+
 # --------------------------------------------------------------------------- adapters
 
 

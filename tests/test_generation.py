@@ -51,7 +51,9 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def test_seed_inpaint_example_works_verbatim(client, image_server):
+def test_seed_inpaint_example_works_verbatim(make_client, image_server):
+    # 30 steps at 512x512 on a busy 2-core machine can pass the default 30 s sync budget: wait longer
+    client = make_client(sync_timeout=300)
     body = SEED_BODY.replace("https://raw.githubusercontent.com", image_server)
     response = client.post("/api/v1/enterprise/inpaint", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 200, response.text

@@ -527,7 +527,7 @@ def test_dispatcher_load_spawns_the_download_with_primitive_fields(tmp_path):
     side.dispatcher.load(request)
     [((sent,), call)] = side.loads.calls
     assert sent == {"model_id": "my-model", "source": "https://example.com/m.safetensors", "category": None,
-                    "precision": "fp32", "upcast_attention": False, "webhook": "https://hook"}
+                    "precision": None, "upcast_attention": False, "webhook": "https://hook"}
     assert LoadRequest(**sent) == request
     assert call.get(timeout=30) == "my-model"
 

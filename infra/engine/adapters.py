@@ -10,7 +10,10 @@ off before the lock is released:
   weights in peft (see the offline notes); a LoRA is left out instead.
 - An embedding is loaded for the job under its token and unloaded afterwards.
 - ToMe (`tomesd`) patches the UNet for the job and is removed afterwards; its random token
-  choice is seeded per image, so a seed still reproduces an image exactly.
+  choice is seeded per image, so a seed still reproduces an image exactly. A compiled UNet (the
+  GPU fast path, speed.py) runs uncompiled during a ToMe job.
+- Loading a LoRA first takes the model's UNet off the compiled, fused-QKV fast path for good
+  (speed.before_lora): peft's wrapped projections are bypassed by a fused QKV projection.
 
 clip_skip is passed to the pipelines, with `text_model_alias` around the call (see there). The
 wire value follows A1111 and ModelsLab: 1 = the last CLIP layer (no skip), 2 = the
@@ -26,7 +29,7 @@ from contextlib import contextmanager
 import torch
 from safetensors.torch import load_file
 
-from infra.engine import LOAD_LOCK
+from infra.engine import LOAD_LOCK, speed
 from infra.engine.pipelines import LoadedModel
 from infra.weights import WeightsStore
 from models.errors import BadInput
@@ -76,24 +79,28 @@ def job_adapters(
     weights: WeightsStore,
     loras: list[tuple[str, float]],
     embedding: str | None,
-    tome: bool,
+    tome: bool | float,
     max_loras: int,
 ):
-    """Apply the job's adapters to `model` for the duration of the block (holding its lock)."""
+    """Apply the job's adapters to `model` for the duration of the block (holding its lock).
+    `tome`: False / 0 for none, True for ToMe at the default ratio, or the ratio."""
     with model.lock:
         _activate_loras(model, weights, loras, max_loras)
         token = _load_embedding(model, weights, embedding) if embedding else None
-        if tome:
-            import tomesd
-
-            tomesd.apply_patch(model.pipeline.unet, **TOME)
         try:
-            yield
-        finally:
             if tome:
                 import tomesd
 
-                tomesd.remove_patch(model.pipeline.unet)
+                ratio = TOME["ratio"] if tome is True else float(tome)
+                with speed.eager(model.pipeline.unet):  # a compiled UNet runs uncompiled under ToMe
+                    tomesd.apply_patch(model.pipeline.unet, **{**TOME, "ratio": ratio})
+                    try:
+                        yield
+                    finally:
+                        tomesd.remove_patch(model.pipeline.unet)
+            else:
+                yield
+        finally:
             if token:
                 _unload_embedding(model, token)
 
@@ -134,6 +141,7 @@ def _ensure_lora(model: LoadedModel, weights: WeightsStore, lora_id: str) -> str
         model.pipeline.delete_adapters(cached[1])
         del model.loras[lora_id]
     name = "lora_" + re.sub(r"\W", "_", lora_id)
+    speed.before_lora(model.pipeline)
     try:
         with LOAD_LOCK:
             model.pipeline.load_lora_weights(str(weights.payload(lora_id)), adapter_name=name)

@@ -4,13 +4,15 @@ upscale, the safety checker and base64 files), super_resolution, text2video.
 `job.params` holds the effective parameters the handler resolved (model id, size, resolved
 seeds, scheduler, LoRAs, ...); input images arrive as PNG bytes already fitted to the output
 size. Image i of a job is rendered alone from seed + i, so any image can be reproduced exactly by
-sending its own seed with samples 1.
+sending its own seed with samples 1 (with the setting batch_samples, a job's images share one
+batched pass, each from its own seed's generator: the same images up to floating-point noise).
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import functools
 import inspect
 import io
 import logging
@@ -27,6 +29,7 @@ from infra.engine.hints import make_hint
 from infra.engine.pipelines import LoadedModel, ModelCache
 from infra.engine.postprocess import composite_inpaint, treat_flagged
 from infra.engine.schedulers import build_scheduler
+from infra.engine.speed import FastPath, cfg_cutoff_call
 from infra.inputs import encode_png
 from infra.media import encode_video
 from infra.safety import detector
@@ -54,7 +57,9 @@ class Engine:
         self.weights = weights
         self.device = resolve_device(settings.device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.cache = ModelCache(weights, self.device, dtype, settings.model_cache_mb * 1024 * 1024)
+        self.cache = ModelCache(
+            weights, self.device, dtype, settings.model_cache_mb * 1024 * 1024, FastPath.from_settings(settings)
+        )
 
     def move_to(self, device: str) -> None:
         """Run on `device` from now on, with the loaded models moved there (fp16 on CUDA)."""
@@ -183,26 +188,41 @@ class Engine:
             height=params["height"],
             clip_skip=self._clip_skip(model, params.get("clip_skip")),
         )
-        accepted = inspect.signature(type(pipeline).__call__).parameters
+        accepted = call_parameters(type(pipeline))
         call = {k: v for k, v in call.items() if k in accepted}  # img2img variants take the image's size
 
         loras = [(lora_id, strength) for lora_id, strength in params.get("loras", [])]
-        tome = params.get("tomesd", False) and variant != "self_attention"  # SAG reads the attention maps ToMe merges
+        tome = self._tome_ratio(params) if variant != "self_attention" else 0.0  # SAG reads the attention maps ToMe merges
+        if variant in ("text2img", "img2img", "inpaint"):  # speed mode that changes outputs (setting cfg_cutoff)
+            call.update(cfg_cutoff_call(pipeline, params["steps"], self.settings.cfg_cutoff, params["guidance_scale"]))
         refine = self._highres_pass(model, params, init, mask, parts) if highres else None
+        seeds = params["seeds"]
+        # one pass for all samples, with one generator per image (the latents of seed + i alone), or one pass each
+        batches = [seeds] if self.settings.batch_samples and not tome and len(seeds) > 1 else [[seed] for seed in seeds]
         images = []
         adapters = job_adapters(model, self.weights, loras, params.get("embedding"), tome, self.settings.max_loaded_loras)
         with adapters, text_model_alias(model):
-            for seed in params["seeds"]:
-                seed_tome(model, seed)
-                generator = torch.Generator("cpu").manual_seed(seed)
+            for batch in batches:
+                seed_tome(model, batch[0])
+                generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch]
+                many = {"num_images_per_prompt": len(batch)} if len(batch) > 1 else {}
                 with torch.inference_mode():
-                    image = pipeline(prompt=params["prompt"], generator=generator, **call).images[0]
-                if mask is not None:
-                    image = composite_inpaint(image, init, mask)
-                if refine is not None:
-                    image = refine(image, seed)
-                images.append(image)
+                    output = pipeline(
+                        prompt=params["prompt"], generator=generators if many else generators[0], **many, **call
+                    ).images
+                for seed, image in zip(batch, output):
+                    if mask is not None:
+                        image = composite_inpaint(image, init, mask)
+                    if refine is not None:
+                        image = refine(image, seed)
+                    images.append(image)
         return images
+
+    def _tome_ratio(self, params: dict) -> float:
+        """The ToMe ratio of this job (0: no ToMe): the request's `tomesd`, unless setting tomesd_mode overrides it."""
+        mode = self.settings.tomesd_mode
+        wanted = mode == "always" or (mode == "request" and params.get("tomesd", False))
+        return self.settings.tomesd_ratio if wanted else 0.0
 
     def _highres_pass(self, model: LoadedModel, params: dict, init, mask, parts: dict):
         """highres_fix's second pass: the first image enlarged (Lanczos) to the highres size and
@@ -230,7 +250,7 @@ class Engine:
         }
         if big_mask is not None:
             call["mask_image"] = big_mask
-        accepted = inspect.signature(type(pipeline).__call__).parameters
+        accepted = call_parameters(type(pipeline))
         call = {k: v for k, v in call.items() if k in accepted}
 
         def refine(image: Image.Image, seed: int) -> Image.Image:
@@ -281,6 +301,12 @@ class Engine:
         if skip is not None and skip >= layers:
             raise BadInput(f"clip_skip {wire_value} is too large for model {model.model_id} ({layers} CLIP layers)")
         return skip
+
+
+@functools.cache
+def call_parameters(pipeline_class) -> frozenset[str]:
+    """The keyword arguments a pipeline class's __call__ takes (inspect.signature costs ~2 ms a job)."""
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)
 
 
 def vae_for(model: LoadedModel, vae):

@@ -2,8 +2,9 @@
 
 A pipeline model is loaded once (weights on the target device); the text2img / img2img / inpaint
 / ControlNet / panorama / self-attention pipelines of a job are built around the same components
-with `from_pipe` (milliseconds, no copy), each with its own fresh scheduler so concurrent jobs
-never share scheduler state. VAEs and ControlNets are cached the same way, as components.
+with `from_pipe` (no weights copied), each with its own fresh scheduler so concurrent jobs never
+share scheduler state. A variant without job-specific parts is built once per model and each job
+gets a shallow copy of it with its scheduler (microseconds instead of from_pipe's milliseconds). VAEs and ControlNets are cached the same way, as components.
 
 Entries are keyed by the manifest's version (id + load time): a model deleted and loaded again
 under the same id is reloaded, in this process and in any other that shares the store. The cache
@@ -12,6 +13,7 @@ is bounded in bytes; the least recently used entries are evicted first.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -43,6 +45,7 @@ from diffusers import (
 
 from infra.engine import LOAD_LOCK
 from infra.engine.schedulers import build_scheduler
+from infra.engine.speed import FastPath, apply_fast_path
 from infra.weights import PIPELINE_CATEGORIES, READY, WeightsStore
 from models.errors import BadInput, NotFound
 
@@ -83,6 +86,8 @@ class LoadedModel:
     # held for a whole job: LoRA / embedding / ToMe state lives in the shared modules
     lock: threading.RLock = field(default_factory=threading.RLock)
     loras: OrderedDict = field(default_factory=OrderedDict)  # lora id -> (version, adapter name)
+    # variant -> (ids of the model's components it was built on, the pipeline): see ModelCache.pipeline
+    variants: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -102,8 +107,10 @@ def module_bytes(*modules) -> int:
 
 
 class ModelCache:
-    def __init__(self, weights: WeightsStore, device: torch.device, dtype: torch.dtype, max_bytes: int):
+    def __init__(self, weights: WeightsStore, device: torch.device, dtype: torch.dtype, max_bytes: int,
+                 fast: FastPath | None = None):
         self.weights = weights
+        self.fast = fast  # the GPU fast path (speed.py), applied wherever a pipeline lands on the GPU
         self.device = device
         self.dtype = dtype
         self.max_bytes = max_bytes
@@ -128,9 +135,17 @@ class ModelCache:
             what = variant.replace("_", " ")
             raise BadInput(f"{what} is not available for {model.family.upper()} models like {model.model_id}")
         fresh = build_scheduler(scheduler, model.scheduler_config, karras, algorithm)
-        # from_pipe casts every component to `dtype` in place (float32 when not given): keep the model's own
-        pipeline = cls.from_pipe(model.pipeline, scheduler=fresh, dtype=model.pipeline.dtype, **parts)
-        pipeline.set_progress_bar_config(disable=True)
+        if parts:  # a VAE / ControlNet of this job: a pipeline of its own around them
+            return _from_pipe(cls, model.pipeline, scheduler=fresh, **parts)
+        # the variant is built once per model (and again if a component was swapped); a job gets a shallow
+        # copy: its own attributes and config, the same modules, and its own scheduler
+        components = tuple(id(c) for c in model.pipeline.components.values())
+        with _VARIANTS_LOCK:
+            built = model.variants.get(variant)
+            if built is None or built[0] != components:
+                built = model.variants[variant] = (components, _from_pipe(cls, model.pipeline))
+        pipeline = copy.copy(built[1])
+        pipeline.scheduler = fresh  # DiffusionPipeline.__setattr__: a new config dict on the copy only
         return pipeline
 
     def move_to(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -141,6 +156,7 @@ class ModelCache:
             for entry in self._entries.values():
                 if isinstance(entry, LoadedModel):
                     entry.pipeline.to(device, dtype)
+                    apply_fast_path(entry.pipeline, device, self.fast)
                 elif isinstance(entry.module, torch.nn.Module):
                     entry.module.to(device=device, dtype=dtype)
                 elif hasattr(entry.module, "to"):  # spandrel descriptors, transformers pipelines
@@ -205,11 +221,21 @@ class ModelCache:
     def _load_pipeline(self, entry) -> LoadedModel:
         folder = self.weights.folder(entry.model_id)
         with LOAD_LOCK:
-            pipeline = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
+            pipeline = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, **self._load_options()).to(self.device)
+            apply_fast_path(pipeline, self.device, self.fast)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         family = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
         size = module_bytes(*pipeline.components.values())
         return LoadedModel(entry.model_id, entry.version, pipeline, scheduler_config, family, size)
+
+    def _load_options(self) -> dict:
+        """Weights read from the store's safetensors into modules built on the meta device (no random
+        init, no second copy in memory); on a GPU read straight onto it (a device map of one device,
+        which `.to()` still moves), not into CPU memory first."""
+        options = {"local_files_only": True, "low_cpu_mem_usage": True}
+        if self.device.type == "cuda":
+            options["device_map"] = "cuda"
+        return options
 
     def _load_component(self, entry, kind: str) -> LoadedComponent:
         folder = self.weights.folder(entry.model_id)
@@ -234,6 +260,16 @@ class ModelCache:
         with LOAD_LOCK:
             module = COMPONENTS[kind].from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
         return LoadedComponent(entry.model_id, entry.version, module.eval(), module_bytes(module))
+
+
+_VARIANTS_LOCK = threading.Lock()
+
+
+def _from_pipe(cls, pipeline, **parts):
+    # from_pipe casts every component to `dtype` in place (float32 when not given): keep the model's own
+    variant = cls.from_pipe(pipeline, dtype=pipeline.dtype, **parts)
+    variant.set_progress_bar_config(disable=True)
+    return variant
 
 
 def _release_memory() -> None:

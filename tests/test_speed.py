@@ -1,0 +1,223 @@
+"""The GPU fast path and the speed modes (issue 9), checked on the CPU: the settings, the fast path
+being a no-op on the CPU, its code (channels_last, fused QKV, compiled UNet / VAE decoder) giving
+the plain pipeline's images when it is forced on the CPU, a LoRA taking the UNet off it, and the
+batched samples, ToMe and cfg_cutoff settings. No timings are asserted (bench/gpu.py measures)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from infra.engine import speed
+from infra.engine.generate import Engine
+from infra.settings import Settings
+from infra.weights import WeightsStore
+from tests.model_files import write_lora
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def store(models_dir, tmp_path_factory) -> WeightsStore:
+    root = tmp_path_factory.mktemp("speed") / "models"
+    shutil.copytree(models_dir, root)
+    weights = WeightsStore(root)
+    weights.install(
+        "style", "lora", lambda folder: write_lora(weights.folder("tiny-sd"), folder / "lora.safetensors"),
+        file="lora.safetensors", family="sd",
+    )
+    return weights
+
+
+def engine(store: WeightsStore, forced: bool = False, **settings) -> Engine:
+    """An Engine on the CPU; `forced`: the fast path runs on the CPU too (dynamo's eager backend)."""
+    built = Engine(Settings(_env_file=None, models_dir=store.root, device="cpu", **settings), store)
+    if forced:
+        built.cache.fast = replace(built.cache.fast, allow_cpu=True, backend="eager")
+    return built
+
+
+def params(samples: int = 1, **overrides) -> dict:
+    return {
+        "model_id": "tiny-sd", "prompt": "a red bicycle", "negative_prompt": "", "steps": 4,
+        "guidance_scale": 7.5, "width": SIZE, "height": SIZE, "samples": samples,
+        "seeds": [7 + i for i in range(samples)], "scheduler": "DDIMScheduler", "use_karras_sigmas": False,
+        "algorithm": None, "tomesd": False, "loras": [], "embedding": None, "clip_skip": None, **overrides,
+    }
+
+
+def pixels(images) -> list[np.ndarray]:
+    return [np.asarray(image, dtype=np.float64) for image in images]
+
+
+def mean_diff(a, b) -> float:
+    return max(float(np.abs(x - y).mean()) for x, y in zip(pixels(a), pixels(b)))
+
+
+def test_settings_parse_and_refuse_unknown_values(monkeypatch):
+    monkeypatch.setenv("SDAPI_FAST_PATH", "true")
+    monkeypatch.setenv("SDAPI_COMPILE_MODE", "max-autotune-no-cudagraphs")
+    monkeypatch.setenv("SDAPI_COMPILE_CACHE_DIR", "/weights/.compile-cache")
+    monkeypatch.setenv("SDAPI_CFG_CUTOFF", "0.6")
+    settings = Settings(_env_file=None)
+    assert settings.fast_path and settings.compile_mode == "max-autotune-no-cudagraphs"
+    assert str(settings.compile_cache_dir) == "/weights/.compile-cache" and settings.cfg_cutoff == 0.6
+    fast = speed.FastPath.from_settings(settings)
+    assert fast.enabled and fast.cache_dir == settings.compile_cache_dir
+    defaults = {name: Settings.model_fields[name].default for name in ("fast_path", "batch_samples", "tomesd_mode",
+                                                                        "cfg_cutoff")}
+    assert defaults == {"fast_path": False, "batch_samples": False, "tomesd_mode": "request", "cfg_cutoff": 1.0}
+    for bad in ({"compile_mode": "fastest"}, {"tomesd_mode": "sometimes"}, {"cfg_cutoff": 0}, {"tomesd_ratio": 0.9}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **bad)
+
+
+def test_the_fast_path_is_a_no_op_on_the_cpu(store):
+    plain, fast = engine(store), engine(store, fast_path=True, compile_mode="default")
+    a = plain.generate("text2img", params(), {})
+    b = fast.generate("text2img", params(), {})
+    unet = fast.cache.model("tiny-sd").pipeline.unet
+    assert not speed.is_compiled(unet) and not getattr(unet, speed.APPLIED, False)
+    assert all((x == y).all() for x, y in zip(pixels(a), pixels(b)))
+
+
+def test_the_fast_path_forced_on_the_cpu_keeps_the_images(store):
+    plain = engine(store)
+    fast = engine(store, forced=True, fast_path=True, compile_mode="default")
+    model = fast.cache.model("tiny-sd")
+    unet, vae = model.pipeline.unet, model.pipeline.vae
+    assert speed.is_compiled(unet) and speed.is_compiled(vae.decoder)
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert any(type(p).__name__ == "FusedAttnProcessor2_0" for p in unet.attn_processors.values())
+    for task, extra in (("text2img", {}), ("img2img", {"strength": 0.7})):
+        inputs = {}
+        if task == "img2img":
+            from tests.conftest import png_bytes, scene
+
+            inputs = {"init_image": png_bytes(scene(SIZE, SIZE))}
+        a = plain.generate(task, params(**extra), inputs)
+        b = fast.generate(task, params(**extra), inputs)
+        assert mean_diff(a, b) < 1.0, task  # the same images up to float rounding (fused GEMMs)
+    # a variant pipeline (from_pipe) shares the compiled modules and keeps them so
+    assert speed.is_compiled(fast.cache.model("tiny-sd").pipeline.unet)
+
+
+def test_a_lora_takes_the_unet_off_the_fused_compiled_path(store):
+    plain = engine(store)
+    fast = engine(store, forced=True, fast_path=True, compile_mode="default")
+    with_lora = params(loras=[("style", 1.0)])
+    a = plain.generate("text2img", with_lora, {})
+    b = fast.generate("text2img", with_lora, {})
+    unet = fast.cache.model("tiny-sd").pipeline.unet
+    assert not speed.is_compiled(unet) and getattr(unet, speed.EAGER_FOR_GOOD)
+    assert not any(type(p).__name__ == "FusedAttnProcessor2_0" for p in unet.attn_processors.values())
+    assert mean_diff(a, b) < 1.0  # the LoRA acts as without the fast path (a fused QKV would bypass it)
+    assert mean_diff(a, plain.generate("text2img", params(), {})) > 1.0  # and it does act
+    # later jobs without LoRAs stay uncompiled for this model, and still give the base model's images
+    assert mean_diff(fast.generate("text2img", params(), {}), plain.generate("text2img", params(), {})) < 1.0
+    assert not speed.is_compiled(unet)
+
+
+def test_tome_runs_the_compiled_unet_uncompiled_for_the_job_only(store):
+    fast = engine(store, forced=True, fast_path=True, compile_mode="default", tomesd_mode="always")
+    unet = fast.cache.model("tiny-sd").pipeline.unet
+    seen = []
+    original = speed.eager
+
+    def spy(module):
+        seen.append(module)
+        return original(module)
+
+    speed_eager = pytest.MonkeyPatch()
+    speed_eager.setattr(speed, "eager", spy)
+    try:
+        fast.generate("text2img", params(), {})
+    finally:
+        speed_eager.undo()
+    assert seen == [unet] and speed.is_compiled(unet)  # compiled again after the job
+    assert not any("ToMe" in type(module).__name__ for module in unet.modules())  # and ToMe removed
+
+
+def test_tomesd_mode_and_ratio(store):
+    assert engine(store)._tome_ratio({"tomesd": True}) == 0.5
+    assert engine(store)._tome_ratio({"tomesd": False}) == 0.0
+    assert engine(store, tomesd_mode="off")._tome_ratio({"tomesd": True}) == 0.0
+    assert engine(store, tomesd_mode="always", tomesd_ratio=0.3)._tome_ratio({"tomesd": False}) == 0.3
+    plain = engine(store).generate("text2img", params(), {})
+    merged = engine(store, tomesd_mode="always", tomesd_ratio=0.75).generate("text2img", params(), {})
+    assert mean_diff(plain, merged) > 0  # ToMe changes outputs: never on unless set
+
+
+def test_batched_samples_give_the_images_of_one_by_one(store):
+    one_by_one = engine(store).generate("text2img", params(samples=3), {})
+    batched = engine(store, batch_samples=True).generate("text2img", params(samples=3), {})
+    assert len(batched) == 3 and mean_diff(one_by_one, batched) < 1.0
+    alone = engine(store).generate("text2img", params(seeds=[8]), {})  # image 2 of the job, by its seed
+    assert mean_diff(alone, batched[1:2]) < 1.0
+
+
+def test_cfg_cutoff_changes_outputs_only_when_set(store):
+    pipeline = engine(store).cache.pipeline(engine(store).cache.model("tiny-sd"), "text2img", "DDIMScheduler",
+                                            False, None)
+    assert speed.cfg_cutoff_call(pipeline, 30, 1.0, 7.5) == {}
+    assert speed.cfg_cutoff_call(pipeline, 30, 0.5, 1.0) == {}  # no guidance to cut
+    call = speed.cfg_cutoff_call(pipeline, 30, 0.5, 7.5)
+    assert call["callback_on_step_end_tensor_inputs"] == ["prompt_embeds"]
+    full = engine(store).generate("text2img", params(), {})
+    cut = engine(store, cfg_cutoff=0.5).generate("text2img", params(), {})
+    assert cut[0].size == full[0].size and mean_diff(full, cut) > 0
+    inpaint_inputs = _inpaint_inputs()
+    cut_inpaint = engine(store, cfg_cutoff=0.5).generate(
+        "inpaint", params(model_id="tiny-sd-inpaint", strength=1.0), inpaint_inputs
+    )
+    assert cut_inpaint[0].size == (SIZE, SIZE)
+
+
+def _inpaint_inputs() -> dict:
+    from tests.conftest import centre_mask, png_bytes, scene
+
+    return {"init_image": png_bytes(scene(SIZE, SIZE)), "mask_image": png_bytes(centre_mask(SIZE, SIZE))}
+
+
+def test_the_modal_worker_turns_the_fast_path_on_and_keeps_the_compile_cache(tmp_path):
+    """The GPU image's environment turns the fast path on, with the compile cache on the weights
+    Volume; a job that adds to that cache makes the worker ask for a Volume commit, once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = "import json, modal_app; print(json.dumps(modal_app.GPU_SETTINGS))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SDAPI_"))}
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env={**env, "HOME": "/nonexistent"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    gpu = json.loads(done.stdout.strip().splitlines()[-1])
+    assert gpu["SDAPI_FAST_PATH"] == "true" and gpu["SDAPI_BATCH_SAMPLES"] == "true"
+    assert gpu["SDAPI_COMPILE_CACHE_DIR"].startswith("/weights/")
+    settings = Settings(_env_file=None, **{k[len("SDAPI_"):].lower(): v for k, v in gpu.items()})
+    assert settings.fast_path and settings.compile_mode == "reduce-overhead"
+
+    from infra.worker import ModalWorker
+
+    class Runtime:  # what ModalWorker reads of a runtime
+        def __init__(self):
+            self.settings = Settings(_env_file=None, models_dir=tmp_path / "models", compile_cache_dir=tmp_path / "cc",
+                                     device="cpu")
+            self.weights = WeightsStore(tmp_path / "models")
+            self.dispatcher = type("D", (), {"config": type("C", (), {"generation": staticmethod(lambda: 0)})()})()
+
+    worker = ModalWorker(Runtime())
+    assert not worker.compile_cache_grew()
+    (tmp_path / "cc").mkdir()
+    (tmp_path / "cc" / "kernel.bin").write_bytes(b"x" * 10)
+    assert worker.compile_cache_grew() and not worker.compile_cache_grew()
