@@ -31,8 +31,8 @@ def rows(results: dict) -> list[list]:
                         f"{r['requests']} requests, {r['errors']} errors", t["server_peak_rss_mb"]])
     if c := results.get("coldload"):
         for variant, r in c["variants"].items():
-            if variant == "floor":
-                out.append([f"cold load ({c['cache']} cache): floor (read {r['bytes'] / 1e9:.2f} GB)",
+            if variant.startswith("floor"):
+                out.append([f"cold load ({c['cache']} cache): {variant} (read {r['bytes'] / 1e9:.2f} GB)",
                             f"{r['load_s']} s", "", r["peak_rss_mb"]])
                 continue
             ratio = f"; {r['load_vs_floor']}x / {r['cold_vs_floor']}x floor" if "load_vs_floor" in r else ""

@@ -12,7 +12,8 @@ Variants, each run in a fresh `python -m bench.coldload child ...` process:
                   diffusers folder (what `save_pretrained` writes), then the pipeline call;
 * `from_single_file` — plain diffusers: `StableDiffusionPipeline.from_single_file` of the same
                   weights as one fp32 LDM checkpoint (configs and tokenizer from the shipped configs);
-* `floor`       — no torch at all: read every byte of the `store` files (the disk-read floor).
+* `floor` / `floor_fp32` — no torch at all: read every byte of the `store` (fp16) / `store_fp32`
+                  files (the disk-read floor for the same bytes).
 
 Every model variant imports the same modules first (`infra.engine.generate`: torch, diffusers,
 transformers, the engine); that is reported as `import_s`. `load_s` is from after the imports to
@@ -51,7 +52,11 @@ from bench.common import (
 )
 
 MODEL_ID, MODEL_ID_FP32 = "sd15-random", "sd15-random-fp32"
-VARIANTS = ("store", "store_fp32", "from_pretrained_fp32", "from_single_file", "floor")
+VARIANTS = ("store", "store_fp32", "from_pretrained_fp32", "from_single_file", "floor", "floor_fp32")
+# each variant is compared with the time to read the same number of bytes: the fp16 store's files, or
+# the fp32 store's (the fp32 folder and the single file hold the same 4.3 GB)
+FLOOR_OF = {"store": "floor", "store_fp32": "floor_fp32", "from_pretrained_fp32": "floor_fp32",
+            "from_single_file": "floor_fp32"}
 PROMPT = "a photograph of an astronaut riding a horse"
 SIZE, STEPS = 64, 1
 
@@ -106,6 +111,7 @@ def build(root: Path) -> dict:
         "bytes": {
             "store": folder_bytes(root / "store" / MODEL_ID),
             "store_fp32": folder_bytes(root / "store" / MODEL_ID_FP32),
+            "floor_fp32": folder_bytes(root / "store" / MODEL_ID_FP32),
             "from_pretrained_fp32": folder_bytes(root / "fp32"),
             "from_single_file": folder_bytes(root / "single.safetensors"),
         },
@@ -116,6 +122,7 @@ def variant_files(root: Path, variant: str) -> Path:
     return {
         "store": root / "store" / MODEL_ID,
         "floor": root / "store" / MODEL_ID,
+        "floor_fp32": root / "store" / MODEL_ID_FP32,
         "store_fp32": root / "store" / MODEL_ID_FP32,
         "from_pretrained_fp32": root / "fp32",
         "from_single_file": root / "single.safetensors",
@@ -128,7 +135,7 @@ def variant_files(root: Path, variant: str) -> Path:
 def child(variant: str, root: Path) -> dict:
     """Runs in a fresh process: imports, load, first image; times and peak RSS."""
     t0 = time.perf_counter()
-    if variant == "floor":
+    if variant.startswith("floor"):
         size = read_all(variant_files(root, variant))
         seconds = time.perf_counter() - t0
         return {"variant": variant, "load_s": round(seconds, 3), "bytes": size, "peak_rss_mb": peak_rss_mb()}
@@ -234,12 +241,11 @@ def run(quick: bool = False, repeats: int | None = None, cache: str = "warm", ke
             if "run_dtype" in rows[0]:
                 summary["run_dtype"] = rows[0]["run_dtype"]
             result["variants"][variant] = summary
-        floor = result["variants"].get("floor", {}).get("load_s")
-        if floor:
-            for variant, summary in result["variants"].items():
-                if variant != "floor":
-                    summary["load_vs_floor"] = round(summary["load_s"] / floor, 2)
-                    summary["cold_vs_floor"] = round(summary["cold_s"] / floor, 2)
+        for variant, summary in result["variants"].items():
+            floor = result["variants"].get(FLOOR_OF.get(variant, ""), {}).get("load_s")
+            if floor:
+                summary["load_vs_floor"] = round(summary["load_s"] / floor, 2)
+                summary["cold_vs_floor"] = round(summary["cold_s"] / floor, 2)
         return result
     finally:
         if keep is None:
