@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         "cuDNN autotuning, torch.compile of the UNet and VAE decoder (`compile_mode`). Outputs "
         "equal the plain fp16 pipeline's up to floating-point noise. A model that loads a LoRA runs uncompiled.",
     )
-    compile_mode: str = Field(
+    compile_mode: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "reduce-overhead",
         description="torch.compile mode on the fast path: none | default | reduce-overhead (adds CUDA graphs) | "
         "max-autotune | max-autotune-no-cudagraphs. Each new batch x size compiles once.",
@@ -107,14 +107,16 @@ class Settings(BaseSettings):
         "one by one up to floating-point noise; inpainting draws the masked image's VAE sample from the first "
         "image's generator) instead of one pass per image. Not with ToMe.",
     )
-    tomesd_mode: str = Field(
+    tomesd_mode: Literal["request", "off", "always"] = Field(
         "request",
         description="ToMe token merging (changes outputs): request (the request's `tomesd` field decides) | "
         "off (never) | always (every job). ToMe jobs run the UNet uncompiled.",
     )
-    tomesd_ratio: float = Field(0.5, description="Share of tokens ToMe merges (0..0.75) when it is used.")
+    tomesd_ratio: float = Field(0.5, gt=0, le=0.75, description="Share of tokens ToMe merges (0..0.75) when it is used.")
     cfg_cutoff: float = Field(
         1.0,
+        gt=0,
+        le=1,
         description="Share of the steps (0..1] that run classifier-free guidance; the later ones run the "
         "conditional half only, about half their UNet work. 1 = all steps (off). Changes outputs.",
     )
@@ -216,35 +218,6 @@ class Settings(BaseSettings):
     default_motion_adapter_id: str = Field(
         "tiny-motion-adapter", description="AnimateDiff motion adapter text2video uses when a request names none."
     )
-
-    @field_validator("compile_mode")
-    @classmethod
-    def _known_compile_mode(cls, value: str) -> str:
-        modes = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-        if value not in modes:
-            raise ValueError(f"compile_mode must be one of {', '.join(modes)}")
-        return value
-
-    @field_validator("tomesd_mode")
-    @classmethod
-    def _known_tomesd_mode(cls, value: str) -> str:
-        if value not in ("request", "off", "always"):
-            raise ValueError("tomesd_mode must be request, off or always")
-        return value
-
-    @field_validator("tomesd_ratio")
-    @classmethod
-    def _tome_ratio_range(cls, value: float) -> float:
-        if not 0 < value <= 0.75:
-            raise ValueError("tomesd_ratio must be in (0, 0.75]")
-        return value
-
-    @field_validator("cfg_cutoff")
-    @classmethod
-    def _cfg_cutoff_range(cls, value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError("cfg_cutoff must be in (0, 1]")
-        return value
 
     @field_validator("api_keys", "admin_api_keys", "placeholder_model_ids", "fetch_allowlist", mode="before")
     @classmethod
