@@ -26,7 +26,7 @@ The ratios to the floor are `load_vs_floor` and `cold_vs_floor`. Page cache: `--
 each variant's files once before its run, so every variant and the floor read from memory;
 `--cache cold` evicts them (posix_fadvise DONTNEED) before each run, so they read from disk.
 
-    python -m bench.coldload [--quick] [--repeats N] [--cache warm|cold] [--keep DIR]
+    python -m bench.coldload [--quick] [--repeats N] [--cache warm|cold] [--keep DIR] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ def child(variant: str, root: Path) -> dict:
     threads = int(os.environ.get("BENCH_TORCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
+    device = os.environ.get("BENCH_DEVICE", "cpu")  # cuda: the GPU case (fp16 weights read onto the GPU)
+    dtype = torch.float16 if device == "cuda" else torch.float32
     t1 = time.perf_counter()
     image_call = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": STEPS,
                   "guidance_scale": 7.5}
@@ -155,7 +157,7 @@ def child(variant: str, root: Path) -> dict:
         from infra.settings import Settings
         from infra.weights import WeightsStore
 
-        settings = Settings(data_dir=root / "data", models_dir=root / "store", torch_threads=threads, device="cpu")
+        settings = Settings(data_dir=root / "data", models_dir=root / "store", torch_threads=threads, device=device)
         engine = Engine(settings, WeightsStore(root / "store"))
         model_id = MODEL_ID if variant == "store" else MODEL_ID_FP32
         engine.cache.model(model_id)
@@ -171,12 +173,12 @@ def child(variant: str, root: Path) -> dict:
         assert files and files[0][:4] == b"\x89PNG"
         t3 = time.perf_counter()
         engine.run("text2img", params, {})
-        dtype = str(engine.cache.model(model_id).pipeline.unet.dtype)
+        run_dtype = str(engine.cache.model(model_id).pipeline.unet.dtype)
     else:
         from diffusers import StableDiffusionPipeline
 
         if variant == "from_pretrained_fp32":
-            pipeline = StableDiffusionPipeline.from_pretrained(root / "fp32", local_files_only=True)
+            pipeline = StableDiffusionPipeline.from_pretrained(root / "fp32", dtype=dtype, local_files_only=True)
         else:
             from infra.engine import CONFIGS_DIR
             from infra.engine.checkpoints import load_tokenizer
@@ -184,8 +186,9 @@ def child(variant: str, root: Path) -> dict:
             pipeline = StableDiffusionPipeline.from_single_file(
                 str(root / "single.safetensors"), config=str(CONFIGS_DIR / "sd15"), local_files_only=True,
                 tokenizer=load_tokenizer(CONFIGS_DIR / "sd15" / "tokenizer"),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False, dtype=dtype,
             )
+        pipeline = pipeline.to(device)  # plain diffusers: load into CPU memory, then move
         pipeline.set_progress_bar_config(disable=True)
         t2 = time.perf_counter()
 
@@ -197,14 +200,15 @@ def child(variant: str, root: Path) -> dict:
         generate()
         t3 = time.perf_counter()
         generate()
-        dtype = str(pipeline.unet.dtype)
+        run_dtype = str(pipeline.unet.dtype)
     t4 = time.perf_counter()
     return {
         "variant": variant, "import_s": round(t1 - t0, 3), "load_s": round(t2 - t1, 3),
         "first_image_s": round(t3 - t2, 3), "second_image_s": round(t4 - t3, 3), "total_s": round(t3 - t0, 3),
         # what the cold start costs beyond a warm generation: load + first image - a later image (weights
         # mapped lazily from the file are paged in by the first image, so load_s alone would flatter them)
-        "cold_s": round(t3 - t1 - (t4 - t3), 3), "run_dtype": dtype, "peak_rss_mb": peak_rss_mb(),
+        "cold_s": round(t3 - t1 - (t4 - t3), 3), "run_dtype": run_dtype, "peak_rss_mb": peak_rss_mb(),
+        **({"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if device == "cuda" else {}),
     }
 
 
@@ -212,7 +216,7 @@ def child(variant: str, root: Path) -> dict:
 
 
 def run(quick: bool = False, repeats: int | None = None, cache: str = "warm", keep: Path | None = None,
-        variants: tuple[str, ...] = VARIANTS) -> dict:
+        variants: tuple[str, ...] = VARIANTS, device: str = "cpu") -> dict:
     repeats = repeats or (1 if quick else 3)
     root = keep or scratch("coldload")
     try:
@@ -229,10 +233,10 @@ def run(quick: bool = False, repeats: int | None = None, cache: str = "warm", ke
                     drop_from_page_cache(files)
                 else:
                     read_all(files)
-                row = run_child("bench.coldload", "child", variant, str(root))
+                row = run_child("bench.coldload", "child", variant, str(root), env={"BENCH_DEVICE": device})
                 row["process_s"] = row.pop("wall_s")
                 runs[variant].append(row)
-        result = {"benchmark": "coldload", "cache": cache, "repeats": repeats, "image": f"{SIZE}x{SIZE}, {STEPS} step",
+        result = {"benchmark": "coldload", "device": device, "cache": cache, "repeats": repeats, "image": f"{SIZE}x{SIZE}, {STEPS} step",
                   "model": {k: v for k, v in facts.items() if k != "bytes"}, "variants": {}}
         for variant, rows in runs.items():
             summary = {key: round(statistics.median(r[key] for r in rows), 3)
@@ -265,10 +269,12 @@ def main() -> None:
     parser.add_argument("--cache", choices=("warm", "cold"), default="warm")
     parser.add_argument("--keep", type=Path, help="build the models here once and keep them (reused by later runs)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the models run fp16 on the GPU (the store read straight onto it)")
     args = parser.parse_args()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-    emit(run(args.quick, args.repeats, args.cache, args.keep, tuple(args.variants.split(","))))
+    emit(run(args.quick, args.repeats, args.cache, args.keep, tuple(args.variants.split(",")), args.device))
 
 
 if __name__ == "__main__":

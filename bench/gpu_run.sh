@@ -3,6 +3,7 @@
 # print what the box has, run bench/gpu.py with the given arguments; results under $OUT (or bench/out).
 #
 #   device run, carry [".whl"]:  bash bench/gpu_run.sh --only sd15-text2img
+#                                bash bench/gpu_run.sh coldload --quick   (issue 8's cold load, fp16 on the GPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -23,5 +24,10 @@ for n in names:
     try: print(f"  {n} {m.version(n)}")
     except m.PackageNotFoundError: print(f"  {n} MISSING")
 PYEOF
+if [ "${1:-}" = "coldload" ]; then  # issue 8's cold load on the GPU: bash bench/gpu_run.sh coldload --quick
+    shift
+    "$PY" -m bench.coldload --device cuda "$@" 2>&1 | tee "$OUTDIR/coldload.txt"
+    exit "${PIPESTATUS[0]}"
+fi
 "$PY" -m bench.gpu --out "$OUTDIR" "$@" 2>&1 | tee "$OUTDIR/log.txt"
 exit "${PIPESTATUS[0]}"
