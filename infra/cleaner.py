@@ -10,8 +10,9 @@ objects are refused by the file route the moment they expire; the cleaner frees 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+
+from infra.timer import Repeating
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,7 @@ log = logging.getLogger(__name__)
 class CacheCleaner:
     def __init__(self, storage, jobs, weights, settings):
         self.storage, self.jobs, self.weights, self.settings = storage, jobs, weights, settings
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._timer = Repeating("cache-cleaner", lambda: settings.cleanup_interval, self.clean)
 
     def clean(self) -> dict:
         """One pass; what it freed."""
@@ -38,20 +38,8 @@ class CacheCleaner:
         return report
 
     def start(self) -> None:
-        if self.settings.cleanup_interval > 0 and self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, daemon=True, name="cache-cleaner")
-            self._thread.start()
+        if self.settings.cleanup_interval > 0:
+            self._timer.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.settings.cleanup_interval):
-            try:
-                self.clean()
-            except Exception:  # a failed pass must not end the timer
-                log.exception("cache cleaner pass failed")
+        self._timer.stop()

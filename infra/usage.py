@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from infra.timer import Repeating
+
 log = logging.getLogger(__name__)
 
 COUNTERS = ("requests", "errors", "jobs_succeeded", "jobs_failed", "images", "video_seconds", "gpu_seconds")
@@ -186,8 +188,7 @@ class UsageMeter:
         self.settings = settings
         self._pending: dict[Row, dict[str, float]] = defaultdict(dict)
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._timer = Repeating("usage-flush", lambda: max(0.1, settings.usage_flush_seconds), self.flush)
 
     def count(self, key: str, endpoint: str, now: float | None = None, **counts: float) -> None:
         if not key:
@@ -232,18 +233,8 @@ class UsageMeter:
         return UsageTotals(rows)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, daemon=True, name="usage-flush")
-            self._thread.start()
+        self._timer.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        self._timer.stop()
         self.flush()
-
-    def _run(self) -> None:
-        while not self._stop.wait(max(0.1, self.settings.usage_flush_seconds)):
-            self.flush()

@@ -8,6 +8,7 @@ Kept out of modal_app.py so it is plain Python that tests can drive with stand-i
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from infra.dispatch import execute_job
@@ -80,8 +81,6 @@ def _folder_fingerprint(folder) -> tuple[int, int]:
     files = size = 0
     if folder is None:
         return files, size
-    import os
-
     for root, _, names in os.walk(folder):
         for name in names:
             try:

@@ -426,27 +426,13 @@ def _queued_job(params):
     return Job(id=0, endpoint="text2img", params=params, meta={}, output_keys=[], future_links=[], eta=1.0)
 
 
-def test_load_outcome_is_posted_to_the_webhook(catalog, files):
-    received = []
-
-    class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+def test_load_outcome_is_posted_to_the_webhook(catalog, files, receiver):
+    hook, received = receiver
     load(catalog, url=f"{files['url']}/style_a.safetensors", model_id="hooked", model_type="lora", webhook=hook)
     load(catalog, url=f"{files['url']}/missing.bin", model_id="hooked-bad", model_type="lora", webhook=hook)
     deadline = time.monotonic() + 30
     while len(received) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    server.shutdown()
     by_id = {event["model_id"]: event for event in received}
     assert by_id["hooked"]["status"] == "success" and by_id["hooked"]["category"] == "lora"
     assert by_id["hooked-bad"]["status"] == "failed" and "404" in by_id["hooked-bad"]["message"]

@@ -70,8 +70,7 @@ class _Server(http.server.ThreadingHTTPServer):
         pass  # the fetcher hanging up on a body over its cap is expected here
 
 
-@pytest.fixture(scope="module")
-def server():
+def _serve():
     """A loopback server; yields its port."""
     httpd = _Server(("127.0.0.1", 0), _Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -80,13 +79,8 @@ def server():
     httpd.server_close()
 
 
-@pytest.fixture(scope="module")
-def other_server():
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd.server_address[1]
-    httpd.shutdown()
-    httpd.server_close()
+server = pytest.fixture(scope="module", name="server")(_serve)
+other_server = pytest.fixture(scope="module", name="other_server")(_serve)
 
 
 def get(url: str, allowlist=(), limit: int = 10_000) -> bytes:
