@@ -36,9 +36,10 @@ from models.errors import BadInput
 
 log = logging.getLogger(__name__)
 
-# ToMe: merge half the tokens in the attention layers at full and half latent resolution (the
-# tomesd authors recommend max_downsample 1 or 2; 2 also reaches models without full-res attention)
-TOME = {"ratio": 0.5, "max_downsample": 2}
+# ToMe merges tokens in the attention layers at full and half latent resolution (the tomesd authors
+# recommend max_downsample 1 or 2; 2 also reaches models without full-res attention); the share
+# merged is the setting tomesd_ratio
+TOME_MAX_DOWNSAMPLE = 2
 
 
 def diffusers_clip_skip(wire_value: int | None) -> int | None:
@@ -79,21 +80,20 @@ def job_adapters(
     weights: WeightsStore,
     loras: list[tuple[str, float]],
     embedding: str | None,
-    tome: bool | float,
+    tome_ratio: float,
     max_loras: int,
 ):
     """Apply the job's adapters to `model` for the duration of the block (holding its lock).
-    `tome`: False / 0 for none, True for ToMe at the default ratio, or the ratio."""
+    `tome_ratio`: the share of tokens ToMe merges, 0 for no ToMe."""
     with model.lock:
         _activate_loras(model, weights, loras, max_loras)
         token = _load_embedding(model, weights, embedding) if embedding else None
         try:
-            if tome:
+            if tome_ratio:
                 import tomesd
 
-                ratio = TOME["ratio"] if tome is True else float(tome)
                 with speed.eager(model.pipeline.unet):  # a compiled UNet runs uncompiled under ToMe
-                    tomesd.apply_patch(model.pipeline.unet, **{**TOME, "ratio": ratio})
+                    tomesd.apply_patch(model.pipeline.unet, ratio=tome_ratio, max_downsample=TOME_MAX_DOWNSAMPLE)
                     try:
                         yield
                     finally:

@@ -158,7 +158,7 @@ class Engine:
         adapter = self.cache.component(params["motion_adapter"], "motion_adapter")
         scheduler = build_scheduler(params["scheduler"], model.scheduler_config, False, None)
         call = {**params, "clip_skip": self._clip_skip(model, params.get("clip_skip"))}
-        no_adapters = job_adapters(model, self.weights, [], None, False, self.settings.max_loaded_loras)
+        no_adapters = job_adapters(model, self.weights, [], None, 0.0, self.settings.max_loaded_loras)
         with no_adapters, text_model_alias(model):  # LoRAs of an earlier job switched off; holds the model's lock
             return generate_video(model, adapter, call, scheduler)
 
