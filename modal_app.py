@@ -164,7 +164,7 @@ class Worker:
     @modal.enter(snap=True)
     def load_on_cpu(self):
         """Before the snapshot: imports and the default model's weights in CPU memory."""
-        from infra.worker import ModalWorker
+        from infra.modal_worker import ModalWorker
 
         self.worker = ModalWorker(modal_runtime(), device="cuda" if GPU_SNAPSHOT else "cpu")
         self.worker.warm()
@@ -193,7 +193,7 @@ class Worker:
 @app.function(image=gpu_image, volumes={WEIGHTS_PATH: weights}, secrets=[secret], timeout=3600)
 def download_model(request: dict) -> str:
     """A load_model / load_vae / first-use download: fetch, verify, convert into the Volume, commit."""
-    from infra.worker import run_download
+    from infra.modal_worker import run_download
 
     status = run_download(modal_runtime(), request)
     weights.commit()
@@ -221,7 +221,7 @@ def clean_caches() -> dict:
 @modal.concurrent(max_inputs=100)
 @modal.asgi_app()
 def web():
-    from infra.api import create_app
+    from infra.web.api import create_app
 
     return create_app(modal_runtime())
 

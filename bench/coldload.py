@@ -15,7 +15,7 @@ Variants, each run in a fresh `python -m bench.coldload child ...` process:
 * `floor` / `floor_fp32` — no torch at all: read every byte of the `store` (fp16) / `store_fp32`
                   files (the disk-read floor for the same bytes).
 
-Every model variant imports the same modules first (`infra.engine.generate`: torch, diffusers,
+Every model variant imports the same modules first (`infra.engine.engine`: torch, diffusers,
 transformers, the engine); that is reported as `import_s`. `load_s` is from after the imports to
 a pipeline ready on the device, `first_image_s` the first generation (64x64, 1 step, PNDM,
 guidance 7.5), `second_image_s` the same generation again (warm), `cold_s` = load + first image -
@@ -71,11 +71,12 @@ def build(root: Path) -> dict:
     import torch
 
     from infra.engine import CONFIGS_DIR, read_json  # first: the torchvision shim before diffusers
-    from infra.engine.checkpoints import load_tokenizer
-    from infra.engine.tiny import diffusers_model_from_config, scheduler_from_config, transformers_model_from_config
-    from infra.loader import LoadRequest, run_load
+    from infra.engine.files.checkpoints import load_tokenizer
+    from infra.engine.files.tiny import diffusers_model_from_config, scheduler_from_config, transformers_model_from_config
+    from infra.catalog.loader import LoadRequest, run_load
+    from infra.engine.files.convert import prepare_model
     from infra.settings import Settings
-    from infra.weights import WeightsStore
+    from infra.catalog.weights import WeightsStore
     from tests.model_files import write_single_file_checkpoint
 
     configs = CONFIGS_DIR / "sd15"
@@ -101,7 +102,7 @@ def build(root: Path) -> dict:
     weights = WeightsStore(root / "store")
     for model_id, precision in ((MODEL_ID, "fp16"), (MODEL_ID_FP32, "fp32")):
         request = LoadRequest(model_id, str(root / "fp32"), None, precision)
-        entry = run_load(request, weights, settings, lambda *a: None)
+        entry = run_load(request, weights, settings, lambda *a: None, prepare_model)
         if entry.status != "ready":
             raise RuntimeError(f"store load failed: {entry.message}")
     return {
@@ -142,7 +143,7 @@ def child(variant: str, root: Path) -> dict:
 
     import torch
 
-    import infra.engine.generate  # noqa: F401  (the same imports for every variant; the torchvision shim first)
+    import infra.engine.engine  # noqa: F401  (the same imports for every variant; the torchvision shim first)
 
     threads = int(os.environ.get("BENCH_TORCH_THREADS", "0"))
     if threads:
@@ -153,9 +154,9 @@ def child(variant: str, root: Path) -> dict:
     image_call = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": STEPS,
                   "guidance_scale": 7.5}
     if variant in ("store", "store_fp32"):
-        from infra.engine.generate import Engine
+        from infra.engine.engine import Engine
         from infra.settings import Settings
-        from infra.weights import WeightsStore
+        from infra.catalog.weights import WeightsStore
 
         settings = Settings(data_dir=root / "data", models_dir=root / "store", torch_threads=threads, device=device)
         engine = Engine(settings, WeightsStore(root / "store"))
@@ -181,7 +182,7 @@ def child(variant: str, root: Path) -> dict:
             pipeline = StableDiffusionPipeline.from_pretrained(root / "fp32", dtype=dtype, local_files_only=True)
         else:
             from infra.engine import CONFIGS_DIR
-            from infra.engine.checkpoints import load_tokenizer
+            from infra.engine.files.checkpoints import load_tokenizer
 
             pipeline = StableDiffusionPipeline.from_single_file(
                 str(root / "single.safetensors"), config=str(CONFIGS_DIR / "sd15"), local_files_only=True,

@@ -165,8 +165,8 @@ def build_random_pipeline(config_dir: Path, folder: Path, inpaint: bool, device,
     import torch
 
     from infra.engine import quiet_libraries, read_json
-    from infra.engine.checkpoints import load_tokenizer
-    from infra.engine.tiny import (
+    from infra.engine.files.checkpoints import load_tokenizer
+    from infra.engine.files.tiny import (
         INPAINT_IN_CHANNELS,
         INPAINT_PIPELINES,
         diffusers_model_from_config,
@@ -211,7 +211,7 @@ def build_random_pipeline(config_dir: Path, folder: Path, inpaint: bool, device,
 
 def ensure_model(store, model_id: str, config_dir: Path, inpaint: bool, device, dtype) -> float:
     """Build the model into the weights store once (seconds it took; 0 when it was there)."""
-    from infra.weights import READY
+    from infra.catalog.weights import READY
 
     entry = store.get(model_id)
     if entry is not None and entry.status == READY:
@@ -406,7 +406,7 @@ class Bench:
         self.report["matmul"] = matmul_tflops(torch, self.device)
         print("MATMUL", json.dumps(self.report["matmul"]), flush=True)
         self.save()
-        from infra.weights import WeightsStore
+        from infra.catalog.weights import WeightsStore
 
         self.store = WeightsStore(self.work / "models")
         for stage in self.args.only:
@@ -496,7 +496,7 @@ class Bench:
         import diffusers
 
         from infra.engine import quiet_libraries, read_json
-        from infra.engine.tiny import INPAINT_PIPELINES
+        from infra.engine.files.tiny import INPAINT_PIPELINES
 
         quiet_libraries()
         name = read_json(folder / "model_index.json")["_class_name"]
@@ -544,7 +544,7 @@ class Bench:
         return {"vae_decode_s": round(time.perf_counter() - started, 4), "vae_upcast_fp32": bool(upcast)}
 
     def engine(self, overrides: dict):
-        from infra.engine.generate import Engine
+        from infra.engine.engine import Engine
         from infra.settings import Settings
 
         settings = Settings(
@@ -649,9 +649,9 @@ def warm_child(args) -> None:
     times = {}
     import torch
 
-    from infra.engine.generate import Engine
+    from infra.engine.engine import Engine
     from infra.settings import Settings
-    from infra.weights import WeightsStore
+    from infra.catalog.weights import WeightsStore
 
     times["t_imported"] = time.time()
     work = Path(args.work_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from bench.common import peak_rss_mb
-from infra.api import create_app
+from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import Settings
 

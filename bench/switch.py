@@ -39,7 +39,7 @@ def _params(model_id: str, seed: int) -> dict:
 def _inpaint_inputs() -> dict[str, bytes]:
     from PIL import Image
 
-    from infra.inputs import encode_input
+    from infra.net.inputs import encode_input
 
     init = Image.linear_gradient("L").resize((INPUTS_SIZE, INPUTS_SIZE)).convert("RGB")
     mask = Image.new("L", (INPUTS_SIZE, INPUTS_SIZE), 0)
@@ -89,7 +89,7 @@ def end_to_end(engine, rounds: int) -> dict:
 
 def mechanics(cache, model_ids: tuple[str, str], rounds: int) -> dict:
     """A switch without the denoising: cache.model + the job's pipeline, now and as before."""
-    from infra.engine.pipelines import VARIANTS
+    from infra.engine.cache import VARIANTS
     from infra.engine.schedulers import build_scheduler
 
     def now(model_id: str, variant: str):
@@ -122,10 +122,10 @@ def mechanics(cache, model_ids: tuple[str, str], rounds: int) -> dict:
 def run(quick: bool = False, rounds: int | None = None, big: Path | None = None) -> dict:
     import torch
 
-    from infra.engine.generate import Engine
+    from infra.engine.engine import Engine
     from infra.runtime import Runtime
     from infra.settings import Settings
-    from infra.weights import WeightsStore
+    from infra.catalog.weights import WeightsStore
 
     rounds = rounds or (5 if quick else 20)
     folder = scratch("switch")

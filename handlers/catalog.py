@@ -13,11 +13,12 @@ import time
 
 import httpx
 
-from infra import fetcher
-from infra.jobs import models_used
-from infra.loader import LoadRequest, source_kind
-from infra.runtime import BUILTIN_MODELS
-from infra.weights import CONTROLNET_11_IDS, FAILED, LOADING, READY, validate_model_id
+from infra.net import fetcher
+from infra.jobs.store import models_used
+from infra.catalog.loader import LoadRequest, source_kind
+from infra.catalog.known import BUILTIN_MODELS, CONTROLNET_11_IDS
+from infra.catalog.weights import FAILED, LOADING, READY, validate_model_id
+from infra.storage.links import archive_path
 from models.errors import ApiError, BadInput, Conflict, NotFound
 from models.requests import (
     KeyOnlyRequest,
@@ -133,7 +134,7 @@ def delete_model(req: ModelIdRequest, rt) -> MessageResponse:
 
 def sync_models(req: SyncModelsRequest, rt) -> MessageResponse:
     """Ask another deployment of this server to load every ready model of this one, from signed
-    archive links served here (see `infra.api` `model_archive`). The target loads in the
+    archive links served here (see `infra.web.api` `model_archive`). The target loads in the
     background, like any load_model; ids it already has are skipped."""
     target = (req.sync_url or rt.settings.sync_url or "").rstrip("/")
     if not target.startswith(("http://", "https://")):
@@ -152,7 +153,7 @@ def sync_models(req: SyncModelsRequest, rt) -> MessageResponse:
             continue
         body = {
             "key": req.sync_key,
-            "url": rt.url(rt.archive_path(entry)),
+            "url": rt.url(archive_path(entry.model_id, rt.settings)),
             "model_id": entry.model_id,
             "model_category": entry.category,
             "model_format": "archive",

@@ -14,8 +14,9 @@ import uuid
 from handlers.ondemand import require_model
 from handlers.queue import check_output_size, expiry, output_key, submit_job, yes_no
 from infra.engine.schedulers import SchedulerError, resolve_algorithm, resolve_name
-from infra.inputs import encode_input
-from infra.weights import CONTROLNET_11_IDS, PIPELINE_CATEGORIES, READY, ModelEntry, validate_model_id
+from infra.net.inputs import encode_input
+from infra.catalog.known import CONTROLNET_11_IDS
+from infra.catalog.weights import PIPELINE_CATEGORIES, READY, ModelEntry, validate_model_id
 from models.errors import ApiError, BadInput, NotAvailable, NotFound
 from models.requests import ControlnetRequest, GenerationRequest, Img2ImgRequest, InpaintRequest, Text2ImgRequest
 from models.responses import JobResponse

@@ -17,9 +17,9 @@ from PIL import Image, UnidentifiedImageError
 
 from handlers.ondemand import require_model
 from handlers.queue import check_output_size, expiry, output_key, submit_job, yes_no
-from infra.inputs import decode_base64, encode_input
+from infra.net.inputs import decode_base64, encode_input
 from infra.safety import detector
-from infra.storage import StorageError
+from infra.storage.base import StorageError
 from models.errors import ApiError, BadInput
 from models.requests import NsfwImageCheckRequest, SuperResolutionRequest, UploadImageRequest
 from models.responses import JobResponse, NsfwCheckResponse, UploadImageResponse

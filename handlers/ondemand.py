@@ -1,5 +1,5 @@
 """Models fetched on first use: the well-known upscalers, the face restorer and the AnimateDiff
-motion adapter (`infra.weights.KNOWN_MODELS`).
+motion adapter (`infra.catalog.known.KNOWN_MODELS`).
 
 A request that needs one that is not in the store starts its load through the same path as
 load_model (so verify_model and get_all_models show it) and names it in the job's
@@ -10,8 +10,9 @@ clear error naming the load_model_v2 call that adds it.
 
 from __future__ import annotations
 
-from infra.loader import LoadRequest
-from infra.weights import FAILED, KNOWN_MODELS, LOADING, READY, validate_model_id
+from infra.catalog.loader import LoadRequest
+from infra.catalog.known import KNOWN_MODELS
+from infra.catalog.weights import FAILED, LOADING, READY, validate_model_id
 from models.errors import BadInput, Conflict, NotFound
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import time
 
-from infra.fetcher import check_url
-from infra.jobs import Job
+from infra.net.fetcher import check_url
+from infra.jobs.store import Job
 from infra.limits import check_job_cap
 from models.errors import BadInput, NotFound
 from models.requests import FetchRequest

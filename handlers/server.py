@@ -19,10 +19,10 @@ What each does, locally (the Modal deployment maps them onto its containers, see
 
 from __future__ import annotations
 
-from infra.fetcher import check_url
+from infra.net.fetcher import check_url
 from infra.settings import Settings
-from infra.storage import StorageError
-from infra.weights import READY
+from infra.storage.base import StorageError
+from infra.catalog.weights import READY
 from models.errors import BadInput
 from models.requests import KeyOnlyRequest, ResetS3Request, UpdateS3Request
 from models.responses import MessageResponse
@@ -83,7 +83,7 @@ def clear_queue(req: KeyOnlyRequest, rt) -> MessageResponse:
 
 
 def update_s3(req: UpdateS3Request, rt) -> MessageResponse:
-    from infra.s3 import S3Config
+    from infra.storage.s3 import S3Config
 
     config = S3Config.from_request(req, rt.settings.s3_acl)
     # the server connects to both: public addresses only (a bucket on a private network: allowlist its host)

@@ -6,8 +6,8 @@ from datetime import date
 
 from infra.engine.schedulers import SUPPORTED
 from infra.limits import key_id
-from infra.usage import today
-from infra.weights import READY
+from infra.jobs.usage import today
+from infra.catalog.weights import READY
 from models.errors import BadInput
 from models.requests import KeyOnlyRequest, UsageRequest
 from models.responses import SchedulersListResponse, SystemDetailsResponse, UsageResponse

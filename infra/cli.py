@@ -7,7 +7,7 @@ import logging
 
 import uvicorn
 
-from infra.api import create_app
+from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import DEV_API_KEY, Settings
 

@@ -9,30 +9,23 @@ import hmac
 import logging
 from dataclasses import dataclass, replace
 
-from infra.cleaner import CacheCleaner
-from infra.config_store import FileConfigStore
-from infra.dispatch import LocalDispatcher
-from infra.inputs import decode_image, load_image
-from infra.jobs import SqliteJobStore
-from infra.links import sign_path
+from infra.jobs.cleaner import CacheCleaner
+from infra.storage.config_store import FileConfigStore
+from infra.jobs.dispatch import LocalDispatcher
+from infra.net.inputs import decode_image, load_image
+from infra.jobs.store import SqliteJobStore
 from infra.settings import Settings
-from infra.storage import LocalStorage, OutputStorage, default_s3
-from infra.usage import SqliteUsageStore, UsageMeter
-from infra.webhooks import WebhookSender
-from infra.weights import WeightsStore
+from infra.storage.outputs import LocalStorage, OutputStorage, default_s3
+from infra.jobs.usage import SqliteUsageStore, UsageMeter
+from infra.jobs.webhooks import WebhookSender
+from infra.catalog.known import BUILTIN_MODELS
+from infra.catalog.weights import WeightsStore
 from models.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
-ARCHIVE_ROUTE = "/api/v1/enterprise/model_archive"  # GET {route}/{model_id}.tar, signed (sync_models)
-
-BUILTIN_MODELS = {  # model id -> category
-    "tiny-sd": "stable_diffusion",
-    "tiny-sd-inpaint": "inpaint",  # the same architecture with a 9-channel inpainting UNet
-    "tiny-motion-adapter": "motion_adapter",  # AnimateDiff motion modules for tiny-sd (text2video)
-}
 
 
 def webhook_secret(settings: Settings) -> str:
@@ -41,6 +34,20 @@ def webhook_secret(settings: Settings) -> str:
     if settings.webhook_secret:
         return settings.webhook_secret
     return hmac.new(settings.api_keys[0].encode(), b"sdapi-webhooks", hashlib.sha256).hexdigest()
+
+
+def make_engine(settings: Settings, weights: WeightsStore):
+    """The engine (torch, diffusers): imported only when the first job needs it."""
+    from infra.engine.engine import Engine
+
+    return Engine(settings, weights)
+
+
+def prepare_model(category: str | None, download, out, precision: str, upcast_attention: bool) -> dict:
+    """The engine side of a model load (`infra.catalog.loader.Prepare`), imported on first use."""
+    from infra.engine.files.convert import prepare_model as prepare
+
+    return prepare(category, download, out, precision, upcast_attention)
 
 
 @dataclass
@@ -68,7 +75,8 @@ class Runtime:
         weights = WeightsStore(settings.weights_dir)
         webhooks = WebhookSender(jobs, settings, webhook_secret(settings))
         usage = UsageMeter(SqliteUsageStore(settings.data_dir / "usage.sqlite3"), settings)
-        dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks, usage)
+        dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks, usage,
+                                     make_engine=lambda: make_engine(settings, weights), prepare_model=prepare_model)
         cleaner = CacheCleaner(storage, jobs, weights, settings)
         return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner, usage)
 
@@ -80,8 +88,10 @@ class Runtime:
         `spawn_load(request)`, outputs on a Volume (committed after each write, reloaded on a miss)
         or in the S3 bucket set with update_s3, weights on a Volume (committed after each manifest
         change, reloaded before reads). No torch is imported here."""
-        from infra.modal_backends import DictConfigStore, DictJobStore, ModalDispatcher
-        from infra.usage import DictUsageStore
+        from infra.jobs.dict_store import DictJobStore
+        from infra.jobs.modal_dispatch import ModalDispatcher
+        from infra.storage.config_store import DictConfigStore
+        from infra.jobs.usage import DictUsageStore
 
         settings = settings or Settings()
         job_store = DictJobStore(jobs, inputs)
@@ -113,15 +123,6 @@ class Runtime:
                 raise NotFound(f"{field}: {ref} is not (or no longer) stored on this server")
             return decode_image(path.read_bytes(), field, ref, self.settings.max_input_image_pixels)
         return load_image(ref, field, self.settings)
-
-    @property
-    def link_secret(self) -> str:
-        """Signs links handed to other machines; changes when the API keys change."""
-        return "\n".join(sorted(self.settings.api_keys))
-
-    def archive_path(self, entry) -> str:
-        """A signed, expiring path to a tar of a model's files (for sync_models' target)."""
-        return sign_path(f"{ARCHIVE_ROUTE}/{entry.model_id}.tar", self.link_secret, self.settings.sync_link_seconds)
 
     def start(self) -> None:
         if not self.on_modal:  # locally a start means the previous process is gone; on Modal it does not
@@ -165,7 +166,7 @@ class Runtime:
             if entry is not None:
                 self.weights.delete(model_id)
             from infra.engine import LOAD_LOCK
-            from infra.engine.tiny import build_tiny_motion_adapter, build_tiny_pipeline
+            from infra.engine.files.tiny import build_tiny_motion_adapter, build_tiny_pipeline
 
             def build(folder, category=category):
                 if category == "motion_adapter":

@@ -1,4 +1,4 @@
-"""Errors a client can cause. Raised anywhere below the API layer, turned by `infra.api` into
+"""Errors a client can cause. Raised anywhere below the API layer, turned by `infra.web.api` into
 the ModelsLab error envelope with the HTTP status given here."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from infra.api import create_app
+from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import DEV_API_KEY, Settings
 

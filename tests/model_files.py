@@ -1,5 +1,5 @@
 """Tiny fixture files for tests of the model catalog, written from the tiny pipelines that
-`infra.engine.tiny` builds: single-file checkpoints in the original LDM / A1111 layout (SD 1.x and
+`infra.engine.files.tiny` builds: single-file checkpoints in the original LDM / A1111 layout (SD 1.x and
 SDXL), LoRAs (diffusers and kohya), textual-inversion embeddings, VAEs and ControlNets.
 
 Every writer is deterministic for a given seed and returns the path it wrote. Random tensors come
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from infra.engine.tiny import TINY_CONTROLNET_CONFIGS, diffusers_model_from_config, read_json
+from infra.engine.files.tiny import TINY_CONTROLNET_CONFIGS, diffusers_model_from_config, read_json
 
 LORA_RANK = 4
 LORA_SCALE = 0.1  # std of lora_B / lora_up: small enough for fuse/unfuse to stay close, large enough to see

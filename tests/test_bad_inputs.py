@@ -282,7 +282,7 @@ def test_a_1_gb_content_length_is_refused_before_reading(make_client):
 
     import uvicorn
 
-    from infra.api import create_app
+    from infra.web.api import create_app
     from infra.runtime import Runtime
     from infra.settings import Settings
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from infra.engine import LOAD_LOCK
-from infra.engine.tiny import build_tiny_sdxl
+from infra.engine.files.tiny import build_tiny_sdxl
 from tests.conftest import KEY, _Files, centre_mask, open_client, png_bytes, scene
 from tests.model_files import (
     write_controlnet,
@@ -421,7 +421,7 @@ def test_delete_while_in_use_is_refused(catalog, files):
 
 
 def _queued_job(params):
-    from infra.jobs import Job
+    from infra.jobs.store import Job
 
     return Job(id=0, endpoint="text2img", params=params, meta={}, output_keys=[], future_links=[], eta=1.0)
 
@@ -508,7 +508,7 @@ def test_concurrent_jobs_with_different_loras_do_not_mix(catalog, files):
 
 
 def test_loading_state_and_restart_recovery(models_dir, tmp_path):
-    from infra.loader import LoadRequest
+    from infra.catalog.loader import LoadRequest
 
     models = tmp_path / "models"
     shutil.copytree(models_dir, models)
@@ -527,7 +527,7 @@ def test_loading_state_and_restart_recovery(models_dir, tmp_path):
 
 
 def test_downloads_are_size_capped_and_local_paths_can_be_refused(files, tmp_path):
-    from infra.loader import LoadError, fetch_source, source_kind
+    from infra.catalog.loader import LoadError, fetch_source, source_kind
     from infra.settings import Settings
     from models.errors import BadInput
 
@@ -540,7 +540,7 @@ def test_downloads_are_size_capped_and_local_paths_can_be_refused(files, tmp_pat
 
 
 def test_hub_downloads_skip_duplicate_weights():
-    from infra.loader import hub_files_to_fetch
+    from infra.catalog.loader import hub_files_to_fetch
 
     sd15 = [
         ".gitattributes", "README.md", "model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.initialization import no_init_weights
 
-from infra.engine import checkpoints
-from infra.engine.checkpoints import (
+from infra.engine.files import checkpoints
+from infra.engine.files.checkpoints import (
     CONFIGS_DIR,
     CheckpointError,
     component_config_dirs,

@@ -29,7 +29,7 @@ def test_the_readme_webhook_check_verifies_our_signatures():
     import time
 
     from infra.runtime import webhook_secret
-    from infra.webhooks import sign
+    from infra.jobs.webhooks import sign
 
     section = README[README.index("## Webhooks"):]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)

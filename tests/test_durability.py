@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infra.jobs import SqliteJobStore
+from infra.jobs.store import SqliteJobStore
 from tests.conftest import KEY, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

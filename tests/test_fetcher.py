@@ -1,4 +1,4 @@
-"""`infra.fetcher`: the server fetches public http(s) URLs only (unless allowlisted), pins each
+"""`infra.net.fetcher`: the server fetches public http(s) URLs only (unless allowlisted), pins each
 connection to the address it checked, re-checks every redirect and caps what it reads."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from infra import fetcher, loader
-from infra.webhooks import WebhookSender, _Delivery
+from infra.catalog import loader
+from infra.net import fetcher
+from infra.jobs.webhooks import WebhookSender, _Delivery
 from models.errors import BadInput
 from tests.conftest import KEY
 

@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from infra.api import ENDPOINTS, PREFIXES
+from infra.web.api import ENDPOINTS, PREFIXES
 from tests.conftest import KEY, open_client
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

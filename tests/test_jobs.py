@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from infra.jobs import MAX_ID, Job, SqliteJobStore
+from infra.jobs.store import MAX_ID, Job, SqliteJobStore
 from tests.conftest import KEY
 
 
@@ -26,7 +26,7 @@ def test_ids_are_unique_integers_below_2_53(tmp_path):
 
 def test_a_job_that_breaks_ends_failed_with_a_message(make_client, monkeypatch):
     client = make_client(sync_timeout=0)
-    from infra.engine.generate import Engine
+    from infra.engine.engine import Engine
 
     def explode(self, task, params, inputs):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -41,7 +41,7 @@ def test_a_job_that_breaks_ends_failed_with_a_message(make_client, monkeypatch):
 
 
 def test_jobs_fail_cleanly_when_the_engine_cannot_start(make_client, monkeypatch):
-    from infra.engine.generate import Engine
+    from infra.engine.engine import Engine
 
     def broken(self, settings, weights):
         raise ImportError("libcudart.so.12: cannot open shared object file (simulated)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.api import ENDPOINTS
+from infra.web.api import ENDPOINTS
 
 API = "/api/v1/enterprise"
 GEN, ADMIN = "gen-key-7f3a", "admin-key-91bd"

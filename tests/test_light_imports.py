@@ -1,4 +1,4 @@
-"""The web tier must start without torch: importing handlers, models and infra.api (and
+"""The web tier must start without torch: importing handlers, models and infra.web.api (and
 serving a request that needs no engine) must not import torch or diffusers."""
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ def test_web_tier_imports_without_torch(tmp_path):
         f"""
         import sys
         import handlers, handlers.generation, handlers.queue, handlers.system, handlers.catalog, handlers.media, handlers.video
-        import models, infra.api, infra.runtime
+        import models, infra.web.api, infra.runtime
         from fastapi.testclient import TestClient
         from infra.settings import Settings
         from infra.runtime import Runtime
         settings = Settings(data_dir={str(tmp_path)!r}, build_tiny_models=False)
-        app = infra.api.create_app(Runtime.local(settings), manage_runtime=False)
+        app = infra.web.api.create_app(Runtime.local(settings), manage_runtime=False)
         client = TestClient(app)
         assert client.post("/api/v1/enterprise/schedulers_list", json={{"key": "enterprise_api_key"}}).status_code == 200
         assert client.post("/api/v1/enterprise/system_details", json={{"key": "enterprise_api_key"}}).status_code == 200

@@ -19,7 +19,7 @@ import boto3
 import httpx
 import pytest
 
-from infra.webhooks import verify
+from infra.jobs.webhooks import verify
 from tests.conftest import KEY, free_port, start_moto
 from tests.test_durability import Server
 

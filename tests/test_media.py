@@ -124,7 +124,7 @@ def test_truncated_upload_is_refused(client):
 def test_uploads_and_temp_outputs_expire_and_the_cleaner_removes_them(make_client, monkeypatch):
     """With a 1-hour lifetime: served now; once the storage's clock is 2 hours later, refused and
     removed by the cleaner, while permanent outputs stay (no real waiting: the clock is moved)."""
-    import infra.storage
+    import infra.storage.outputs
 
     client = make_client(temp_output_seconds=3600, cleanup_interval=0)
     upload = post(client, "upload_image", base64_image=b64(png_bytes(scene(16, 16))), image_type="png")
@@ -141,7 +141,7 @@ def test_uploads_and_temp_outputs_expire_and_the_cleaner_removes_them(make_clien
         def time() -> float:
             return real_time() + 2 * 3600
 
-    monkeypatch.setattr(infra.storage, "time", TwoHoursLater)
+    monkeypatch.setattr(infra.storage.outputs, "time", TwoHoursLater)
     for url in (upload["image_url"], temp["output"][0]):
         gone = client.get(url)
         assert gone.status_code == 404 and "expired" in gone.json()["message"]

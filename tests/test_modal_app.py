@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from infra.api import create_app
+from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import Settings
 from tests.conftest import KEY
@@ -70,7 +70,7 @@ def test_gpu_type_is_chosen_at_deploy_time():
 def modal_client(models_dir, tmp_path):
     """The web app with Runtime.modal over stand-in Dicts; `spawn_job` runs a ModalWorker (the
     GPU class's body) on a thread, `spawn_load` the download function's body."""
-    from infra.worker import ModalWorker, run_download
+    from infra.modal_worker import ModalWorker, run_download
 
     shutil.copytree(models_dir, tmp_path / "weights")
     settings = Settings(data_dir=tmp_path / "data", models_dir=tmp_path / "weights", build_tiny_models=False,
@@ -115,7 +115,7 @@ def test_the_web_tier_on_the_modal_runtime_never_imports_torch(tmp_path):
     script = f"""
 import sys
 from fastapi.testclient import TestClient
-from infra.api import create_app
+from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import Settings
 from tests.modal_standins import FakeDict

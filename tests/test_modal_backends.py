@@ -19,20 +19,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from infra.dispatch import execute_job, work_units
-from infra.jobs import FAILED, MAX_ID, PROCESSING, SUCCESS, Job, SqliteJobStore
-from infra.loader import LoadRequest
-from infra.modal_backends import (
-    INDEX_LOCK_KEY,
-    UNFINISHED_KEY,
-    DictConfigStore,
-    DictJobStore,
-    FileConfigStore,
-    ModalDispatcher,
-    claim_key,
-    dict_lock,
-)
-from infra.storage import LocalStorage
+from infra.jobs.dispatch import execute_job, work_units
+from infra.jobs.store import FAILED, MAX_ID, PROCESSING, SUCCESS, Job, SqliteJobStore
+from infra.catalog.loader import LoadRequest
+from infra.jobs.dict_store import INDEX_LOCK_KEY, UNFINISHED_KEY, DictJobStore, claim_key, dict_lock
+from infra.jobs.modal_dispatch import ModalDispatcher
+from infra.storage.config_store import DictConfigStore, FileConfigStore
+from infra.storage.outputs import LocalStorage
 from tests.modal_standins import FakeDict, FakeFunction
 
 PNG = b"\x89PNG\r\n\x1a\n-not-really"
@@ -556,7 +549,7 @@ def test_dispatcher_estimate_is_speed_times_work(tmp_path):
 
 
 def test_importing_the_modal_backends_needs_neither_modal_nor_torch():
-    code = ("import sys, infra.modal_backends, tests.modal_standins; "
+    code = ("import sys, infra.jobs.dict_store, infra.jobs.modal_dispatch, infra.storage.config_store, tests.modal_standins; "
             "print(sorted(m for m in ('modal', 'torch', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from infra.engine import quiet_libraries
-from infra.engine.tiny import (
+from infra.engine.files.tiny import (
     CONFIGS_DIR,
     TINY_CONTROLNET_CONFIGS,
     TINY_SD_CONFIGS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.api import ALIASES, ENDPOINTS, PREFIXES
+from infra.web.api import ALIASES, ENDPOINTS, PREFIXES
 from tests.conftest import KEY
 
 NAMES = [*ENDPOINTS, *ALIASES, "fetch/12345678"]

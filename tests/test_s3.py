@@ -23,7 +23,7 @@ import boto3
 import httpx
 import pytest
 
-from infra.s3 import PRESIGN_MAX_SECONDS, S3Config, S3Storage, StorageError, resolve_bucket
+from infra.storage.s3 import PRESIGN_MAX_SECONDS, S3Config, S3Storage, StorageError, resolve_bucket
 from models.errors import BadInput
 from models.requests import UpdateS3Request
 from tests.conftest import free_port

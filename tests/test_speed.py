@@ -14,9 +14,9 @@ import torch
 from pydantic import ValidationError
 
 from infra.engine import speed
-from infra.engine.generate import Engine
+from infra.engine.engine import Engine
 from infra.settings import Settings
-from infra.weights import WeightsStore
+from infra.catalog.weights import WeightsStore
 from tests.model_files import write_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -207,7 +207,7 @@ def test_the_modal_worker_turns_the_fast_path_on_and_keeps_the_compile_cache(tmp
     settings = Settings(_env_file=None, **{k[len("SDAPI_"):].lower(): v for k, v in gpu.items()})
     assert settings.fast_path and settings.compile_mode == "reduce-overhead"
 
-    from infra.worker import ModalWorker
+    from infra.modal_worker import ModalWorker
 
     class Runtime:  # what ModalWorker reads of a runtime
         def __init__(self):

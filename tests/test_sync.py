@@ -12,7 +12,7 @@ import httpx
 import pytest
 import uvicorn
 
-from infra.api import create_app
+from infra.web.api import create_app
 from infra.engine import LOAD_LOCK
 from infra.runtime import Runtime
 from infra.settings import Settings

@@ -11,19 +11,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from skimage import data
 
-from infra.engine.upscale import (  # first: it makes torchvision importable before diffusers imports it
+from infra.engine.files.upscalers import (  # first: it makes torchvision importable before diffusers imports it
     UPSCALER_FILE,
     CheckpointError,
-    _feather_mask,
-    _to_array,
-    _to_tensor,
-    face_square,
     import_spandrel,
     load_upscaler,
     prepare_upscaler,
-    restore_faces,
-    upscale,
 )
+from infra.engine.upscale import _feather_mask, _to_array, _to_tensor, face_square, restore_faces, upscale
 from infra.safety import detector
 from tests import upscaler_files as files
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from infra.limits import key_id
-from infra.usage import COUNTERS, DictUsageStore, SqliteUsageStore, UsageMeter, today
+from infra.jobs.usage import COUNTERS, DictUsageStore, SqliteUsageStore, UsageMeter, today
 from tests.modal_standins import FakeDict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -18,18 +18,15 @@ from diffusers import MotionAdapter, UNet2DConditionModel
 from PIL import Image, ImageSequence
 from safetensors.torch import load_file, save_file
 
-from infra.engine.checkpoints import CheckpointError
-from infra.engine.pipelines import LoadedModel, ModelCache
+from infra.engine.files.checkpoints import CheckpointError
+from infra.engine.cache import ModelCache
+from infra.engine.types import LoadedModel
 from infra.engine.schedulers import build_scheduler
-from infra.engine.tiny import build_tiny_motion_adapter
-from infra.engine.video import (
-    VideoPipelines,
-    generate_video,
-    load_motion_adapter,
-    prepare_motion_adapter,
-)
+from infra.engine.files.tiny import build_tiny_motion_adapter
+from infra.engine.files.motion import load_motion_adapter, prepare_motion_adapter
+from infra.engine.video import VideoPipelines, generate_video
 from infra.media import encode_video
-from infra.weights import WeightsStore
+from infra.catalog.weights import WeightsStore
 from models.errors import BadInput
 from tests.model_files import write_controlnet, write_lora
 

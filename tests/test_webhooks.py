@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from infra.jobs import FAILED, SUCCESS, Job, SqliteJobStore
+from infra.jobs.store import FAILED, SUCCESS, Job, SqliteJobStore
 from infra.settings import Settings
-from infra.webhooks import WebhookSender, sign, verify
+from infra.jobs.webhooks import WebhookSender, sign, verify
 from models.responses import job_response
 from tests.conftest import free_port
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from infra.engine.upscale import import_spandrel
+from infra.engine.files.upscalers import import_spandrel
 
 ESRGAN_GROWTH = 32  # RRDB growth channels: spandrel builds every ESRGAN with 32 (it cannot detect others)
 

@@ -1,4 +1,7 @@
-"""The only package that imports torch and diffusers. Import its modules lazily from the rest."""
+"""The only package that imports torch and diffusers: the model cache, the pipelines and what
+adapts them per job (LoRA, embeddings, ToMe, schedulers, the GPU fast path), upscaling, video, and
+`files/` (weights files in and out of the store). Import its modules lazily from the rest (the web
+tier must start without torch). May import the catalog, net, infra's leaves and models."""
 
 import importlib.abc
 import importlib.machinery

@@ -30,8 +30,8 @@ import torch
 from safetensors.torch import load_file
 
 from infra.engine import LOAD_LOCK, speed
-from infra.engine.pipelines import LoadedModel
-from infra.weights import WeightsStore
+from infra.engine.types import LoadedModel
+from infra.catalog.weights import WeightsStore
 from models.errors import BadInput
 
 log = logging.getLogger(__name__)

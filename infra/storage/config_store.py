@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from infra.storage import write_atomic
+from infra.storage.base import write_atomic
 
 GENERATION_KEY = "__generation__"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")

@@ -41,8 +41,8 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from infra import fetcher
-from infra.jobs import Job
+from infra.net import fetcher
+from infra.jobs.store import Job
 from models.responses import job_response
 
 log = logging.getLogger(__name__)
@@ -272,7 +272,7 @@ class WebhookSender:
                 self._push(delivery, time.monotonic() + delay)
 
     def _post(self, delivery: _Delivery) -> _Outcome:
-        """POST the delivery's bytes, signed for this attempt, through `infra.fetcher` (public
+        """POST the delivery's bytes, signed for this attempt, through `infra.net.fetcher` (public
         addresses only unless allowlisted; redirects are not followed). Only the status line and
         headers of the answer are read; its body is ignored."""
         timestamp = str(int(time.time()))

@@ -16,8 +16,8 @@ from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 from safetensors.torch import save_file
 
 from infra.engine import LOAD_LOCK, quiet_libraries
-from infra.engine.checkpoints import CheckpointError, load_component_file, load_pipeline_file, read_state_dict
-from infra.weights import PIPELINE_CATEGORIES
+from infra.engine.files.checkpoints import CheckpointError, load_component_file, load_pipeline_file, read_state_dict
+from infra.catalog.weights import PIPELINE_CATEGORIES
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")
@@ -45,11 +45,11 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
     if category == "preprocessor":
         return _prepare_preprocessor(source, out)
     if category in ("upscaler", "face_restorer"):
-        from infra.engine.upscale import prepare_upscaler
+        from infra.engine.files.upscalers import prepare_upscaler
 
         return prepare_upscaler(category, _weights_file(source, category.replace("_", " ")), out)
     if category == "motion_adapter":
-        from infra.engine.video import prepare_motion_adapter
+        from infra.engine.files.motion import prepare_motion_adapter
 
         return prepare_motion_adapter(source, out, dtype)
     raise CheckpointError(f"loading {category} models is not supported by this server")

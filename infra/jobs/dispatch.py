@@ -10,9 +10,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from infra.jobs import FAILED, SUCCESS, Job
-from infra.loader import LoadRequest, run_load
-from infra.storage import StorageError, content_type
+from infra.jobs.store import FAILED, SUCCESS, Job
+from infra.catalog.loader import LoadRequest, run_load
+from infra.storage.base import StorageError, content_type
 from models.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,13 @@ def work_units(params: dict) -> float:
 
 
 class LocalDispatcher:
-    """Worker threads in this process. The engine (torch) is created on the first worker thread,
-    so the web tier starts without importing torch and the model warms up in the background."""
+    """Worker threads in this process. The engine (torch) is created on the first worker thread by
+    `make_engine`, so the web tier starts without importing torch and the model warms up in the
+    background; model loads run `run_load` with the engine side's `prepare_model`."""
 
-    def __init__(self, settings, jobs, storage, weights, webhooks, usage=None):
+    def __init__(self, settings, jobs, storage, weights, webhooks, usage, make_engine, prepare_model):
         self.settings = settings
+        self.make_engine, self.prepare_model = make_engine, prepare_model
         self.jobs, self.storage, self.weights, self.webhooks = jobs, storage, weights, webhooks
         self.usage = usage
         self.seconds_per_unit = settings.initial_seconds_per_step  # per step per megapixel per image
@@ -101,7 +103,7 @@ class LocalDispatcher:
 
     def load(self, request: LoadRequest) -> None:
         """Run a model load in the background (one at a time, beside the generation workers)."""
-        self._loads.submit(run_load, request, self.weights, self.settings, self.webhooks.post_event)
+        self._loads.submit(run_load, request, self.weights, self.settings, self.webhooks.post_event, self.prepare_model)
 
     def evict(self, model_id: str) -> None:
         """Drop a deleted model from memory, if the engine has it."""
@@ -137,9 +139,7 @@ class LocalDispatcher:
     def engine(self):
         with self._engine_lock:
             if self._engine is None:
-                from infra.engine.generate import Engine
-
-                self._engine = Engine(self.settings, self.weights)
+                self._engine = self.make_engine()
                 self.device = self._engine.device_name
                 self._engine_ready.set()
             return self._engine

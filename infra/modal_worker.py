@@ -11,9 +11,9 @@ import logging
 import os
 from collections.abc import Callable
 
-from infra.dispatch import execute_job
-from infra.jobs import models_used
-from infra.loader import LoadRequest, run_load
+from infra.jobs.dispatch import execute_job
+from infra.jobs.store import models_used
+from infra.catalog.loader import LoadRequest, run_load
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ WEBHOOK_FLUSH_SECONDS = 30  # a container may be reclaimed after its input: deli
 
 class ModalWorker:
     def __init__(self, runtime, device: str = "cpu"):
-        from infra.engine.generate import Engine
+        from infra.engine.engine import Engine
 
         self.runtime = runtime
         settings = runtime.settings.model_copy(update={"device": device})
@@ -69,8 +69,10 @@ class ModalWorker:
 
 def run_download(runtime, request: dict) -> str:
     """A model load on the download function: the same `run_load` as locally; its outcome."""
+    from infra.engine.files.convert import prepare_model
+
     load = LoadRequest(**request)
-    run_load(load, runtime.weights, runtime.settings, runtime.webhooks.post_event)
+    run_load(load, runtime.weights, runtime.settings, runtime.webhooks.post_event, prepare_model)
     runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
     entry = runtime.weights.get(load.model_id)
     return entry.status if entry is not None else "missing"

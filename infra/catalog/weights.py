@@ -34,40 +34,6 @@ ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
 # "motion_adapter": an AnimateDiff motion module for text2video
 CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter")
 
-# Well-known models fetched into the store on first use (setting `fetch_known_models`), through
-# the same load path as load_model. id -> (source, category); `known_model_urls` overrides sources.
-KNOWN_MODELS = {
-    "RealESRGAN_x4plus": (
-        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth", "upscaler"),
-    "RealESRNet_x4plus": (
-        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.1/RealESRNet_x4plus.pth", "upscaler"),
-    "RealESRGAN_x4plus_anime_6B": (
-        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth", "upscaler"),
-    "RealESRGAN_x2plus": (
-        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth", "upscaler"),
-    "realesr-general-x4v3": (
-        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.5.0/realesr-general-x4v3.pth", "upscaler"),
-    # "ultra_resolution" (4K+): the community 4x-UltraSharp ESRGAN
-    "ultra_resolution": ("https://huggingface.co/Kim2091/UltraSharp/resolve/main/4x-UltraSharp.pth", "upscaler"),
-    "GFPGANv1.4": ("https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth", "face_restorer"),
-    "animatediff-motion-adapter-v1-5-2": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion_adapter"),
-}
-
-# ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)
-CONTROLNET_11_IDS = {
-    "lllyasviel/control_v11p_sd15_inpaint": "inpaint",
-    "lllyasviel/control_v11e_sd15_ip2p": "ip2p",
-    "lllyasviel/control_v11f1e_sd15_tile": "tile",
-    "lllyasviel/control_v11e_sd15_shuffle": "shuffle",
-    "lllyasviel/control_v11p_sd15_softedge": "softedge",
-    "lllyasviel/control_v11p_sd15_scribble": "scribble",
-    "lllyasviel/control_v11p_sd15_lineart": "lineart",
-    "lllyasviel/control_v11p_sd15_normalbae": "normalbae",
-    "lllyasviel/control_v11f1p_sd15_depth": "depth",
-    "lllyasviel/control_v11p_sd15_mlsd": "mlsd",
-    "lllyasviel/control_v11p_sd15_canny": "canny",
-}
-
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

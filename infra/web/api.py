@@ -25,10 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handlers import catalog, generation, media, queue, server, system, video
 from infra.limits import RateLimiter, key_id
-from infra.links import check_signature
-from infra.runtime import ARCHIVE_ROUTE
-from infra.storage import content_type
-from infra.weights import validate_model_id
+from infra.storage.links import ARCHIVE_ROUTE, check_signature, link_secret
+from infra.storage.base import content_type
+from infra.catalog.weights import validate_model_id
 from models import requests as rq
 from models.errors import ApiError, Forbidden, InvalidKey, NotFound, PayloadTooLarge
 from models.responses import (
@@ -153,7 +152,7 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
     @app.get(ARCHIVE_ROUTE + "/{model_id}.tar", include_in_schema=False)
     def model_archive(request: Request, model_id: str, expires: str = "", signature: str = ""):
         """A model's files for sync_models' target: authorised by the signed link, not a key."""
-        if not check_signature(request.url.path, expires, signature, runtime.link_secret):
+        if not check_signature(request.url.path, expires, signature, link_secret(runtime.settings)):
             raise ApiError("This archive link is invalid or has expired", status_code=403)
         entry = runtime.weights.get(validate_model_id(model_id))
         if entry is None or entry.status != "ready":

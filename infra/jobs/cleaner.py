@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from infra.timer import Repeating
+from infra.jobs.timer import Repeating
 
 log = logging.getLogger(__name__)
 

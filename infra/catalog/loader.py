@@ -18,6 +18,7 @@ import re
 import shutil
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from email.message import Message
 from pathlib import Path
@@ -25,8 +26,8 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from infra import fetcher
-from infra.weights import ModelEntry, WeightsStore
+from infra.net import fetcher
+from infra.catalog.weights import ModelEntry, WeightsStore
 from models.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,14 @@ def store_precision(settings) -> str:
     return "fp16" if torch.cuda.is_available() else "fp32"
 
 
-def run_load(request: LoadRequest, weights: WeightsStore, settings, notify) -> ModelEntry:
-    """Fetch, verify/convert, install. Returns the final manifest entry (ready or failed)."""
+# The engine side's step of a load: verify and convert the downloaded files into the store's format
+# (`infra.engine.files.convert.prepare_model`): (category or None, download, out folder, precision,
+# upcast_attention) -> the manifest facts. Passed in by whoever runs loads, so the catalog needs no torch.
+Prepare = Callable[[str | None, Path, Path, str, bool], dict]
+
+
+def run_load(request: LoadRequest, weights: WeightsStore, settings, notify, prepare: Prepare) -> ModelEntry:
+    """Fetch, verify/convert (`prepare`), install. Returns the final manifest entry (ready or failed)."""
     if request.precision is None:
         request = replace(request, precision=store_precision(settings))
     entry = weights.get(request.model_id) or weights.begin(request.entry())
@@ -94,9 +101,7 @@ def run_load(request: LoadRequest, weights: WeightsStore, settings, notify) -> M
     scratch = weights.temp_dir(request.model_id)
     try:
         download = fetch_source(request.source, scratch / "download", settings)
-        from infra.engine.convert import prepare_model  # torch: engine side only
-
-        facts = prepare_model(request.category, download, scratch / "built", request.precision, request.upcast_attention)
+        facts = prepare(request.category, download, scratch / "built", request.precision, request.upcast_attention)
         for key, value in facts.items():
             setattr(entry, key, value)
         entry = weights.finish(entry, scratch / "built", started)
@@ -150,7 +155,7 @@ class LoadError(Exception):
 
 
 def download_file(url: str, target: Path, settings) -> Path:
-    """Download `url` into `target` through `infra.fetcher` (public addresses only, unless
+    """Download `url` into `target` through `infra.net.fetcher` (public addresses only, unless
     allowlisted; redirects checked; at most `max_model_bytes`)."""
     cap = settings.max_model_bytes
     timeout = httpx.Timeout(settings.model_download_timeout, connect=10.0)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from infra.timer import Repeating
+from infra.jobs.timer import Repeating
 
 log = logging.getLogger(__name__)
 

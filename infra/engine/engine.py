@@ -26,15 +26,16 @@ from PIL import Image
 from infra.engine import quiet_libraries
 from infra.engine.adapters import diffusers_clip_skip, job_adapters, seed_tome, text_model_alias
 from infra.engine.hints import make_hint
-from infra.engine.pipelines import LoadedModel, ModelCache
+from infra.engine.cache import ModelCache
+from infra.engine.types import LoadedModel
 from infra.engine.postprocess import composite_inpaint, treat_flagged
 from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, cfg_cutoff_call
-from infra.inputs import encode_png
+from infra.net.inputs import encode_png
 from infra.media import encode_video
 from infra.safety import detector
 from infra.settings import Settings
-from infra.weights import FAILED, LOADING, WeightsStore
+from infra.catalog.weights import FAILED, LOADING, WeightsStore
 from models.errors import ApiError, BadInput
 
 MODEL_WAIT_SECONDS = 3600  # longest a job waits for a model it needs to finish loading

@@ -23,3 +23,16 @@ def check_signature(path: str, expires: str, signature: str, secret: str) -> boo
 
 def _signature(path: str, expires: int, secret: str) -> str:
     return hmac.new(secret.encode(), f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+ARCHIVE_ROUTE = "/api/v1/enterprise/model_archive"  # GET {route}/{model_id}.tar, signed (sync_models)
+
+
+def link_secret(settings) -> str:
+    """Signs links handed to other machines; changes when the API keys change."""
+    return "\n".join(sorted(settings.api_keys))
+
+
+def archive_path(model_id: str, settings) -> str:
+    """A signed, expiring path to a tar of a model's files (for sync_models' target)."""
+    return sign_path(f"{ARCHIVE_ROUTE}/{model_id}.tar", link_secret(settings), settings.sync_link_seconds)

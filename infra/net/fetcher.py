@@ -1,5 +1,5 @@
-"""The one way this server follows a URL a client gave it: image inputs (`infra.inputs`), model
-downloads (`infra.loader`) and webhook POSTs (`infra.webhooks`).
+"""The one way this server follows a URL a client gave it: image inputs (`infra.net.inputs`), model
+downloads (`infra.catalog.loader`) and webhook POSTs (`infra.jobs.webhooks`).
 
 Guards against server-side request forgery (a client making the server reach its own network):
 

@@ -1,7 +1,6 @@
-"""The Modal side of the job store, the config store and the dispatcher, behind the same
-interfaces as the local ones (`SqliteJobStore`, a settings file, `LocalDispatcher`).
+"""The Modal side of the job store: `SqliteJobStore`'s interface on `modal.Dict`s.
 
-Nothing here imports `modal` or torch: the `modal.Dict`s and the `.spawn` callables are passed in,
+Nothing here imports `modal` or torch: the `modal.Dict`s are passed in,
 so the same code runs against in-memory stand-ins in the tests (`tests/modal_standins.py`).
 
 What a `modal.Dict` gives us, and what follows from it:
@@ -22,14 +21,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from typing import Any
 
-from infra.config_store import DictConfigStore, FileConfigStore  # noqa: F401 - the Modal and local config stores
-from infra.dispatch import work_units
-from infra.jobs import FAILED, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job, wait_until_done
+from infra.jobs.store import FAILED, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job, wait_until_done
 
 _JOB_FIELDS = tuple(f.name for f in fields(Job))
 
@@ -264,58 +261,3 @@ def dict_lock(d, key: str, lease: float = LOCK_LEASE_SECONDS) -> Iterator[None]:
 
 def _job(record: dict) -> Job:
     return Job(**{name: record[name] for name in _JOB_FIELDS if name in record})
-
-
-# --------------------------------------------------------------------------- dispatcher
-
-
-class ModalDispatcher:
-    """`LocalDispatcher`'s interface for the web tier on Modal: jobs go to the GPU worker class
-    (`spawn_job(job_id)`, i.e. `Worker().run.spawn(job_id)`), model loads to the download
-    function (`spawn_load(dict of the LoadRequest's fields)`).
-
-    The web tier cannot see the workers' memory: `loaded_models()` is empty, and evict /
-    unload_models / restart bump the config generation (workers finish their input, then stop
-    taking new ones; fresh containers load models again on demand) and report no model names."""
-
-    def __init__(self, spawn_job: Callable[[int], Any], spawn_load: Callable[[dict], Any], config, jobs,
-                 settings, device_label: str):
-        self.spawn_job, self.spawn_load = spawn_job, spawn_load
-        self.config, self.jobs, self.settings = config, jobs, settings
-        self.device = device_label
-        self.seconds_per_unit = settings.initial_seconds_per_step  # per step per megapixel per image
-
-    # --- lifecycle: nothing runs in the web container
-    def start(self) -> None:
-        pass
-
-    def stop(self, timeout: float = 5.0) -> None:
-        pass
-
-    # --- the interface handlers use
-    def submit(self, job_id: int) -> None:
-        self.spawn_job(job_id)
-
-    def load(self, request) -> None:
-        """The load runs on the download function; it takes the request as a dict of primitives."""
-        self.spawn_load(asdict(request))
-
-    def evict(self, model_id: str) -> list[str]:
-        """A deleted model leaves the workers' memory when they are replaced (generation bump)."""
-        self.config.bump_generation()
-        return []
-
-    def loaded_models(self) -> list[str]:
-        return []  # in the GPU containers' memory, not visible from here
-
-    def unload_models(self) -> list[str]:
-        self.config.bump_generation()
-        return []
-
-    def restart(self) -> list[str]:
-        self.config.bump_generation()
-        return []
-
-    def estimate(self, params: dict) -> float:
-        """Seconds a job with these params will take on a warm worker."""
-        return self.seconds_per_unit * work_units(params)

@@ -13,7 +13,7 @@ import io
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from infra import fetcher
+from infra.net import fetcher
 from infra.settings import Settings
 from models.errors import BadInput
 
@@ -33,7 +33,7 @@ def load_image(ref: str, field: str, settings: Settings) -> Image.Image:
 
 
 def download(url: str, field: str, settings: Settings) -> bytes:
-    """Fetch an image URL through `infra.fetcher` (public addresses only, unless allowlisted;
+    """Fetch an image URL through `infra.net.fetcher` (public addresses only, unless allowlisted;
     redirects checked; at most `max_input_image_bytes`)."""
     limit = settings.max_input_image_bytes
     try:

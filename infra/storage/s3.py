@@ -47,15 +47,14 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from infra import fetcher
-from infra.storage import StorageError
+from infra.net import fetcher
+from infra.storage.base import EXPIRY_DIR, StorageError
 from models.errors import BadInput
 
 log = logging.getLogger(__name__)
 
 __all__ = ["S3Config", "S3Storage", "StorageError", "resolve_bucket"]
 
-EXPIRY_DIR = ".expires"
 CHECK_PREFIX = ".sdapi-check-"
 PRESIGN_MAX_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 SECRET_MASK = "****"

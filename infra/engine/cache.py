@@ -19,8 +19,6 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from diffusers import (
@@ -44,9 +42,10 @@ from diffusers import (
 )
 
 from infra.engine import LOAD_LOCK
+from infra.engine.types import LoadedComponent, LoadedModel
 from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, apply_fast_path
-from infra.weights import PIPELINE_CATEGORIES, READY, WeightsStore
+from infra.catalog.weights import PIPELINE_CATEGORIES, READY, WeightsStore
 from models.errors import BadInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -73,29 +72,6 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
     },
 }
 COMPONENTS = {"vae": AutoencoderKL, "controlnet": ControlNetModel}
-
-
-@dataclass
-class LoadedModel:
-    model_id: str
-    version: tuple
-    pipeline: DiffusionPipeline
-    scheduler_config: dict[str, Any]  # pristine, as saved with the model
-    family: str  # "sd" | "sdxl"
-    size_bytes: int
-    # held for a whole job: LoRA / embedding / ToMe state lives in the shared modules
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    loras: OrderedDict = field(default_factory=OrderedDict)  # lora id -> (version, adapter name)
-    # variant -> (ids of the model's components it was built on, the pipeline): see ModelCache.pipeline
-    variants: dict = field(default_factory=dict)
-
-
-@dataclass
-class LoadedComponent:
-    model_id: str
-    version: tuple
-    module: torch.nn.Module
-    size_bytes: int
 
 
 def module_bytes(*modules) -> int:
@@ -246,13 +222,13 @@ class ModelCache:
                 estimator = transformers_pipeline("depth-estimation", model=str(folder), device=self.device)
             return LoadedComponent(entry.model_id, entry.version, estimator, module_bytes(estimator.model))
         if kind in ("upscaler", "face_restorer"):
-            from infra.engine.upscale import load_upscaler
+            from infra.engine.files.upscalers import load_upscaler
 
             with LOAD_LOCK:
                 descriptor = load_upscaler(self.weights.payload(entry.model_id), self.device)
             return LoadedComponent(entry.model_id, entry.version, descriptor, module_bytes(descriptor.model))
         if kind == "motion_adapter":
-            from infra.engine.video import load_motion_adapter
+            from infra.engine.files.motion import load_motion_adapter
 
             with LOAD_LOCK:
                 adapter = load_motion_adapter(folder, self.device, self.dtype)

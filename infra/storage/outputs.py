@@ -9,34 +9,12 @@ no longer served, and the cache cleaner deletes it. Locally the expiry is a smal
 
 from __future__ import annotations
 
-import mimetypes
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-EXPIRY_DIR = ".expires"
-
-CONTENT_TYPES = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-    ".mp4": "video/mp4",
-    ".base64": "text/plain; charset=us-ascii",
-}
-
-
-class StorageError(RuntimeError):
-    """An output could not be stored (or the storage could not be reached); the message says where."""
-
-
-def content_type(key: str) -> str:
-    suffix = Path(key).suffix.lower()
-    return CONTENT_TYPES.get(suffix) or mimetypes.guess_type(key)[0] or "application/octet-stream"
-
+from infra.storage.base import EXPIRY_DIR, write_atomic
 
 class LocalStorage:
     """Files under `root`. On Modal `root` is on a Volume shared by the web tier and the workers:
@@ -121,23 +99,9 @@ class LocalStorage:
         return self.root / EXPIRY_DIR / self.path(key).relative_to(self.root.resolve())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` so a reader sees the old file or the whole new one, never half of it. The file
-    is created with mode 0600 (mkstemp), so it also suits secrets (the config store)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class OutputStorage:
     """Where outputs go now: the local files, or the S3 bucket `update_s3` set. The S3 setting is
-    kept in the config store (`infra.config_store`: a 0600 file locally, a modal.Dict on Modal) so
+    kept in the config store (`infra.storage.config_store`: a 0600 file locally, a modal.Dict on Modal) so
     it survives restarts and every container sees it; `reset_s3` deletes it.
 
     A job records the storage it was submitted under (`storage_id`): its outputs land there, under
@@ -156,7 +120,7 @@ class OutputStorage:
         self._lock = threading.Lock()
         saved = config.get(self.CONFIG_NAME)
         if saved:
-            from infra.s3 import S3Config
+            from infra.storage.s3 import S3Config
 
             self._switch(S3Config.from_json(saved))
         elif default_s3 is not None:
@@ -202,7 +166,7 @@ class OutputStorage:
     def use_s3(self, config, allowlist: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Check the bucket with a test write, then send new outputs there and remember it.
         Raises StorageError (nothing changes) when the check fails; returns its warnings."""
-        from infra.s3 import S3Storage
+        from infra.storage.s3 import S3Storage
 
         warnings = S3Storage(config).check(allowlist)
         self._switch(config)
@@ -220,7 +184,7 @@ class OutputStorage:
                 self._current = "local"
 
     def _switch(self, config) -> None:
-        from infra.s3 import S3Storage
+        from infra.storage.s3 import S3Storage
 
         storage_id = f"s3:{config.endpoint_url}/{config.bucket}/{config.image_directory}"
         with self._lock:
@@ -236,7 +200,7 @@ def default_s3(settings):
 
     from pydantic import ValidationError
 
-    from infra.s3 import S3Config
+    from infra.storage.s3 import S3Config
     from models.requests import UpdateS3Request
 
     try:

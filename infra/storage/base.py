@@ -1,0 +1,43 @@
+"""What every output backend shares: the error a failed write raises, content types by key, the
+folder name of expiry markers, and atomic file writes."""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+
+EXPIRY_DIR = ".expires"
+
+CONTENT_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".mp4": "video/mp4",
+    ".base64": "text/plain; charset=us-ascii",
+}
+
+
+class StorageError(RuntimeError):
+    """An output could not be stored (or the storage could not be reached); the message says where."""
+
+
+def content_type(key: str) -> str:
+    suffix = Path(key).suffix.lower()
+    return CONTENT_TYPES.get(suffix) or mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` so a reader sees the old file or the whole new one, never half of it. The file
+    is created with mode 0600 (mkstemp), so it also suits secrets (the config store)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
