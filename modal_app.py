@@ -32,6 +32,7 @@ Deploy-time settings (environment variables of the `modal deploy` command):
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import modal
 
@@ -49,29 +50,11 @@ WEB_TIMEOUT = 150  # Modal's limit for a web request; the sync budget below stay
 
 # --------------------------------------------------------------------------- images
 
-WEB_PACKAGES = [
-    "fastapi==0.165.0",
-    "pydantic>=2.10,<3",
-    "pydantic-settings>=2.6,<3",
-    "httpx==0.28.1",
-    "pillow==13.0.0",
-    "nudenet==3.4.2",
-    "onnxruntime==1.32.0",
-    "numpy==2.4.6",
-    "boto3==1.44.5",
-]
-ENGINE_PACKAGES = [
-    "diffusers==0.42.1",
-    "transformers==5.23.0",
-    "accelerate==1.15.0",
-    "safetensors==0.8.0",
-    "scipy==1.17.1",
-    "peft==0.21.2",
-    "tomesd==0.1.3",
-    "opencv-python-headless==5.0.0.93",
-    "spandrel==0.4.2",
-    "imageio-ffmpeg==0.8.1",
-]
+# the packages come from pyproject.toml, the one place they are pinned: the web image takes the base
+# dependencies (no torch), the GPU image also the `torch` and `engine` extras (on Linux, PyPI's
+# torch==2.13.0 is the CUDA build; the local CPU build comes from the machines' own disks)
+PYPROJECT = str(Path(__file__).with_name("pyproject.toml"))
+GPU_EXTRAS = ["torch", "engine"]
 SETTINGS = {
     "SDAPI_DATA_DIR": DATA_PATH,
     "SDAPI_MODELS_DIR": WEIGHTS_PATH,
@@ -98,15 +81,13 @@ IGNORE = ["**/__pycache__/**", "**/*.pyc"]  # not only .py: infra/engine/configs
 
 web_image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install(*WEB_PACKAGES)
+    .pip_install_from_pyproject(PYPROJECT)
     .env(SETTINGS)
     .add_local_python_source(*SOURCE, ignore=IGNORE)
 )
-# on Linux, PyPI's torch wheel is the CUDA build (the local CPU pin lives in pyproject's `cpu` extra)
 gpu_image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install("torch==2.13.0", "torchvision==0.28.0")
-    .pip_install(*ENGINE_PACKAGES, *WEB_PACKAGES)
+    .pip_install_from_pyproject(PYPROJECT, optional_dependencies=GPU_EXTRAS)
     .env({**SETTINGS, **GPU_SETTINGS})
     .add_local_python_source(*SOURCE, ignore=IGNORE)
 )

@@ -45,6 +45,7 @@ from bench.common import (
     drop_from_page_cache,
     emit,
     folder_bytes,
+    job_params,
     peak_rss_mb,
     read_all,
     run_child,
@@ -70,13 +71,17 @@ def build(root: Path) -> dict:
     (what a CPU-only machine stores by default))."""
     import torch
 
+    from infra.catalog.loader import LoadRequest, run_load
+    from infra.catalog.weights import WeightsStore
     from infra.engine import CONFIGS_DIR, read_json  # first: the torchvision shim before diffusers
     from infra.engine.files.checkpoints import load_tokenizer
-    from infra.engine.files.tiny import diffusers_model_from_config, scheduler_from_config, transformers_model_from_config
-    from infra.catalog.loader import LoadRequest, run_load
     from infra.engine.files.convert import prepare_model
+    from infra.engine.files.tiny import (
+        diffusers_model_from_config,
+        scheduler_from_config,
+        transformers_model_from_config,
+    )
     from infra.settings import Settings
-    from infra.catalog.weights import WeightsStore
     from tests.model_files import write_single_file_checkpoint
 
     configs = CONFIGS_DIR / "sd15"
@@ -154,26 +159,20 @@ def child(variant: str, root: Path) -> dict:
     image_call = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "num_inference_steps": STEPS,
                   "guidance_scale": 7.5}
     if variant in ("store", "store_fp32"):
-        from infra.engine.engine import Engine
-        from infra.settings import Settings
         from infra.catalog.weights import WeightsStore
+        from infra.engine.engine import DiffusersEngine
+        from infra.settings import Settings
 
         settings = Settings(data_dir=root / "data", models_dir=root / "store", torch_threads=threads, device=device)
-        engine = Engine(settings, WeightsStore(root / "store"))
+        engine = DiffusersEngine(settings, WeightsStore(root / "store"))
         model_id = MODEL_ID if variant == "store" else MODEL_ID_FP32
         engine.cache.model(model_id)
         t2 = time.perf_counter()
-        params = {
-            "model_id": model_id, "prompt": PROMPT, "negative_prompt": "", "width": SIZE, "height": SIZE,
-            "samples": 1, "steps": STEPS, "guidance_scale": 7.5, "seeds": [0], "scheduler": "PNDMScheduler",
-            "use_karras_sigmas": False, "algorithm": None, "clip_skip": None, "tomesd": False, "loras": [],
-            "embedding": None, "highres_fix": None, "upscale": None, "safety_checker": None, "base64": False,
-            "await_models": [],
-        }
-        files, _ = engine.run("text2img", params, {})
+        params = job_params(model_id, prompt=PROMPT, size=SIZE, steps=STEPS)
+        files, _ = engine.run(params, {})
         assert files and files[0][:4] == b"\x89PNG"
         t3 = time.perf_counter()
-        engine.run("text2img", params, {})
+        engine.run(params, {})
         run_dtype = str(engine.cache.model(model_id).pipeline.unet.dtype)
     else:
         from diffusers import StableDiffusionPipeline

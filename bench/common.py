@@ -21,6 +21,20 @@ PYTHON = sys.executable
 RESULT_MARK = "BENCH-RESULT "  # the line a child process prints its JSON result on
 
 
+def job_params(model_id: str, *, task: str = "text2img", seeds=(0,), size: int = 64, steps: int = 2,
+               scheduler: str = "PNDMScheduler", prompt: str = "a cat on a bench", negative_prompt: str = "",
+               guidance_scale: float = 7.5, strength: float | None = None):
+    """The typed params of a plain generation job (`infra.jobs.params.GenerationParams`) for the
+    engine-level benchmarks: no adapters, no second passes, no safety checker."""
+    from infra.jobs.params import GenerationParams
+
+    return GenerationParams(
+        task=task, model_id=model_id, prompt=prompt, negative_prompt=negative_prompt, width=size, height=size,
+        seeds=tuple(seeds), steps=steps, guidance_scale=guidance_scale, scheduler=scheduler, use_karras_sigmas=False,
+        algorithm=None, clip_skip=None, tomesd=False, strength=strength,
+    )
+
+
 def percentile(values: Iterable[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:

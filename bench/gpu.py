@@ -58,6 +58,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import job_params  # noqa: E402 - the repository root is on the path first
+
 TOLERANCE = 3.0  # mean absolute pixel difference (0-255) a lossless variant may show against the baseline
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 NEGATIVE = "blurry, low quality"
@@ -544,29 +546,26 @@ class Bench:
         return {"vae_decode_s": round(time.perf_counter() - started, 4), "vae_upcast_fp32": bool(upcast)}
 
     def engine(self, overrides: dict):
-        from infra.engine.engine import Engine
+        from infra.engine.engine import DiffusersEngine
         from infra.settings import Settings
 
         settings = Settings(
             _env_file=None, data_dir=self.work / "data", models_dir=self.work / "models", build_tiny_models=False,
             device=self.device.type, model_cache_mb=200_000, **overrides,
         )
-        engine = Engine(settings, self.store)
+        engine = DiffusersEngine(settings, self.store)
         if self.tiny and overrides.get("fast_path"):  # the CPU check: the fast path's code runs on the CPU too
             from dataclasses import replace
 
             engine.cache.fast = replace(engine.cache.fast, allow_cpu=True, backend=self.args.cpu_compile_backend)
         return engine
 
-    def engine_params(self, model_id: str, task: str, batch: int, size: int, steps: int) -> dict:
-        store = self.store
-        return {
-            "model_id": model_id, "prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": steps,
-            "guidance_scale": GUIDANCE, "width": size, "height": size, "samples": batch,
-            "seeds": [SEED + i for i in range(batch)], "scheduler": store.default_scheduler(model_id),
-            "use_karras_sigmas": False, "algorithm": None, "strength": 1.0, "tomesd": False, "loras": [],
-            "embedding": None, "clip_skip": None,
-        }
+    def engine_params(self, model_id: str, task: str, batch: int, size: int, steps: int):
+        return job_params(
+            model_id, task=task, seeds=[SEED + i for i in range(batch)], size=size, steps=steps,
+            scheduler=self.store.default_scheduler(model_id), prompt=PROMPT, negative_prompt=NEGATIVE,
+            guidance_scale=GUIDANCE, strength=1.0,
+        )
 
     def engine_case(self, engine, case, variant, task, model_id, batch, size, inputs, calls30, calls10, flops,
                     baseline_images, baseline_speed, extra: dict | None = None) -> None:
@@ -576,7 +575,7 @@ class Bench:
             return
 
         def run(steps):
-            return engine.generate(task, self.engine_params(model_id, task, batch, size, steps), inputs)
+            return engine.generate(self.engine_params(model_id, task, batch, size, steps), inputs)
 
         try:
             result, images = measure(self.torch, self.device, run, batch, calls30, calls10, self.reps, self.steps)
@@ -649,9 +648,9 @@ def warm_child(args) -> None:
     times = {}
     import torch
 
-    from infra.engine.engine import Engine
-    from infra.settings import Settings
     from infra.catalog.weights import WeightsStore
+    from infra.engine.engine import DiffusersEngine
+    from infra.settings import Settings
 
     times["t_imported"] = time.time()
     work = Path(args.work_dir)
@@ -661,25 +660,22 @@ def warm_child(args) -> None:
         fast_path=True, compile_mode=args.compile_modes[0], compile_cache_dir=args.cache_dir, batch_samples=True,
     )
     store = WeightsStore(work / "models")
-    engine = Engine(settings, store)
+    engine = DiffusersEngine(settings, store)
     if args.tiny:
         from dataclasses import replace
 
         engine.cache.fast = replace(engine.cache.fast, allow_cpu=True, backend=args.cpu_compile_backend)
     engine.warm(args.model_id)
     times["t_loaded"] = time.time()
-    params = {
-        "model_id": args.model_id, "prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": args.steps,
-        "guidance_scale": GUIDANCE, "width": args.size, "height": args.size, "samples": 1, "seeds": [SEED],
-        "scheduler": store.default_scheduler(args.model_id), "use_karras_sigmas": False, "algorithm": None,
-        "tomesd": False, "loras": [], "embedding": None, "clip_skip": None,
-    }
-    engine.generate("text2img", params, {})
+    params = job_params(args.model_id, seeds=[SEED], size=args.size, steps=args.steps, prompt=PROMPT,
+                        negative_prompt=NEGATIVE, guidance_scale=GUIDANCE,
+                        scheduler=store.default_scheduler(args.model_id))
+    engine.generate(params, {})
     if device == "cuda":
         torch.cuda.synchronize()
     times["t_first_image"] = time.time()
     started = time.perf_counter()
-    engine.generate("text2img", params, {})
+    engine.generate(params, {})
     if device == "cuda":
         torch.cuda.synchronize()
     from infra.engine.speed import is_compiled

@@ -13,9 +13,9 @@ from pathlib import Path
 import uvicorn
 
 from bench.common import peak_rss_mb
-from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import Settings
+from infra.web.api import create_app
 
 
 def main() -> None:
@@ -32,13 +32,13 @@ def main() -> None:
         if not getattr(engine, "_bench_timed", False):
             run = engine.run
 
-            def timed_run(task, params, inputs):
+            def timed_run(params, inputs):
                 started = time.perf_counter()
                 try:
-                    return run(task, params, inputs)
+                    return run(params, inputs)
                 finally:
                     with lock:
-                        engine_seconds[str(params.get("seeds", [None])[0])] = time.perf_counter() - started
+                        engine_seconds[str(getattr(params, "seeds", [None])[0])] = time.perf_counter() - started
 
             engine.run = timed_run
             engine._bench_timed = True
@@ -52,7 +52,7 @@ def main() -> None:
         with lock:
             times = dict(engine_seconds)
         engine = dispatcher._engine
-        ready = engine is not None and settings.default_model_id in engine.cache.loaded
+        ready = engine is not None and settings.default_model_id in engine.loaded()
         return {"engine_seconds": times, "engine_ready": ready, "peak_rss_mb": peak_rss_mb()}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")

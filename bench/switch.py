@@ -21,19 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.common import cleanup, emit, peak_rss_mb, scratch
+from bench.common import cleanup, emit, job_params, peak_rss_mb, scratch
 
 INPUTS_SIZE = 64
-
-
-def _params(model_id: str, seed: int) -> dict:
-    return {
-        "model_id": model_id, "prompt": "a cat on a bench", "negative_prompt": "", "width": 64, "height": 64,
-        "samples": 1, "steps": 2, "guidance_scale": 7.5, "seeds": [seed], "scheduler": "PNDMScheduler",
-        "use_karras_sigmas": False, "algorithm": None, "clip_skip": None, "tomesd": False, "loras": [],
-        "embedding": None, "highres_fix": None, "upscale": None, "safety_checker": None, "base64": False,
-        "await_models": [],
-    }
 
 
 def _inpaint_inputs() -> dict[str, bytes]:
@@ -58,11 +48,9 @@ def end_to_end(engine, rounds: int) -> dict:
     def job(kind: str, seed: int) -> float:
         model_id = {"a": "tiny-sd", "b": "tiny-sd-b", "inpaint": "tiny-sd"}[kind]
         task = "inpaint" if kind == "inpaint" else "text2img"
-        params = _params(model_id, seed)
-        if task == "inpaint":
-            params["strength"] = 1.0
+        params = job_params(model_id, task=task, seeds=(seed,), strength=1.0 if task == "inpaint" else None)
         started = time.perf_counter()
-        engine.run(task, params, inputs if task == "inpaint" else {})
+        engine.run(params, inputs if task == "inpaint" else {})
         return time.perf_counter() - started
 
     for kind in ("a", "b", "inpaint", "a", "b", "inpaint"):  # warm: both models cached, every variant seen
@@ -122,10 +110,10 @@ def mechanics(cache, model_ids: tuple[str, str], rounds: int) -> dict:
 def run(quick: bool = False, rounds: int | None = None, big: Path | None = None) -> dict:
     import torch
 
-    from infra.engine.engine import Engine
+    from infra.catalog.weights import WeightsStore
+    from infra.engine.engine import DiffusersEngine
     from infra.runtime import Runtime
     from infra.settings import Settings
-    from infra.catalog.weights import WeightsStore
 
     rounds = rounds or (5 if quick else 20)
     folder = scratch("switch")
@@ -137,7 +125,7 @@ def run(quick: bool = False, rounds: int | None = None, big: Path | None = None)
         runtime.weights.install("tiny-sd-b", "stable_diffusion",
                                 lambda target: shutil.copytree(source, target, dirs_exist_ok=True),
                                 source="copy of tiny-sd", family="sd")
-        engine = Engine(settings, runtime.weights)
+        engine = DiffusersEngine(settings, runtime.weights)
         result = {
             "benchmark": "switch",
             "tiny_end_to_end": end_to_end(engine, rounds),
@@ -148,7 +136,7 @@ def run(quick: bool = False, rounds: int | None = None, big: Path | None = None)
 
             torch.set_num_threads(max(1, torch.get_num_threads()))
             big_settings = Settings(data_dir=folder / "data", models_dir=big, device="cpu")
-            big_engine = Engine(big_settings, WeightsStore(big))
+            big_engine = DiffusersEngine(big_settings, WeightsStore(big))
             result["sd15_mechanics"] = mechanics(big_engine.cache, (MODEL_ID, MODEL_ID), rounds)
         result["peak_rss_mb"] = peak_rss_mb()
         return result

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import httpx
 
-from infra.net import fetcher
-from infra.jobs.store import models_used
-from infra.catalog.loader import LoadRequest, source_kind
+from handlers.caller import Caller
 from infra.catalog.known import BUILTIN_MODELS, CONTROLNET_11_IDS
-from infra.catalog.weights import FAILED, LOADING, READY, validate_model_id
+from infra.catalog.loader import source_kind
+from infra.catalog.weights import FAILED, LOADING, READY, LoadRequest, validate_model_id
+from infra.net import fetcher
 from infra.storage.links import archive_path
 from models.errors import ApiError, BadInput, Conflict, NotFound
 from models.requests import (
@@ -30,6 +31,9 @@ from models.requests import (
 )
 from models.responses import MessageResponse, ModelListResponse
 
+if TYPE_CHECKING:
+    from infra.runtime import Runtime
+
 # load_model's model_type -> store category (None: a Stable Diffusion pipeline, family detected)
 MODEL_TYPE_CATEGORY = {
     "huggingface": None,
@@ -41,7 +45,8 @@ MODEL_TYPE_CATEGORY = {
     "vae": "vae",
 }
 
-def load_model(req: LoadModelRequest, rt) -> MessageResponse:
+
+def load_model(req: LoadModelRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     category = MODEL_TYPE_CATEGORY[req.model_type]
     model_id = req.model_id
     if model_id is None and category == "controlnet":
@@ -52,18 +57,18 @@ def load_model(req: LoadModelRequest, rt) -> MessageResponse:
     return _start_load(request, rt, "model load started")
 
 
-def load_model_v2(req: LoadModelV2Request, rt) -> MessageResponse:
+def load_model_v2(req: LoadModelV2Request, rt: Runtime, caller: Caller) -> MessageResponse:
     category = None if req.model_category == "stable_diffusion" else req.model_category
     request = LoadRequest(req.model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
     return _start_load(request, rt, "model load started")
 
 
-def load_vae(req: LoadVaeRequest, rt) -> MessageResponse:
+def load_vae(req: LoadVaeRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     request = LoadRequest(req.vae_id, req.vae_url, "vae", req.revision, False, req.webhook)
     return _start_load(request, rt, "VAE load started")
 
 
-def _start_load(request: LoadRequest, rt, message: str) -> MessageResponse:
+def _start_load(request: LoadRequest, rt: Runtime, message: str) -> MessageResponse:
     validate_model_id(request.model_id)
     # a bad source, or a URL or webhook on a private address, is refused now, not in the background
     allowlist = rt.settings.fetch_allowlist
@@ -80,7 +85,7 @@ def _start_load(request: LoadRequest, rt, message: str) -> MessageResponse:
     )
 
 
-def verify_model(req: ModelIdRequest, rt) -> MessageResponse:
+def verify_model(req: ModelIdRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     entry = rt.weights.get(validate_model_id(req.model_id))
     if entry is None:
         raise NotFound(f"Model id not found: {req.model_id}", tip="get_all_models lists the models on this server.")
@@ -94,7 +99,7 @@ def verify_model(req: ModelIdRequest, rt) -> MessageResponse:
     return MessageResponse(message="Model exists on server", model_id=entry.model_id, category=entry.category)
 
 
-def get_all_models(req: KeyOnlyRequest, rt) -> ModelListResponse:
+def get_all_models(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> ModelListResponse:
     models = []
     for entry in rt.weights.list():
         item = {
@@ -109,7 +114,7 @@ def get_all_models(req: KeyOnlyRequest, rt) -> ModelListResponse:
     return ModelListResponse(models=models)
 
 
-def delete_model(req: ModelIdRequest, rt) -> MessageResponse:
+def delete_model(req: ModelIdRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     model_id = validate_model_id(req.model_id)
     entry = rt.weights.get(model_id)
     if entry is None:
@@ -121,7 +126,7 @@ def delete_model(req: ModelIdRequest, rt) -> MessageResponse:
             f"Model {model_id} is this server's default model",
             tip="Set SDAPI_DEFAULT_MODEL_ID / SDAPI_DEFAULT_INPAINT_MODEL_ID to another model first.",
         )
-    busy = [job.id for job in rt.jobs.processing() if model_id in models_used(job.params)]
+    busy = [job.id for job in rt.jobs.processing() if model_id in job.models_used()]
     if busy:
         raise Conflict(
             f"Model {model_id} is in use by {len(busy)} queued or running job(s): {', '.join(map(str, busy[:5]))}",
@@ -132,7 +137,7 @@ def delete_model(req: ModelIdRequest, rt) -> MessageResponse:
     return MessageResponse(message="Model deleted on server", model_id=model_id)
 
 
-def sync_models(req: SyncModelsRequest, rt) -> MessageResponse:
+def sync_models(req: SyncModelsRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     """Ask another deployment of this server to load every ready model of this one, from signed
     archive links served here (see `infra.web.api` `model_archive`). The target loads in the
     background, like any load_model; ids it already has are skipped."""
@@ -153,7 +158,7 @@ def sync_models(req: SyncModelsRequest, rt) -> MessageResponse:
             continue
         body = {
             "key": req.sync_key,
-            "url": rt.url(archive_path(entry.model_id, rt.settings)),
+            "url": caller.url(archive_path(entry.model_id, rt.settings)),
             "model_id": entry.model_id,
             "model_category": entry.category,
             "model_format": "archive",

@@ -12,11 +12,15 @@ import io
 import secrets
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from handlers.ondemand import require_model
-from handlers.queue import check_output_size, expiry, output_key, submit_job, yes_no
+from handlers import ondemand
+from handlers.caller import Caller
+from handlers.meta import upscale_meta
+from handlers.submit import check_output_size, load_image, output_key, submit_job
+from infra.jobs.params import UpscaleParams
 from infra.net.inputs import decode_base64, encode_input
 from infra.safety import detector
 from infra.storage.base import StorageError
@@ -24,57 +28,45 @@ from models.errors import ApiError, BadInput
 from models.requests import NsfwImageCheckRequest, SuperResolutionRequest, UploadImageRequest
 from models.responses import JobResponse, NsfwCheckResponse, UploadImageResponse
 
+if TYPE_CHECKING:
+    from infra.runtime import Runtime
+
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG"}
 NETWORK_OUTPUT_FACTOR = 4  # an upscaler's own output may be this many times the output limit, before resampling
 
 
-def super_resolution(req: SuperResolutionRequest, rt) -> JobResponse:
+def super_resolution(req: SuperResolutionRequest, rt: Runtime, caller: Caller) -> JobResponse:
     settings = rt.settings
-    image = rt.load_image(req.url, "url")
+    # 1. the image, the output size, the networks (fetched on first use), all checked first
+    image = load_image(req.url, "url", rt, caller)
     width, height = round(image.width * req.scale), round(image.height * req.scale)
     check_output_size(width, height, f"url is {image.width}x{image.height}; scale {req.scale:g}", settings)
-    awaiting = require_model(req.model_id, "upscaler", "model_id", rt)
-    entry = rt.weights.get(req.model_id)
-    if not awaiting and entry.scale > req.scale:
+    upscaler = ondemand.require_known(req.model_id, "upscaler", "model_id", rt)
+    if not isinstance(upscaler, ondemand.Pending) and upscaler.scale > req.scale:
         # the network's own output is held whole before it is resampled down to `scale`
-        net_w, net_h = image.width * entry.scale, image.height * entry.scale
+        net_w, net_h = image.width * upscaler.scale, image.height * upscaler.scale
         if net_w * net_h > NETWORK_OUTPUT_FACTOR * settings.max_output_pixels:
             raise BadInput(
                 f"url is {image.width}x{image.height}: {req.model_id} makes {net_w}x{net_h} before scaling to "
                 f"{req.scale:g}x, more than this server holds",
                 tip="Send a smaller image, a scale closer to the model's own, or use a x2 model.",
             )
+    needed = [upscaler]
     restorer = None
     if req.face_enhance:
         restorer = settings.face_restorer_id
-        awaiting += require_model(restorer, "face_restorer", "face_enhance", rt)
-    params = {
-        "model_id": req.model_id,
-        "scale": req.scale,
-        "face_restorer": restorer,
-        "width": width,
-        "height": height,
-        "base64": req.base64,
-        "await_models": awaiting,
-        **expiry(req.temp, settings),
-    }
-    meta = {
-        "model_id": req.model_id,
-        "scale": req.scale,
-        "face_enhance": req.face_enhance,
-        "W": width,
-        "H": height,
-        "base64": yes_no(req.base64),
-        "temp": yes_no(req.temp),
-        "url": req.url if req.url.lower().startswith(("http://", "https://")) else "(base64 image)",
-        "webhook": req.webhook,
-        "track_id": req.track_id,
-    }
+        needed.append(ondemand.require_known(restorer, "face_restorer", "face_enhance", rt))
+    # 2. the params, the meta derived from them, and the job
+    params = UpscaleParams(
+        model_id=req.model_id, scale=req.scale, face_restorer=restorer, width=width, height=height, base64=req.base64
+    )
     name = f"{int(time.time())}-{uuid.uuid4().hex}_out"  # the link is the credential: 122 random bits
-    return submit_job("super_resolution", params, meta, [output_key(name, req.base64)], {"image": encode_input(image)}, req, rt)
+    pending = [item for item in needed if isinstance(item, ondemand.Pending)]
+    return submit_job("super_resolution", params, upscale_meta(params, req), [output_key(name, req.base64)],
+                      {"image": encode_input(image)}, req, rt, caller, pending)
 
 
-def upload_image(req: UploadImageRequest, rt) -> UploadImageResponse:
+def upload_image(req: UploadImageRequest, rt: Runtime, caller: Caller) -> UploadImageResponse:
     settings = rt.settings
     data = decode_base64(req.base64_image, "base64_image", settings.max_input_image_bytes)
     expected = PIL_FORMATS[req.image_type]
@@ -107,11 +99,11 @@ def upload_image(req: UploadImageRequest, rt) -> UploadImageResponse:
         rt.storage.put(key, data, f"image/{expected.lower()}", expires_at=expires_at)
     except StorageError as exc:
         raise ApiError(f"The image could not be stored: {exc}", status_code=502) from None
-    return UploadImageResponse(image_url=rt.storage.url(key, rt.base_url, expires_at=expires_at))
+    return UploadImageResponse(image_url=rt.storage.url(key, caller.base_url, expires_at=expires_at))
 
 
-def nsfw_image_check(req: NsfwImageCheckRequest, rt) -> NsfwCheckResponse:
-    image = rt.load_image(req.init_image, "init_image")
+def nsfw_image_check(req: NsfwImageCheckRequest, rt: Runtime, caller: Caller) -> NsfwCheckResponse:
+    image = load_image(req.init_image, "init_image", rt, caller)
     score = detector().nsfw_score(image)
     threshold = rt.settings.nsfw_threshold
     return NsfwCheckResponse(

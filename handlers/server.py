@@ -19,19 +19,24 @@ What each does, locally (the Modal deployment maps them onto its containers, see
 
 from __future__ import annotations
 
-from infra.net.fetcher import check_url
-from infra.settings import Settings
-from infra.storage.base import StorageError
+from typing import TYPE_CHECKING
+
+from handlers.caller import Caller
 from infra.catalog.weights import READY
+from infra.net.fetcher import check_url
+from infra.settings import RESTART_ONLY, Settings
+from infra.storage.base import StorageError
+from infra.storage.outputs import parse_s3_config
 from models.errors import BadInput
 from models.requests import KeyOnlyRequest, ResetS3Request, UpdateS3Request
 from models.responses import MessageResponse
 
-# settings a running process cannot take on: they shape what was built at start-up
-RESTART_ONLY = ("host", "port", "data_dir", "models_dir", "workers", "device", "torch_threads", "build_tiny_models")
+if TYPE_CHECKING:
+    from infra.runtime import Runtime
 
 
-def restart_server(req: KeyOnlyRequest, rt) -> MessageResponse:
+
+def restart_server(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     queued, _ = rt.jobs.unfinished()
     unloaded = rt.dispatcher.restart()
     return MessageResponse(
@@ -42,8 +47,12 @@ def restart_server(req: KeyOnlyRequest, rt) -> MessageResponse:
     )
 
 
-def update_server(req: KeyOnlyRequest, rt) -> MessageResponse:
+def update_server(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     fresh = Settings()
+    try:  # a broken default bucket is refused whole: no setting changes
+        parse_s3_config(fresh.s3_config)
+    except ValueError as exc:
+        raise BadInput(f"The settings were not applied: {exc}", tip="Fix SDAPI_S3_CONFIG and call update_server again.") from None
     changed, needs_restart = [], []
     for name in Settings.model_fields:
         if getattr(fresh, name) == getattr(rt.settings, name):
@@ -66,13 +75,13 @@ def update_server(req: KeyOnlyRequest, rt) -> MessageResponse:
     )
 
 
-def clear_cache(req: KeyOnlyRequest, rt) -> MessageResponse:
+def clear_cache(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     unloaded = rt.dispatcher.unload_models()
     report = rt.cleaner.clean()
     return MessageResponse(message="Cache cleared successfully", models_unloaded=unloaded, **report)
 
 
-def clear_queue(req: KeyOnlyRequest, rt) -> MessageResponse:
+def clear_queue(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     cancelled = rt.jobs.cancel_queued("Cancelled by clear_queue before it started; please submit it again.")
     for job_id in cancelled:
         rt.webhooks.job_finished(rt.jobs.get(job_id))
@@ -82,7 +91,7 @@ def clear_queue(req: KeyOnlyRequest, rt) -> MessageResponse:
     )
 
 
-def update_s3(req: UpdateS3Request, rt) -> MessageResponse:
+def update_s3(req: UpdateS3Request, rt: Runtime, caller: Caller) -> MessageResponse:
     from infra.storage.s3 import S3Config
 
     config = S3Config.from_request(req, rt.settings.s3_acl)
@@ -100,7 +109,7 @@ def update_s3(req: UpdateS3Request, rt) -> MessageResponse:
     return MessageResponse(message="S3 storage updated", storage=rt.storage.describe(), warnings=warnings)
 
 
-def reset_s3(req: ResetS3Request, rt) -> MessageResponse:
+def reset_s3(req: ResetS3Request, rt: Runtime, caller: Caller) -> MessageResponse:
     rt.storage.reset()
     return MessageResponse(message="Storage reset to the server's default", storage=rt.storage.describe())
 

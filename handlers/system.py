@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import TYPE_CHECKING
 
-from infra.engine.schedulers import SUPPORTED
-from infra.limits import key_id
-from infra.jobs.usage import today
+from handlers.caller import Caller
 from infra.catalog.weights import READY
+from infra.jobs.usage import today
+from infra.limits import key_id
 from models.errors import BadInput
 from models.requests import KeyOnlyRequest, UsageRequest
 from models.responses import SchedulersListResponse, SystemDetailsResponse, UsageResponse
+from models.schedulers import SUPPORTED
+
+if TYPE_CHECKING:
+    from infra.runtime import Runtime
 
 
-def system_details(req: KeyOnlyRequest, rt) -> SystemDetailsResponse:
+def system_details(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> SystemDetailsResponse:
     queued, queue_time = rt.jobs.unfinished()
     models = [m.model_id for m in rt.weights.list() if m.status == READY]
     return SystemDetailsResponse(
@@ -41,12 +46,12 @@ def _resident_mb() -> float | None:
     return None
 
 
-def schedulers_list(req: KeyOnlyRequest, rt) -> SchedulersListResponse:
+def schedulers_list(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> SchedulersListResponse:
     """The schedulers this server can run (see docs/compatibility.md for the four it cannot)."""
     return SchedulersListResponse(schedulers=list(SUPPORTED))
 
 
-def usage(req: UsageRequest, rt) -> UsageResponse:
+def usage(req: UsageRequest, rt: Runtime, caller: Caller) -> UsageResponse:
     """Per-key usage between two UTC days (default: this month so far), for billing."""
     end = _day(req.end_date, "end_date") if req.end_date else today()
     start = _day(req.start_date, "start_date") if req.start_date else end[:8] + "01"

@@ -6,23 +6,27 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
+from typing import TYPE_CHECKING
 
-from handlers.generation import enhance_prompt, resolve_model
-from handlers.ondemand import require_model
-from handlers.queue import expiry, submit_job, yes_no
-from infra.engine.schedulers import SchedulerError, resolve_name
-from models.errors import ApiError, BadInput, NotAvailable
-from models.requests import Text2VideoRequest
+from handlers import ondemand
+from handlers.caller import Caller
+from handlers.meta import video_meta
+from handlers.submit import enhance_prompt, resolve_model, resolve_scheduler, submit_job
+from infra.jobs.params import VideoParams
+from models.errors import BadInput, NotAvailable
+from models.requests import DEFAULT_SIZE, Text2VideoRequest
 from models.responses import JobResponse
 
-DEFAULT_SIZE = 512
+if TYPE_CHECKING:
+    from infra.runtime import Runtime
 
 # G3 fields for features this server does not have (zeroscope upscaling, improved sampling)
 _NOT_AVAILABLE = ("upscale_height", "upscale_width", "upscale_strength", "upscale_guidance_scale",
                   "upscale_num_inference_steps", "improved_sampling_seed")
 
 
-def text2video(req: Text2VideoRequest, rt) -> JobResponse:
+def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobResponse:
+    # 1. what the request asks for: available, on an SD 1.x model, with a motion adapter that fits it
     for field in _NOT_AVAILABLE:
         if getattr(req, field) is not None:
             raise NotAvailable(f"{field}: video upscaling is not available on this server", tip=f"Leave {field} out.")
@@ -35,55 +39,33 @@ def text2video(req: Text2VideoRequest, rt) -> JobResponse:
             tip="Send the model_id of a Stable Diffusion 1.x model.",
         )
     adapter_id = req.motion_module or rt.settings.default_motion_adapter_id
-    awaiting = require_model(adapter_id, "motion_adapter", "motion_module", rt)
-    if not awaiting:
+    adapter = ondemand.require_known(adapter_id, "motion_adapter", "motion_module", rt)
+    if not isinstance(adapter, ondemand.Pending):
         _check_adapter_fits(adapter_id, model.model_id, rt)
-    try:
-        scheduler = resolve_name(req.scheduler) if req.scheduler else rt.weights.default_scheduler(model.model_id)
-    except SchedulerError as exc:
-        raise ApiError({"scheduler": [str(exc)]}, status_code=422) from None
-
-    seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-    prompt = enhance_prompt(req.prompt, rt.settings.enhance_prompt_suffix) if req.enhance_prompt else req.prompt
-    params = {
-        "model_id": model.model_id,
-        "motion_adapter": adapter_id,
-        "prompt": prompt,
-        "negative_prompt": req.negative_prompt,
-        "width": req.width or DEFAULT_SIZE,
-        "height": req.height or DEFAULT_SIZE,
-        "samples": 1,
-        "num_frames": req.num_frames,
-        "fps": req.fps,
-        "output_type": req.output_type,
-        "steps": req.num_inference_steps,
-        "guidance_scale": req.guidance_scale,
-        "seed": seed,
-        "scheduler": scheduler,
-        "clip_skip": req.clip_skip,
-        "await_models": awaiting,
-        **expiry(req.temp, rt.settings),
-    }
-    # meta: the effective parameters under their ModelsLab names
-    echoed = ("prompt", "model_id", "num_frames", "fps", "output_type", "steps", "guidance_scale", "seed", "scheduler",
-              "clip_skip")
-    meta = {
-        **{name: params[name] for name in echoed},
-        "motion_module": adapter_id,
-        "negative_prompt": req.negative_prompt or "",
-        "W": params["width"],
-        "H": params["height"],
-        "enhance_prompt": yes_no(req.enhance_prompt),
-        "temp": yes_no(req.temp),
-        "instant_response": yes_no(req.instant_response),
-        "webhook": req.webhook,
-        "track_id": req.track_id,
-    }
+    scheduler, _ = resolve_scheduler(req.scheduler, "none", model, rt)
+    # 2. the params, the meta derived from them, and the job
+    params = VideoParams(
+        model_id=model.model_id,
+        motion_adapter=adapter_id,
+        prompt=enhance_prompt(req.prompt, rt.settings.enhance_prompt_suffix) if req.enhance_prompt else req.prompt,
+        negative_prompt=req.negative_prompt,
+        width=req.width or DEFAULT_SIZE,
+        height=req.height or DEFAULT_SIZE,
+        num_frames=req.num_frames,
+        fps=req.fps,
+        output_type=req.output_type,
+        steps=req.num_inference_steps,
+        guidance_scale=req.guidance_scale,
+        seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
+        scheduler=scheduler,
+        clip_skip=req.clip_skip,
+    )
     key = f"generations/{uuid.uuid4()}.{req.output_type}"
-    return submit_job("text2video", params, meta, [key], {}, req, rt)
+    pending = [adapter] if isinstance(adapter, ondemand.Pending) else []
+    return submit_job("text2video", params, video_meta(params, req), [key], {}, req, rt, caller, pending)
 
 
-def _check_adapter_fits(adapter_id: str, model_id: str, rt) -> None:
+def _check_adapter_fits(adapter_id: str, model_id: str, rt: Runtime) -> None:
     """A motion adapter is made for one UNet layout (its block widths); another cannot take it."""
     try:
         adapter = json.loads((rt.weights.folder(adapter_id) / "config.json").read_text())

@@ -7,9 +7,9 @@ import logging
 
 import uvicorn
 
-from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import DEV_API_KEY, Settings
+from infra.web.api import create_app
 
 
 def serve() -> None:

@@ -11,9 +11,9 @@ import logging
 import os
 from collections.abc import Callable
 
+from infra.catalog.loader import run_load
+from infra.catalog.weights import LoadRequest
 from infra.jobs.dispatch import execute_job
-from infra.jobs.store import models_used
-from infra.catalog.loader import LoadRequest, run_load
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +22,12 @@ WEBHOOK_FLUSH_SECONDS = 30  # a container may be reclaimed after its input: deli
 
 class ModalWorker:
     def __init__(self, runtime, device: str = "cpu"):
-        from infra.engine.engine import Engine
+        from infra.engine.engine import DiffusersEngine
 
         self.runtime = runtime
-        settings = runtime.settings.model_copy(update={"device": device})
-        self.engine = Engine(settings, runtime.weights)
+        self.engine = DiffusersEngine(runtime.settings, runtime.weights, device=device)
         self.generation = runtime.dispatcher.config.generation()
-        self._compile_cache = _folder_fingerprint(settings.compile_cache_dir)
+        self._compile_cache = _folder_fingerprint(runtime.settings.compile_cache_dir)
 
     def warm(self) -> None:
         """Load the default model (before the memory snapshot: into CPU memory)."""
@@ -47,10 +46,10 @@ class ModalWorker:
         job = runtime.jobs.get(job_id)
         if job is None:
             return "missing"
-        if reload_weights is not None and _missing_models(job.params, runtime.weights):
+        if reload_weights is not None and any(runtime.weights.get(model_id) is None for model_id in job.models_used()):
             reload_weights()
         finished = execute_job(
-            job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks, runtime.usage
+            job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks, runtime.weights, runtime.usage
         )
         runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
         return finished.status if finished else "missing"
@@ -91,8 +90,3 @@ def _folder_fingerprint(folder) -> tuple[int, int]:
             except OSError:
                 continue
     return files, size
-
-
-def _missing_models(params: dict, weights) -> bool:
-
-    return any(weights.get(model_id) is None for model_id in models_used(params))

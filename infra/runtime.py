@@ -1,46 +1,39 @@
-"""Runtime = settings + the backends a handler may use. `Runtime.local()` wires the embedded
-defaults (SQLite jobs, files under the data dir, in-process workers, the tiny built-in models);
-the Modal deployment builds the same object from Modal primitives."""
+"""The composition root. `Runtime` = the settings + the backends a handler may use, typed
+against their protocols; `Runtime.local()` wires the embedded defaults (SQLite jobs, files under
+the data dir, in-process worker threads, the tiny built-in models), `Runtime.modal()` the same
+object from Modal's primitives (see modal_app.py). The one place that knows every implementation.
+
+Settings are read live: every service holds the one `Settings` object and reads a knob when it
+uses it, so update_server (which changes that object in place) applies at once to everything it
+reports as changed; the knobs that shape what was built at start-up are `infra.settings.RESTART_ONLY`.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from infra.jobs.cleaner import CacheCleaner
-from infra.storage.config_store import FileConfigStore
-from infra.jobs.dispatch import LocalDispatcher
-from infra.net.inputs import decode_image, load_image
-from infra.jobs.store import SqliteJobStore
-from infra.settings import Settings
-from infra.storage.outputs import LocalStorage, OutputStorage, default_s3
-from infra.jobs.usage import SqliteUsageStore, UsageMeter
-from infra.jobs.webhooks import WebhookSender
 from infra.catalog.known import BUILTIN_MODELS
 from infra.catalog.weights import WeightsStore
-from models.errors import NotFound
+from infra.engine.protocol import Engine
+from infra.jobs.cleaner import CacheCleaner
+from infra.jobs.dispatch import Dispatcher, LocalDispatcher
+from infra.jobs.store import JobStore, SqliteJobStore
+from infra.jobs.usage import SqliteUsageStore, UsageMeter
+from infra.jobs.webhooks import WebhookSender
+from infra.settings import Settings
+from infra.storage.config_store import ConfigStore, FileConfigStore
+from infra.storage.outputs import LocalStorage, OutputStorage
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 
-
-
-def webhook_secret(settings: Settings) -> str:
-    """The webhook signing secret: the setting, else HMAC-SHA256("sdapi-webhooks") keyed with the
-    first API key (hex) — a receiver that knows the key can compute it; the README shows how."""
-    if settings.webhook_secret:
-        return settings.webhook_secret
-    return hmac.new(settings.api_keys[0].encode(), b"sdapi-webhooks", hashlib.sha256).hexdigest()
-
-
-def make_engine(settings: Settings, weights: WeightsStore):
+def make_engine(settings: Settings, weights: WeightsStore) -> Engine:
     """The engine (torch, diffusers): imported only when the first job needs it."""
-    from infra.engine.engine import Engine
+    from infra.engine.engine import DiffusersEngine
 
-    return Engine(settings, weights)
+    return DiffusersEngine(settings, weights)
 
 
 def prepare_model(category: str | None, download, out, precision: str, upcast_attention: bool) -> dict:
@@ -53,32 +46,30 @@ def prepare_model(category: str | None, download, out, precision: str, upcast_at
 @dataclass
 class Runtime:
     settings: Settings
-    jobs: SqliteJobStore
+    jobs: JobStore
     storage: OutputStorage
     weights: WeightsStore
-    dispatcher: LocalDispatcher
+    dispatcher: Dispatcher
     webhooks: WebhookSender
     cleaner: CacheCleaner
     usage: UsageMeter
+    config: ConfigStore
     on_modal: bool = False  # on Modal: containers come and go, so start-up does not treat running jobs as dead
-    base_url: str = ""
-    caller: str = ""  # the requesting key's id (infra.limits.key_id), set per request
     version: str = VERSION
 
     @classmethod
     def local(cls, settings: Settings | None = None) -> Runtime:
         settings = settings or Settings()
         jobs = SqliteJobStore(settings.db_path)
-        storage = OutputStorage(
-            LocalStorage(settings.outputs_dir), FileConfigStore(settings.data_dir / "config"), default_s3(settings)
-        )
+        config = FileConfigStore(settings.data_dir / "config")
+        storage = OutputStorage(LocalStorage(settings.outputs_dir), config, settings)
         weights = WeightsStore(settings.weights_dir)
-        webhooks = WebhookSender(jobs, settings, webhook_secret(settings))
+        webhooks = WebhookSender(jobs, settings)
         usage = UsageMeter(SqliteUsageStore(settings.data_dir / "usage.sqlite3"), settings)
         dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks, usage,
                                      make_engine=lambda: make_engine(settings, weights), prepare_model=prepare_model)
         cleaner = CacheCleaner(storage, jobs, weights, settings)
-        return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner, usage)
+        return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner, usage, config)
 
     @classmethod
     def modal(cls, jobs, inputs, config, usage, spawn_job, spawn_load, device_label: str, commit_outputs=None,
@@ -90,39 +81,20 @@ class Runtime:
         change, reloaded before reads). No torch is imported here."""
         from infra.jobs.dict_store import DictJobStore
         from infra.jobs.modal_dispatch import ModalDispatcher
-        from infra.storage.config_store import DictConfigStore
         from infra.jobs.usage import DictUsageStore
+        from infra.storage.config_store import DictConfigStore
 
         settings = settings or Settings()
         job_store = DictJobStore(jobs, inputs)
         config_store = DictConfigStore(config)
         local = LocalStorage(settings.outputs_dir, on_write=commit_outputs, on_miss=reload_outputs)
-        storage = OutputStorage(local, config_store, default_s3(settings))
+        storage = OutputStorage(local, config_store, settings)
         weights = WeightsStore(settings.weights_dir, on_write=commit_weights, refresh=reload_weights)
-        webhooks = WebhookSender(job_store, settings, webhook_secret(settings))
+        webhooks = WebhookSender(job_store, settings)
         dispatcher = ModalDispatcher(spawn_job, spawn_load, config_store, job_store, settings, device_label)
         cleaner = CacheCleaner(storage, job_store, weights, settings)
         meter = UsageMeter(DictUsageStore(usage), settings)
-        return cls(settings, job_store, storage, weights, dispatcher, webhooks, cleaner, meter, on_modal=True)
-
-    def for_request(self, request_base_url: str, caller: str = "") -> Runtime:
-        """This runtime for one request: the base URL clients reach us at (the setting wins over
-        the request) and the caller (`infra.limits.key_id` of its key)."""
-        return replace(self, base_url=(self.settings.public_url or request_base_url).rstrip("/"), caller=caller)
-
-    def url(self, path: str) -> str:
-        return f"{self.base_url}{path}"
-
-    def load_image(self, ref: str, field: str):
-        """An image input (URL, base64, data URI). A link to this server's own files (an upload_image
-        URL, an earlier output) is read from storage directly, not fetched over HTTP."""
-        own = self.storage.url("", self.base_url)
-        if self.base_url and ref.startswith(own):
-            path = self.storage.open_path(ref[len(own):])
-            if path is None:
-                raise NotFound(f"{field}: {ref} is not (or no longer) stored on this server")
-            return decode_image(path.read_bytes(), field, ref, self.settings.max_input_image_pixels)
-        return load_image(ref, field, self.settings)
+        return cls(settings, job_store, storage, weights, dispatcher, webhooks, cleaner, meter, config_store, on_modal=True)
 
     def start(self) -> None:
         if not self.on_modal:  # locally a start means the previous process is gone; on Modal it does not

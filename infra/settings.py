@@ -13,6 +13,13 @@ DEV_API_KEY = "enterprise_api_key"  # the key in the docs' examples; for local u
 
 DEFAULT_ENHANCE_SUFFIX = "highly detailed, sharp focus, professional lighting, 8k"
 
+# Knobs a running process cannot take on: they shape what was built at start-up (the server's
+# socket and folders, the worker threads, the engine's device and threads, the GPU fast path's
+# compiled modules). update_server names them instead of applying them. Every other knob is read
+# where it is used, each time, so update_server applies it at once.
+RESTART_ONLY = ("host", "port", "data_dir", "models_dir", "workers", "device", "torch_threads", "build_tiny_models",
+                "fast_path", "compile_mode", "compile_cache_dir")
+
 
 class Settings(BaseSettings):
     # `.env` in the working directory too: edit it and call update_server to apply changes

@@ -83,16 +83,17 @@ def _in_range(lo: float | None, hi: float | None):
     def check(value):
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             if lo is not None and hi is not None:
-                raise ValueError(f"must be between {_fmt(lo)} and {_fmt(hi)}, got {_fmt(value)}")
+                raise ValueError(f"must be between {format_number(lo)} and {format_number(hi)}, got {format_number(value)}")
             if lo is not None:
-                raise ValueError(f"must be at least {_fmt(lo)}, got {_fmt(value)}")
-            raise ValueError(f"must be at most {_fmt(hi)}, got {_fmt(value)}")
+                raise ValueError(f"must be at least {format_number(lo)}, got {format_number(value)}")
+            raise ValueError(f"must be at most {format_number(hi)}, got {format_number(value)}")
         return value
 
     return check
 
 
-def _fmt(number: float) -> str:
+def format_number(number: float) -> str:
+    """7.0 -> "7", 0.5 -> "0.5": how numbers are echoed in messages and in `meta` lists."""
     return str(int(number)) if float(number).is_integer() else str(number)
 
 

@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from models.fields import CsvList, Dimension, FloatList, ImageList, JobId, LooseFloat, LooseInt, Text, YesNo
 
 SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
+DEFAULT_SIZE = 512  # width and height of a generation or video that gives neither (and has no init image)
 
 
 class WireModel(BaseModel):
@@ -45,8 +46,12 @@ class GenerationRequest(WireModel):
     model_id: Text | None = Field(None, description="Model id; defaults to the server's default model.")
     prompt: Text
     negative_prompt: Text | None = None
-    width: Dimension | None = Field(None, description="1..1024, rounded down to a multiple of 8. Default 512.")
-    height: Dimension | None = Field(None, description="1..1024, rounded down to a multiple of 8. Default 512.")
+    width: Dimension | None = Field(
+        None, description=f"1..1024, rounded down to a multiple of 8. Default: the init image's, else {DEFAULT_SIZE}."
+    )
+    height: Dimension | None = Field(
+        None, description=f"1..1024, rounded down to a multiple of 8. Default: the init image's, else {DEFAULT_SIZE}."
+    )
     samples: LooseInt(1, 4) = 1
     num_inference_steps: LooseInt(1, 50) = Field(
         20, validation_alias=AliasChoices("num_inference_steps", "steps"), description="Alias: `steps`."
@@ -133,8 +138,8 @@ class Text2VideoRequest(WireModel):
     )
     prompt: Text
     negative_prompt: Text | None = None
-    width: Dimension | None = None
-    height: Dimension | None = None
+    width: Dimension | None = Field(None, description=f"Default {DEFAULT_SIZE}.")
+    height: Dimension | None = Field(None, description=f"Default {DEFAULT_SIZE}.")
     num_frames: LooseInt(1, 25) = 16
     fps: LooseInt(1, 16) = 8
     output_type: Literal["mp4", "gif"] = "mp4"

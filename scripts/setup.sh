@@ -11,6 +11,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: the CPU build (an unpinned torch would pull a multi-GB CUDA build)
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[engine,cpu,dev]"
+  .venv/bin/python -m pip install -q -e ".[engine,torch,dev]"
   echo "$want" > "$stamp"
 fi

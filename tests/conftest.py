@@ -13,9 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
-from infra.web.api import create_app
+from infra.jobs.params import GenerationParams, VideoParams
 from infra.runtime import Runtime
 from infra.settings import DEV_API_KEY, Settings
+from infra.web.api import create_app
 
 KEY = DEV_API_KEY
 SEED_IMAGE = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo.png"
@@ -195,3 +196,19 @@ def fetch_png(client: TestClient, url: str) -> Image.Image:
     image = Image.open(io.BytesIO(response.content))
     image.load()
     return image
+
+
+def generation_params(**fields) -> GenerationParams:
+    """Complete text2img params on the built-in model (64x64, 2 steps, one seed), with `fields` changed."""
+    base = dict(task="text2img", model_id="tiny-sd", prompt="x", negative_prompt=None, width=64, height=64, seeds=(7,),
+                steps=2, guidance_scale=7.5, scheduler="PNDMScheduler", use_karras_sigmas=False, algorithm=None,
+                clip_skip=None, tomesd=False)
+    return GenerationParams(**{**base, **fields})
+
+
+def video_params(**fields) -> VideoParams:
+    """Complete text2video params on the built-in models (64x64, 4 frames, 2 steps), with `fields` changed."""
+    base = dict(model_id="tiny-sd", motion_adapter="tiny-motion-adapter", prompt="a boat on a lake", negative_prompt=None,
+                width=64, height=64, num_frames=4, fps=8, output_type="mp4", steps=2, guidance_scale=7.5, seed=1,
+                scheduler="DDIMScheduler", clip_skip=None)
+    return VideoParams(**{**base, **fields})

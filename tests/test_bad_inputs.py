@@ -282,9 +282,9 @@ def test_a_1_gb_content_length_is_refused_before_reading(make_client):
 
     import uvicorn
 
-    from infra.web.api import create_app
     from infra.runtime import Runtime
     from infra.settings import Settings
+    from infra.web.api import create_app
 
     client = make_client()
     runtime = client.app.state.runtime

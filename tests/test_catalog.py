@@ -18,7 +18,8 @@ from PIL import Image
 
 from infra.engine import LOAD_LOCK
 from infra.engine.files.tiny import build_tiny_sdxl
-from tests.conftest import KEY, _Files, centre_mask, open_client, png_bytes, scene
+from infra.jobs.params import Lora
+from tests.conftest import KEY, _Files, centre_mask, generation_params, open_client, png_bytes, scene
 from tests.model_files import (
     write_controlnet,
     write_depth_estimator,
@@ -413,7 +414,7 @@ def test_duplicate_id_is_refused_and_delete_frees_it(catalog, files):
 def test_delete_while_in_use_is_refused(catalog, files):
     load(catalog, url=f"{files['url']}/style_b.safetensors", model_id="busy-lora", model_type="lora")
     runtime = catalog.app.state.runtime
-    job = runtime.jobs.create(_queued_job({"model_id": "tiny-sd", "loras": [["busy-lora", 1.0]]}))
+    job = runtime.jobs.create(_queued_job(generation_params(loras=(Lora(model_id="busy-lora", strength=1.0),))))
     refused = call(catalog, "delete_model", model_id="busy-lora")
     assert refused["http"] == 409 and str(job.id) in refused["message"]
     runtime.jobs.update(job.id, status="failed", message="test")
@@ -421,7 +422,7 @@ def test_delete_while_in_use_is_refused(catalog, files):
 
 
 def _queued_job(params):
-    from infra.jobs.store import Job
+    from infra.jobs.job import Job
 
     return Job(id=0, endpoint="text2img", params=params, meta={}, output_keys=[], future_links=[], eta=1.0)
 

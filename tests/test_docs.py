@@ -28,8 +28,7 @@ def test_the_readme_webhook_check_verifies_our_signatures():
     """The receiver snippet in the README accepts what the server signs, and nothing else."""
     import time
 
-    from infra.runtime import webhook_secret
-    from infra.jobs.webhooks import sign
+    from infra.jobs.webhooks import sign, webhook_secret
 
     section = README[README.index("## Webhooks"):]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from infra.catalog import loader
-from infra.net import fetcher
 from infra.jobs.webhooks import WebhookSender, _Delivery
+from infra.net import fetcher
 from models.errors import BadInput
 from tests.conftest import KEY
 
@@ -274,8 +274,9 @@ def test_model_downloads_are_refused_with_a_load_error(server, tmp_path):
 
 def test_a_webhook_to_a_private_address_is_not_sent(server):
     def post(url, allowlist):
-        settings = SimpleNamespace(webhook_attempts=3, webhook_backoff=0, webhook_timeout=5, fetch_allowlist=allowlist)
-        sender = WebhookSender(None, settings, "secret")
+        settings = SimpleNamespace(webhook_attempts=3, webhook_backoff=0, webhook_timeout=5, fetch_allowlist=allowlist,
+                                   webhook_secret="secret")
+        sender = WebhookSender(None, settings)
         return sender._post(_Delivery("evt", url, b"{}", "test", attempts=1))
 
     outcome = post("http://169.254.169.254/hook", [])

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from infra.engine.schedulers import SUPPORTED
+from models.schedulers import SUPPORTED
 from tests.conftest import KEY, SEED_IMAGE, SEED_MASK, centre_mask, fetch_png, scene
 
 # The example body of the original inpaint page (spec/seed-inpaint-endpoint.txt), verbatim;

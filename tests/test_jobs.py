@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from infra.jobs.store import MAX_ID, Job, SqliteJobStore
-from tests.conftest import KEY
+from infra.jobs.job import MAX_ID, Job
+from infra.jobs.store import SqliteJobStore
+from tests.conftest import KEY, generation_params
 
 
 def wait_done(client, job_id, timeout=60):
@@ -20,18 +21,18 @@ def wait_done(client, job_id, timeout=60):
 
 def test_ids_are_unique_integers_below_2_53(tmp_path):
     store = SqliteJobStore(tmp_path / "jobs.sqlite3")
-    ids = {store.create(Job(0, "text2img", {}, {}, [], [])).id for _ in range(500)}
+    ids = {store.create(Job(0, "text2img", generation_params(), {}, [], [])).id for _ in range(500)}
     assert len(ids) == 500 and all(isinstance(i, int) and 0 < i <= MAX_ID for i in ids)
 
 
 def test_a_job_that_breaks_ends_failed_with_a_message(make_client, monkeypatch):
     client = make_client(sync_timeout=0)
-    from infra.engine.engine import Engine
+    from infra.engine.engine import DiffusersEngine
 
-    def explode(self, task, params, inputs):
+    def explode(self, params, inputs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(Engine, "generate", explode)
+    monkeypatch.setattr(DiffusersEngine, "generate", explode)
     job = client.post("/api/v1/enterprise/text2img", json={"key": KEY, "prompt": "x", "width": 64, "height": 64}).json()
     result = wait_done(client, job["id"])
     assert result["status"] == "failed"
@@ -41,12 +42,12 @@ def test_a_job_that_breaks_ends_failed_with_a_message(make_client, monkeypatch):
 
 
 def test_jobs_fail_cleanly_when_the_engine_cannot_start(make_client, monkeypatch):
-    from infra.engine.engine import Engine
+    from infra.engine.engine import DiffusersEngine
 
-    def broken(self, settings, weights):
+    def broken(self, settings, weights, device=None):
         raise ImportError("libcudart.so.12: cannot open shared object file (simulated)")
 
-    monkeypatch.setattr(Engine, "__init__", broken)
+    monkeypatch.setattr(DiffusersEngine, "__init__", broken)
     client = make_client(sync_timeout=0)
     jobs = [client.post("/api/v1/enterprise/text2img", json={"key": KEY, "prompt": "x"}).json() for _ in range(2)]
     for job in jobs:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import Settings
+from infra.web.api import create_app
 from tests.conftest import KEY
 from tests.modal_standins import FakeDict, FakeFunction
 
@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def deployment_shape(**env) -> dict:
     """Import modal_app in a fresh process (no Modal token) and read its functions' info."""
     script = """
-import json, modal_app
+import json, tomllib, modal_app
+project = tomllib.loads(open(modal_app.PYPROJECT).read())["project"]  # what the images install (one place)
 def info(f):
     i = f.info()
     return {"gpus": i.gpus, "volumes": sorted(i.volumes), "secrets": i.secrets, "timeout": i.timeout,
@@ -37,7 +38,8 @@ def info(f):
 worker = modal_app.Worker._get_class_service_function()
 print(json.dumps({"worker": info(worker), "web": info(modal_app.web), "download": info(modal_app.download_model),
                   "clean": info(modal_app.clean_caches), "methods": worker.info().method_names,
-                  "web_packages": modal_app.WEB_PACKAGES}))
+                  "web_packages": project["dependencies"],
+                  "gpu_packages": [p for extra in modal_app.GPU_EXTRAS for p in project["optional-dependencies"][extra]]}))
 """
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**clean_env, **env, "HOME": "/nonexistent"},
@@ -57,6 +59,7 @@ def test_the_deployment_has_the_shape_of_the_product_card():
     for function in (worker, web, download, clean):
         assert function["secrets"] == ["modal.Secret.from_name('sd-enterprise-api')"]
     assert not any(package.startswith(("torch", "diffusers")) for package in shape["web_packages"])  # light web tier
+    assert {"torch==2.13.0", "diffusers==0.42.1"} <= set(shape["gpu_packages"])
 
 
 def test_gpu_type_is_chosen_at_deploy_time():

@@ -19,13 +19,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from infra.jobs.dispatch import execute_job, work_units
-from infra.jobs.store import FAILED, MAX_ID, PROCESSING, SUCCESS, Job, SqliteJobStore
 from infra.catalog.loader import LoadRequest
 from infra.jobs.dict_store import INDEX_LOCK_KEY, UNFINISHED_KEY, DictJobStore, claim_key, dict_lock
+from infra.catalog.weights import WeightsStore
+from infra.jobs.dispatch import execute_job
 from infra.jobs.modal_dispatch import ModalDispatcher
+from infra.jobs.job import FAILED, MAX_ID, PROCESSING, SUCCESS, Job
+from infra.jobs.store import SqliteJobStore
 from infra.storage.config_store import DictConfigStore, FileConfigStore
 from infra.storage.outputs import LocalStorage
+from tests.conftest import generation_params
 from tests.modal_standins import FakeDict, FakeFunction
 
 PNG = b"\x89PNG\r\n\x1a\n-not-really"
@@ -33,7 +36,7 @@ PNG = b"\x89PNG\r\n\x1a\n-not-really"
 
 def new_job(eta: float = 1.0, **params) -> Job:
     keys = ["generations/out-1.png"]
-    return Job(0, "text2img", {"prompt": "x", **params}, {"seed": 7}, keys, [f"http://t/files/{keys[0]}"], eta=eta)
+    return Job(0, "text2img", generation_params(**params), {"seed": 7}, keys, [f"http://t/files/{keys[0]}"], eta=eta)
 
 
 def finish(store, job_id: int, status: str = SUCCESS, at: float | None = None) -> None:
@@ -81,14 +84,14 @@ def test_create_get_update_round_trip(store):
     job = store.create(new_job(eta=2.5, width=64), {"init_image": PNG})
     assert 0 < job.id <= MAX_ID
     got = store.get(job.id)
-    assert got == job and got.status == PROCESSING and got.params["width"] == 64 and got.eta == 2.5
+    assert got == job and got.status == PROCESSING and got.params.width == 64 and got.eta == 2.5
     assert store.inputs(job.id) == {"init_image": PNG}
 
     store.update(job.id, meta={"seed": 8, "facts": [1, 2]}, webhook_status="delivering")
     got = store.get(job.id)
     assert got.meta == {"seed": 8, "facts": [1, 2]} and got.webhook_status == "delivering"
-    got.params["prompt"] = "changed on the returned copy only"
-    assert store.get(job.id).params["prompt"] == "x"
+    got.meta["seed"] = "changed on the returned copy only"
+    assert store.get(job.id).meta["seed"] == 8
     assert store.get(12345678) is None
     store.update(12345678, status=FAILED)  # an unknown id changes nothing
     assert store.get(12345678) is None
@@ -440,9 +443,9 @@ class FakeEngine:
     def __init__(self):
         self.runs = []
 
-    def run(self, endpoint, params, inputs):
-        self.runs.append((endpoint, params, inputs))
-        return [b"output-of-" + endpoint.encode()], {"seed": 42, "device": "fake"}
+    def run(self, params, inputs):
+        self.runs.append((params, inputs))
+        return [b"output-of-" + params.task.encode()], {"seed": 42, "device": "fake"}
 
 
 class Webhooks:
@@ -465,7 +468,8 @@ def modal_side(tmp_path):
     Worker class does, on a shared DictJobStore."""
     jobs = DictJobStore(FakeDict(), FakeDict())
     storage, engine, webhooks = Outputs(tmp_path / "outputs"), FakeEngine(), Webhooks()
-    worker = FakeFunction(lambda job_id: execute_job(job_id, jobs, storage, lambda: engine, webhooks).status)
+    weights = WeightsStore(tmp_path / "weights")
+    worker = FakeFunction(lambda job_id: execute_job(job_id, jobs, storage, lambda: engine, webhooks, weights).status)
     loads = FakeFunction(lambda request: request["model_id"])
     config = DictConfigStore(FakeDict())
     settings = SimpleNamespace(initial_seconds_per_step=0.02)
@@ -485,7 +489,7 @@ def test_a_spawned_worker_runs_the_job_to_success_through_execute_job(tmp_path):
     done = side.jobs.wait(job.id, timeout=5)
     assert done.status == SUCCESS and done.meta == {"seed": 42, "device": "fake"} and done.generation_time is not None
     assert (tmp_path / "outputs" / job.output_keys[0]).read_bytes() == b"output-of-text2img"
-    assert side.engine.runs == [("text2img", job.params, {"init_image": PNG})]
+    assert side.engine.runs == [(job.params, {"init_image": PNG})]
     assert side.jobs.inputs(job.id) == {} and side.jobs.unfinished() == (0, 0)
     assert [j.id for j in side.webhooks.finished] == [job.id]
 
@@ -544,8 +548,8 @@ def test_dispatcher_restart_unload_evict_bump_the_generation(tmp_path):
 
 def test_dispatcher_estimate_is_speed_times_work(tmp_path):
     dispatcher = modal_side(tmp_path).dispatcher
-    params = {"steps": 20, "width": 512, "height": 512, "samples": 2}
-    assert dispatcher.estimate(params) == pytest.approx(0.02 * work_units(params))
+    params = generation_params(steps=20, width=512, height=512, seeds=(1, 2))
+    assert dispatcher.estimate(params) == pytest.approx(0.02 * params.work_units())
 
 
 def test_importing_the_modal_backends_needs_neither_modal_nor_torch():

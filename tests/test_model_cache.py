@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from infra.engine.cache import ModelCache
 from infra.catalog.weights import WeightsStore
+from infra.engine.cache import ModelCache
 
 
 @pytest.fixture

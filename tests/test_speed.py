@@ -13,10 +13,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from infra.engine import speed
-from infra.engine.engine import Engine
-from infra.settings import Settings
 from infra.catalog.weights import WeightsStore
+from infra.engine import speed
+from infra.engine.engine import DiffusersEngine
+from infra.settings import Settings
+from infra.jobs.params import GenerationParams, Lora
+from tests.conftest import generation_params
 from tests.model_files import write_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,21 +38,18 @@ def store(models_dir, tmp_path_factory) -> WeightsStore:
     return weights
 
 
-def engine(store: WeightsStore, forced: bool = False, **settings) -> Engine:
+def engine(store: WeightsStore, forced: bool = False, **settings) -> DiffusersEngine:
     """An Engine on the CPU; `forced`: the fast path runs on the CPU too (dynamo's eager backend)."""
-    built = Engine(Settings(_env_file=None, models_dir=store.root, device="cpu", **settings), store)
+    built = DiffusersEngine(Settings(_env_file=None, models_dir=store.root, device="cpu", **settings), store)
     if forced:
         built.cache.fast = replace(built.cache.fast, allow_cpu=True, backend="eager")
     return built
 
 
-def params(samples: int = 1, **overrides) -> dict:
-    return {
-        "model_id": "tiny-sd", "prompt": "a red bicycle", "negative_prompt": "", "steps": 4,
-        "guidance_scale": 7.5, "width": SIZE, "height": SIZE, "samples": samples,
-        "seeds": [7 + i for i in range(samples)], "scheduler": "DDIMScheduler", "use_karras_sigmas": False,
-        "algorithm": None, "tomesd": False, "loras": [], "embedding": None, "clip_skip": None, **overrides,
-    }
+def params(task: str = "text2img", samples: int = 1, **overrides) -> GenerationParams:
+    fields = dict(task=task, prompt="a red bicycle", negative_prompt="", steps=4, width=SIZE, height=SIZE,
+                  seeds=tuple(7 + i for i in range(samples)), scheduler="DDIMScheduler")
+    return generation_params(**{**fields, **overrides})
 
 
 def pixels(images) -> list[np.ndarray]:
@@ -81,8 +80,8 @@ def test_settings_parse_and_refuse_unknown_values(monkeypatch):
 
 def test_the_fast_path_is_a_no_op_on_the_cpu(store):
     plain, fast = engine(store), engine(store, fast_path=True, compile_mode="default")
-    a = plain.generate("text2img", params(), {})
-    b = fast.generate("text2img", params(), {})
+    a = plain.generate(params(), {})
+    b = fast.generate(params(), {})
     unet = fast.cache.model("tiny-sd").pipeline.unet
     assert not speed.is_compiled(unet) and not getattr(unet, speed.APPLIED, False)
     assert all((x == y).all() for x, y in zip(pixels(a), pixels(b)))
@@ -102,8 +101,8 @@ def test_the_fast_path_forced_on_the_cpu_keeps_the_images(store):
             from tests.conftest import png_bytes, scene
 
             inputs = {"init_image": png_bytes(scene(SIZE, SIZE))}
-        a = plain.generate(task, params(**extra), inputs)
-        b = fast.generate(task, params(**extra), inputs)
+        a = plain.generate(params(task, **extra), inputs)
+        b = fast.generate(params(task, **extra), inputs)
         assert mean_diff(a, b) < 1.0, task  # the same images up to float rounding (fused GEMMs)
     # a variant pipeline (from_pipe) shares the compiled modules and keeps them so
     assert speed.is_compiled(fast.cache.model("tiny-sd").pipeline.unet)
@@ -112,16 +111,16 @@ def test_the_fast_path_forced_on_the_cpu_keeps_the_images(store):
 def test_a_lora_takes_the_unet_off_the_fused_compiled_path(store):
     plain = engine(store)
     fast = engine(store, forced=True, fast_path=True, compile_mode="default")
-    with_lora = params(loras=[("style", 1.0)])
-    a = plain.generate("text2img", with_lora, {})
-    b = fast.generate("text2img", with_lora, {})
+    with_lora = params(loras=(Lora(model_id="style", strength=1.0),))
+    a = plain.generate(with_lora, {})
+    b = fast.generate(with_lora, {})
     unet = fast.cache.model("tiny-sd").pipeline.unet
     assert not speed.is_compiled(unet) and getattr(unet, speed.EAGER_FOR_GOOD)
     assert not any(type(p).__name__ == "FusedAttnProcessor2_0" for p in unet.attn_processors.values())
     assert mean_diff(a, b) < 1.0  # the LoRA acts as without the fast path (a fused QKV would bypass it)
-    assert mean_diff(a, plain.generate("text2img", params(), {})) > 1.0  # and it does act
+    assert mean_diff(a, plain.generate(params(), {})) > 1.0  # and it does act
     # later jobs without LoRAs stay uncompiled for this model, and still give the base model's images
-    assert mean_diff(fast.generate("text2img", params(), {}), plain.generate("text2img", params(), {})) < 1.0
+    assert mean_diff(fast.generate(params(), {}), plain.generate(params(), {})) < 1.0
     assert not speed.is_compiled(unet)
 
 
@@ -138,7 +137,7 @@ def test_tome_runs_the_compiled_unet_uncompiled_for_the_job_only(store):
     speed_eager = pytest.MonkeyPatch()
     speed_eager.setattr(speed, "eager", spy)
     try:
-        fast.generate("text2img", params(), {})
+        fast.generate(params(), {})
     finally:
         speed_eager.undo()
     assert seen == [unet] and speed.is_compiled(unet)  # compiled again after the job
@@ -146,20 +145,20 @@ def test_tome_runs_the_compiled_unet_uncompiled_for_the_job_only(store):
 
 
 def test_tomesd_mode_and_ratio(store):
-    assert engine(store)._tome_ratio({"tomesd": True}) == 0.5
-    assert engine(store)._tome_ratio({"tomesd": False}) == 0.0
-    assert engine(store, tomesd_mode="off")._tome_ratio({"tomesd": True}) == 0.0
-    assert engine(store, tomesd_mode="always", tomesd_ratio=0.3)._tome_ratio({"tomesd": False}) == 0.3
-    plain = engine(store).generate("text2img", params(), {})
-    merged = engine(store, tomesd_mode="always", tomesd_ratio=0.75).generate("text2img", params(), {})
+    assert engine(store)._tome_ratio(params(tomesd=True)) == 0.5
+    assert engine(store)._tome_ratio(params(tomesd=False)) == 0.0
+    assert engine(store, tomesd_mode="off")._tome_ratio(params(tomesd=True)) == 0.0
+    assert engine(store, tomesd_mode="always", tomesd_ratio=0.3)._tome_ratio(params(tomesd=False)) == 0.3
+    plain = engine(store).generate(params(), {})
+    merged = engine(store, tomesd_mode="always", tomesd_ratio=0.75).generate(params(), {})
     assert mean_diff(plain, merged) > 0  # ToMe changes outputs: never on unless set
 
 
 def test_batched_samples_give_the_images_of_one_by_one(store):
-    one_by_one = engine(store).generate("text2img", params(samples=3), {})
-    batched = engine(store, batch_samples=True).generate("text2img", params(samples=3), {})
+    one_by_one = engine(store).generate(params(samples=3), {})
+    batched = engine(store, batch_samples=True).generate(params(samples=3), {})
     assert len(batched) == 3 and mean_diff(one_by_one, batched) < 1.0
-    alone = engine(store).generate("text2img", params(seeds=[8]), {})  # image 2 of the job, by its seed
+    alone = engine(store).generate(params(seeds=(8,)), {})  # image 2 of the job, by its seed
     assert mean_diff(alone, batched[1:2]) < 1.0
 
 
@@ -170,12 +169,12 @@ def test_cfg_cutoff_changes_outputs_only_when_set(store):
     assert speed.cfg_cutoff_call(pipeline, 30, 0.5, 1.0) == {}  # no guidance to cut
     call = speed.cfg_cutoff_call(pipeline, 30, 0.5, 7.5)
     assert call["callback_on_step_end_tensor_inputs"] == ["prompt_embeds"]
-    full = engine(store).generate("text2img", params(), {})
-    cut = engine(store, cfg_cutoff=0.5).generate("text2img", params(), {})
+    full = engine(store).generate(params(), {})
+    cut = engine(store, cfg_cutoff=0.5).generate(params(), {})
     assert cut[0].size == full[0].size and mean_diff(full, cut) > 0
     inpaint_inputs = _inpaint_inputs()
     cut_inpaint = engine(store, cfg_cutoff=0.5).generate(
-        "inpaint", params(model_id="tiny-sd-inpaint", strength=1.0), inpaint_inputs
+        params("inpaint", model_id="tiny-sd-inpaint", strength=1.0), inpaint_inputs
     )
     assert cut_inpaint[0].size == (SIZE, SIZE)
 

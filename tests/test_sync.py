@@ -12,10 +12,10 @@ import httpx
 import pytest
 import uvicorn
 
-from infra.web.api import create_app
 from infra.engine import LOAD_LOCK
 from infra.runtime import Runtime
 from infra.settings import Settings
+from infra.web.api import create_app
 from tests.model_files import write_lora
 
 SOURCE_KEY, TARGET_KEY = "source-key", "target-key"

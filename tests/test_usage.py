@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from infra.limits import key_id
 from infra.jobs.usage import COUNTERS, DictUsageStore, SqliteUsageStore, UsageMeter, today
+from infra.limits import key_id
+from tests.conftest import video_params
 from tests.modal_standins import FakeDict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -192,7 +193,7 @@ def test_a_failed_write_keeps_the_counts_for_the_next_flush(tmp_path):
 def test_video_jobs_count_seconds_of_video_not_images(tmp_path):
     meter = UsageMeter(SqliteUsageStore(tmp_path / "u.sqlite3"), SimpleNamespace(usage_flush_seconds=60))
     job = SimpleNamespace(status="success", endpoint="text2video", owner="k", output_keys=["generations/a.mp4"],
-                          params={"num_frames": 16, "fps": 8})
+                          params=video_params(num_frames=16, fps=8))
     meter.job(job, 12.0)
     counts = meter.totals(today(), today()).rows[(today(), "k", "text2video")]
     assert (counts["video_seconds"], counts["images"], counts["gpu_seconds"]) == (2.0, 0, 12.0)

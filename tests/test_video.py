@@ -18,16 +18,16 @@ from diffusers import MotionAdapter, UNet2DConditionModel
 from PIL import Image, ImageSequence
 from safetensors.torch import load_file, save_file
 
-from infra.engine.files.checkpoints import CheckpointError
+from infra.catalog.weights import WeightsStore
 from infra.engine.cache import ModelCache
-from infra.engine.types import LoadedModel
-from infra.engine.schedulers import build_scheduler
-from infra.engine.files.tiny import build_tiny_motion_adapter
+from infra.engine.files.checkpoints import CheckpointError
 from infra.engine.files.motion import load_motion_adapter, prepare_motion_adapter
+from infra.engine.files.tiny import build_tiny_motion_adapter
+from infra.engine.schedulers import build_scheduler
+from infra.engine.types import LoadedModel
 from infra.engine.video import VideoPipelines, generate_video
 from infra.media import encode_video
-from infra.catalog.weights import WeightsStore
-from models.errors import BadInput
+from infra.engine.protocol import DoesNotFit, Unsupported
 from tests.model_files import write_controlnet, write_lora
 
 ADAPTER = "test-motion-adapter"
@@ -76,7 +76,7 @@ def video(cache: ModelCache, adapter_id: str = ADAPTER, pipelines: VideoPipeline
     adapter = cache.component(adapter_id, "motion_adapter")
     scheduler = build_scheduler(model.scheduler_config["_class_name"], model.scheduler_config, False, None)
     with model.lock:
-        return generate_video(model, adapter, video_params(**overrides), scheduler, pipelines=pipelines)
+        return generate_video(model, adapter, scheduler, **video_params(**overrides), pipelines=pipelines)
 
 
 def arrays(frames: list[Image.Image]) -> list[np.ndarray]:
@@ -313,20 +313,20 @@ def test_a_lora_loaded_in_the_model_does_not_reach_the_video(store, cache, tmp_p
     assert same_frames(video(lora_cache, pipelines=VideoPipelines()), video(cache))
 
 
-def test_unsupported_requests_are_bad_input(cache):
-    with pytest.raises(BadInput, match="between 1 and 32"):
+def test_unsupported_requests_are_engine_errors(cache):
+    with pytest.raises(DoesNotFit, match="between 1 and 32"):
         video(cache, num_frames=33)
-    with pytest.raises(BadInput, match="multiples of 8"):
+    with pytest.raises(DoesNotFit, match="multiples of 8"):
         video(cache, width=60)
     model = cache.model("tiny-sd")
     sdxl = LoadedModel("tiny-sdxl", ("tiny-sdxl", 0.0), model.pipeline, model.scheduler_config, "sdxl", 0)
     adapter = cache.component(ADAPTER, "motion_adapter")
     scheduler = build_scheduler("DDIMScheduler", model.scheduler_config, False, None)
-    with pytest.raises(BadInput, match="Stable Diffusion 1.x"):
-        generate_video(sdxl, adapter, video_params(), scheduler)
+    with pytest.raises(Unsupported, match="Stable Diffusion 1.x"):
+        generate_video(sdxl, adapter, scheduler, **video_params())
     inpaint = cache.model("tiny-sd-inpaint")
-    with pytest.raises(BadInput, match="inpainting model"):
-        generate_video(inpaint, adapter, video_params(), scheduler)
+    with pytest.raises(Unsupported, match="inpainting model"):
+        generate_video(inpaint, adapter, scheduler, **video_params())
 
 
 # --------------------------------------------------------------------------- encoding

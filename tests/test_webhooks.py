@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from infra.jobs.store import FAILED, SUCCESS, Job, SqliteJobStore
-from infra.settings import Settings
+from infra.jobs.job import FAILED, SUCCESS, Job
+from infra.jobs.store import SqliteJobStore
 from infra.jobs.webhooks import WebhookSender, sign, verify
+from infra.settings import Settings
 from models.responses import job_response
-from tests.conftest import free_port
+from tests.conftest import free_port, generation_params
 
 SECRET = "test-webhook-secret"
 
@@ -103,8 +104,8 @@ def senders(store, tmp_path):
 
     def make(attempts=5, backoff=0.05, timeout=2.0) -> WebhookSender:
         settings = Settings(data_dir=tmp_path, webhook_attempts=attempts, webhook_backoff=backoff, webhook_timeout=timeout,
-                            fetch_allowlist=["127.0.0.1"])  # the receivers run on loopback
-        made.append(WebhookSender(store, settings, SECRET))
+                            webhook_secret=SECRET, fetch_allowlist=["127.0.0.1"])  # the receivers run on loopback
+        made.append(WebhookSender(store, settings))
         return made[-1]
 
     yield make
@@ -118,7 +119,7 @@ def finished_job(store, url, status=SUCCESS, message=None, track_id="order-7") -
         Job(
             id=0,
             endpoint="text2img",
-            params={"prompt": "a cat", "width": 64, "height": 64},
+            params=generation_params(prompt="a cat"),
             meta={"prompt": "a cat", "seed": 42, "lora": None},
             output_keys=["a.png"],
             future_links=["http://example.test/files/a.png"],

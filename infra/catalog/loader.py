@@ -19,15 +19,15 @@ import shutil
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from email.message import Message
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import httpx
 
+from infra.catalog.weights import LoadRequest, ModelEntry, WeightsStore
 from infra.net import fetcher
-from infra.catalog.weights import ModelEntry, WeightsStore
 from models.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -35,28 +35,6 @@ log = logging.getLogger(__name__)
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_SKIP = (".fp16.safetensors", ".non_ema.safetensors", ".ema.safetensors")  # duplicates of the main weights
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-
-
-@dataclass
-class LoadRequest:
-    """What to load: `category` None means a pipeline whose family is detected."""
-
-    model_id: str
-    source: str
-    category: str | None
-    precision: str | None = None  # None: the setting store_precision
-    upcast_attention: bool = False
-    webhook: str | None = None
-
-    def entry(self) -> ModelEntry:
-        """The manifest a load starts with; the format and family are filled in once verified."""
-        return ModelEntry(
-            model_id=self.model_id,
-            category=self.category or "stable_diffusion",
-            source=self.source,
-            format="",
-            precision=self.precision,
-        )
 
 
 def source_kind(source: str, allow_local: bool = True) -> str:

@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from models.errors import BadInput, Conflict
+from models.errors import ApiError, BadInput, Conflict, NotFound
 
 MANIFEST = "manifest.json"
+MODEL_WAIT_SECONDS = 3600  # longest a job waits for a model it needs to finish loading
 READY, LOADING, FAILED = "ready", "loading", "failed"
 
 # what a folder holds; the first three are full diffusers pipelines a generation can run on
@@ -77,6 +78,28 @@ class ModelEntry:
         return (self.model_id, self.loaded_at)
 
 
+@dataclass
+class LoadRequest:
+    """What to load: `category` None means a pipeline whose family is detected."""
+
+    model_id: str
+    source: str
+    category: str | None
+    precision: str | None = None  # None: the setting store_precision
+    upcast_attention: bool = False
+    webhook: str | None = None
+
+    def entry(self) -> ModelEntry:
+        """The manifest a load starts with; the format and family are filled in once verified."""
+        return ModelEntry(
+            model_id=self.model_id,
+            category=self.category or "stable_diffusion",
+            source=self.source,
+            format="",
+            precision=self.precision,
+        )
+
+
 class WeightsStore:
     def __init__(self, root: Path, on_write: Callable[[], None] | None = None,
                  refresh: Callable[[], None] | None = None, refresh_seconds: float = 2.0):
@@ -98,6 +121,38 @@ class WeightsStore:
             return ModelEntry.from_json(manifest.read_text())
         except (OSError, ValueError, TypeError):
             return None
+
+    def require(self, model_id: str, categories: tuple[str, ...], field: str = "model_id") -> ModelEntry:
+        """The entry of a model that a request (or a job) uses as `field`: one read of its manifest,
+        checked to exist, be ready and be of one of `categories`; else the error that says so. Handlers
+        and the engine ask here, once per model, and pass the entry on."""
+        entry = self.get(validate_model_id(model_id, field))
+        if entry is None:
+            raise NotFound(
+                f"Model id not found: {model_id} ({field})",
+                tip="get_all_models lists the models on this server; load_model adds one.",
+            )
+        if entry.status != READY:
+            raise BadInput(f"{field}: model {model_id} is not ready ({entry.status}); check it with verify_model")
+        if entry.category not in categories:
+            raise BadInput(
+                f"{field}: model {model_id} is a {entry.category} model, not {' or '.join(categories)}",
+                tip="get_all_models shows each model's category.",
+            )
+        return entry
+
+    def wait_ready(self, model_ids: list[str], timeout: float = MODEL_WAIT_SECONDS, poll: float = 0.2) -> None:
+        """Wait for models a job needs that were still loading when it was queued (fetched on first
+        use); an error naming the model when its load failed, it was deleted or it takes too long."""
+        deadline = time.monotonic() + timeout
+        for model_id in model_ids:
+            while (entry := self.get(model_id)) is not None and entry.status == LOADING:
+                if time.monotonic() > deadline:
+                    raise ApiError(f"{model_id} is still loading; try again later")
+                time.sleep(poll)
+            if entry is None or entry.status == FAILED:
+                reason = entry.message if entry is not None else "it was deleted"
+                raise ApiError(f"{model_id} could not be loaded: {reason}")
 
     def list(self) -> list[ModelEntry]:
         self._refresh()

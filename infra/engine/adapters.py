@@ -29,10 +29,10 @@ from contextlib import contextmanager
 import torch
 from safetensors.torch import load_file
 
-from infra.engine import LOAD_LOCK, speed
-from infra.engine.types import LoadedModel
 from infra.catalog.weights import WeightsStore
-from models.errors import BadInput
+from infra.engine import LOAD_LOCK, speed
+from infra.engine.protocol import DoesNotFit
+from infra.engine.types import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ def _activate_loras(model: LoadedModel, weights: WeightsStore, loras: list[tuple
 
 
 def _ensure_lora(model: LoadedModel, weights: WeightsStore, lora_id: str) -> str:
-    entry = weights.get(lora_id)
-    if entry is None:
-        raise BadInput(f"LoRA {lora_id} is not on this server (deleted?)")
+    entry = weights.require(lora_id, ("lora",), "lora_model")
     cached = model.loras.get(lora_id)
     if cached and cached[0] == entry.version:
         model.loras.move_to_end(lora_id)
@@ -148,12 +146,12 @@ def _ensure_lora(model: LoadedModel, weights: WeightsStore, lora_id: str) -> str
     except Exception as exc:
         if name in _adapter_names(model):
             model.pipeline.delete_adapters(name)
-        raise BadInput(
+        raise DoesNotFit(
             f"LoRA {lora_id} does not fit model {model.model_id}: {type(exc).__name__}: {str(exc)[:300]}",
             tip="Use a LoRA trained for this base model (SD 1.x, SD 2.x or SDXL).",
         ) from exc
     if name not in _adapter_names(model):
-        raise BadInput(f"LoRA {lora_id} has no weights that fit model {model.model_id}")
+        raise DoesNotFit(f"LoRA {lora_id} has no weights that fit model {model.model_id}")
     model.loras[lora_id] = (entry.version, name)
     return name
 
@@ -190,7 +188,7 @@ def _load_embedding(model: LoadedModel, weights: WeightsStore, embedding_id: str
     try:
         if model.family == "sdxl":
             if "clip_g" not in tensors:
-                raise BadInput(f"Embedding {embedding_id} is for SD 1.x/2.x; model {model.model_id} is SDXL")
+                raise DoesNotFit(f"Embedding {embedding_id} is for SD 1.x/2.x; model {model.model_id} is SDXL")
             pipeline.load_textual_inversion(
                 tensors["clip_l"], token=token, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer
             )
@@ -199,13 +197,13 @@ def _load_embedding(model: LoadedModel, weights: WeightsStore, embedding_id: str
             )
         else:
             if "emb_params" not in tensors:
-                raise BadInput(f"Embedding {embedding_id} is for SDXL; model {model.model_id} is not")
+                raise DoesNotFit(f"Embedding {embedding_id} is for SDXL; model {model.model_id} is not")
             pipeline.load_textual_inversion(tensors["emb_params"], token=token)
-    except BadInput:
+    except DoesNotFit:
         raise
     except Exception as exc:
         _unload_embedding(model, token)
-        raise BadInput(f"Embedding {embedding_id} does not fit model {model.model_id}: {exc}") from exc
+        raise DoesNotFit(f"Embedding {embedding_id} does not fit model {model.model_id}: {exc}") from exc
     return token
 
 

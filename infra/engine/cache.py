@@ -19,6 +19,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from diffusers import (
@@ -41,12 +42,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from infra.catalog.weights import PIPELINE_CATEGORIES, WeightsStore
 from infra.engine import LOAD_LOCK
-from infra.engine.types import LoadedComponent, LoadedModel
+from infra.engine.protocol import Unsupported
 from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, apply_fast_path
-from infra.catalog.weights import PIPELINE_CATEGORIES, READY, WeightsStore
-from models.errors import BadInput, NotFound
+from infra.engine.types import LoadedComponent, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,10 @@ def module_bytes(*modules) -> int:
 
 
 class ModelCache:
-    def __init__(self, weights: WeightsStore, device: torch.device, dtype: torch.dtype, max_bytes: int,
-                 fast: FastPath | None = None):
+    def __init__(self, weights: WeightsStore, device: torch.device, dtype: torch.dtype,
+                 max_bytes: int | Callable[[], int], fast: FastPath | None = None):
+        """`max_bytes`: the memory budget, or a function read at every load (the setting
+        model_cache_mb, which update_server may change)."""
         self.weights = weights
         self.fast = fast  # the GPU fast path (speed.py), applied wherever a pipeline lands on the GPU
         self.device = device
@@ -109,7 +112,7 @@ class ModelCache:
         cls = VARIANTS[model.family].get(variant)
         if cls is None:
             what = variant.replace("_", " ")
-            raise BadInput(f"{what} is not available for {model.family.upper()} models like {model.model_id}")
+            raise Unsupported(f"{what} is not available for {model.family.upper()} models like {model.model_id}")
         fresh = build_scheduler(scheduler, model.scheduler_config, karras, algorithm)
         if parts:  # a VAE / ControlNet of this job: a pipeline of its own around them
             return _from_pipe(cls, model.pipeline, scheduler=fresh, **parts)
@@ -166,11 +169,7 @@ class ModelCache:
     # --- internals
 
     def _get(self, model_id: str, categories: tuple[str, ...], load):
-        entry = self.weights.get(model_id)
-        if entry is None or entry.status != READY:
-            raise NotFound(f"Model {model_id} is not on this server (deleted or not loaded)")
-        if entry.category not in categories:
-            raise BadInput(f"Model {model_id} is a {entry.category} model, not {' or '.join(categories)}")
+        entry = self.weights.require(model_id, categories)  # deleted or changed since the job was queued?
         with self._lock:
             cached = self._entries.get(model_id)
             if cached is not None and cached.version == entry.version:
@@ -184,7 +183,8 @@ class ModelCache:
 
     def _make_room(self, keep: str) -> None:
         evicted = False
-        while self.used_bytes > self.max_bytes and len(self._entries) > 1:
+        limit = self.max_bytes() if callable(self.max_bytes) else self.max_bytes
+        while self.used_bytes > limit and len(self._entries) > 1:
             oldest = next(iter(self._entries))
             if oldest == keep:
                 break

@@ -1,9 +1,9 @@
 """Job -> output files: images for text2img, img2img, inpaint and controlnet (with highres_fix,
 upscale, the safety checker and base64 files), super_resolution, text2video.
 
-`job.params` holds the effective parameters the handler resolved (model id, size, resolved
-seeds, scheduler, LoRAs, ...); input images arrive as PNG bytes already fitted to the output
-size. Image i of a job is rendered alone from seed + i, so any image can be reproduced exactly by
+A job's typed parameters (`infra.jobs.params`) hold the effective values the handler resolved
+(model id, size, seeds, scheduler, LoRAs, ...); the engine applies no defaults of its own. Input
+images arrive as encoded bytes already fitted to the output size. Image i of a job is rendered alone from seed + i, so any image can be reproduced exactly by
 sending its own seed with samples 1 (with the setting batch_samples, a job's images share one
 batched pass, each from its own seed's generator: the same images up to floating-point noise).
 """
@@ -16,29 +16,31 @@ import functools
 import inspect
 import io
 import logging
-import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models import MultiControlNetModel
 from PIL import Image
 
+from infra.catalog.weights import WeightsStore
 from infra.engine import quiet_libraries
 from infra.engine.adapters import diffusers_clip_skip, job_adapters, seed_tome, text_model_alias
-from infra.engine.hints import make_hint
 from infra.engine.cache import ModelCache
-from infra.engine.types import LoadedModel
+from infra.engine.hints import make_hint
 from infra.engine.postprocess import composite_inpaint, treat_flagged
+from infra.engine.protocol import DoesNotFit, EngineResult
 from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, cfg_cutoff_call
-from infra.net.inputs import encode_png
+from infra.engine.types import LoadedModel
 from infra.media import encode_video
+from infra.net.inputs import encode_png
 from infra.safety import detector
 from infra.settings import Settings
-from infra.catalog.weights import FAILED, LOADING, WeightsStore
-from models.errors import ApiError, BadInput
 
-MODEL_WAIT_SECONDS = 3600  # longest a job waits for a model it needs to finish loading
+if TYPE_CHECKING:
+    from infra.jobs.params import GenerationParams, JobParams, UpscaleParams, VideoParams
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Engine:
-    def __init__(self, settings: Settings, weights: WeightsStore):
+class DiffusersEngine:
+    """The `Engine` protocol (`infra.engine.protocol`) on diffusers, for every job kind."""
+
+    def __init__(self, settings: Settings, weights: WeightsStore, device: str | None = None):
+        """`device`: where to run (default: the setting `device`); a Modal worker starts on the CPU for
+        its memory snapshot and moves to the GPU after the restore (`move_to`)."""
         quiet_libraries()
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.weights = weights
-        self.device = resolve_device(settings.device)
+        self.device = resolve_device(device or settings.device)
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.cache = ModelCache(
-            weights, self.device, dtype, settings.model_cache_mb * 1024 * 1024, FastPath.from_settings(settings)
+            weights, self.device, dtype, lambda: settings.model_cache_mb * 1024 * 1024, FastPath.from_settings(settings)
         )
 
     def move_to(self, device: str) -> None:
@@ -75,6 +81,9 @@ class Engine:
 
     def warm(self, model_id: str) -> None:
         self.cache.model(model_id)
+
+    def loaded(self) -> list[str]:
+        return self.cache.loaded
 
     def unload_all(self) -> list[str]:
         """Drop every cached model, component and video pipeline; their ids."""
@@ -93,49 +102,40 @@ class Engine:
         for loaded in self.cache.models():
             forget_lora(loaded, model_id)
 
-    def run(self, task: str, params: dict, inputs: dict[str, bytes]) -> tuple[list[bytes], dict]:
+    def run(self, params: JobParams, inputs: Mapping[str, bytes]) -> EngineResult:
         """A job's output files (in the order of its output keys) and facts for its `meta`."""
-        self.await_models(params.get("await_models", []))
         facts: dict = {}
-        if task == "text2video":
+        # 1. the frames of a video are the whole output
+        if params.kind == "video":
             frames = self.video(params)
-            return [encode_video(frames, params["fps"], params["output_type"])], facts
-        if task == "super_resolution":
+            return EngineResult([encode_video(frames, params.fps, params.output_type)], facts)
+        # 2. the images: upscaled from the input, or generated (and optionally upscaled)
+        if params.kind == "upscale":
             image, faces = self.super_resolve(_open(inputs["image"]), params)
             images = [image]
-            if params.get("face_restorer"):
+            if params.face_restorer:
                 facts["faces_restored"] = faces
         else:
-            images = self.generate(task, params, inputs)
-            if upscale := params.get("upscale"):
-                upscaler = self.cache.component(upscale["model_id"], "upscaler")
-                images = [self._upscale(upscaler, image, upscale["scale"]) for image in images]
-        if checker := params.get("safety_checker"):
-            images, flagged = check_images(images, checker["type"], checker["threshold"])
+            images = self.generate(params, inputs)
+            if upscale := params.upscale:
+                upscaler = self.cache.component(upscale.model_id, "upscaler")
+                images = [self._upscale(upscaler, image, upscale.scale) for image in images]
+        # 3. the safety checker on what would be stored
+        if checker := getattr(params, "safety_checker", None):
+            images, flagged = check_images(images, checker.type, checker.threshold)
             facts["nsfw_content_detected"] = flagged
-        return [encode_image(image, params.get("base64", False)) for image in images], facts
+        # 4. the files
+        return EngineResult([encode_image(image, params.base64) for image in images], facts)
 
-    def await_models(self, model_ids: list[str]) -> None:
-        """Wait for models a job needs that were still loading (fetched on first use) when it was queued."""
-        deadline = time.monotonic() + MODEL_WAIT_SECONDS
-        for model_id in model_ids:
-            while (entry := self.weights.get(model_id)) is not None and entry.status == LOADING:
-                if time.monotonic() > deadline:
-                    raise ApiError(f"{model_id} is still loading; try again later")
-                time.sleep(0.2)
-            if entry is None or entry.status == FAILED:
-                reason = entry.message if entry is not None else "it was deleted"
-                raise ApiError(f"{model_id} could not be loaded: {reason}")
-
-    def super_resolve(self, image: Image.Image, params: dict) -> tuple[Image.Image, int]:
+    def super_resolve(self, image: Image.Image, params: UpscaleParams) -> tuple[Image.Image, int]:
         """Upscale to the job's size; with a face restorer, restore the faces found in the input."""
         from infra.engine.upscale import restore_faces
 
-        upscaler = self.cache.component(params["model_id"], "upscaler")
-        output = self._upscale(upscaler, image, params["scale"])
-        if output.size != (params["width"], params["height"]):
-            output = output.resize((params["width"], params["height"]), Image.Resampling.LANCZOS)
-        if not params.get("face_restorer"):
+        upscaler = self.cache.component(params.model_id, "upscaler")
+        output = self._upscale(upscaler, image, params.scale)
+        if output.size != (params.width, params.height):
+            output = output.resize((params.width, params.height), Image.Resampling.LANCZOS)
+        if not params.face_restorer:
             return output, 0
         sx, sy = output.width / image.width, output.height / image.height
         boxes = [
@@ -143,7 +143,7 @@ class Engine:
             (face.box for face in detector().faces(image))
         ]
         if boxes:
-            restorer = self.cache.component(params["face_restorer"], "face_restorer")
+            restorer = self.cache.component(params.face_restorer, "face_restorer")
             output = restore_faces(restorer, output, boxes)
         return output, len(boxes)
 
@@ -152,56 +152,65 @@ class Engine:
 
         return upscale(upscaler, image, scale, self.settings.upscale_tile, self.settings.upscale_tile_overlap)
 
-    def video(self, params: dict) -> list[Image.Image]:
+    def video(self, params: VideoParams) -> list[Image.Image]:
         from infra.engine.video import generate_video
 
-        model = self.cache.model(params["model_id"])
-        adapter = self.cache.component(params["motion_adapter"], "motion_adapter")
-        scheduler = build_scheduler(params["scheduler"], model.scheduler_config, False, None)
-        call = {**params, "clip_skip": self._clip_skip(model, params.get("clip_skip"))}
+        model = self.cache.model(params.model_id)
+        adapter = self.cache.component(params.motion_adapter, "motion_adapter")
+        scheduler = build_scheduler(params.scheduler, model.scheduler_config, False, None)
         no_adapters = job_adapters(model, self.weights, [], None, 0.0, self.settings.max_loaded_loras)
         with no_adapters, text_model_alias(model):  # LoRAs of an earlier job switched off; holds the model's lock
-            return generate_video(model, adapter, call, scheduler)
+            return generate_video(
+                model, adapter, scheduler, prompt=params.prompt, negative_prompt=params.negative_prompt,
+                width=params.width, height=params.height, num_frames=params.num_frames, steps=params.steps,
+                guidance_scale=params.guidance_scale, seed=params.seed, clip_skip=self._clip_skip(model, params.clip_skip),
+            )
 
-    def generate(self, task: str, params: dict, inputs: dict[str, bytes]) -> list[Image.Image]:
+    def generate(self, params: GenerationParams, inputs: Mapping[str, bytes]) -> list[Image.Image]:
+        """text2img, img2img, inpaint and controlnet: one image per seed, each composited and refined."""
+        # 1. the inputs (already fitted to the output size by the handler)
         init = _open(inputs["init_image"]) if "init_image" in inputs else None
         mask = _open(inputs["mask_image"]).convert("L") if "mask_image" in inputs else None
-        strength = params.get("strength", 1.0)
-        highres = params.get("highres_fix")
-        if task in ("img2img", "inpaint") and int(params["steps"] * strength) < 1:
+        strength = 1.0 if params.strength is None else params.strength
+        highres = params.highres_fix
+        if params.task in ("img2img", "inpaint") and int(params.steps * strength) < 1:
             # strength x steps < 1 means no denoising step at all: the answer is the input itself
-            size = (highres["width"], highres["height"]) if highres else init.size
-            return [init.resize(size, Image.Resampling.LANCZOS) for _ in range(params["samples"])]
+            size = (highres.width, highres.height) if highres else init.size
+            return [init.resize(size, Image.Resampling.LANCZOS) for _ in range(params.samples)]
 
-        model = self.cache.model(params["model_id"])
+        # 2. the pipeline: the model's variant for the task, with this job's scheduler and parts
+        model = self.cache.model(params.model_id)
         parts = {}
-        if params.get("vae"):
-            parts["vae"] = vae_for(model, self.cache.component(params["vae"], "vae"))
-        variant, call = self._variant_and_inputs(task, params, init, mask, inputs, parts)
+        if params.vae:
+            parts["vae"] = vae_for(model, self.cache.component(params.vae, "vae"))
+        variant, call = self._variant_and_inputs(params, init, mask, inputs, parts)
         pipeline = self.cache.pipeline(
-            model, variant, params["scheduler"], params["use_karras_sigmas"], params["algorithm"], **parts
+            model, variant, params.scheduler, params.use_karras_sigmas, params.algorithm, **parts
         )
         call.update(
-            negative_prompt=params["negative_prompt"] or None,
-            num_inference_steps=params["steps"],
-            guidance_scale=params["guidance_scale"],
-            width=params["width"],
-            height=params["height"],
-            clip_skip=self._clip_skip(model, params.get("clip_skip")),
+            negative_prompt=params.negative_prompt or None,
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            width=params.width,
+            height=params.height,
+            clip_skip=self._clip_skip(model, params.clip_skip),
         )
         accepted = call_parameters(type(pipeline))
         call = {k: v for k, v in call.items() if k in accepted}  # img2img variants take the image's size
 
-        loras = [(lora_id, strength) for lora_id, strength in params.get("loras", [])]
+        # 3. what adapts the model for this job, and the speed modes
+        loras = [(lora.model_id, lora.strength) for lora in params.loras]
         tome = self._tome_ratio(params) if variant != "self_attention" else 0.0  # SAG reads the attention maps ToMe merges
         if variant in ("text2img", "img2img", "inpaint"):  # speed mode that changes outputs (setting cfg_cutoff)
-            call.update(cfg_cutoff_call(pipeline, params["steps"], self.settings.cfg_cutoff, params["guidance_scale"]))
+            call.update(cfg_cutoff_call(pipeline, params.steps, self.settings.cfg_cutoff, params.guidance_scale))
         refine = self._highres_pass(model, params, init, mask, parts) if highres else None
-        seeds = params["seeds"]
+        seeds = list(params.seeds)
         # one pass for all samples, with one generator per image (the latents of seed + i alone), or one pass each
         batches = [seeds] if self.settings.batch_samples and not tome and len(seeds) > 1 else [[seed] for seed in seeds]
+
+        # 4. denoise, then composite (inpainting keeps the unmasked pixels) and refine (highres_fix)
         images = []
-        adapters = job_adapters(model, self.weights, loras, params.get("embedding"), tome, self.settings.max_loaded_loras)
+        adapters = job_adapters(model, self.weights, loras, params.embedding, tome, self.settings.max_loaded_loras)
         with adapters, text_model_alias(model):
             for batch in batches:
                 seed_tome(model, batch[0])
@@ -209,7 +218,7 @@ class Engine:
                 many = {"num_images_per_prompt": len(batch)} if len(batch) > 1 else {}
                 with torch.inference_mode():
                     output = pipeline(
-                        prompt=params["prompt"], generator=generators if many else generators[0], **many, **call
+                        prompt=params.prompt, generator=generators if many else generators[0], **many, **call
                     ).images
                 for seed, image in zip(batch, output):
                     if mask is not None:
@@ -219,35 +228,35 @@ class Engine:
                     images.append(image)
         return images
 
-    def _tome_ratio(self, params: dict) -> float:
+    def _tome_ratio(self, params: GenerationParams) -> float:
         """The ToMe ratio of this job (0: no ToMe): the request's `tomesd`, unless setting tomesd_mode overrides it."""
         mode = self.settings.tomesd_mode
-        wanted = mode == "always" or (mode == "request" and params.get("tomesd", False))
+        wanted = mode == "always" or (mode == "request" and params.tomesd)
         return self.settings.tomesd_ratio if wanted else 0.0
 
-    def _highres_pass(self, model: LoadedModel, params: dict, init, mask, parts: dict):
+    def _highres_pass(self, model: LoadedModel, params: GenerationParams, init, mask, parts: dict):
         """highres_fix's second pass: the first image enlarged (Lanczos) to the highres size and
         refined by img2img (inpaint when there is a mask, composited again so unmasked pixels stay
         the enlarged original) at the setting's strength, with the same seed and adapters."""
-        highres = params["highres_fix"]
-        size = (highres["width"], highres["height"])
-        if int(params["steps"] * highres["strength"]) < 1:  # no denoising step: enlarging is all it does
+        highres = params.highres_fix
+        size = (highres.width, highres.height)
+        if int(params.steps * highres.strength) < 1:  # no denoising step: enlarging is all it does
             return lambda image, seed: image.resize(size, Image.Resampling.LANCZOS)
         variant = "inpaint" if mask is not None else "img2img"
         vae = {"vae": parts["vae"]} if "vae" in parts else {}
         pipeline = self.cache.pipeline(
-            model, variant, params["scheduler"], params["use_karras_sigmas"], params["algorithm"], **vae
+            model, variant, params.scheduler, params.use_karras_sigmas, params.algorithm, **vae
         )
         big_mask = mask.resize(size, Image.Resampling.BOX) if mask is not None else None
         big_init = init.resize(size, Image.Resampling.LANCZOS) if mask is not None else None
         call = {
-            "negative_prompt": params["negative_prompt"] or None,
-            "num_inference_steps": params["steps"],
-            "guidance_scale": params["guidance_scale"],
-            "strength": highres["strength"],
+            "negative_prompt": params.negative_prompt or None,
+            "num_inference_steps": params.steps,
+            "guidance_scale": params.guidance_scale,
+            "strength": highres.strength,
             "width": size[0],
             "height": size[1],
-            "clip_skip": self._clip_skip(model, params.get("clip_skip")),
+            "clip_skip": self._clip_skip(model, params.clip_skip),
         }
         if big_mask is not None:
             call["mask_image"] = big_mask
@@ -258,39 +267,40 @@ class Engine:
             generator = torch.Generator("cpu").manual_seed(seed)
             enlarged = image.resize(size, Image.Resampling.LANCZOS)
             with torch.inference_mode():
-                refined = pipeline(prompt=params["prompt"], image=enlarged, generator=generator, **call).images[0]
+                refined = pipeline(prompt=params.prompt, image=enlarged, generator=generator, **call).images[0]
             return composite_inpaint(refined, big_init, big_mask) if big_mask is not None else refined
 
         return refine
 
-    def _variant_and_inputs(self, task, params, init, mask, inputs, parts) -> tuple[str, dict]:
+    def _variant_and_inputs(self, params: GenerationParams, init, mask, inputs, parts) -> tuple[str, dict]:
+        task = params.task
         if task == "text2img":
-            variant = "panorama" if params.get("panorama") else "self_attention" if params.get("self_attention") else task
+            variant = "panorama" if params.panorama else "self_attention" if params.self_attention else task
             return variant, {}
         if task == "img2img":
-            return task, {"image": init, "strength": params["strength"]}
+            return task, {"image": init, "strength": params.strength}
         if task == "inpaint":
-            return task, {"image": init, "mask_image": mask, "strength": params["strength"]}
+            return task, {"image": init, "mask_image": mask, "strength": params.strength}
         # controlnet: one hint per ControlNet, from its own control image or the shared one
-        nets = [self.cache.component(net["model_id"], "controlnet") for net in params["controlnets"]]
+        nets = [self.cache.component(net.model_id, "controlnet") for net in params.controlnets]
         parts["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
         hints = []
-        for i, net in enumerate(params["controlnets"]):
+        for i, net in enumerate(params.controlnets):
             source = inputs.get(f"control_image_{i}") or inputs.get("control_image_0") or inputs.get("init_image")
             hint = _open(source)
-            if params.get("auto_hint"):
-                estimator = self.cache.component(net["preprocessor"], "preprocessor") if net.get("preprocessor") else None
-                hint = make_hint(net["type"], hint, mask, estimator)
+            if params.auto_hint:
+                estimator = self.cache.component(net.preprocessor, "preprocessor") if net.preprocessor else None
+                hint = make_hint(net.type, hint, mask, estimator)
             hints.append(hint)
-        scales = [net["scale"] for net in params["controlnets"]]
+        scales = [net.scale for net in params.controlnets]
         call = {
             "controlnet_conditioning_scale": scales[0] if len(nets) == 1 else scales,
-            "guess_mode": params.get("guess_mode", False),
+            "guess_mode": params.guess_mode,
         }
         hint_arg = hints[0] if len(nets) == 1 else hints
         if init is None:
             return "controlnet", {**call, "image": hint_arg}
-        call.update(image=init, control_image=hint_arg, strength=params["strength"])
+        call.update(image=init, control_image=hint_arg, strength=params.strength)
         if mask is not None:
             return "controlnet_inpaint", {**call, "mask_image": mask}
         return "controlnet_img2img", call
@@ -300,7 +310,7 @@ class Engine:
         skip = diffusers_clip_skip(wire_value)
         layers = model.pipeline.text_encoder.config.num_hidden_layers
         if skip is not None and skip >= layers:
-            raise BadInput(f"clip_skip {wire_value} is too large for model {model.model_id} ({layers} CLIP layers)")
+            raise DoesNotFit(f"clip_skip {wire_value} is too large for model {model.model_id} ({layers} CLIP layers)")
         return skip
 
 

@@ -1,83 +1,10 @@
-"""Scheduler names of the wire format (spec 1.11) -> a fresh diffusers scheduler per job.
-
-The name tables are plain data so the web tier can validate a request without importing
-torch; `build_scheduler` imports diffusers only when a job runs.
-
-Four of the 18 documented names cannot drive a latent Stable Diffusion model as diffusers
-ships them, and are rejected with a clear error instead of returning garbage:
-KarrasVeScheduler (its `step()` needs a `sample_hat` no pipeline passes), ScoreSdeVeScheduler
-(no `step()` at all), IPNDMScheduler (timesteps 1.0..0.1 instead of 0..999, noise out of real
-weights) and DDIMInverseScheduler (runs the process backwards: it inverts images, it does not
-generate them).
-"""
+"""A fresh diffusers scheduler per job, from the model's pristine config. The names a request may
+use and how they resolve are the wire's (`models.schedulers`)."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
-
-SUPPORTED = (
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "PNDMScheduler",
-    "LMSDiscreteScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "DPMSolverSinglestepScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-    "LCMScheduler",
-)
-
-UNSUPPORTED = {
-    "DDIMInverseScheduler": "it runs diffusion backwards (image -> noise) and is meant for inversion",
-    "IPNDMScheduler": "its timesteps (1.0..0.1) do not match the 0..999 timesteps SD models are trained on",
-    "KarrasVeScheduler": "it is a pixel-space variance-exploding sampler whose step() no SD pipeline can call",
-    "ScoreSdeVeScheduler": "it is a score-SDE sampler without the step() an SD pipeline needs",
-}
-
-# wire value -> diffusers algorithm_type, per scheduler that has one
-_DPM_ALGORITHMS = {"dpmsolver+++": "sde-dpmsolver++", "dpmsolver++": "dpmsolver++", "sde-dpmsolver++": "sde-dpmsolver++"}
-ALGORITHMS = {"DPMSolverMultistepScheduler": _DPM_ALGORITHMS, "DPMSolverSinglestepScheduler": _DPM_ALGORITHMS}
-ALGORITHM_WIRE_VALUES = ("none", "dpmsolver+++", "dpmsolver++", "sde-dpmsolver++")
-
-
-class SchedulerError(ValueError):
-    """A scheduler name or option that cannot be used; the message says what works."""
-
-
-def resolve_name(name: str) -> str:
-    """Canonical scheduler class name for a wire name (exact, or ignoring case)."""
-    for known in (*SUPPORTED, *UNSUPPORTED):
-        if name == known or name.lower() == known.lower():
-            if known in UNSUPPORTED:
-                raise SchedulerError(
-                    f"scheduler {known} cannot be used with Stable Diffusion models: {UNSUPPORTED[known]}. "
-                    f"Use one of: {', '.join(SUPPORTED)}"
-                )
-            return known
-    raise SchedulerError(f"unknown scheduler {name!r}. Use one of: {', '.join(SUPPORTED)}")
-
-
-def resolve_algorithm(scheduler: str, algorithm_type: str) -> str | None:
-    """The diffusers algorithm_type for this scheduler, or None to keep its default.
-
-    `dpmsolver+++` (the wire value, which diffusers does not know) means the SDE variant of
-    DPM-Solver++ ("DPM++ SDE"). Schedulers without an algorithm ignore the field, as the docs
-    say it only applies to DPMSolverMultistepScheduler.
-    """
-    value = algorithm_type.strip().lower()
-    if value in ("", "none"):
-        return None
-    if value not in ALGORITHM_WIRE_VALUES:
-        raise SchedulerError(
-            f"unknown algorithm_type {algorithm_type!r}. Use one of: {', '.join(ALGORITHM_WIRE_VALUES)}"
-        )
-    return ALGORITHMS.get(scheduler, {}).get(value)
 
 
 def build_scheduler(name: str, base_config: dict[str, Any], karras: bool, algorithm: str | None):

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
 

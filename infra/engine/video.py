@@ -43,10 +43,8 @@ from PIL import Image
 
 from infra.engine import LOAD_LOCK
 from infra.engine.adapters import text_model_alias
+from infra.engine.protocol import DoesNotFit, Unsupported
 from infra.engine.types import LoadedModel
-from models.errors import BadInput
-
-
 
 # --------------------------------------------------------------------------- pipelines
 
@@ -56,7 +54,7 @@ def motion_unet(unet, adapter: MotionAdapter) -> UNetMotionModel:
     (LoRA) layer of `unet` contributes its base weights only."""
     blocks = list(unet.config.block_out_channels)
     if list(adapter.config.block_out_channels) != blocks:
-        raise BadInput(
+        raise DoesNotFit(
             f"the motion adapter is for UNet blocks of {list(adapter.config.block_out_channels)} channels; "
             f"the model's UNet has {blocks}"
         )
@@ -70,11 +68,11 @@ def motion_unet(unet, adapter: MotionAdapter) -> UNetMotionModel:
         try:  # from_unet2d checks the layer counts and derives the config; load_weights=False: no copy
             model = UNetMotionModel.from_unet2d(unet, adapter, load_weights=False)
         except ValueError as exc:
-            raise BadInput(f"the motion adapter does not fit the model's UNet: {exc}") from exc
+            raise DoesNotFit(f"the motion adapter does not fit the model's UNet: {exc}") from exc
     try:
         model.load_state_dict({**base, **motion}, strict=True, assign=True)
     except RuntimeError as exc:
-        raise BadInput(f"the motion adapter does not fit the model's UNet: {str(exc)[:300]}") from exc
+        raise DoesNotFit(f"the motion adapter does not fit the model's UNet: {str(exc)[:300]}") from exc
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a diffusers change would show here
         raise RuntimeError("UNetMotionModel has tensors outside its state dict; cannot share the UNet's weights")
     return model.eval()
@@ -101,9 +99,9 @@ def build_video_pipeline(model: LoadedModel, adapter: MotionAdapter) -> AnimateD
 
 def _check_model(model: LoadedModel) -> None:
     if model.family != "sd":
-        raise BadInput(f"text2video runs on Stable Diffusion 1.x models; {model.model_id} is {model.family.upper()}")
+        raise Unsupported(f"text2video runs on Stable Diffusion 1.x models; {model.model_id} is {model.family.upper()}")
     if model.pipeline.unet.config.in_channels != 4:
-        raise BadInput(f"text2video needs a text2img model; {model.model_id} is an inpainting model")
+        raise Unsupported(f"text2video needs a text2img model; {model.model_id} is an inpainting model")
 
 
 class VideoPipelines:
@@ -156,34 +154,40 @@ VIDEO_PIPELINES = VideoPipelines()  # the process's cache, used unless the calle
 def generate_video(
     model: LoadedModel,
     adapter: MotionAdapter,
-    params: dict,
     scheduler,
+    *,
+    prompt: str,
+    negative_prompt: str | None,
+    width: int,
+    height: int,
+    num_frames: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    clip_skip: int | None,
     pipelines: VideoPipelines | None = None,
 ) -> list[Image.Image]:
-    """The frames of one video. `params`: prompt, negative_prompt (str | None), width, height,
-    num_frames, steps, guidance_scale, seed (int), clip_skip (diffusers' count of skipped layers, or
-    None). `scheduler` is a fresh scheduler for this job. The caller holds `model.lock`."""
+    """The frames of one video. `clip_skip` is diffusers' count of skipped layers (or None);
+    `scheduler` is a fresh scheduler for this job. The caller holds `model.lock`."""
     _check_model(model)
     max_frames = adapter.config.motion_max_seq_length
-    if not 1 <= params["num_frames"] <= max_frames:
-        raise BadInput(
-            f"num_frames must be between 1 and {max_frames} for this motion adapter, not {params['num_frames']}"
-        )
-    if params["width"] % 8 or params["height"] % 8:
-        raise BadInput(f"width and height must be multiples of 8, not {params['width']}x{params['height']}")
+    if not 1 <= num_frames <= max_frames:
+        raise DoesNotFit(f"num_frames must be between 1 and {max_frames} for this motion adapter, not {num_frames}")
+    if width % 8 or height % 8:
+        raise DoesNotFit(f"width and height must be multiples of 8, not {width}x{height}")
     pipeline = (pipelines if pipelines is not None else VIDEO_PIPELINES).get(model, adapter)
     pipeline.scheduler = scheduler
-    generator = torch.Generator("cpu").manual_seed(params["seed"])
+    generator = torch.Generator("cpu").manual_seed(seed)
     with text_model_alias(model), torch.inference_mode():  # the alias is a no-op if the caller set it
         output = pipeline(
-            prompt=params["prompt"],
-            negative_prompt=params.get("negative_prompt") or None,
-            num_frames=params["num_frames"],
-            width=params["width"],
-            height=params["height"],
-            num_inference_steps=params["steps"],
-            guidance_scale=params["guidance_scale"],
-            clip_skip=params.get("clip_skip"),
+            prompt=prompt,
+            negative_prompt=negative_prompt or None,
+            num_frames=num_frames,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            clip_skip=clip_skip,
             generator=generator,
             output_type="pil",
         )

@@ -23,12 +23,9 @@ import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, fields
 from typing import Any
 
-from infra.jobs.store import FAILED, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job, wait_until_done
-
-_JOB_FIELDS = tuple(f.name for f in fields(Job))
+from infra.jobs.job import FAILED, JOB_FIELDS, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job, wait_until_done
 
 # keys beside the job records (which are stored under their integer id)
 UNFINISHED_KEY = "index:unfinished"  # {job id: eta} of every job queued or running
@@ -88,7 +85,7 @@ class DictJobStore:
         """Store a new job under a fresh random id (the id on `job` is replaced)."""
         while True:
             job.id = MIN_ID + secrets.randbelow(MAX_ID - MIN_ID)
-            if self._jobs.put(job.id, asdict(job), skip_if_exists=True):
+            if self._jobs.put(job.id, job.to_record(), skip_if_exists=True):
                 break
         if inputs:
             self._inputs.put(job.id, dict(inputs))
@@ -98,9 +95,11 @@ class DictJobStore:
         return job
 
     def update(self, job_id: int, **changes: Any) -> None:
-        unknown = set(changes) - set(_JOB_FIELDS)
+        unknown = set(changes) - set(JOB_FIELDS)
         if unknown:
             raise ValueError(f"not job fields: {', '.join(sorted(unknown))}")
+        if "params" in changes:
+            changes["params"] = changes["params"].model_dump(mode="json")
         record = self._jobs.get(job_id)
         if record is None:
             return
@@ -198,7 +197,7 @@ class DictJobStore:
     # --- reading
     def get(self, job_id: int) -> Job | None:
         record = self._jobs.get(job_id)
-        return _job(record) if record is not None else None
+        return Job.from_record(record) if record is not None else None
 
     def inputs(self, job_id: int) -> dict[str, bytes]:
         return dict(self._inputs.get(job_id) or {})
@@ -258,6 +257,3 @@ def dict_lock(d, key: str, lease: float = LOCK_LEASE_SECONDS) -> Iterator[None]:
         if held is not None and held.get("token") == token:
             d.pop(key, None)
 
-
-def _job(record: dict) -> Job:
-    return Job(**{name: record[name] for name in _JOB_FIELDS if name in record})

@@ -1,5 +1,6 @@
-"""Hand jobs to the engine. `LocalDispatcher` runs them on in-process worker threads fed by a
-queue; the Modal side spawns the GPU worker class. Both end every job through `execute_job`.
+"""Hand jobs to the engine. `Dispatcher` is what the handlers use; `LocalDispatcher` runs jobs on
+in-process worker threads fed by a queue, `infra.jobs.modal_dispatch.ModalDispatcher` spawns the
+Modal GPU worker class. Every job ends through `execute_job`, wherever it runs.
 """
 
 from __future__ import annotations
@@ -8,30 +9,73 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
 
-from infra.jobs.store import FAILED, SUCCESS, Job
-from infra.catalog.loader import LoadRequest, run_load
+from infra.catalog.loader import Prepare, run_load
+from infra.catalog.weights import LoadRequest
+from infra.engine.protocol import EngineError
+from infra.jobs.job import FAILED, SUCCESS, Job
+from infra.jobs.params import JobParams
 from infra.storage.base import StorageError, content_type
 from models.errors import ApiError
+
+if TYPE_CHECKING:
+    from infra.catalog.weights import WeightsStore
+    from infra.engine.protocol import Engine
+    from infra.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
 
-def execute_job(job_id: int, jobs, storage, get_engine, webhooks, usage=None) -> Job | None:
-    """Run one job to its end: outputs stored under their precomputed keys, then `success`;
-    any error (the engine failing to start included) -> `failed` with a message.
-    Never raises, never leaves the job `processing`. Returns the finished record; its usage
-    (images, video seconds, engine seconds) goes to the `usage` meter, for its key."""
+class Dispatcher(Protocol):
+    """Where jobs and model loads go. `device` names what runs them (for system_details)."""
+
+    device: str
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    def submit(self, job_id: int) -> None:
+        """Run a stored job (at least once; `execute_job`'s claim makes a repeat harmless)."""
+
+    def load(self, request: LoadRequest) -> None:
+        """Run a model load in the background; its outcome lands in the weights store."""
+
+    def evict(self, model_id: str) -> None:
+        """A model was deleted: drop it from the engines' memory."""
+
+    def loaded_models(self) -> list[str]:
+        """Models in the engines' memory, where this process can see them."""
+
+    def unload_models(self) -> list[str]:
+        """Drop every loaded model from memory."""
+
+    def restart(self) -> list[str]:
+        """A fresh engine; queued jobs stay queued."""
+
+    def estimate(self, params: JobParams) -> float:
+        """Seconds a job with these params will take."""
+
+
+def execute_job(job_id: int, jobs: JobStore, storage, engine: Callable[[], Engine], webhooks, weights: WeightsStore,
+                usage=None) -> Job | None:
+    """Run one job to its end: the models it waits for ready, outputs stored under their
+    precomputed keys in the storage it was submitted under, then `success`; any error (the engine
+    failing to start included) -> `failed` with a message. Never raises, never leaves the job
+    `processing`. Returns the finished record; its usage (images, video seconds, engine seconds)
+    goes to the `usage` meter, for its key."""
     if not jobs.claim(job_id):  # cancelled by clear_queue, finished, or taken by another worker
         return jobs.get(job_id)
     job = jobs.get(job_id)
     started = time.time()
     try:
-        files, facts = get_engine().run(job.endpoint, job.params, jobs.inputs(job_id))
-        expires_at = job.params.get("expires_at")
+        weights.wait_ready(job.await_models)
+        files, facts = engine().run(job.params, jobs.inputs(job_id))
         for key, data in zip(job.output_keys, files, strict=True):
-            storage.put(key, data, content_type(key), expires_at=expires_at, storage_id=job.params.get("storage"))
+            storage.put(key, data, content_type(key), expires_at=job.expires_at, storage_id=job.storage_id)
         jobs.update(
             job_id,
             status=SUCCESS,
@@ -39,7 +83,7 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks, usage=None) ->
             generation_time=round(time.time() - started, 3),
             finished_at=time.time(),
         )
-    except ApiError as exc:
+    except (ApiError, EngineError) as exc:  # a model deleted or failed meanwhile; a job the engine cannot run
         jobs.update(job_id, status=FAILED, message=str(exc.message), finished_at=time.time())
     except StorageError as exc:  # never `success` with outputs that are not stored
         jobs.update(job_id, status=FAILED, message=f"The outputs could not be stored: {exc}", finished_at=time.time())
@@ -53,22 +97,13 @@ def execute_job(job_id: int, jobs, storage, get_engine, webhooks, usage=None) ->
     return finished
 
 
-def work_units(params: dict) -> float:
-    """Denoising steps x megapixels x images (x video frames): what a job's run time is
-    proportional to. An upscale-only job counts as one step at its output size."""
-    steps = params.get("steps", 1) * params.get("strength", 1.0)
-    units = steps * params["width"] * params["height"] / 1e6
-    if highres := params.get("highres_fix"):
-        units += params["steps"] * highres["strength"] * highres["width"] * highres["height"] / 1e6
-    return units * params.get("samples", 1) * params.get("num_frames", 1)
-
-
 class LocalDispatcher:
     """Worker threads in this process. The engine (torch) is created on the first worker thread by
     `make_engine`, so the web tier starts without importing torch and the model warms up in the
     background; model loads run `run_load` with the engine side's `prepare_model`."""
 
-    def __init__(self, settings, jobs, storage, weights, webhooks, usage, make_engine, prepare_model):
+    def __init__(self, settings, jobs: JobStore, storage, weights: WeightsStore, webhooks, usage,
+                 make_engine: Callable[[], Engine], prepare_model: Prepare):
         self.settings = settings
         self.make_engine, self.prepare_model = make_engine, prepare_model
         self.jobs, self.storage, self.weights, self.webhooks = jobs, storage, weights, webhooks
@@ -113,7 +148,7 @@ class LocalDispatcher:
     def loaded_models(self) -> list[str]:
         """Ids of the models (and components) in the engine's memory, least recently used first."""
         engine = self._engine
-        return engine.cache.loaded if engine is not None else []
+        return engine.loaded() if engine is not None else []
 
     def unload_models(self) -> list[str]:
         """Drop every loaded model from memory (they load again on their next job)."""
@@ -132,11 +167,11 @@ class LocalDispatcher:
         threading.Thread(target=self._warm, daemon=True, name="engine-restart").start()
         return unloaded
 
-    def estimate(self, params: dict) -> float:
+    def estimate(self, params: JobParams) -> float:
         """Seconds a job with these params will take, from the measured speed of earlier jobs."""
-        return self.seconds_per_unit * work_units(params)
+        return self.seconds_per_unit * params.work_units()
 
-    def engine(self):
+    def engine(self) -> Engine:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = self.make_engine()
@@ -155,12 +190,12 @@ class LocalDispatcher:
         self._warm()
         while (job_id := self._queue.get()) is not None:
             started = time.time()
-            job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks, self.usage)
+            job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks, self.weights, self.usage)
             self._learn(job, time.time() - started)
 
     def _learn(self, job: Job | None, seconds: float) -> None:
-        if job is None or job.status != SUCCESS or "steps" not in job.params:
+        if job is None or job.status != SUCCESS or not job.params.denoises:
             return  # only denoising jobs tell the speed of denoising
-        units = work_units(job.params)
+        units = job.params.work_units()
         if units > 0:
             self.seconds_per_unit = 0.7 * self.seconds_per_unit + 0.3 * (seconds / units)

@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from infra.jobs.dispatch import work_units
+from infra.catalog.weights import LoadRequest
+from infra.jobs.params import JobParams
 
 
 class ModalDispatcher:
@@ -38,14 +39,13 @@ class ModalDispatcher:
     def submit(self, job_id: int) -> None:
         self.spawn_job(job_id)
 
-    def load(self, request) -> None:
+    def load(self, request: LoadRequest) -> None:
         """The load runs on the download function; it takes the request as a dict of primitives."""
         self.spawn_load(asdict(request))
 
-    def evict(self, model_id: str) -> list[str]:
+    def evict(self, model_id: str) -> None:
         """A deleted model leaves the workers' memory when they are replaced (generation bump)."""
         self.config.bump_generation()
-        return []
 
     def loaded_models(self) -> list[str]:
         return []  # in the GPU containers' memory, not visible from here
@@ -58,6 +58,6 @@ class ModalDispatcher:
         self.config.bump_generation()
         return []
 
-    def estimate(self, params: dict) -> float:
+    def estimate(self, params: JobParams) -> float:
         """Seconds a job with these params will take on a warm worker."""
-        return self.seconds_per_unit * work_units(params)
+        return self.seconds_per_unit * params.work_units()

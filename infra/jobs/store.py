@@ -1,11 +1,7 @@
-"""Jobs: the record of one generation, and where records live.
-
-A job is created `processing` with its output keys fixed up front (so `future_links` can be
-given before it runs) and ends `success` or `failed`. Ids are random integers below 2**53:
-unique, JSON-safe, and not guessable from another customer's id.
-
-`SqliteJobStore` is the local side (WAL mode, safe across threads and restarts); the Modal side
-(a `modal.Dict`) implements the same methods.
+"""Where job records live: the `JobStore` protocol every store implements, and `SqliteJobStore`,
+the local side (WAL mode, safe across threads and restarts). The Modal side is
+`infra.jobs.dict_store.DictJobStore`; tests/jobs/test_store_conformance.py holds both to the same
+behaviour.
 """
 
 from __future__ import annotations
@@ -15,67 +11,52 @@ import secrets
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-PROCESSING, SUCCESS, FAILED = "processing", "success", "failed"
-TERMINAL = (SUCCESS, FAILED)
-MIN_ID, MAX_ID = 10_000_000, 2**53 - 1
+from infra.jobs.job import FAILED, JOB_FIELDS, MAX_ID, MIN_ID, PROCESSING, SUCCESS, TERMINAL, Job, wait_until_done
 
 
-@dataclass
-class Job:
-    id: int
-    endpoint: str
-    params: dict[str, Any]
-    meta: dict[str, Any]
-    output_keys: list[str]
-    future_links: list[str]
-    status: str = PROCESSING
-    message: str | None = None
-    eta: float = 0.0
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    generation_time: float | None = None
-    webhook: str | None = None
-    track_id: str | None = None
-    webhook_status: str = ""
-    attempts: int = 0  # times a worker has started it (a worker that died mid-job leaves it started)
-    owner: str = ""  # the key that submitted it, as `infra.limits.key_id` (never the key itself)
+class JobStore(Protocol):
+    """Job records, their input images, and the few atomic steps a job's life needs."""
 
-    @property
-    def done(self) -> bool:
-        return self.status in TERMINAL
+    def create(self, job: Job, inputs: dict[str, bytes] | None = None) -> Job:
+        """Store a new job under a fresh random id (the id on `job` is replaced); its inputs beside it."""
 
+    def update(self, job_id: int, **changes: Any) -> None:
+        """Change fields of a record; a terminal status also drops the job's inputs."""
 
-def models_used(params: dict) -> set[str]:
-    """Every model id a job's parameters refer to (delete_model refuses to delete these)."""
-    used = {params.get("model_id"), params.get("vae"), params.get("embedding"), params.get("motion_adapter"),
-            params.get("face_restorer"), (params.get("upscale") or {}).get("model_id")}
-    used.update(lora_id for lora_id, _ in params.get("loras", []))
-    for net in params.get("controlnets", []):
-        used.update((net["model_id"], net.get("preprocessor")))
-    return {model_id for model_id in used if model_id}
+    def claim(self, job_id: int) -> bool:
+        """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
+        already started. Counts the attempt."""
 
+    def cancel_queued(self, message: str) -> list[int]:
+        """End every job not yet started as `failed` with `message`; running jobs are left alone."""
 
-def wait_until_done(get, job_id: int, timeout: float, pause) -> Job | None:
-    """`get(job_id)` until the job is terminal or `timeout` seconds pass, calling `pause(remaining)`
-    in between (each store waits its own way); the latest record."""
-    deadline = time.monotonic() + timeout
-    job = get(job_id)
-    while job is not None and not job.done:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        pause(remaining)
-        job = get(job_id)
-    return job
+    def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
+        """Jobs a dead worker left `processing`: (ids to run again, ids ended `failed` with `message`)."""
 
+    def delete_finished_before(self, cutoff: float) -> int:
+        """Forget finished jobs older than `cutoff`; how many."""
 
-_JSON_FIELDS = ("params", "meta", "output_keys", "future_links")
-_COLUMNS = [f for f in Job.__dataclass_fields__]
+    def get(self, job_id: int) -> Job | None: ...
+
+    def inputs(self, job_id: int) -> dict[str, bytes]: ...
+
+    def unfinished(self) -> tuple[int, float]:
+        """(number of jobs queued or running, their summed eta in seconds)."""
+
+    def processing(self) -> list[Job]:
+        """Every job queued or running."""
+
+    def wait(self, job_id: int, timeout: float) -> Job | None:
+        """The job's record once it is terminal, or after `timeout` seconds."""
+
+_JSON_FIELDS = ("params", "meta", "output_keys", "future_links", "await_models")
+_COLUMNS = list(JOB_FIELDS)
+# columns added since the first release: (name, type) for ALTER TABLE on an older database
+_ADDED_COLUMNS = (("attempts", "INTEGER DEFAULT 0"), ("owner", "TEXT DEFAULT ''"), ("storage_id", "TEXT DEFAULT 'local'"),
+                  ("expires_at", "REAL"), ("await_models", "TEXT DEFAULT '[]'"), ("schema_version", "INTEGER DEFAULT 1"))
 
 
 class SqliteJobStore:
@@ -88,11 +69,11 @@ class SqliteJobStore:
             "CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, endpoint TEXT, params TEXT, meta TEXT,"
             " output_keys TEXT, future_links TEXT, status TEXT, message TEXT, eta REAL, created_at REAL,"
             " started_at REAL, finished_at REAL, generation_time REAL, webhook TEXT, track_id TEXT,"
-            " webhook_status TEXT, attempts INTEGER DEFAULT 0, owner TEXT DEFAULT '')"
+            " webhook_status TEXT)"
         )
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for column, kind in (("attempts", "INTEGER DEFAULT 0"), ("owner", "TEXT DEFAULT ''")):
-            if column not in columns:  # a database from an earlier version
+        for column, kind in _ADDED_COLUMNS:
+            if column not in columns:  # a new database, or one from an earlier version
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
         self._db.execute("CREATE TABLE IF NOT EXISTS job_inputs (job_id INTEGER, name TEXT, data BLOB)")
@@ -103,24 +84,28 @@ class SqliteJobStore:
     # --- writing
     def create(self, job: Job, inputs: dict[str, bytes] | None = None) -> Job:
         """Store a new job under a fresh random id (the id on `job` is replaced)."""
+        insert = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
         with self._lock:
             while True:
                 job.id = MIN_ID + secrets.randbelow(MAX_ID - MIN_ID)
+                row = self._row(job)  # before the transaction: a job that cannot be stored leaves none open
+                self._db.execute("BEGIN")
                 try:
-                    self._db.execute("BEGIN")
-                    self._db.execute(
-                        f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                        self._row(job),
-                    )
+                    self._db.execute(insert, row)
+                    for name, data in (inputs or {}).items():
+                        self._db.execute("INSERT INTO job_inputs VALUES (?, ?, ?)", (job.id, name, data))
                 except sqlite3.IntegrityError:
                     self._db.execute("ROLLBACK")
-                    continue
-                for name, data in (inputs or {}).items():
-                    self._db.execute("INSERT INTO job_inputs VALUES (?, ?, ?)", (job.id, name, data))
+                    continue  # the id was taken: draw another
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
                 self._db.execute("COMMIT")
                 return job
 
     def update(self, job_id: int, **changes: Any) -> None:
+        if "params" in changes:
+            changes["params"] = changes["params"].model_dump(mode="json")
         for name in _JSON_FIELDS:
             if name in changes:
                 changes[name] = json.dumps(changes[name])
@@ -234,7 +219,7 @@ class SqliteJobStore:
     # --- rows
     @staticmethod
     def _row(job: Job) -> tuple:
-        values = asdict(job)
+        values = job.to_record()
         return tuple(json.dumps(values[c]) if c in _JSON_FIELDS else values[c] for c in _COLUMNS)
 
     @staticmethod
@@ -242,4 +227,4 @@ class SqliteJobStore:
         values = dict(zip(_COLUMNS, row))
         for name in _JSON_FIELDS:
             values[name] = json.loads(values[name])
-        return Job(**values)
+        return Job.from_record(values)

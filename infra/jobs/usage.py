@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from infra.jobs.timer import Repeating
 
@@ -75,6 +76,20 @@ def _rounded(value, name: str = ""):
 
 
 # --------------------------------------------------------------------------- stores
+
+
+class UsageStore(Protocol):
+    """Where counts land: `SqliteUsageStore` locally, `DictUsageStore` on Modal
+    (tests/jobs/test_usage_conformance.py holds both to the same behaviour)."""
+
+    def add(self, rows: dict[Row, dict[str, float]]) -> None:
+        """Add these counts to what is stored (never replace it)."""
+
+    def rows(self, first_day: str, last_day: str) -> dict[Row, dict[str, float]]:
+        """The summed counts of every row between two days, inclusive."""
+
+    def compact(self) -> int:
+        """Fold the store's entries into fewer without changing any sum; how many were folded."""
 
 
 class SqliteUsageStore:
@@ -183,7 +198,7 @@ def _to_list(rows: dict[Row, dict[str, float]]) -> list:
 class UsageMeter:
     """Counts in memory, flushed to the store on a timer, at stop and before each report."""
 
-    def __init__(self, store, settings):
+    def __init__(self, store: UsageStore, settings):
         self.store = store
         self.settings = settings
         self._pending: dict[Row, dict[str, float]] = defaultdict(dict)
@@ -204,8 +219,8 @@ class UsageMeter:
         succeeded = job.status == "success"
         counts = {"jobs_succeeded": int(succeeded), "jobs_failed": int(not succeeded), "gpu_seconds": engine_seconds}
         if succeeded:
-            if job.endpoint == "text2video":
-                counts["video_seconds"] = job.params.get("num_frames", 0) / max(1, job.params.get("fps", 1))
+            if job.params.kind == "video":
+                counts["video_seconds"] = job.params.seconds
             else:
                 counts["images"] = len(job.output_keys)
         self.count(job.owner, job.endpoint, **counts)

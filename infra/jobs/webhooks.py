@@ -41,8 +41,8 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from infra.net import fetcher
 from infra.jobs.store import Job
+from infra.net import fetcher
 from models.responses import job_response
 
 log = logging.getLogger(__name__)
@@ -110,21 +110,27 @@ class _Outcome:
     retry_after: float | None = None
 
 
+def webhook_secret(settings) -> str:
+    """The webhook signing secret: the setting, else HMAC-SHA256("sdapi-webhooks") keyed with the
+    first API key (hex) — a receiver that knows the key can compute it; the README shows how."""
+    if settings.webhook_secret:
+        return settings.webhook_secret
+    return hmac.new(settings.api_keys[0].encode(), b"sdapi-webhooks", hashlib.sha256).hexdigest()
+
+
 class WebhookSender:
     """Signed, retried webhook deliveries on a few daemon threads.
 
-    `secret` signs every delivery (the `webhook_secret` setting, or one derived from the API keys).
+    The settings are read at every use (update_server changes them in place): the attempts, the
+    backoff and the timeout of each delivery, the allowlist of private hosts, and the secret that
+    signs it (`webhook_secret`, or one derived from the API keys, see `webhook_secret`).
     Threads start with the first delivery; `stop` ends them (a later delivery starts them again).
     """
 
-    def __init__(self, jobs, settings, secret: str, senders: int = SENDERS):
+    def __init__(self, jobs, settings, senders: int = SENDERS):
         self.jobs = jobs
-        self.secret = secret
-        self.attempts = max(1, settings.webhook_attempts)
-        self.backoff = max(0.0, settings.webhook_backoff)
-        self.timeout = settings.webhook_timeout
+        self.settings = settings
         self.senders = max(1, senders)
-        self.fetch_allowlist = list(getattr(settings, "fetch_allowlist", []))  # hosts allowed although private
         self._random = random.Random()
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int, _Delivery]] = []  # (due, monotonic seconds; tie-break; delivery)
@@ -134,6 +140,22 @@ class WebhookSender:
         self._threads: list[threading.Thread] = []
         self._generation = threading.Event()  # set = the current sender threads are told to stop
         self._generation.set()
+
+    @property
+    def attempts(self) -> int:
+        return max(1, self.settings.webhook_attempts)
+
+    @property
+    def backoff(self) -> float:
+        return max(0.0, self.settings.webhook_backoff)
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.webhook_timeout
+
+    @property
+    def secret(self) -> str:
+        return webhook_secret(self.settings)
 
     # --- the interface workers and the loader use
     def job_finished(self, job: Job) -> None:
@@ -288,7 +310,7 @@ class WebhookSender:
             with fetcher.stream(
                 "POST",
                 delivery.url,
-                allowlist=self.fetch_allowlist,
+                allowlist=self.settings.fetch_allowlist,  # hosts allowed although private
                 timeout=self.timeout,
                 headers=headers,
                 content=delivery.body,

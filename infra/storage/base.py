@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 EXPIRY_DIR = ".expires"
+LOCAL = "local"  # the storage id of the server's own files (a job's `storage_id` by default)
 
 CONTENT_TYPES = {
     ".png": "image/png",

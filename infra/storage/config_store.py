@@ -1,7 +1,8 @@
 """Run-time configuration shared by every process of a deployment: named string values (the S3
 settings update_s3 stores) and the generation counter (bumped by restart_server / clear_cache so
-Modal workers stop taking inputs and fresh containers take over). `FileConfigStore` is the local
-side (files under the data dir), `DictConfigStore` the Modal side (a `modal.Dict`)."""
+Modal workers stop taking inputs and fresh containers take over). `ConfigStore` is the protocol;
+`FileConfigStore` is the local side (files under the data dir), `DictConfigStore` the Modal side
+(a `modal.Dict`); tests/storage/test_config_conformance.py holds both to the same behaviour."""
 
 from __future__ import annotations
 
@@ -9,11 +10,26 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from infra.storage.base import write_atomic
 
 GENERATION_KEY = "__generation__"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class ConfigStore(Protocol):
+    def get(self, name: str) -> str | None: ...
+
+    def put(self, name: str, value: str) -> None: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def generation(self) -> int:
+        """The current generation (0 before the first bump)."""
+
+    def bump_generation(self) -> int:
+        """A new generation, larger than every one before; returns it."""
 
 
 def _check_name(name: str) -> str:

@@ -1,6 +1,7 @@
-"""Where outputs go. `LocalStorage` writes files under the data dir that the app serves at
-`/files/<key>`; `infra.s3.S3Storage` (boto3) implements the same `put` / `url` / `remove_expired`;
-`OutputStorage` is the one the app uses: local, or the bucket update_s3 set.
+"""Where outputs go. `OutputBackend` is one place objects are written to and linked from;
+`LocalStorage` writes files under the data dir that the app serves at `/files/<key>`,
+`infra.storage.s3.S3Storage` (boto3) is the other implementation; `OutputStorage` is the one the
+app uses: local files, or the bucket update_s3 (or the setting s3_config) set.
 
 An object may carry an expiry (`temp: yes` outputs, upload_image uploads): past it the object is
 no longer served, and the cache cleaner deletes it. Locally the expiry is a small file under
@@ -9,12 +10,42 @@ no longer served, and the cache cleaner deletes it. Locally the expiry is a smal
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from infra.storage.base import EXPIRY_DIR, write_atomic
+from infra.storage.base import EXPIRY_DIR, LOCAL, write_atomic
+from infra.storage.config_store import ConfigStore
+from models.errors import ApiError
+
+
+class OutputBackend(Protocol):
+    """One place outputs are written to and linked from: `LocalStorage` here, `infra.storage.s3.S3Storage`
+    (tests/storage/test_backend_conformance.py holds both to the same behaviour). An object may carry
+    an expiry: past it, it is no longer served or linked, and `remove_expired` deletes it."""
+
+    url_prefix: str
+
+    def put(self, key: str, data: bytes, content_type: str, expires_at: float | None = None) -> None:
+        """Store `data` under `key`, whole or not at all (raises StorageError)."""
+
+    def url(self, key: str, base_url: str, expires_at: float | None = None) -> str:
+        """The link a client downloads `key` from."""
+
+    def open_path(self, key: str, now: float | None = None) -> Path | None:
+        """The local file behind `key` for the app to serve, or None (expired, missing, not local)."""
+
+    def expires_at(self, key: str) -> float | None: ...
+
+    def remove_expired(self, now: float | None = None) -> tuple[int, int]:
+        """Delete every object past its expiry: (objects removed, bytes freed)."""
+
+    def describe(self) -> dict:
+        """What and where, without secrets."""
+
 
 class LocalStorage:
     """Files under `root`. On Modal `root` is on a Volume shared by the web tier and the workers:
@@ -100,47 +131,57 @@ class LocalStorage:
 
 
 class OutputStorage:
-    """Where outputs go now: the local files, or the S3 bucket `update_s3` set. The S3 setting is
-    kept in the config store (`infra.storage.config_store`: a 0600 file locally, a modal.Dict on Modal) so
-    it survives restarts and every container sees it; `reset_s3` deletes it.
+    """Where outputs go now: the local files, the S3 bucket `update_s3` set, or else the default
+    bucket of the setting `s3_config`. The update_s3 bucket is kept in the config store
+    (`infra.storage.config_store`: a 0600 file locally, a modal.Dict on Modal) so it survives
+    restarts and every container sees it; `reset_s3` deletes it. The settings `s3_config` and
+    `s3_acl` are read live (update_server applies them at once): every S3 object gets the ACL the
+    setting names now.
 
     A job records the storage it was submitted under (`storage_id`): its outputs land there, under
     the links it was given, even when update_s3 switches storage while it is queued. Local files
     stay served after a switch."""
 
     CONFIG_NAME = "s3-storage"
-
-    def __init__(self, local: LocalStorage, config, default_s3=None):
-        """`default_s3`: an S3Config the server starts with (setting `s3_config`), else local files."""
-        self.local = local
-        self.config = config
-        self.default_s3 = default_s3
-        self._backends: dict = {"local": local}
-        self._current = "local"
-        self._lock = threading.Lock()
-        saved = config.get(self.CONFIG_NAME)
-        if saved:
-            from infra.storage.s3 import S3Config
-
-            self._switch(S3Config.from_json(saved))
-        elif default_s3 is not None:
-            self._switch(default_s3)
-
-    # --- the interface of one storage, on the current backend (or the job's)
     url_prefix = LocalStorage.url_prefix
 
+    def __init__(self, local: LocalStorage, config: ConfigStore, settings):
+        self.local = local
+        self.config = config
+        self.settings = settings
+        self._backends: dict[str, OutputBackend] = {LOCAL: local}
+        self._lock = threading.Lock()
+        saved = config.get(self.CONFIG_NAME)
+        self._saved = _s3_config_from_json(saved) if saved else None  # the update_s3 bucket
+        self._default_text, self._default = None, None
+        self.current_id  # a broken s3_config setting fails the start, not the first job
+
+    # --- the interface of one storage, on the current backend (or the job's)
     @property
     def root(self) -> Path:
         return self.local.root
 
     @property
     def current_id(self) -> str:
-        return self._current
+        """The storage new outputs go to (a job keeps it as its `storage_id`)."""
+        config = self._saved or self._default_s3()
+        if config is None:
+            return LOCAL
+        from infra.storage.s3 import S3Storage
 
-    def backend(self, storage_id: str | None = None):
+        config = dataclasses.replace(config, acl=self.settings.s3_acl)
+        storage_id = f"s3:{config.endpoint_url}/{config.bucket}/{config.image_directory}"
+        with self._lock:
+            backend = self._backends.get(storage_id)
+            if backend is None or backend.config != config:
+                self._backends[storage_id] = S3Storage(config)
+        return storage_id
+
+    def backend(self, storage_id: str | None = None) -> OutputBackend:
         """The backend a job was submitted under; the current one for new work (or when the job's
         backend is no longer known to this process, after update_s3 and a restart)."""
-        return self._backends.get(storage_id or self._current) or self._backends[self._current]
+        current = self.current_id
+        return self._backends.get(storage_id or current) or self._backends[current]
 
     def put(self, key: str, data: bytes, content_type: str, expires_at: float | None = None,
             storage_id: str | None = None) -> None:
@@ -169,32 +210,28 @@ class OutputStorage:
         from infra.storage.s3 import S3Storage
 
         warnings = S3Storage(config).check(allowlist)
-        self._switch(config)
         self.config.put(self.CONFIG_NAME, config.to_json())
+        self._saved = config
         return warnings
 
     def reset(self) -> None:
         """Back to the server's default storage (the `s3_config` bucket, else local files); the
         update_s3 setting is forgotten."""
         self.config.delete(self.CONFIG_NAME)
-        if self.default_s3 is not None:
-            self._switch(self.default_s3)
-        else:
-            with self._lock:
-                self._current = "local"
+        self._saved = None
 
-    def _switch(self, config) -> None:
-        from infra.storage.s3 import S3Storage
-
-        storage_id = f"s3:{config.endpoint_url}/{config.bucket}/{config.image_directory}"
-        with self._lock:
-            self._backends[storage_id] = S3Storage(config)
-            self._current = storage_id
+    def _default_s3(self):
+        """The bucket of the `s3_config` setting, parsed again only when the setting changed."""
+        text = self.settings.s3_config
+        if text != self._default_text:
+            self._default, self._default_text = parse_s3_config(text), text
+        return self._default
 
 
-def default_s3(settings):
-    """The S3Config of the `s3_config` setting (update_s3's fields as JSON), or None."""
-    if not settings.s3_config:
+def parse_s3_config(text: str | None):
+    """The S3Config of an `s3_config` setting (update_s3's fields as JSON), or None; a ValueError
+    that says what is wrong with it."""
+    if not text:
         return None
     import json
 
@@ -204,7 +241,14 @@ def default_s3(settings):
     from models.requests import UpdateS3Request
 
     try:
-        fields = UpdateS3Request.model_validate(json.loads(settings.s3_config))
-    except (ValueError, ValidationError) as exc:
-        raise ValueError(f"SDAPI_S3_CONFIG is not a JSON object with update_s3's fields: {exc}") from None
-    return S3Config.from_request(fields, settings.s3_acl)
+        fields = UpdateS3Request.model_validate(json.loads(text))
+        return S3Config.from_request(fields)
+    except (ValueError, ValidationError, ApiError) as exc:
+        message = exc.message if isinstance(exc, ApiError) else exc
+        raise ValueError(f"SDAPI_S3_CONFIG is not a JSON object with update_s3's fields: {message}") from None
+
+
+def _s3_config_from_json(text: str):
+    from infra.storage.s3 import S3Config
+
+    return S3Config.from_json(text)

@@ -1,37 +1,35 @@
 """The HTTP surface: one routing table, served under every path prefix clients use.
 
-Each route reads the JSON body (leniently: a missing Content-Type is fine), checks the key
-(`key` in the body or `Authorization: Bearer`), validates the body into the endpoint's request
-model and calls its handler. Every failure becomes the ModelsLab error envelope
-`{"status": "error", "message": ..., "tip": ...}` — never a stack trace.
+Each route reads the JSON body (leniently: a missing Content-Type is fine), gets its `Caller`
+from the auth dependency (`infra.web.auth`: key, admin role, rate limit, usage), validates the
+body into the endpoint's request model and calls its handler (request, runtime, caller) in the
+thread pool. Every failure becomes the ModelsLab error envelope (`infra.web.envelopes`).
 """
+# (no `from __future__ import annotations` here: FastAPI reads each route's Annotated dependency,
+# which names a per-route closure, from the live annotations)
 
-from __future__ import annotations
-
-import hmac
-import json
-import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from handlers import catalog, generation, media, queue, server, system, video
-from infra.limits import RateLimiter, key_id
-from infra.storage.links import ARCHIVE_ROUTE, check_signature, link_secret
-from infra.storage.base import content_type
+from handlers.caller import Caller
 from infra.catalog.weights import validate_model_id
+from infra.limits import RateLimiter
+from infra.storage.base import content_type
+from infra.storage.links import ARCHIVE_ROUTE, check_signature, link_secret
+from infra.web.auth import Body, authorize, read_body
+from infra.web.envelopes import install_error_handlers, invalid_fields
+from infra.web.openapi import ERROR_RESPONSES, openapi_schema, route_extra
 from models import requests as rq
-from models.errors import ApiError, Forbidden, InvalidKey, NotFound, PayloadTooLarge
+from models.errors import ApiError, NotFound
 from models.responses import (
-    ErrorResponse,
     JobResponse,
     MessageResponse,
     ModelListResponse,
@@ -42,13 +40,11 @@ from models.responses import (
     UsageResponse,
 )
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Endpoint:
     request: type[rq.WireModel]
-    handler: Callable[[Any, Any], BaseModel]
+    handler: Callable[[Any, Any, Caller], BaseModel]  # (request model, runtime, caller) -> response model
     response: Any
     summary: str
     admin: bool = False  # catalog and server endpoints: admin keys only, when the server has separate ones
@@ -166,8 +162,8 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
         if path is None:
             raise NotFound(f"No such file: {key} (it may have expired)", tip="Temporary links live 24 hours.")
         return FileResponse(path, media_type=content_type(key))
-    _install_error_handlers(app, runtime.settings)
-    app.openapi = lambda: _openapi(app)
+    install_error_handlers(app, runtime.settings)
+    app.openapi = lambda: openapi_schema(app, [endpoint.request for endpoint in ENDPOINTS.values()])
     return app
 
 
@@ -175,30 +171,19 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
 
 
 def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, documented: bool, limiter) -> None:
-    usage_name = ENDPOINT_NAMES.get(name, name)  # aliases are metered under the endpoint they stand for
+    authorized = authorize(name, ENDPOINT_NAMES.get(name, name), endpoint.admin, limiter)
 
-    async def route(request: Request):
-        data, problem = await _read_body(request, runtime.settings.max_body_bytes)
-        caller = key_id(_check_key(data, request, runtime.settings, name, endpoint.admin))
-        failed = True
+    async def route(request: Request, body: Annotated[Body, Depends(read_body)],
+                    caller: Annotated[Caller, Depends(authorized)]):
+        data = body.data
+        if "request_id" in request.path_params:
+            data = {**data, "request_id": request.path_params["request_id"]}
         try:
-            limiter.check(caller)
-            if problem:
-                raise problem
-            if "request_id" in request.path_params:
-                data["request_id"] = request.path_params["request_id"]
-            try:
-                parsed = endpoint.request.model_validate(data)
-            except ValidationError as exc:
-                raise ApiError(
-                    _validation_messages(exc), tip="Fix the fields named in `message`.", status_code=422
-                ) from None
-            rt = runtime.for_request(str(request.base_url), caller)
-            result = await run_in_threadpool(endpoint.handler, parsed, rt)
-            failed = False
-            return JSONResponse(result.model_dump(mode="json", exclude_none=True))
-        finally:
-            runtime.usage.request(caller, usage_name, failed)
+            parsed = endpoint.request.model_validate(data)
+        except ValidationError as exc:
+            raise invalid_fields(exc) from None
+        result = await run_in_threadpool(endpoint.handler, parsed, runtime, caller)
+        return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
     app.add_api_route(
         path,
@@ -208,139 +193,6 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, 
         summary=endpoint.summary,
         include_in_schema=documented,
         operation_id=name if path.startswith(PREFIXES[0] + "/") and documented else None,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{endpoint.request.__name__}"}}},
-            },
-            **({"parameters": [REQUEST_ID_PARAMETER]} if "{request_id}" in path else {}),
-        },
+        openapi_extra=route_extra(endpoint.request, path),
         responses={200: {"model": endpoint.response}, **ERROR_RESPONSES},
     )
-
-
-# every error status a route answers, each with the error envelope (documented, so clients and the
-# schema fuzz in tests/test_fuzz.py can hold the API to it)
-ERROR_RESPONSES: dict[int, dict] = {
-    code: {"model": ErrorResponse, "description": description}
-    for code, description in {
-        400: "Unusable input (image, model, ...), or a documented feature this server does not offer",
-        401: "Invalid Api Key",
-        403: "An admin endpoint called with a generation key",
-        404: "Unknown model, job or file",
-        409: "Clashes with the server's state (a model id that exists, is loading or in use)",
-        413: "Request body too large",
-        422: "Invalid fields (message: field -> messages)",
-        429: "Rate limit exceeded",
-    }.items()
-}
-REQUEST_ID_PARAMETER = {
-    "name": "request_id",
-    "in": "path",
-    "required": True,
-    "description": "The `id` of a generation response (overrides `request_id` in the body).",
-    "schema": {"type": "integer", "minimum": 0},
-}
-
-
-async def _read_body(request: Request, limit: int) -> tuple[dict, ApiError | None]:
-    """The JSON object in the body, and the problem with it if any (reported after auth)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The request body is larger than {limit // (1024 * 1024)} MiB")
-    body, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is larger than {limit // (1024 * 1024)} MiB")
-        body.append(chunk)
-    raw = b"".join(body)
-    if not raw.strip():
-        return {}, None
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return {}, ApiError(f"The request body is not valid JSON: {exc}", tip="Send a JSON object.")
-    if not isinstance(data, dict):
-        return {}, ApiError("The request body must be a JSON object", tip='Send {"key": "...", ...}.')
-    return data, None
-
-
-def _check_key(data: dict, request: Request, settings, name: str, admin_only: bool) -> str:
-    """A valid key (body `key` or `Authorization: Bearer`), compared in constant time; for the
-    catalog and server endpoints an admin key when the server has separate admin keys."""
-    key = data.get("key")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    candidates = [k for k in (key, token if scheme.lower() == "bearer" else None) if isinstance(k, str) and k]
-    admins = settings.admin_api_keys
-    valid = [*settings.api_keys, *admins]
-    if not any(_same(c, k) for c in candidates for k in valid):
-        raise InvalidKey()
-    if admin_only and admins and not any(_same(c, k) for c in candidates for k in admins):
-        raise Forbidden(
-            f"This key may not use {name}: it is a generation key",
-            tip="Catalog and server endpoints need an admin key (SDAPI_ADMIN_API_KEYS).",
-        )
-    return next(c for c in candidates if any(_same(c, k) for k in valid))
-
-
-def _same(candidate: str, key: str) -> bool:
-    return hmac.compare_digest(candidate.encode(), key.encode())
-
-
-def _validation_messages(exc: ValidationError) -> dict[str, list[str]]:
-    messages: dict[str, list[str]] = {}
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "body"
-        if error["type"] == "missing":
-            text = f"The {field} field is required."
-        elif error["type"] == "value_error":
-            text = f"The {field} {error['ctx']['error']}."
-        else:
-            text = f"The {field} field is invalid: {error['msg']}."
-        messages.setdefault(field, []).append(text)
-    return messages
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _install_error_handlers(app: FastAPI, settings) -> None:
-    def envelope(message, tip, status_code: int) -> JSONResponse:
-        body = ErrorResponse(message=message, tip=tip).model_dump(exclude_none=True)
-        return JSONResponse(body, status_code=200 if settings.errors_with_http_200 else status_code)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return envelope(exc.message, exc.tip, exc.status_code)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            return envelope(f"Not found: {request.method} {request.url.path}", "See /docs for the endpoints.", 404)
-        if exc.status_code == 405:
-            return envelope(f"{request.method} is not allowed on {request.url.path}; use POST with a JSON body", None, 405)
-        return envelope(str(exc.detail), None, exc.status_code)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return envelope("Internal server error; the request was logged", "Try again; report it if it persists.", 500)
-
-
-# --------------------------------------------------------------------------- OpenAPI
-
-
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema plus every request model under components (routes reference them)."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for endpoint in ENDPOINTS.values():
-        model = endpoint.request
-        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(model_schema.pop("$defs", {}))
-        components[model.__name__] = model_schema
-    app.openapi_schema = schema
-    return schema

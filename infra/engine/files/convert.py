@@ -15,9 +15,9 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 from safetensors.torch import save_file
 
+from infra.catalog.weights import PIPELINE_CATEGORIES
 from infra.engine import LOAD_LOCK, quiet_libraries
 from infra.engine.files.checkpoints import CheckpointError, load_component_file, load_pipeline_file, read_state_dict
-from infra.catalog.weights import PIPELINE_CATEGORIES
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")

@@ -1,0 +1,174 @@
+"""The job contract: what crosses the queue from a handler to the engine, as typed, frozen data.
+
+A handler resolves everything a request leaves open (model id, size, seeds, scheduler, which
+LoRAs at which strength, the second passes) and builds one of these once; nothing changes it
+afterwards, and the engine reads it as it is: it applies no defaults of its own. The defaults
+here only mean "this feature is off". Where a job's outputs go, when they expire and which models
+it waits for belong to the job record (`infra.jobs.job.Job`), not to its parameters.
+
+    GenerationParams   text2img, img2img, inpaint, controlnet (`task`), with nested Lora,
+                       ControlNetSpec, HighresFix, Upscale and SafetyCheck
+    VideoParams        text2video (AnimateDiff)
+    UpscaleParams      super_resolution
+
+`JobParams` is the union, told apart by `kind`; a job record stores `params.model_dump()`.
+`work_units()` (what a job's run time is proportional to) and `models_used()` (what delete_model
+must not delete while the job is queued) are methods. Imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Task = Literal["text2img", "img2img", "inpaint", "controlnet"]
+SafetyTreatment = Literal["sensitive_content_text", "blur", "pixelate", "black"]
+
+
+class Contract(BaseModel):
+    """Frozen, no unknown fields: a typo in a field name fails where the job is built."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Lora(Contract):
+    model_id: str
+    strength: float = 1.0
+
+
+class ControlNetSpec(Contract):
+    model_id: str
+    type: str = Field(description="The hint kind (canny, depth, ...): what auto_hint makes of the image.")
+    scale: float = 1.0
+    preprocessor: str | None = Field(None, description="Store id of the network auto_hint runs for this kind.")
+
+
+class HighresFix(Contract):
+    """The second pass: the first image enlarged to this size and refined by img2img."""
+
+    width: int
+    height: int
+    strength: float
+
+
+class Upscale(Contract):
+    model_id: str
+    scale: int = 2
+
+
+class SafetyCheck(Contract):
+    type: SafetyTreatment
+    threshold: float
+
+
+class GenerationParams(Contract):
+    kind: Literal["generation"] = "generation"
+    denoises: ClassVar[bool] = True  # its run time tells the speed of denoising (the dispatcher's estimate)
+
+    task: Task
+    model_id: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    seeds: tuple[int, ...] = Field(min_length=1, description="One per image: image i is rendered from seeds[i].")
+    steps: int
+    guidance_scale: float
+    scheduler: str = Field(description="A diffusers scheduler class name.")
+    use_karras_sigmas: bool
+    algorithm: str | None = Field(description="The diffusers algorithm_type, or None for the scheduler's own.")
+    clip_skip: int | None = Field(description="The wire value (1 = no skip, A1111's count).")
+    tomesd: bool
+    strength: float | None = Field(None, description="How much of the init image is redone; None: from noise.")
+    loras: tuple[Lora, ...] = ()
+    embedding: str | None = None
+    vae: str | None = None
+    panorama: bool = False
+    self_attention: bool = False
+    controlnets: tuple[ControlNetSpec, ...] = ()
+    auto_hint: bool = False
+    guess_mode: bool = False
+    highres_fix: HighresFix | None = None
+    upscale: Upscale | None = None
+    safety_checker: SafetyCheck | None = None
+    base64: bool = False
+
+    @property
+    def samples(self) -> int:
+        return len(self.seeds)
+
+    def output_size(self) -> tuple[int, int]:
+        """The size of the stored images: after highres_fix, then upscale."""
+        width, height = (self.highres_fix.width, self.highres_fix.height) if self.highres_fix else (self.width, self.height)
+        if self.upscale:
+            width, height = width * self.upscale.scale, height * self.upscale.scale
+        return width, height
+
+    def work_units(self) -> float:
+        """Denoising steps x megapixels x images."""
+        units = self.steps * (1.0 if self.strength is None else self.strength) * self.width * self.height / 1e6
+        if highres := self.highres_fix:
+            units += self.steps * highres.strength * highres.width * highres.height / 1e6
+        return units * self.samples
+
+    def models_used(self) -> set[str]:
+        used = {self.model_id, self.vae, self.embedding, self.upscale.model_id if self.upscale else None}
+        used.update(lora.model_id for lora in self.loras)
+        for net in self.controlnets:
+            used.update((net.model_id, net.preprocessor))
+        return {model_id for model_id in used if model_id}
+
+
+class VideoParams(Contract):
+    kind: Literal["video"] = "video"
+    denoises: ClassVar[bool] = True
+
+    model_id: str
+    motion_adapter: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    output_type: Literal["mp4", "gif"]
+    steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str
+    clip_skip: int | None
+
+    @property
+    def seconds(self) -> float:
+        """The length of the video."""
+        return self.num_frames / max(1, self.fps)
+
+    def work_units(self) -> float:
+        return self.steps * self.width * self.height / 1e6 * self.num_frames
+
+    def models_used(self) -> set[str]:
+        return {self.model_id, self.motion_adapter}
+
+
+class UpscaleParams(Contract):
+    kind: Literal["upscale"] = "upscale"
+    denoises: ClassVar[bool] = False
+
+    model_id: str
+    scale: float
+    face_restorer: str | None = None
+    width: int = Field(description="The output size (the input times `scale`).")
+    height: int
+    base64: bool = False
+
+    def work_units(self) -> float:
+        """One step at the output size."""
+        return self.width * self.height / 1e6
+
+    def models_used(self) -> set[str]:
+        return {model_id for model_id in (self.model_id, self.face_restorer) if model_id}
+
+
+JobParams = Annotated[GenerationParams | VideoParams | UpscaleParams, Field(discriminator="kind")]
+PARAMS = TypeAdapter(JobParams)  # PARAMS.validate_python(record["params"]) -> the typed params
