@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import http.server
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
@@ -19,6 +25,7 @@ from infra.settings import DEV_API_KEY, Settings
 from infra.web.api import create_app
 
 KEY = DEV_API_KEY
+ROOT = Path(__file__).resolve().parent.parent
 SEED_IMAGE = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo.png"
 SEED_MASK = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo_mask.png"
 
@@ -212,3 +219,41 @@ def video_params(**fields) -> VideoParams:
                 width=64, height=64, num_frames=4, fps=8, output_type="mp4", steps=2, guidance_scale=7.5, seed=1,
                 scheduler="DDIMScheduler", clip_skip=None)
     return VideoParams(**{**base, **fields})
+
+
+class ServerProcess:
+    """A real server (`python -m infra.cli serve`) in a child process on a free loopback port, with
+    `settings` as SDAPI_ environment variables; killed or stopped by the test."""
+
+
+    def __init__(self, data_dir: Path, models_dir: Path, port: int | None = None, **settings):
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "SDAPI_PORT": str(self.port), "SDAPI_DATA_DIR": str(data_dir),
+               "SDAPI_MODELS_DIR": str(models_dir), "SDAPI_FETCH_KNOWN_MODELS": "false",
+               **{f"SDAPI_{k.upper()}": str(v) for k, v in settings.items()}}
+        self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([sys.executable, "-m", "infra.cli", "serve"], cwd=ROOT, env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert self.process.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+
+    def post(self, endpoint: str, **body) -> dict:
+        return httpx.post(f"{self.base}/api/v1/enterprise/{endpoint}", json={"key": KEY, **body}, timeout=30).json()
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.log.close()

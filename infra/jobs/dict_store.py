@@ -1,7 +1,7 @@
 """The Modal side of the job store: `SqliteJobStore`'s interface on `modal.Dict`s.
 
 Nothing here imports `modal` or torch: the `modal.Dict`s are passed in,
-so the same code runs against in-memory stand-ins in the tests (`tests/modal_standins.py`).
+so the same code runs against in-memory stand-ins in the tests (`tests/modal/standins.py`).
 
 What a `modal.Dict` gives us, and what follows from it:
 - `get`, `put`, `pop`, `__contains__`, `update`, `items()`; values are cloudpickled, so records are

@@ -4,11 +4,7 @@ with no attempts left, `failed` with a message — never `processing` forever.""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,43 +12,7 @@ import httpx
 import pytest
 
 from infra.jobs.store import SqliteJobStore
-from tests.conftest import KEY, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class Server:
-    def __init__(self, data_dir: Path, models_dir: Path, port: int | None = None, **settings):
-        self.port = port or free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "SDAPI_PORT": str(self.port), "SDAPI_DATA_DIR": str(data_dir),
-               "SDAPI_MODELS_DIR": str(models_dir), "SDAPI_FETCH_KNOWN_MODELS": "false",
-               **{f"SDAPI_{k.upper()}": str(v) for k, v in settings.items()}}
-        self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([sys.executable, "-m", "infra.cli", "serve"], cwd=ROOT, env=env,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert self.process.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
-
-    def post(self, endpoint: str, **body) -> dict:
-        return httpx.post(f"{self.base}/api/v1/enterprise/{endpoint}", json={"key": KEY, **body}, timeout=30).json()
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.log.close()
+from tests.conftest import ServerProcess as Server
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from infra.jobs.usage import COUNTERS, DictUsageStore, SqliteUsageStore, UsageMeter, today
 from infra.limits import key_id
 from tests.conftest import video_params
-from tests.modal_standins import FakeDict
+from tests.modal.standins import FakeDict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

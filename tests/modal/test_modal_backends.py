@@ -1,7 +1,7 @@
 """The Modal side of the job store, config store and dispatcher (infra/modal_backends.py), tested
 through the same interface tests as the local side.
 
-No Modal here: tests have no token and no network. `tests/modal_standins.py` provides in-memory
+No Modal here: tests have no token and no network. `tests/modal/standins.py` provides in-memory
 STAND-INS for the cloud objects (`modal.Dict`, `Function.spawn`, `FunctionCall.get`) that keep
 the semantics the code relies on: values copied on put/get, `put(skip_if_exists=True)` as the one
 atomic primitive, `get(timeout=0)` raising TimeoutError while a call runs.
@@ -20,16 +20,16 @@ from types import SimpleNamespace
 import pytest
 
 from infra.catalog.loader import LoadRequest
-from infra.jobs.dict_store import INDEX_LOCK_KEY, UNFINISHED_KEY, DictJobStore, claim_key, dict_lock
 from infra.catalog.weights import WeightsStore
+from infra.jobs.dict_store import INDEX_LOCK_KEY, UNFINISHED_KEY, DictJobStore, claim_key, dict_lock
 from infra.jobs.dispatch import execute_job
-from infra.jobs.modal_dispatch import ModalDispatcher
 from infra.jobs.job import FAILED, MAX_ID, PROCESSING, SUCCESS, Job
+from infra.jobs.modal_dispatch import ModalDispatcher
 from infra.jobs.store import SqliteJobStore
 from infra.storage.config_store import DictConfigStore, FileConfigStore
 from infra.storage.outputs import LocalStorage
 from tests.conftest import generation_params
-from tests.modal_standins import FakeDict, FakeFunction
+from tests.modal.standins import FakeDict, FakeFunction
 
 PNG = b"\x89PNG\r\n\x1a\n-not-really"
 
@@ -553,7 +553,7 @@ def test_dispatcher_estimate_is_speed_times_work(tmp_path):
 
 
 def test_importing_the_modal_backends_needs_neither_modal_nor_torch():
-    code = ("import sys, infra.jobs.dict_store, infra.jobs.modal_dispatch, infra.storage.config_store, tests.modal_standins; "
+    code = ("import sys, infra.jobs.dict_store, infra.jobs.modal_dispatch, infra.storage.config_store, tests.modal.standins; "
             "print(sorted(m for m in ('modal', 'torch', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

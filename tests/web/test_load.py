@@ -21,7 +21,7 @@ import pytest
 
 from infra.jobs.webhooks import verify
 from tests.conftest import KEY, free_port, start_moto
-from tests.test_durability import Server
+from tests.conftest import ServerProcess as Server
 
 pytestmark = pytest.mark.slow  # the CI command runs slow tests too
 

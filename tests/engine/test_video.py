@@ -23,11 +23,11 @@ from infra.engine.cache import ModelCache
 from infra.engine.files.checkpoints import CheckpointError
 from infra.engine.files.motion import load_motion_adapter, prepare_motion_adapter
 from infra.engine.files.tiny import build_tiny_motion_adapter
+from infra.engine.protocol import DoesNotFit, Unsupported
 from infra.engine.schedulers import build_scheduler
 from infra.engine.types import LoadedModel
 from infra.engine.video import VideoPipelines, generate_video
 from infra.media import encode_video
-from infra.engine.protocol import DoesNotFit, Unsupported
 from tests.model_files import write_controlnet, write_lora
 
 ADAPTER = "test-motion-adapter"

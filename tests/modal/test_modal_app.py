@@ -1,7 +1,7 @@
 """The Modal deployment, offline (no token, no network): modal_app imports and has the shape the
 product card asks for (read back through `Function.info()`), and the FastAPI app built with the
 Modal runtime serves requests end to end — with in-memory stand-ins for the cloud's Dicts and
-`.spawn()` (tests/modal_standins.py) and a GPU-worker stand-in running the real engine on the CPU."""
+`.spawn()` (tests/modal/standins.py) and a GPU-worker stand-in running the real engine on the CPU."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from infra.runtime import Runtime
 from infra.settings import Settings
 from infra.web.api import create_app
 from tests.conftest import KEY
-from tests.modal_standins import FakeDict, FakeFunction
+from tests.modal.standins import FakeDict, FakeFunction
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def deployment_shape(**env) -> dict:
@@ -121,7 +121,7 @@ from fastapi.testclient import TestClient
 from infra.web.api import create_app
 from infra.runtime import Runtime
 from infra.settings import Settings
-from tests.modal_standins import FakeDict
+from tests.modal.standins import FakeDict
 settings = Settings(data_dir={str(tmp_path)!r}, build_tiny_models=False)
 runtime = Runtime.modal(FakeDict(), FakeDict(), FakeDict(), FakeDict(), lambda job_id: None, lambda request: None, "modal: test",
                         settings=settings)

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from infra.catalog.weights import WeightsStore
 from infra.engine import speed
 from infra.engine.engine import DiffusersEngine
-from infra.settings import Settings
 from infra.jobs.params import GenerationParams, Lora
+from infra.settings import Settings
 from tests.conftest import generation_params
 from tests.model_files import write_lora
 
@@ -194,7 +194,7 @@ def test_the_modal_worker_turns_the_fast_path_on_and_keeps_the_compile_cache(tmp
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     script = "import json, modal_app; print(json.dumps(modal_app.GPU_SETTINGS))"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SDAPI_"))}
     done = subprocess.run([sys.executable, "-c", script], cwd=root, env={**env, "HOME": "/nonexistent"},

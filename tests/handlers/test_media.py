@@ -21,7 +21,7 @@ from tests.conftest import KEY, fetch_png, open_client, png_bytes, scene
 from tests.upscaler_files import write_esrgan
 
 API = "/api/v1/enterprise"
-PROBE = Path(__file__).parent / "fixtures" / "nsfw_probe.png"
+PROBE = Path(__file__).resolve().parents[1] / "fixtures" / "nsfw_probe.png"
 
 
 def b64(data: bytes) -> str:
