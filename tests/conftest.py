@@ -257,3 +257,28 @@ class ServerProcess:
             self.process.terminate()
             self.process.wait(10)
         self.log.close()
+
+
+def new_job(eta: float = 1.0, **params):
+    """A job record to store (not run): text2img params with `params` changed, one output key."""
+    from infra.jobs.job import Job
+
+    keys = ["generations/out-1.png"]
+    return Job(0, "text2img", generation_params(**params), {"seed": 7}, keys, [f"http://t/files/{keys[0]}"], eta=eta)
+
+
+def race(n: int, target) -> list:
+    """`target()` on `n` threads released at once; their results."""
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def run(i):
+        barrier.wait()
+        results[i] = target()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results

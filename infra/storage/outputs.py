@@ -65,6 +65,8 @@ class LocalStorage:
         path = self.path(key)
         if expires_at is not None:
             write_atomic(self._expiry_path(key), repr(expires_at).encode())
+        else:  # put again without an expiry: permanent from now on
+            self._expiry_path(key).unlink(missing_ok=True)
         write_atomic(path, data)
         if self.on_write is not None:
             self.on_write()

@@ -343,9 +343,15 @@ class S3Storage:
 
         sizes: dict[str, int] = {}  # object key -> bytes, for the objects that still exist
         settled: list[tuple[str, str]] = []  # (marker, object) where the object exists or is known gone
+        stale: list[str] = []  # markers of an expiry the object no longer has (put again since)
         for marker, object_key in expired:
             try:
-                sizes[object_key] = self.client.head_object(Bucket=c.bucket, Key=object_key)["ContentLength"]
+                head = self.client.head_object(Bucket=c.bucket, Key=object_key)
+                stamp = head.get("Metadata", {}).get("expires-at")
+                if not stamp or not stamp.isdigit() or int(stamp) > now:  # permanent now, or expiring later
+                    stale.append(marker)
+                    continue
+                sizes[object_key] = head["ContentLength"]
             except ClientError as exc:
                 if _error_code(exc) not in ("404", "NoSuchKey", "NotFound"):
                     log.warning("expired %s not removed: %s", object_key, _reason(exc))
@@ -357,7 +363,7 @@ class S3Storage:
 
         # objects first, then the markers of the objects that are gone: a marker never goes before its object
         failed = self._delete(list(sizes))
-        self._delete([marker for marker, object_key in settled if object_key not in failed])
+        self._delete([marker for marker, object_key in settled if object_key not in failed] + stale)
         removed = [k for k in sizes if k not in failed]
         return len(removed), sum(sizes[k] for k in removed)
 

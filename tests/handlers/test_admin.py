@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import time
 
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+
 from tests.conftest import KEY
 
 API = "/api/v1/enterprise"
@@ -109,6 +115,74 @@ def test_update_server_applies_new_settings_and_names_the_rest(make_client, monk
                                                          "nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC").json()
     assert check["threshold"] == 0.75
     assert post(client, "update", key="rotated-key").json()["settings_changed"] == []  # the SDKs' alias
+
+
+class Receiver:
+    """A webhook receiver on loopback answering `status`; keeps every delivery's headers and body."""
+
+    def __init__(self, status: int):
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
+def test_update_server_applies_the_webhook_settings_it_reports(make_client, monkeypatch):
+    """Every setting update_server lists as changed takes effect at once: the webhook attempts and
+    backoff of the next delivery, and the secret that signs it."""
+    client = make_client(webhook_backoff=0.05)
+    failing, ok = Receiver(500), Receiver(200)
+    try:
+        monkeypatch.setenv("SDAPI_FETCH_ALLOWLIST", "127.0.0.1,localhost")  # as the test client was built
+        monkeypatch.setenv("SDAPI_WEBHOOK_ATTEMPTS", "2")
+        monkeypatch.setenv("SDAPI_WEBHOOK_BACKOFF", "0.05")
+        monkeypatch.setenv("SDAPI_WEBHOOK_SECRET", "rotated-secret")
+        changed = post(client, "update_server").json()["settings_changed"]
+        assert {"webhook_attempts", "webhook_secret"} <= set(changed)
+
+        given_up = wait_done(client, post(client, "text2img", **quick(webhook=failing.url)).json()["id"])
+        deadline = time.monotonic() + 30
+        while not post(client, "fetch", request_id=given_up["id"]).json()["webhook_status"].startswith("failed"):
+            assert time.monotonic() < deadline, "the webhook was never given up"
+            time.sleep(0.05)
+        assert len(failing.received) == 2  # the new attempts, not the 5 the server started with
+
+        delivered = wait_done(client, post(client, "text2img", **quick(webhook=ok.url)).json()["id"])
+        deadline = time.monotonic() + 30
+        while not ok.received:
+            assert time.monotonic() < deadline, "the webhook never arrived"
+            time.sleep(0.05)
+        headers, body = ok.received[0]
+        expected = hmac.new(b"rotated-secret", f"{headers['X-Webhook-Timestamp']}.".encode() + body,
+                            hashlib.sha256).hexdigest()
+        assert headers["X-Webhook-Signature"] == f"sha256={expected}"  # signed with the new secret
+        assert json.loads(body)["id"] == delivered["id"]
+    finally:
+        failing.server.shutdown()
+        ok.server.shutdown()
+
+
+def test_update_server_applies_a_smaller_model_cache_at_once(make_client, monkeypatch):
+    client = make_client()
+    assert post(client, "text2img", **quick(instant_response="no")).json()["status"] == "success"
+    monkeypatch.setenv("SDAPI_FETCH_ALLOWLIST", "127.0.0.1,localhost")
+    monkeypatch.setenv("SDAPI_MODEL_CACHE_MB", "0")
+    assert "model_cache_mb" in post(client, "update_server").json()["settings_changed"]
+    inpaint = {"init_image": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}
+    done = post(client, "inpaint", **quick(instant_response="no", mask_image=inpaint["init_image"], **inpaint)).json()
+    assert done["status"] == "success", done
+    # a budget of 0 MB keeps only the model the last job needed
+    assert post(client, "system_details").json()["loaded_models"] == ["tiny-sd-inpaint"]
 
 
 def test_system_details_reports_the_server(module_client):

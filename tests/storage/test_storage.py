@@ -132,3 +132,34 @@ def test_a_default_bucket_from_the_settings_is_where_reset_s3_returns(make_clien
     assert post(client, "text2img", **t2i()).json()["output"][0].startswith(f"{moto_endpoint}/{other}/")
     assert post(client, "reset_s3").json()["storage"]["bucket"] == name
     assert post(client, "text2img", **t2i()).json()["output"][0].startswith(f"{moto_endpoint}/{name}/")
+
+
+def test_update_server_applies_a_new_default_bucket_and_acl_at_once(make_client, moto_endpoint, bucket, monkeypatch):
+    """SDAPI_S3_CONFIG and SDAPI_S3_ACL changed in the environment: after update_server the very
+    next job's outputs go to that bucket with that ACL (the services read the settings live), and a
+    broken SDAPI_S3_CONFIG is refused whole, changing nothing."""
+    import json
+
+    name, admin = bucket
+    client = make_client()
+    assert "/files/" in post(client, "text2img", **t2i()).json()["output"][0]
+    monkeypatch.setenv("SDAPI_FETCH_ALLOWLIST", "127.0.0.1,localhost")  # what the test client was built with
+    monkeypatch.setenv("SDAPI_S3_CONFIG", "{not json")
+    refused = post(client, "update_server")
+    assert refused.status_code == 400 and "SDAPI_S3_CONFIG" in refused.json()["message"]
+    assert "/files/" in post(client, "text2img", **t2i()).json()["output"][0]
+
+    monkeypatch.setenv("SDAPI_S3_CONFIG", json.dumps(s3_body(moto_endpoint, name)))
+    monkeypatch.setenv("SDAPI_S3_ACL", "public-read")
+    changed = post(client, "update_server").json()["settings_changed"]
+    assert {"s3_config", "s3_acl"} <= set(changed)
+    link = post(client, "text2img", **t2i()).json()["output"][0]
+    assert link.startswith(f"{moto_endpoint}/{name}/")
+    grants = admin.get_object_acl(Bucket=name, Key=link.removeprefix(f"{moto_endpoint}/{name}/"))["Grants"]
+    assert any(g["Grantee"].get("URI", "").endswith("AllUsers") and g["Permission"] == "READ" for g in grants)
+
+    monkeypatch.delenv("SDAPI_S3_ACL")
+    assert "s3_acl" in post(client, "update_server").json()["settings_changed"]
+    private = post(client, "text2img", **t2i()).json()["output"][0]
+    grants = admin.get_object_acl(Bucket=name, Key=private.removeprefix(f"{moto_endpoint}/{name}/"))["Grants"]
+    assert not any(g["Grantee"].get("URI", "").endswith("AllUsers") for g in grants)

@@ -1,5 +1,6 @@
-"""The web tier must start without torch: importing handlers, models and infra.web.api (and
-serving a request that needs no engine) must not import torch or diffusers."""
+"""The web tier must start without torch: importing every module of handlers, models and
+infra.web (and the runtime, and serving a request that needs no engine) must not import torch,
+diffusers or transformers."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_web_tier_imports_without_torch(tmp_path):
     script = textwrap.dedent(
         f"""
-        import sys
-        import handlers, handlers.generation, handlers.queue, handlers.system, handlers.catalog, handlers.media, handlers.video
-        import models, infra.web.api, infra.runtime
+        import importlib, pkgutil, sys
+        import handlers, models, infra.web
+        for package in (handlers, models, infra.web):  # every module of the web tier
+            for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+                importlib.import_module(module.name)
+        import infra.runtime
         from fastapi.testclient import TestClient
         from infra.settings import Settings
         from infra.runtime import Runtime

@@ -1,0 +1,194 @@
+"""The `Dispatcher` protocol (infra/jobs/dispatch.py), one suite run against both implementations:
+`LocalDispatcher` (worker threads in this process, over SQLite) and `ModalDispatcher` (the web
+tier's side on Modal: jobs spawned to a GPU 'container', a FakeFunction running `execute_job` as
+the Worker class does, over a DictJobStore; loads spawned to the download function). Both run
+the test stand-in engine (tests/engine/standin.py). What only the Modal side does (the generation
+bumps that retire workers, the primitive fields a spawned load carries) is tested at the end."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from infra.catalog.loader import run_load
+from infra.catalog.weights import READY, LoadRequest, WeightsStore
+from infra.jobs.dict_store import DictJobStore
+from infra.jobs.dispatch import LocalDispatcher, execute_job
+from infra.jobs.job import SUCCESS, Job
+from infra.jobs.modal_dispatch import ModalDispatcher
+from infra.jobs.store import SqliteJobStore
+from infra.settings import Settings
+from infra.storage.config_store import DictConfigStore
+from infra.storage.outputs import LocalStorage
+from infra.net.inputs import encode_input
+from tests.conftest import generation_params, new_job, scene
+from tests.engine.standin import StandInEngine
+from tests.modal.standins import FakeDict, FakeFunction
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class Webhooks:
+    def __init__(self):
+        self.finished, self.events = [], []
+
+    def job_finished(self, job):
+        self.finished.append(job)
+
+    def post_event(self, url, payload):
+        self.events.append((url, payload))
+
+
+class Outputs(LocalStorage):
+    """LocalStorage taking execute_job's `storage_id` (OutputStorage's put signature)."""
+
+    def put(self, key, data, content_type, expires_at=None, storage_id=None):
+        super().put(key, data, content_type, expires_at=expires_at)
+
+
+def prepare(category, download, out, precision, upcast_attention) -> dict:
+    """The engine side of a load, standing in for infra.engine.files.convert: the file, as is."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lora.safetensors").write_bytes(download.read_bytes())
+    return {"category": category, "format": "safetensors", "file": "lora.safetensors"}
+
+
+@pytest.fixture(params=["local", "modal"])
+def side(request, tmp_path):
+    """A dispatcher with everything it hands work to: (dispatcher, jobs, engine, webhooks, weights, settings)."""
+    engine, webhooks = StandInEngine(), Webhooks()
+    storage, weights = Outputs(tmp_path / "outputs"), WeightsStore(tmp_path / "weights")
+    settings = Settings(_env_file=None, data_dir=tmp_path, initial_seconds_per_step=0.02, allow_local_model_paths=True)
+    if request.param == "local":
+        jobs = SqliteJobStore(tmp_path / "jobs.sqlite3")
+        dispatcher = LocalDispatcher(settings, jobs, storage, weights, webhooks, None, make_engine=lambda: engine,
+                                     prepare_model=prepare)
+        config = None
+
+        def drain():  # the queued submissions are taken before the stop sentinels
+            dispatcher.stop()
+    else:
+        jobs = DictJobStore(FakeDict(), FakeDict())
+        worker = FakeFunction(lambda job_id: execute_job(job_id, jobs, storage, lambda: engine, webhooks, weights).status)
+        download = FakeFunction(
+            lambda fields: run_load(LoadRequest(**fields), weights, settings, webhooks.post_event, prepare).status
+        )
+        config = DictConfigStore(FakeDict())
+        dispatcher = ModalDispatcher(worker.spawn, download.spawn, config, jobs, settings, "modal: A100-80GB")
+
+        def drain():  # every spawned call has returned
+            for _, call in worker.calls:
+                call.get(timeout=30)
+    dispatcher.start()
+    yield SimpleNamespace(dispatcher=dispatcher, jobs=jobs, engine=engine, webhooks=webhooks, weights=weights,
+                          storage=storage, config=config, drain=drain)
+    dispatcher.stop()
+
+
+def wait_done(jobs, job_id: int, timeout: float = 30) -> Job:
+    job = jobs.wait(job_id, timeout)
+    assert job is not None and job.done, f"job {job_id} did not end"
+    return job
+
+
+def test_a_submitted_job_runs_to_success_with_its_outputs_stored(side):
+    init = encode_input(scene(64, 64))
+    job = side.jobs.create(new_job(task="img2img", strength=0.5, seeds=(3, 4)), {"init_image": init})
+    job.output_keys = ["generations/a-0.png", "generations/a-1.png"]
+    side.jobs.update(job.id, output_keys=job.output_keys)
+    side.dispatcher.submit(job.id)
+    done = wait_done(side.jobs, job.id)
+    assert done.status == SUCCESS and done.generation_time is not None
+    for key in job.output_keys:
+        assert (side.storage.root / key).read_bytes()[:8] == PNG
+    assert side.engine.runs == [job.params] and side.jobs.inputs(job.id) == {}
+    assert [finished.id for finished in side.webhooks.finished] == [job.id]
+
+
+def test_a_job_submitted_twice_runs_once(side):
+    job = side.jobs.create(new_job())
+    for _ in range(3):
+        side.dispatcher.submit(job.id)
+    assert wait_done(side.jobs, job.id).status == SUCCESS
+    side.drain()  # the other submissions have been taken (and found the job claimed)
+    assert len(side.engine.runs) == 1 and len(side.webhooks.finished) == 1
+
+
+def test_a_job_the_engine_cannot_run_ends_failed_with_the_engines_message(side):
+    side.engine.sdxl_models = frozenset({"tiny-sd"})
+    job = side.jobs.create(new_job(panorama=True))
+    side.dispatcher.submit(job.id)
+    done = wait_done(side.jobs, job.id)
+    assert done.status == "failed" and "panorama" in done.message and "SDXL" in done.message
+
+
+def test_a_load_lands_in_the_weights_store_and_reports_its_outcome(side, tmp_path):
+    source = tmp_path / "style.safetensors"
+    source.write_bytes(b"weights")
+    request = LoadRequest("style", str(source), "lora", webhook="https://hook.example")
+    side.weights.begin(request.entry())
+    side.dispatcher.load(request)
+    deadline = time.monotonic() + 30
+    while side.weights.get("style").status != READY:
+        assert time.monotonic() < deadline, side.weights.get("style")
+        time.sleep(0.05)
+    assert side.weights.payload("style").read_bytes() == b"weights"
+    assert side.webhooks.events and side.webhooks.events[0][1]["status"] == "success"
+
+
+def test_the_estimate_is_the_speed_times_the_work(side):
+    params = generation_params(steps=20, width=512, height=512, seeds=(1, 2))
+    assert side.dispatcher.estimate(params) == pytest.approx(0.02 * params.work_units())
+    assert side.dispatcher.estimate(generation_params(steps=40, width=512, height=512, seeds=(1, 2))) == pytest.approx(
+        2 * side.dispatcher.estimate(params))
+
+
+def test_jobs_run_after_a_restart_an_unload_and_an_evict(side):
+    first = side.jobs.create(new_job())
+    side.dispatcher.submit(first.id)
+    assert wait_done(side.jobs, first.id).status == SUCCESS
+    assert isinstance(side.dispatcher.restart(), list) and isinstance(side.dispatcher.unload_models(), list)
+    side.dispatcher.evict("tiny-sd")
+    again = side.jobs.create(new_job())
+    side.dispatcher.submit(again.id)
+    assert wait_done(side.jobs, again.id).status == SUCCESS
+    assert isinstance(side.dispatcher.loaded_models(), list) and side.dispatcher.device
+
+
+# --------------------------------------------------------------------------- each side's own
+
+
+def test_the_local_dispatcher_drops_evicted_models_from_the_engine(tmp_path):
+    engine = StandInEngine()
+    settings = Settings(_env_file=None, data_dir=tmp_path)
+    dispatcher = LocalDispatcher(settings, SqliteJobStore(tmp_path / "j.sqlite3"), Outputs(tmp_path / "o"),
+                                 WeightsStore(tmp_path / "w"), Webhooks(), None, lambda: engine, prepare)
+    dispatcher.engine().warm("tiny-sd")
+    assert dispatcher.loaded_models() == ["tiny-sd"]
+    dispatcher.evict("tiny-sd")
+    assert dispatcher.loaded_models() == []
+
+
+def test_the_modal_dispatcher_retires_workers_on_restart_unload_and_evict(tmp_path):
+    config = DictConfigStore(FakeDict())
+    spawned = []
+    dispatcher = ModalDispatcher(spawned.append, spawned.append, config, DictJobStore(FakeDict(), FakeDict()),
+                                 SimpleNamespace(initial_seconds_per_step=0.02), "modal: A100-80GB")
+    assert dispatcher.device == "modal: A100-80GB" and dispatcher.loaded_models() == []
+    for action in (dispatcher.restart, dispatcher.unload_models, lambda: dispatcher.evict("deleted-model")):
+        seen = config.generation()
+        action()
+        assert config.generation() > seen  # a worker that started at `seen` stops taking inputs
+
+
+def test_a_spawned_load_carries_primitive_fields_only(tmp_path):
+    spawned = []
+    dispatcher = ModalDispatcher(spawned.append, spawned.append, DictConfigStore(FakeDict()),
+                                 DictJobStore(FakeDict(), FakeDict()), SimpleNamespace(initial_seconds_per_step=0.02), "m")
+    request = LoadRequest("my-model", "https://example.com/m.safetensors", None, webhook="https://hook")
+    dispatcher.load(request)
+    assert spawned == [{"model_id": "my-model", "source": "https://example.com/m.safetensors", "category": None,
+                        "precision": None, "upcast_attention": False, "webhook": "https://hook"}]
+    assert LoadRequest(**spawned[0]) == request
