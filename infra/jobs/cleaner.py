@@ -1,8 +1,9 @@
 """The cache cleaner: outputs past their expiry (`temp: yes` outputs, uploads), job records past
 their retention (`SDAPI_JOB_RETENTION_SECONDS`) and download scratch folders no load owns.
 
-`clean()` is one pass. Locally it runs on a timer thread (setting `cleanup_interval`); on Modal a
-scheduled function runs the same pass; `clear_cache` runs it and also unloads the models from
+`clean()` is one pass. Locally it runs on a timer thread every `cleanup_interval` seconds (read
+live: 0 pauses it, update_server can start or stop it); on Modal a scheduled function runs the
+same pass; `clear_cache` runs it and also unloads the models from
 memory (the timer does not: that would make the next job after every pass a cold one). Expired
 objects are refused by the file route the moment they expire; the cleaner frees their space.
 """
@@ -38,8 +39,7 @@ class CacheCleaner:
         return report
 
     def start(self) -> None:
-        if self.settings.cleanup_interval > 0:
-            self._timer.start()
+        self._timer.start()
 
     def stop(self) -> None:
         self._timer.stop()

@@ -108,7 +108,7 @@ class LocalDispatcher:
         self.make_engine, self.prepare_model = make_engine, prepare_model
         self.jobs, self.storage, self.weights, self.webhooks = jobs, storage, weights, webhooks
         self.usage = usage
-        self.seconds_per_unit = settings.initial_seconds_per_step  # per step per megapixel per image
+        self._measured: float | None = None  # seconds per step per megapixel per image, once a job was timed
         self.device = "starting"
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -167,6 +167,11 @@ class LocalDispatcher:
         threading.Thread(target=self._warm, daemon=True, name="engine-restart").start()
         return unloaded
 
+    @property
+    def seconds_per_unit(self) -> float:
+        """The measured speed, or the setting initial_seconds_per_step until a job was timed."""
+        return self.settings.initial_seconds_per_step if self._measured is None else self._measured
+
     def estimate(self, params: JobParams) -> float:
         """Seconds a job with these params will take, from the measured speed of earlier jobs."""
         return self.seconds_per_unit * params.work_units()
@@ -198,4 +203,4 @@ class LocalDispatcher:
             return  # only denoising jobs tell the speed of denoising
         units = job.params.work_units()
         if units > 0:
-            self.seconds_per_unit = 0.7 * self.seconds_per_unit + 0.3 * (seconds / units)
+            self._measured = 0.7 * self.seconds_per_unit + 0.3 * (seconds / units)

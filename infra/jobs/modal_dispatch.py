@@ -26,7 +26,6 @@ class ModalDispatcher:
         self.spawn_job, self.spawn_load = spawn_job, spawn_load
         self.config, self.jobs, self.settings = config, jobs, settings
         self.device = device_label
-        self.seconds_per_unit = settings.initial_seconds_per_step  # per step per megapixel per image
 
     # --- lifecycle: nothing runs in the web container
     def start(self) -> None:
@@ -59,5 +58,6 @@ class ModalDispatcher:
         return []
 
     def estimate(self, params: JobParams) -> float:
-        """Seconds a job with these params will take on a warm worker."""
-        return self.seconds_per_unit * params.work_units()
+        """Seconds a job with these params will take on a warm worker (the setting initial_seconds_per_step:
+        the web tier does not see the workers' timings)."""
+        return self.settings.initial_seconds_per_step * params.work_units()

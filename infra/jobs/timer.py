@@ -1,7 +1,8 @@
 """A background thread that runs an action every `interval()` seconds until stopped (the cache
 cleaner's passes, the usage meter's flushes). The interval is read before every wait, so a
-setting changed by update_server applies from the next round; a failing round is logged and the
-timer goes on."""
+setting changed by update_server applies from the next round; an interval of 0 (or less) pauses
+the timer until it is set again (looked at every `PAUSED_POLL_SECONDS`); a failing round is
+logged and the timer goes on."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import threading
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+PAUSED_POLL_SECONDS = 1.0
 
 
 class Repeating:
@@ -31,7 +34,12 @@ class Repeating:
             self._thread = None
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval()):
+        while True:
+            interval = self.interval()
+            if self._stop.wait(interval if interval > 0 else PAUSED_POLL_SECONDS):
+                return
+            if interval <= 0 or self.interval() <= 0:  # paused (or paused meanwhile)
+                continue
             try:
                 self.action()
             except Exception:  # a failed round must not end the timer
