@@ -1,5 +1,6 @@
-"""Video frames (PIL images) -> the bytes of an .mp4 or .gif file. No torch here: the web tier may
-import this module.
+"""The bytes of output files: images as PNG (or, for `base64: yes`, the base64 text of the PNG)
+and video frames (PIL images) as an .mp4 or .gif file. No torch here: the web tier may import
+this module.
 
 * mp4: H.264 in yuv420p with the moov atom up front (`+faststart`), the format every browser
   plays inline and starts before the whole file has arrived. The encoder is the ffmpeg binary
@@ -14,17 +15,29 @@ import this module.
 
 from __future__ import annotations
 
+import base64
 import io
 import tempfile
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
 FORMATS = ("mp4", "gif")
 H264_CRF = 18  # x264 constant quality: 18 is visually lossless; 0 lossless, 51 worst
 H264_PRESET = "medium"
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_image(image: Image.Image, as_base64: bool) -> bytes:
+    """PNG bytes, or for `base64: yes` the base64 text of those bytes (ASCII, no data: prefix)."""
+    png = encode_png(image)
+    return base64.b64encode(png) if as_base64 else png
 
 
 def encode_video(frames: list[Image.Image], fps: int, fmt: str) -> bytes:
@@ -43,6 +56,8 @@ def encode_video(frames: list[Image.Image], fps: int, fmt: str) -> bytes:
 
 
 def _mp4(frames: list[Image.Image], fps: int) -> bytes:
+    import imageio_ffmpeg  # the engine's extra (the web image has none): imported when a video is made
+
     arrays = [_even(np.asarray(frame)) for frame in frames]
     height, width = arrays[0].shape[:2]
     with tempfile.TemporaryDirectory(prefix="video-") as folder:
@@ -69,6 +84,7 @@ def _mp4(frames: list[Image.Image], fps: int) -> bytes:
 
 def _even(array: np.ndarray) -> np.ndarray:
     """Pad an H x W x 3 array to even H and W by repeating its last row / column."""
+
     height, width = array.shape[:2]
     if height % 2 == 0 and width % 2 == 0:
         return array

@@ -10,10 +10,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from infra.catalog.loader import run_load
 from infra.catalog.weights import LoadRequest
 from infra.jobs.dispatch import execute_job
+
+if TYPE_CHECKING:
+    from infra.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +25,12 @@ WEBHOOK_FLUSH_SECONDS = 30  # a container may be reclaimed after its input: deli
 
 
 class ModalWorker:
-    def __init__(self, runtime, device: str = "cpu"):
+    def __init__(self, runtime: Runtime, device: str = "cpu"):
         from infra.engine.engine import DiffusersEngine
 
         self.runtime = runtime
         self.engine = DiffusersEngine(runtime.settings, runtime.weights, device=device)
-        self.generation = runtime.dispatcher.config.generation()
+        self.generation = runtime.config.generation()
         self._compile_cache = _folder_fingerprint(runtime.settings.compile_cache_dir)
 
     def warm(self) -> None:
@@ -63,10 +67,10 @@ class ModalWorker:
 
     def outdated(self) -> bool:
         """True when restart_server / clear_cache asked for fresh containers after this one started."""
-        return self.runtime.dispatcher.config.generation() > self.generation
+        return self.runtime.config.generation() > self.generation
 
 
-def run_download(runtime, request: dict) -> str:
+def run_download(runtime: Runtime, request: dict) -> str:
     """A model load on the download function: the same `run_load` as locally; its outcome."""
     from infra.engine.files.convert import prepare_model
 

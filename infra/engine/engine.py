@@ -10,7 +10,6 @@ batched pass, each from its own seed's generator: the same images up to floating
 
 from __future__ import annotations
 
-import base64
 import copy
 import functools
 import inspect
@@ -34,8 +33,7 @@ from infra.engine.protocol import DoesNotFit, EngineResult
 from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, cfg_cutoff_call
 from infra.engine.types import LoadedModel
-from infra.media import encode_video
-from infra.net.inputs import encode_png
+from infra.media import encode_image, encode_video
 from infra.safety import detector
 from infra.settings import Settings
 
@@ -338,12 +336,6 @@ def check_images(images: list[Image.Image], treatment: str, threshold: float) ->
     treated version (blur, pixelate, black or a notice). Returns the images and which were flagged."""
     flagged = [detector().nsfw_score(image) >= threshold for image in images]
     return [treat_flagged(image, treatment) if hit else image for image, hit in zip(images, flagged)], flagged
-
-
-def encode_image(image: Image.Image, as_base64: bool) -> bytes:
-    """PNG bytes, or for `base64: yes` the base64 text of those bytes (ASCII, no data: prefix)."""
-    png = encode_png(image)
-    return base64.b64encode(png) if as_base64 else png
 
 
 def _open(data: bytes) -> Image.Image:

@@ -69,7 +69,13 @@ def execute_job(job_id: int, jobs: JobStore, storage, engine: Callable[[], Engin
     goes to the `usage` meter, for its key."""
     if not jobs.claim(job_id):  # cancelled by clear_queue, finished, or taken by another worker
         return jobs.get(job_id)
-    job = jobs.get(job_id)
+    try:
+        job = jobs.get(job_id)
+    except Exception:  # a record no schema version reads (damaged, or from a newer release): ended, not stuck
+        log.exception("job %s: its record cannot be read", job_id)
+        jobs.update(job_id, status=FAILED, message="The job's record could not be read; please submit it again.",
+                    finished_at=time.time())
+        return None
     started = time.time()
     try:
         weights.wait_ready(job.await_models)

@@ -13,6 +13,7 @@ import io
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from infra.media import encode_png
 from infra.net import fetcher
 from infra.settings import Settings
 from models.errors import BadInput
@@ -104,12 +105,6 @@ def decode_image(data: bytes, field: str, source: str, max_pixels: int) -> Image
         ) from None
     image = ImageOps.exif_transpose(image)
     return image.convert("RGB") if image.mode != "RGB" else image
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def encode_input(image: Image.Image) -> bytes:

@@ -11,7 +11,7 @@ thread pool. Every failure becomes the ModelsLab error envelope (`infra.web.enve
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -40,6 +40,8 @@ from models.responses import (
     UsageResponse,
 )
 
+if TYPE_CHECKING:
+    from infra.runtime import Runtime
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -107,7 +109,7 @@ ENDPOINT_NAMES = {**ALIASES, "fetch_by_path": "fetch", "video_fetch": "fetch"}
 PREFIXES = ("/api/v1/enterprise", "/api/v1/enterprise/images", "/api/v1/enterprise/txt2img")
 
 
-def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], None] | None = None) -> FastAPI:
+def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Callable[[], None] | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if manage_runtime:
@@ -170,7 +172,8 @@ def create_app(runtime, manage_runtime: bool = True, on_started: Callable[[], No
 # --------------------------------------------------------------------------- routes
 
 
-def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime, documented: bool, limiter) -> None:
+def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: "Runtime", documented: bool,
+               limiter: RateLimiter) -> None:
     authorized = authorize(name, ENDPOINT_NAMES.get(name, name), endpoint.admin, limiter)
 
     async def route(request: Request, body: Annotated[Body, Depends(read_body)],

@@ -9,7 +9,7 @@ It keeps the promises tests/engine/test_engine_conformance.py holds every engine
   same bytes and different seeds different images. Inpainting keeps the unmasked pixels of the
   init image exactly, as the real engine's compositing does; an img2img / inpaint job with
   strength x steps < 1 returns the init image itself. `base64: True` files are the base64 text of
-  the PNG. A safety checker flags nothing (`nsfw_content_detected`: all False).
+  the PNG (`infra.media.encode_image`, as the real engine). A safety checker flags nothing (`nsfw_content_detected`: all False).
 - video: one mp4 / gif (`infra.media.encode_video`) of `num_frames` flat frames at the job's fps.
 - upscale: one PNG of the job's (width, height): the input image resized (Lanczos); with a face
   restorer, `faces_restored`: 0 (it finds no faces).
@@ -29,7 +29,6 @@ them). Thread-safe: a dispatcher's workers may share one.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import threading
@@ -40,8 +39,7 @@ from PIL import Image
 from infra.engine.postprocess import composite_inpaint
 from infra.engine.protocol import DoesNotFit, EngineResult, Unsupported
 from infra.jobs.params import GenerationParams, JobParams, UpscaleParams, VideoParams
-from infra.media import encode_video
-from infra.net.inputs import encode_png
+from infra.media import encode_image, encode_video
 
 SD_CLIP_LAYERS = 12  # CLIP ViT-L/14's layers (SD 1.x and the tiny models)
 MOTION_MAX_FRAMES = 32  # AnimateDiff's motion_max_seq_length (and the tiny motion adapter's)
@@ -176,12 +174,6 @@ class StandInEngine:
                 if model_id:
                     self._loaded.pop(model_id, None)
                     self._loaded[model_id] = None
-
-
-def encode_image(image: Image.Image, as_base64: bool) -> bytes:
-    """As `infra.engine.engine.encode_image`: PNG bytes, or their base64 text (ASCII, no data: prefix)."""
-    png = encode_png(image)
-    return base64.b64encode(png) if as_base64 else png
 
 
 def _open(data: bytes) -> Image.Image:

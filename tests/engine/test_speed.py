@@ -213,7 +213,7 @@ def test_the_modal_worker_turns_the_fast_path_on_and_keeps_the_compile_cache(tmp
             self.settings = Settings(_env_file=None, models_dir=tmp_path / "models", compile_cache_dir=tmp_path / "cc",
                                      device="cpu")
             self.weights = WeightsStore(tmp_path / "models")
-            self.dispatcher = type("D", (), {"config": type("C", (), {"generation": staticmethod(lambda: 0)})()})()
+            self.config = type("C", (), {"generation": staticmethod(lambda: 0)})()
 
     worker = ModalWorker(Runtime())
     assert not worker.compile_cache_grew()

@@ -3,13 +3,12 @@ clear_cache, update_server, system_details."""
 
 from __future__ import annotations
 
-import time
-
 import hashlib
 import hmac
 import http.server
 import json
 import threading
+import time
 
 from tests.conftest import KEY
 

@@ -19,10 +19,10 @@ from infra.jobs.dispatch import LocalDispatcher, execute_job
 from infra.jobs.job import SUCCESS, Job
 from infra.jobs.modal_dispatch import ModalDispatcher
 from infra.jobs.store import SqliteJobStore
+from infra.net.inputs import encode_input
 from infra.settings import Settings
 from infra.storage.config_store import DictConfigStore
 from infra.storage.outputs import LocalStorage
-from infra.net.inputs import encode_input
 from tests.conftest import generation_params, new_job, scene
 from tests.engine.standin import StandInEngine
 from tests.modal.standins import FakeDict, FakeFunction

@@ -143,3 +143,24 @@ def _image(client, link: str) -> Image.Image:
     response = client.get(link)
     assert response.status_code == 200, link
     return Image.open(io.BytesIO(response.content))
+
+
+def test_a_record_no_version_reads_ends_the_job_failed_not_stuck(tmp_path):
+    """A record the code cannot read (damaged, or written by a newer release) fails its job with a
+    message; the worker goes on."""
+    from infra.catalog.weights import WeightsStore
+    from infra.jobs.dispatch import execute_job
+    from tests.conftest import new_job
+    from tests.engine.standin import StandInEngine
+
+    path = tmp_path / "jobs.sqlite3"
+    store = SqliteJobStore(path)
+    job = store.create(new_job())
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE jobs SET params = ? WHERE id = ?", (json.dumps({"kind": "from-a-newer-release"}), job.id))
+    finished = []
+    webhooks = type("Webhooks", (), {"job_finished": lambda self, job: finished.append(job)})()
+    assert execute_job(job.id, store, None, StandInEngine, webhooks, WeightsStore(tmp_path / "weights")) is None
+    with sqlite3.connect(path) as db:
+        status, message = db.execute("SELECT status, message FROM jobs WHERE id = ?", (job.id,)).fetchone()
+    assert status == FAILED and "could not be read" in message
