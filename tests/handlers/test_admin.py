@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.server
 import json
-import threading
 import time
 
 from tests.conftest import KEY
@@ -116,59 +114,32 @@ def test_update_server_applies_new_settings_and_names_the_rest(make_client, monk
     assert post(client, "update", key="rotated-key").json()["settings_changed"] == []  # the SDKs' alias
 
 
-class Receiver:
-    """A webhook receiver on loopback answering `status`; keeps every delivery's headers and body."""
-
-    def __init__(self, status: int):
-        received = self.received = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                received.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-
-def test_update_server_applies_the_webhook_settings_it_reports(make_client, monkeypatch):
+def test_update_server_applies_the_webhook_settings_it_reports(make_client, receivers, monkeypatch):
     """Every setting update_server lists as changed takes effect at once: the webhook attempts and
     backoff of the next delivery, and the secret that signs it."""
     client = make_client(webhook_backoff=0.05)
-    failing, ok = Receiver(500), Receiver(200)
-    try:
-        monkeypatch.setenv("SDAPI_FETCH_ALLOWLIST", "127.0.0.1,localhost")  # as the test client was built
-        monkeypatch.setenv("SDAPI_WEBHOOK_ATTEMPTS", "2")
-        monkeypatch.setenv("SDAPI_WEBHOOK_BACKOFF", "0.05")
-        monkeypatch.setenv("SDAPI_WEBHOOK_SECRET", "rotated-secret")
-        changed = post(client, "update_server").json()["settings_changed"]
-        assert {"webhook_attempts", "webhook_secret"} <= set(changed)
+    failing, ok = receivers(default=(500, {}, 0.0)), receivers()
+    monkeypatch.setenv("SDAPI_FETCH_ALLOWLIST", "127.0.0.1,localhost")  # as the test client was built
+    monkeypatch.setenv("SDAPI_WEBHOOK_ATTEMPTS", "2")
+    monkeypatch.setenv("SDAPI_WEBHOOK_BACKOFF", "0.05")
+    monkeypatch.setenv("SDAPI_WEBHOOK_SECRET", "rotated-secret")
+    changed = post(client, "update_server").json()["settings_changed"]
+    assert {"webhook_attempts", "webhook_secret"} <= set(changed)
 
-        given_up = wait_done(client, post(client, "text2img", **quick(webhook=failing.url)).json()["id"])
-        deadline = time.monotonic() + 30
-        while not post(client, "fetch", request_id=given_up["id"]).json()["webhook_status"].startswith("failed"):
-            assert time.monotonic() < deadline, "the webhook was never given up"
-            time.sleep(0.05)
-        assert len(failing.received) == 2  # the new attempts, not the 5 the server started with
+    given_up = wait_done(client, post(client, "text2img", **quick(webhook=failing.url)).json()["id"])
+    deadline = time.monotonic() + 30
+    while not post(client, "fetch", request_id=given_up["id"]).json()["webhook_status"].startswith("failed"):
+        assert time.monotonic() < deadline, "the webhook was never given up"
+        time.sleep(0.05)
+    assert len(failing.requests) == 2  # the new attempts, not the 5 the server started with
 
-        delivered = wait_done(client, post(client, "text2img", **quick(webhook=ok.url)).json()["id"])
-        deadline = time.monotonic() + 30
-        while not ok.received:
-            assert time.monotonic() < deadline, "the webhook never arrived"
-            time.sleep(0.05)
-        headers, body = ok.received[0]
-        expected = hmac.new(b"rotated-secret", f"{headers['X-Webhook-Timestamp']}.".encode() + body,
-                            hashlib.sha256).hexdigest()
-        assert headers["X-Webhook-Signature"] == f"sha256={expected}"  # signed with the new secret
-        assert json.loads(body)["id"] == delivered["id"]
-    finally:
-        failing.server.shutdown()
-        ok.server.shutdown()
+    delivered = wait_done(client, post(client, "text2img", **quick(webhook=ok.url)).json()["id"])
+    [delivery] = ok.wait_for(1)
+    headers, body = delivery.headers, delivery.body
+    expected = hmac.new(b"rotated-secret", f"{headers['X-Webhook-Timestamp']}.".encode() + body,
+                        hashlib.sha256).hexdigest()
+    assert headers["X-Webhook-Signature"] == f"sha256={expected}"  # signed with the new secret
+    assert json.loads(body)["id"] == delivered["id"]
 
 
 def test_update_server_applies_a_smaller_model_cache_at_once(make_client, monkeypatch):

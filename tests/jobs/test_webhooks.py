@@ -3,11 +3,8 @@ with growing backoff, refusals, dead receivers that must not stall others, shutd
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
-from dataclasses import dataclass
 
 import pytest
 
@@ -19,78 +16,6 @@ from models.responses import job_response
 from tests.conftest import free_port, generation_params
 
 SECRET = "test-webhook-secret"
-
-
-# --------------------------------------------------------------------------- receivers
-
-
-@dataclass
-class Request:
-    body: bytes
-    headers: dict[str, str]
-    arrived: float  # time.monotonic()
-    observed: object = None  # what the receiver's `observe` saw when this request came in
-
-
-class Receiver:
-    """An HTTP server on loopback that records every POST (exact body bytes, headers, arrival time)
-    and answers from a script of `(status, headers, delay)`; past the script, `default`."""
-
-    def __init__(self, script=(), default=(200, {}, 0.0), observe=None):
-        self.script, self.default, self.observe = list(script), default, observe
-        self.requests: list[Request] = []
-        self.released = threading.Event()  # ends the delays of sleeping answers at teardown
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                arrived = time.monotonic()
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                observed = receiver.observe() if receiver.observe else None
-                receiver.requests.append(Request(body, dict(self.headers), arrived, observed))
-                status, headers, delay = receiver.script.pop(0) if receiver.script else receiver.default
-                if delay:
-                    receiver.released.wait(delay)
-                try:
-                    self.send_response(status)
-                    for name, value in headers.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", "2")
-                    self.end_headers()
-                    self.wfile.write(b"ok")
-                except OSError:  # the sender gave up on us (timeout) and closed the connection
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def wait_for(self, count: int, timeout: float = 30.0) -> list[Request]:
-        deadline = time.monotonic() + timeout
-        while len(self.requests) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.requests
-
-    def close(self):
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receivers():
-    made = []
-
-    def make(*args, **kwargs) -> Receiver:
-        made.append(Receiver(*args, **kwargs))
-        return made[-1]
-
-    yield make
-    for receiver in made:
-        receiver.close()
 
 
 @pytest.fixture
