@@ -1,32 +1,36 @@
 """Deploy the API to Modal:  modal deploy modal_app.py
 
-What runs where:
+What runs where (and why, under Modal's semantics: ../shared/notes/modal-semantics.md):
 - `web`: the same FastAPI app as the local server, on CPU containers (`@modal.asgi_app`,
-  `@modal.concurrent`), built with the Modal runtime: jobs in a `modal.Dict`, work handed to the
-  GPU class with `.spawn()`, outputs on the `sd-enterprise-data` Volume (served under `/files/...`
-  as locally) or in the S3 bucket set with update_s3. Its image has no torch: it starts fast.
-- `Worker`: the GPU class (`SDAPI_MODAL_GPU`, A100-80GB by default). `@modal.enter(snap=True)`
-  loads the default model on the CPU for the memory snapshot; a second `@modal.enter` moves it to
-  the GPU. `run(job_id)` takes one job through the same `execute_job` the local worker uses. Its
-  image turns on the engine's GPU fast path (`GPU_SETTINGS`: torch.compile with a compile cache on
-  the weights Volume, committed when a job compiled something new; SDAPI_COMPILE_MODE at deploy time).
-  Autoscaling replaces a load balancer: min / max / buffer containers and the scale-down window
-  are settable at deploy time through the environment variables below.
-- `download_model`: model loads (load_model, load_vae, first-use upscalers) on a CPU container with
-  the weights Volume mounted; the Volume is committed when the load ends.
-- `clean_caches`: a `modal.Cron` running the same cleaning pass as clear_cache (expired outputs,
-  old job records, download scratch).
+  `@modal.concurrent`). Jobs live in `modal.Dict`s (records; the queue of open jobs), work goes
+  to the GPU class with `.spawn()` and each call's id is kept with its job. A request waits for its
+  job asynchronously (no thread per wait) for up to SDAPI_SYNC_TIMEOUT (120 s, under Modal's 150 s
+  web limit), then answers `processing`. Outputs go to the S3 bucket of SDAPI_S3_CONFIG (the
+  production default) or, without one, to the `sd-enterprise-data` Volume, served under /files.
+  Its image has no torch.
+- `Worker`: the GPU class (SDAPI_MODAL_GPU). Its memory snapshot holds the imports and the default
+  model's weights (in fp16 on the CPU; on the GPU itself with SDAPI_MODAL_GPU_SNAPSHOT). After every
+  restore a container reads its own settings and the restart generation of its own start, then
+  moves the weights to the GPU. `run(job_id)` takes one job through `execute_job`; Modal's
+  re-delivery of an input after a pre-emption or a crash takes the job up again. Webhooks are
+  handed to `deliver_webhook`, so a GPU never waits for a receiver. The compile cache has a Volume of
+  its own (`sd-enterprise-compile-cache`).
+- `download_model`: model loads (load_model, load_vae, models fetched on first use, the default
+  models of a fresh deployment) on a CPU container; when one ends, the jobs that waited for it are
+  spawned (a job never holds a GPU while its model downloads).
+- `deliver_webhook`: one job's webhook, with its retries, on a CPU container.
+- `recover_jobs` (every 2 minutes): jobs whose spawn was lost or whose call failed, found by their
+  calls; `clean_caches` (hourly): expired outputs, old job records, download scratch, usage folded,
+  and every Dict entry an operator relies on written again so none expires (7 idle days).
 
-Before the first deploy, create the secret with the API keys (and, optionally, the webhook signing
-secret and a default S3 bucket as update_s3's fields in JSON):
-    modal secret create sd-enterprise-api SDAPI_API_KEYS=<your-key>[,<another-key>] \
-        [SDAPI_WEBHOOK_SECRET=<secret>] [SDAPI_S3_CONFIG='{"endpoint_url": ..., ...}']
+Before the first deploy, create the secret with the API keys and, for production, the output bucket
+(update_s3's fields in JSON):
+    modal secret create sd-enterprise-api SDAPI_API_KEYS=<your-key>[,<another-key>] \\
+        SDAPI_S3_CONFIG='{"endpoint_url": ..., "bucket": ..., ...}' [SDAPI_WEBHOOK_SECRET=<secret>]
 
-Deploy-time settings (environment variables of the `modal deploy` command):
-    SDAPI_MODAL_GPU (A100-80GB), SDAPI_MODAL_MIN_CONTAINERS (0), SDAPI_MODAL_MAX_CONTAINERS (10),
-    SDAPI_MODAL_BUFFER_CONTAINERS (0), SDAPI_MODAL_SCALEDOWN_WINDOW (300 s),
-    SDAPI_MODAL_GPU_SNAPSHOT (false: CPU memory snapshot only; true: also GPU memory, Modal's
-    experimental option — restores CUDA state and compiled kernels, see the README).
+Deploy-time settings (environment variables of the `modal deploy` command; baked into the images,
+so every container reads the same): see DEPLOY_DEFAULTS below and the README.
+Smoke test of the deployed app: python scripts/modal_smoke.py --key <api key>
 """
 
 from __future__ import annotations
@@ -35,18 +39,67 @@ import os
 from pathlib import Path
 
 import modal
+import modal.experimental
 
 APP_NAME = "sd-enterprise-api"
-GPU = os.environ.get("SDAPI_MODAL_GPU", "A100-80GB")
-MIN_CONTAINERS = int(os.environ.get("SDAPI_MODAL_MIN_CONTAINERS", "0"))
-MAX_CONTAINERS = int(os.environ.get("SDAPI_MODAL_MAX_CONTAINERS", "10"))
-BUFFER_CONTAINERS = int(os.environ.get("SDAPI_MODAL_BUFFER_CONTAINERS", "0"))
-SCALEDOWN_WINDOW = int(os.environ.get("SDAPI_MODAL_SCALEDOWN_WINDOW", "300"))
-GPU_SNAPSHOT = os.environ.get("SDAPI_MODAL_GPU_SNAPSHOT", "false").lower() in ("1", "true", "yes")
+
+# --------------------------------------------------------------------------- deploy-time settings
+
+# Read from the deploying shell here, and baked into every image: a container sees only its image's
+# environment (and the secret's), so when it imports this file it reads the same values.
+DEPLOY_DEFAULTS = {
+    "SDAPI_MODAL_GPU": "A100-80GB",  # the GPU type of the workers (H100, L40S, ...)
+    "SDAPI_MODAL_GPU_SNAPSHOT": "false",  # true: Modal's (alpha) GPU memory snapshot besides the CPU one
+    "SDAPI_MODAL_MIN_CONTAINERS": "0",  # GPU workers kept warm (billed while up); 0: scale to zero
+    "SDAPI_MODAL_MAX_CONTAINERS": "10",  # the GPU burst ceiling (the cost ceiling of a burst)
+    "SDAPI_MODAL_BUFFER_CONTAINERS": "0",  # extra idle GPU workers while busy
+    "SDAPI_MODAL_SCALEDOWN_WINDOW": "300",  # seconds a GPU worker waits idle before it goes
+    "SDAPI_MODAL_WEB_MIN_CONTAINERS": "0",  # CPU web containers kept warm (cheap: 1 avoids the web cold start)
+    "SDAPI_MODAL_WEB_MAX_INPUTS": "100",  # requests one web container takes at once
+}
+DEPLOY_ENV = {name: os.environ.get(name, default) for name, default in DEPLOY_DEFAULTS.items()}
+GPU = DEPLOY_ENV["SDAPI_MODAL_GPU"]
+GPU_SNAPSHOT = DEPLOY_ENV["SDAPI_MODAL_GPU_SNAPSHOT"].lower() in ("1", "true", "yes")
+MIN_CONTAINERS = int(DEPLOY_ENV["SDAPI_MODAL_MIN_CONTAINERS"])
+MAX_CONTAINERS = int(DEPLOY_ENV["SDAPI_MODAL_MAX_CONTAINERS"])
+BUFFER_CONTAINERS = int(DEPLOY_ENV["SDAPI_MODAL_BUFFER_CONTAINERS"])
+SCALEDOWN_WINDOW = int(DEPLOY_ENV["SDAPI_MODAL_SCALEDOWN_WINDOW"])
+WEB_MIN_CONTAINERS = int(DEPLOY_ENV["SDAPI_MODAL_WEB_MIN_CONTAINERS"])
+WEB_MAX_INPUTS = int(DEPLOY_ENV["SDAPI_MODAL_WEB_MAX_INPUTS"])
 
 WEIGHTS_PATH = "/weights"  # the weights store (Volume)
-DATA_PATH = "/data"  # outputs served under /files when no S3 bucket is set (Volume)
+DATA_PATH = "/data"  # outputs when no S3 bucket is set (Volume)
+COMPILE_CACHE_PATH = "/compile-cache"  # torch.compile's cache (Volume: kernel files held open never block the weights)
 WEB_TIMEOUT = 150  # Modal's limit for a web request; the sync budget below stays under it
+SYNC_TIMEOUT = 120
+
+# the server's settings in every container (the secret adds the keys, the bucket, ...)
+SETTINGS = {
+    "SDAPI_DATA_DIR": DATA_PATH,
+    "SDAPI_MODELS_DIR": WEIGHTS_PATH,
+    "SDAPI_ALLOW_LOCAL_MODEL_PATHS": "false",  # paths mean nothing inside a container
+    "SDAPI_BUILD_TINY_MODELS": "false",
+    # the default models: fetched into the weights Volume by the downloader on first need
+    "SDAPI_DEFAULT_MODEL_ID": os.environ.get("SDAPI_DEFAULT_MODEL_ID", "stable-diffusion-v1-5"),
+    "SDAPI_DEFAULT_MODEL_SOURCE": os.environ.get("SDAPI_DEFAULT_MODEL_SOURCE", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    "SDAPI_DEFAULT_INPAINT_MODEL_ID": os.environ.get("SDAPI_DEFAULT_INPAINT_MODEL_ID", "stable-diffusion-inpainting"),
+    "SDAPI_DEFAULT_INPAINT_MODEL_SOURCE": os.environ.get(
+        "SDAPI_DEFAULT_INPAINT_MODEL_SOURCE", "stable-diffusion-v1-5/stable-diffusion-inpainting"),
+    "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2",
+    "SDAPI_SYNC_TIMEOUT": str(SYNC_TIMEOUT),
+    "SDAPI_CLEANUP_INTERVAL": "0",  # the scheduled functions clean
+    "SDAPI_STORE_PRECISION": "fp16",  # what the GPU worker runs; the downloader that stores it has no GPU
+}
+# the GPU worker only: the engine's fast path (channels_last, fused QKV, torch.compile of the UNet and
+# VAE decoder; see infra/engine/speed.py), one batched pass per job, and the compile cache on its Volume
+GPU_SETTINGS = {
+    "SDAPI_FAST_PATH": "true",
+    "SDAPI_BATCH_SAMPLES": "true",
+    "SDAPI_COMPILE_MODE": os.environ.get("SDAPI_COMPILE_MODE", "reduce-overhead"),
+    "SDAPI_COMPILE_CACHE_DIR": COMPILE_CACHE_PATH,
+}
+WEB_ENV = {**SETTINGS, **DEPLOY_ENV}  # a web, download or scheduled container's environment (plus the secret's)
+GPU_ENV = {**WEB_ENV, **GPU_SETTINGS}  # a GPU worker's
 
 # --------------------------------------------------------------------------- images
 
@@ -55,40 +108,19 @@ WEB_TIMEOUT = 150  # Modal's limit for a web request; the sync budget below stay
 # torch==2.13.0 is the CUDA build; the local CPU build comes from the machines' own disks)
 PYPROJECT = str(Path(__file__).with_name("pyproject.toml"))
 GPU_EXTRAS = ["torch", "engine"]
-SETTINGS = {
-    "SDAPI_DATA_DIR": DATA_PATH,
-    "SDAPI_MODELS_DIR": WEIGHTS_PATH,
-    "SDAPI_ALLOW_LOCAL_MODEL_PATHS": "false",  # paths mean nothing inside a container
-    "SDAPI_BUILD_TINY_MODELS": "false",
-    "SDAPI_DEFAULT_MODEL_ID": os.environ.get("SDAPI_DEFAULT_MODEL_ID", "stable-diffusion-v1-5"),
-    "SDAPI_DEFAULT_INPAINT_MODEL_ID": os.environ.get("SDAPI_DEFAULT_INPAINT_MODEL_ID", "stable-diffusion-inpainting"),
-    "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2",
-    "SDAPI_SYNC_TIMEOUT": "120",
-    "SDAPI_CLEANUP_INTERVAL": "0",  # the cron function cleans
-    "SDAPI_STORE_PRECISION": "fp16",  # what the GPU worker runs; the downloader that stores it has no GPU
-}
-# the GPU worker only: the engine's fast path (channels_last, fused QKV, torch.compile of the UNet and
-# VAE decoder; see infra/engine/speed.py), one batched pass per job, and a compile cache on the weights
-# Volume that the worker commits after a job compiled something new, so later containers do not recompile
-GPU_SETTINGS = {
-    "SDAPI_FAST_PATH": "true",
-    "SDAPI_BATCH_SAMPLES": "true",
-    "SDAPI_COMPILE_MODE": os.environ.get("SDAPI_COMPILE_MODE", "reduce-overhead"),
-    "SDAPI_COMPILE_CACHE_DIR": f"{WEIGHTS_PATH}/.compile-cache",
-}
 SOURCE = ("handlers", "models", "infra")
 IGNORE = ["**/__pycache__/**", "**/*.pyc"]  # not only .py: infra/engine/configs holds architecture configs
 
 web_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install_from_pyproject(PYPROJECT)
-    .env(SETTINGS)
+    .env(WEB_ENV)
     .add_local_python_source(*SOURCE, ignore=IGNORE)
 )
 gpu_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install_from_pyproject(PYPROJECT, optional_dependencies=GPU_EXTRAS)
-    .env({**SETTINGS, **GPU_SETTINGS})
+    .env(GPU_ENV)
     .add_local_python_source(*SOURCE, ignore=IGNORE)
 )
 
@@ -97,137 +129,155 @@ gpu_image = (
 app = modal.App(APP_NAME)
 weights = modal.Volume.from_name("sd-enterprise-weights", create_if_missing=True)
 data = modal.Volume.from_name("sd-enterprise-data", create_if_missing=True)
+compile_cache = modal.Volume.from_name("sd-enterprise-compile-cache", create_if_missing=True)
 jobs_dict = modal.Dict.from_name("sd-enterprise-jobs", create_if_missing=True)
 inputs_dict = modal.Dict.from_name("sd-enterprise-inputs", create_if_missing=True)
+queue_dict = modal.Dict.from_name("sd-enterprise-queue", create_if_missing=True)
 config_dict = modal.Dict.from_name("sd-enterprise-config", create_if_missing=True)
 usage_dict = modal.Dict.from_name("sd-enterprise-usage", create_if_missing=True)
 secret = modal.Secret.from_name("sd-enterprise-api", required_keys=["SDAPI_API_KEYS"])
 VOLUMES = {WEIGHTS_PATH: weights, DATA_PATH: data}
 
 
-def modal_runtime():
-    """The app's runtime on Modal: the same Runtime as locally, with Modal's backends."""
+def call_status(call_id: str) -> str:
+    """A spawned call as the dispatcher needs it: "pending", "done" or "failed: <why>"."""
+    try:
+        modal.FunctionCall.from_id(call_id).get(timeout=0)
+    except TimeoutError:  # the built-in one: still queued or running
+        return "pending"
+    except modal.exception.OutputExpiredError:  # finished more than 7 days ago
+        return "done"
+    except Exception as exc:  # the call failed: Modal gave up on the input
+        return f"failed: {type(exc).__name__}: {exc}"[:500]
+    return "done"
+
+
+def modal_runtime(deliver_webhooks_here: bool = False):
+    """The runtime in this container: the same Runtime as locally, with Modal's backends."""
+    from infra.jobs.modal_dispatch import ModalHandles
     from infra.runtime import Runtime
 
-    return Runtime.modal(
-        jobs=jobs_dict,
-        inputs=inputs_dict,
-        config=config_dict,
-        usage=usage_dict,
-        spawn_job=lambda job_id: Worker().run.spawn(job_id),
+    return Runtime.modal(ModalHandles(
+        jobs=jobs_dict, inputs=inputs_dict, queue=queue_dict, config=config_dict, usage=usage_dict,
+        spawn_job=lambda job_id: getattr(Worker().run.spawn(job_id), "object_id", None),
         spawn_load=lambda request: download_model.spawn(request),
+        spawn_webhook=None if deliver_webhooks_here else (lambda job_id: deliver_webhook.spawn(job_id)),
+        call_status=call_status,
         device_label=f"modal: {GPU}",
-        commit_outputs=data.commit,
-        reload_outputs=data.reload,
+        commit_outputs=data.commit, reload_outputs=data.reload,
         commit_weights=weights.commit,  # a `loading` manifest the web tier writes is seen by the downloader
         reload_weights=weights.reload,
-    )
+    ))
 
 
 # --------------------------------------------------------------------------- the GPU worker
 
-
-@app.cls(
+WORKER_OPTIONS = dict(
     image=gpu_image,
     gpu=GPU,
-    volumes=VOLUMES,
+    volumes={**VOLUMES, COMPILE_CACHE_PATH: compile_cache},
     secrets=[secret],
     min_containers=MIN_CONTAINERS,
     max_containers=MAX_CONTAINERS,
     buffer_containers=BUFFER_CONTAINERS,
     scaledown_window=SCALEDOWN_WINDOW,
-    timeout=3600,
+    timeout=3600,  # one job at most
+    startup_timeout=900,  # a start (snapshot restore, or a first snapshot loading the default model) at most
+    cpu=4.0,
+    memory=32768,  # the snapshot holds an SDXL-sized model in fp16 in host memory
     enable_memory_snapshot=True,
     experimental_options={"enable_gpu_snapshot": True} if GPU_SNAPSHOT else None,
 )
+
+
+@app.cls(**WORKER_OPTIONS)
 @modal.concurrent(max_inputs=1)  # one job at a time per GPU; autoscaling adds containers
 class Worker:
     @modal.enter(snap=True)
-    def load_on_cpu(self):
-        """Before the snapshot: imports and the default model's weights in CPU memory."""
+    def load_into_memory(self):
+        """Before the snapshot: imports and the default model's weights in memory."""
         from infra.modal_worker import ModalWorker
 
-        self.worker = ModalWorker(modal_runtime(), device="cuda" if GPU_SNAPSHOT else "cpu")
-        self.worker.warm()
+        self.worker = ModalWorker.for_snapshot(modal_runtime(), gpu_snapshot=GPU_SNAPSHOT)
 
     @modal.enter(snap=False)
-    def move_to_gpu(self):
-        """After each restore: the loaded weights move to the GPU (a no-op with a GPU snapshot)."""
-        self.worker.move_to("cuda")
+    def after_restore(self):
+        """In every container: its own settings and restart generation, the weights on the GPU."""
+        self.worker.after_restore(modal_runtime(), reload_weights=weights.reload)
 
     @modal.method()
     def run(self, job_id: int) -> str:
         """Run one job to `success` or `failed`; returns its status."""
-        status = self.worker.run(job_id, reload_weights=weights.reload)
+        status = self.worker.run(job_id, input_id=modal.current_input_id(), reload_weights=weights.reload)
         if self.worker.compile_cache_grew():  # kernels compiled for a new shape: keep them for other containers
-            weights.commit()
+            compile_cache.commit()
         if self.worker.outdated():  # restart_server / clear_cache asked for fresh containers
-            import modal.experimental
-
             modal.experimental.stop_fetching_inputs()
         return status
 
+    @modal.exit()
+    def stop(self):
+        self.worker.stop()
 
-# --------------------------------------------------------------------------- model downloads and cleaning
+
+# --------------------------------------------------------------------------- CPU functions
+
+CPU_FUNCTION = dict(image=web_image, secrets=[secret], cpu=1.0, memory=1024)
 
 
-@app.function(image=gpu_image, volumes={WEIGHTS_PATH: weights}, secrets=[secret], timeout=3600)
+@app.function(image=gpu_image, volumes={WEIGHTS_PATH: weights}, secrets=[secret], timeout=3600, cpu=4.0,
+              memory=32768)  # converting a single-file SDXL checkpoint holds it twice in memory
 def download_model(request: dict) -> str:
-    """A load_model / load_vae / first-use download: fetch, verify, convert into the Volume, commit."""
+    """A load_model / load_vae / first-use download: fetch, verify, convert into the Volume, commit;
+    then the jobs that waited for it are spawned."""
     from infra.modal_worker import run_download
 
-    status = run_download(modal_runtime(), request)
-    weights.commit()
-    return status
+    runtime = modal_runtime()
+    try:
+        return run_download(runtime, request)
+    finally:
+        weights.commit()
 
 
-@app.function(image=web_image, volumes=VOLUMES, secrets=[secret], schedule=modal.Cron("17 * * * *"))
-def clean_caches() -> dict:
-    """Hourly: jobs whose worker died (retried or failed), expired outputs, job records past their
-    retention, download scratch; usage entries folded into one."""
+@app.function(**CPU_FUNCTION, timeout=900)
+def deliver_webhook(job_id: int) -> str:
+    """One job's webhook, with the retries the settings allow (off the GPU)."""
+    from infra.modal_worker import deliver_webhook as deliver
+
+    return deliver(modal_runtime(deliver_webhooks_here=True), job_id, timeout=870)
+
+
+@app.function(**CPU_FUNCTION, volumes={WEIGHTS_PATH: weights}, timeout=300, schedule=modal.Period(minutes=2))
+def recover_jobs() -> dict:
+    """Every 2 minutes: jobs whose spawn was lost, whose call failed, or whose models finished loading."""
     runtime = modal_runtime()
     queued, failed = runtime.recover_jobs()
-    report = {**runtime.cleaner.clean(), "jobs_requeued": len(queued), "jobs_failed": len(failed),
-              "usage_entries_folded": runtime.usage.store.compact()}
+    return {"jobs_spawned": len(queued), "jobs_failed": len(failed)}
+
+
+@app.function(**CPU_FUNCTION, volumes=VOLUMES, timeout=3600, schedule=modal.Cron("17 * * * *"))
+def clean_caches() -> dict:
+    """Hourly: expired outputs, job records past their retention (the others written again so no
+    Dict entry expires before it), download scratch; usage folded; the run-time config refreshed."""
+    runtime = modal_runtime()
+    report = {**runtime.cleaner.clean(), "usage_entries_folded": runtime.usage.store.compact(),
+              "config_entries_refreshed": runtime.config.refresh()}
     runtime.webhooks.wait_idle(60)
     data.commit()
     weights.commit()
     return report
 
 
+FUNCTIONS = ("download_model", "deliver_webhook", "recover_jobs", "clean_caches", "web")
+
 # --------------------------------------------------------------------------- the web tier
 
 
-@app.function(image=web_image, volumes=VOLUMES, secrets=[secret], timeout=WEB_TIMEOUT, min_containers=MIN_CONTAINERS)
-@modal.concurrent(max_inputs=100)
+@app.function(image=web_image, volumes=VOLUMES, secrets=[secret], timeout=WEB_TIMEOUT, min_containers=WEB_MIN_CONTAINERS,
+              cpu=2.0, memory=2048)
+@modal.concurrent(max_inputs=WEB_MAX_INPUTS)  # waits are asynchronous: a request holds no thread while it waits
 @modal.asgi_app()
 def web():
     from infra.web.api import create_app
 
     return create_app(modal_runtime())
-
-
-# --------------------------------------------------------------------------- smoke test
-
-
-@app.local_entrypoint()
-def smoke(key: str, model_id: str = "", prompt: str = "a lighthouse at dusk"):
-    """modal run modal_app.py --key <api key>: calls the deployed app's endpoints, prints timings
-    (the first call may hit cold containers, the second warm ones)."""
-    import time
-
-    import httpx
-
-    base = web.get_web_url()
-    body = {"key": key, "prompt": prompt, "width": 512, "height": 512, "num_inference_steps": 20}
-    if model_id:
-        body["model_id"] = model_id
-    for attempt in ("cold", "warm"):
-        started = time.time()
-        result = httpx.post(f"{base}/api/v1/enterprise/text2img", json=body, timeout=WEB_TIMEOUT).json()
-        while result.get("status") == "processing":
-            time.sleep(2)
-            result = httpx.post(result["fetch_result"], json={"key": key}, timeout=30).json()
-        print(f"{attempt}: {result.get('status')} in {time.time() - started:.1f} s -> {result.get('output')}")
-    details = httpx.post(f"{base}/api/v1/enterprise/system_details", json={"key": key}, timeout=30).json()
-    print("system_details:", details)

@@ -124,8 +124,11 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     meta derived from them, and the job."""
     # 1. what the request asks for: available, on a model that suits the task
     _reject_unavailable(req)
-    model = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images)
-    if task == "text2img" and model.family == "sdxl" and (req.panorama or req.self_attention):
+    resolved = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images)
+    # a default model still to be loaded (a fresh deployment): the checks that need its entry wait for the engine
+    model = None if isinstance(resolved, ondemand.Pending) else resolved
+    model_id = resolved.model_id
+    if task == "text2img" and model is not None and model.family == "sdxl" and (req.panorama or req.self_attention):
         feature = "panorama" if req.panorama else "self_attention"
         raise BadInput(f"{feature} is available for SD 1.x/2.x models only; {model.model_id} is SDXL")
     scheduler, algorithm = resolve_scheduler(req.scheduler, req.algorithm_type, model, rt)
@@ -142,10 +145,12 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     loras, embedding, vae = _adapters(req, model, rt)
     controlnets = _controlnets(req, model, rt) if task == "controlnet" else ()
     highres, upscale, pending = _second_passes(req, width, height, rt)
+    if model is None:
+        pending.append(resolved)
     checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
     params = GenerationParams(
         task=task,
-        model_id=model.model_id,
+        model_id=model_id,
         prompt=prompt,
         negative_prompt=req.negative_prompt,
         width=width,
@@ -202,9 +207,10 @@ def _second_passes(req: GenerationRequest, width: int, height: int, rt: Runtime)
     return highres, upscale, pending
 
 
-def _check_fits(adapter: ModelEntry, field: str, model: ModelEntry) -> None:
-    """An adapter made for another family (text-embedding width) cannot be applied."""
-    if adapter.context_dim and model.context_dim and adapter.context_dim != model.context_dim:
+def _check_fits(adapter: ModelEntry, field: str, model: ModelEntry | None) -> None:
+    """An adapter made for another family (text-embedding width) cannot be applied (a model still to
+    be loaded is checked by the engine)."""
+    if model is not None and adapter.context_dim and model.context_dim and adapter.context_dim != model.context_dim:
         def family(dim: int) -> str:
             return FAMILY_BY_CONTEXT_DIM.get(dim, f"{dim}-wide text embeddings")
 
@@ -215,7 +221,7 @@ def _check_fits(adapter: ModelEntry, field: str, model: ModelEntry) -> None:
         )
 
 
-def _adapters(req: GenerationRequest, model: ModelEntry, rt: Runtime) -> tuple[tuple[Lora, ...], str | None, str | None]:
+def _adapters(req: GenerationRequest, model: ModelEntry | None, rt: Runtime) -> tuple[tuple[Lora, ...], str | None, str | None]:
     """LoRAs with their strengths, the embedding and the VAE, each checked to fit the model."""
     loras = []
     lora_ids = req.lora_model or []
@@ -242,7 +248,7 @@ def _adapters(req: GenerationRequest, model: ModelEntry, rt: Runtime) -> tuple[t
     return tuple(loras), req.embeddings_model, req.vae
 
 
-def _controlnets(req: ControlnetRequest, model: ModelEntry, rt: Runtime) -> tuple[ControlNetSpec, ...]:
+def _controlnets(req: ControlnetRequest, model: ModelEntry | None, rt: Runtime) -> tuple[ControlNetSpec, ...]:
     ids = req.controlnet_model
     if len(set(ids)) != len(ids):
         raise BadInput("controlnet_model names the same ControlNet twice")

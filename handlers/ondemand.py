@@ -63,6 +63,17 @@ def require_known(model_id: str, category: str, field: str, rt: Runtime) -> Mode
     return Pending(model_id, LoadRequest(model_id, source, category))  # precision: the store's default (run_load)
 
 
+def require_default(model_id: str, source: str, rt: Runtime) -> ModelEntry | Pending:
+    """A default model with a configured source (a fresh deployment has none yet): its entry when it
+    is ready, else what the job must wait for (its load, started once the job is accepted)."""
+    entry = rt.weights.get(validate_model_id(model_id, "model_id"))
+    if entry is not None and entry.status == READY:
+        return entry
+    if entry is not None and entry.status == LOADING:
+        return Pending(model_id)
+    return Pending(model_id, LoadRequest(model_id, source, None))  # a pipeline: its family is detected
+
+
 def start(pending: Iterable[Pending], rt: Runtime) -> list[str]:
     """Begin the fetches among `pending` (the job was accepted); the ids the job waits for."""
     waiting = []

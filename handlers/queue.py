@@ -22,4 +22,4 @@ def fetch(req: FetchRequest, rt: Runtime, caller: Caller) -> JobResponse:
             f"Request id not found: {req.request_id}",
             tip="Use the `id` returned by a generation request on this server.",
         )
-    return job_envelope(job, rt, caller)
+    return job_envelope(rt.dispatcher.check(job), rt, caller)

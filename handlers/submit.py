@@ -4,15 +4,17 @@ side effects, and the envelope of a job (`job_envelope`, also fetch's answer).
 
 The order is the contract: a handler checks everything a client could get wrong first, and only
 then calls `submit_job`, which checks the key's job cap and the webhook URL, starts the loads of
-models fetched on first use, creates the job with its output links fixed, hands it to the
-dispatcher and waits up to the sync budget: `success` if it finished by then, `processing` with
-`fetch_result` if not. A refused request leaves nothing behind.
+models fetched on first use, creates the job with its output links fixed and hands it to the
+dispatcher. It returns `Submitted`: the web layer waits for the job up to the sync budget without
+holding a thread (`success` if it finished by then, `processing` with `fetch_result` if not), then
+answers with `job_envelope`. A refused request leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from PIL import Image
@@ -49,12 +51,20 @@ def load_image(ref: str, field: str, rt: Runtime, caller: Caller) -> Image.Image
     return fetch_image(ref, field, rt.settings)
 
 
-def resolve_model(task: str, requested: str | None, rt: Runtime, inpainting: bool = False) -> ModelEntry:
+def resolve_model(task: str, requested: str | None, rt: Runtime, inpainting: bool = False) -> ModelEntry | ondemand.Pending:
     """The pipeline model a request runs on (the default when it names none or a placeholder),
-    checked once to exist, be ready and suit the task."""
+    checked once to exist, be ready and suit the task; or, for a default model with a source
+    (settings default_model_source, default_inpaint_model_source) that is not loaded yet, the load
+    the job will wait for."""
     settings = rt.settings
     if requested is None or requested in settings.placeholder_model_ids:
-        requested = settings.default_inpaint_model_id if task == "inpaint" else settings.default_model_id
+        inpaint = task == "inpaint"
+        requested = settings.default_inpaint_model_id if inpaint else settings.default_model_id
+        source = settings.default_inpaint_model_source if inpaint else settings.default_model_source
+        if source:
+            needed = ondemand.require_default(requested, source, rt)
+            if isinstance(needed, ondemand.Pending):
+                return needed
     entry = rt.weights.require(requested, PIPELINE_CATEGORIES)
     if entry.category == "inpaint" and not inpainting:
         raise BadInput(
@@ -64,9 +74,13 @@ def resolve_model(task: str, requested: str | None, rt: Runtime, inpainting: boo
     return entry
 
 
-def resolve_scheduler(requested: str | None, algorithm_type: str, model: ModelEntry, rt: Runtime) -> tuple[str, str | None]:
-    """(scheduler class name, diffusers algorithm_type or None); default: the model's own scheduler."""
+def resolve_scheduler(requested: str | None, algorithm_type: str, model: ModelEntry | None,
+                      rt: Runtime) -> tuple[str | None, str | None]:
+    """(scheduler class name, diffusers algorithm_type or None); default: the model's own scheduler
+    (None while the model is still to be loaded: the engine takes the model's own, and meta says which)."""
     try:
+        if not requested and model is None:
+            return None, None
         name = resolve_name(requested) if requested else rt.weights.default_scheduler(model.model_id)
         algorithm = resolve_algorithm(name, algorithm_type)
     except SchedulerError as exc:
@@ -104,10 +118,19 @@ def expiry_at(temp: bool, settings) -> float | None:
 # --------------------------------------------------------------------------- the job
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """A job handed to the dispatcher, and how long its request may wait for it (the web layer
+    waits asynchronously, then answers with `job_envelope`)."""
+
+    job: Job
+    budget: float
+
+
 def submit_job(endpoint: str, params: JobParams, meta: dict, output_keys: list[str], inputs: dict[str, bytes], req,
-               rt: Runtime, caller: Caller, pending: Iterable[ondemand.Pending] = ()) -> JobResponse:
-    """Create the job with its output links fixed, hand it to the dispatcher and wait up to the
-    sync budget. `pending`: models fetched on first use that the job waits for."""
+               rt: Runtime, caller: Caller, pending: Iterable[ondemand.Pending] = ()) -> Submitted:
+    """Create the job with its output links fixed and hand it to the dispatcher. `pending`: models
+    fetched on first use that the job waits for."""
     # 1. the last checks: the key's job cap, the webhook URL
     check_job_cap(rt.jobs, caller.key_id, rt.settings)
     if req.webhook:
@@ -117,7 +140,7 @@ def submit_job(endpoint: str, params: JobParams, meta: dict, output_keys: list[s
     storage_id = rt.storage.current_id
     expires_at = expiry_at(req.temp, rt.settings)
     links = [rt.storage.url(key, caller.base_url, expires_at=expires_at, storage_id=storage_id) for key in output_keys]
-    # 3. the job, queued, then the wait
+    # 3. the job, queued; the web layer waits for it
     job = Job(
         id=0,
         endpoint=endpoint,
@@ -134,9 +157,8 @@ def submit_job(endpoint: str, params: JobParams, meta: dict, output_keys: list[s
         await_models=await_models,
     )
     job = rt.jobs.create(job, inputs)
-    rt.dispatcher.submit(job.id)
-    budget = 0.0 if getattr(req, "instant_response", False) else rt.settings.sync_timeout
-    return job_envelope(rt.jobs.wait(job.id, budget), rt, caller)
+    rt.dispatcher.submit(job)
+    return Submitted(job, 0.0 if getattr(req, "instant_response", False) else rt.settings.sync_timeout)
 
 
 def job_envelope(job: Job, rt: Runtime, caller: Caller) -> JobResponse:

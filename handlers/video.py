@@ -32,20 +32,21 @@ def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobRespon
             raise NotAvailable(f"{field}: video upscaling is not available on this server", tip=f"Leave {field} out.")
     if req.use_improved_sampling:
         raise NotAvailable("use_improved_sampling is not available on this server", tip="Send \"no\" or leave it out.")
-    model = resolve_model("text2video", req.model_id, rt)
-    if model.family != "sd":
+    resolved = resolve_model("text2video", req.model_id, rt)
+    model = None if isinstance(resolved, ondemand.Pending) else resolved  # None: a default model still to load
+    if model is not None and model.family != "sd":
         raise BadInput(
             f"text2video runs AnimateDiff on SD 1.x models; {model.model_id} is {model.family.upper()}",
             tip="Send the model_id of a Stable Diffusion 1.x model.",
         )
     adapter_id = req.motion_module or rt.settings.default_motion_adapter_id
     adapter = ondemand.require_known(adapter_id, "motion_adapter", "motion_module", rt)
-    if not isinstance(adapter, ondemand.Pending):
+    if model is not None and not isinstance(adapter, ondemand.Pending):
         _check_adapter_fits(adapter_id, model.model_id, rt)
     scheduler, _ = resolve_scheduler(req.scheduler, "none", model, rt)
     # 2. the params, the meta derived from them, and the job
     params = VideoParams(
-        model_id=model.model_id,
+        model_id=resolved.model_id,
         motion_adapter=adapter_id,
         prompt=enhance_prompt(req.prompt, rt.settings.enhance_prompt_suffix) if req.enhance_prompt else req.prompt,
         negative_prompt=req.negative_prompt,
@@ -61,7 +62,7 @@ def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobRespon
         clip_skip=req.clip_skip,
     )
     key = f"generations/{uuid.uuid4()}.{req.output_type}"
-    pending = [adapter] if isinstance(adapter, ondemand.Pending) else []
+    pending = [item for item in (resolved, adapter) if isinstance(item, ondemand.Pending)]
     return submit_job("text2video", params, video_meta(params, req), [key], {}, req, rt, caller, pending)
 
 

@@ -52,7 +52,7 @@ def check_job_cap(jobs, caller: str, settings) -> None:
     cap = settings.max_jobs_per_key
     if cap <= 0:
         return
-    mine = sum(1 for job in jobs.processing() if job.owner == caller)
+    mine, _ = jobs.unfinished(owner=caller)
     if mine >= cap:
         raise RateLimited(
             "Rate limit exceeded",

@@ -1,8 +1,20 @@
-"""The GPU worker's side on Modal: one container of `modal_app.Worker` runs jobs through the same
-`execute_job` as the local worker threads, with an engine that can be built on the CPU (for the
-memory snapshot) and moved to the GPU after the restore.
+"""The GPU worker's body on Modal, and the downloader's: plain Python that modal_app's `Worker` class
+and `download_model` function call, and that tests drive through the Modal stand-in.
 
-Kept out of modal_app.py so it is plain Python that tests can drive with stand-ins.
+A Worker container's life, under Modal's memory snapshots (../shared/notes/modal-semantics.md):
+1. `for_snapshot` (the `snap=True` hook, once per deployment): imports and the default model's
+   weights in memory — on the GPU with Modal's GPU snapshot, else on the CPU in fp16, the dtype the
+   GPU runs, so a restore only copies it over.
+2. `after_restore` (the `snap=False` hook, in every container, the first included): everything the
+   snapshot froze that must be this container's own — the runtime (settings, keys, secrets and the
+   stores, read from the environment as it is now), the restart generation of this container's
+   start, the models moved to the device, the default model loaded if the snapshot had none yet.
+3. `run(job_id, input_id)` per input: the job through `execute_job`, with the input id as its
+   runner so a re-delivered input takes its job up again; a job whose models are still loading is
+   given back at once (the downloader spawns it again when they are), and a container started
+   before a restart_server / update_server / clear_cache spawns its job again for a fresh one and
+   stops taking inputs. Webhooks leave with a spawn.
+4. `stop` (`@modal.exit`): what is counted is written.
 """
 
 from __future__ import annotations
@@ -13,54 +25,83 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from infra.catalog.loader import run_load
-from infra.catalog.weights import LoadRequest
+from infra.catalog.weights import LOADING, READY, LoadRequest
 from infra.jobs.dispatch import execute_job
+from infra.storage.base import reload_volume
 
 if TYPE_CHECKING:
     from infra.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_FLUSH_SECONDS = 30  # a container may be reclaimed after its input: deliver webhooks first
+WEBHOOK_FLUSH_SECONDS = 30  # the downloader delivers its load event before its container may go
 
 
 class ModalWorker:
-    def __init__(self, runtime: Runtime, device: str = "cpu"):
+    def __init__(self, runtime: Runtime, device: str = "cpu", dtype: str | None = None):
         from infra.engine.engine import DiffusersEngine
 
         self.runtime = runtime
-        self.engine = DiffusersEngine(runtime.settings, runtime.weights, device=device)
+        self.engine = DiffusersEngine(runtime.settings, runtime.weights, device=device, dtype=dtype)
         self.generation = runtime.config.generation()
         self._compile_cache = _folder_fingerprint(runtime.settings.compile_cache_dir)
+
+    @classmethod
+    def for_snapshot(cls, runtime: Runtime, gpu_snapshot: bool) -> ModalWorker:
+        """Before the memory snapshot: the engine with the default model loaded, on the GPU with
+        Modal's GPU snapshot, else on the CPU in fp16 (what the GPU will run)."""
+        worker = cls(runtime, device="cuda" if gpu_snapshot else "cpu", dtype="fp16")
+        worker.warm()
+        return worker
+
+    def after_restore(self, runtime: Runtime, reload_weights: Callable[[], None] | None = None) -> None:
+        """After each restore: this container's runtime and generation, the models on the device
+        (the setting `device`: auto = the GPU), the default model loaded if it was not yet."""
+        self.runtime = runtime
+        self.engine.rebind(runtime.settings, runtime.weights)
+        self.generation = runtime.config.generation()
+        self._compile_cache = _folder_fingerprint(runtime.settings.compile_cache_dir)
+        self.engine.move_to(runtime.settings.device)
+        default = runtime.settings.default_model_id
+        if default not in self.engine.loaded():
+            if runtime.weights.get(default) is None and reload_weights is not None:
+                reload_volume(reload_weights)  # loaded by the downloader after the snapshot was taken
+            self.warm()
 
     def warm(self) -> None:
         """Load the default model (before the memory snapshot: into CPU memory)."""
         try:
             self.engine.warm(self.runtime.settings.default_model_id)
         except Exception:  # no default model on the Volume yet: jobs load what they need
-            log.exception("could not warm the default model")
+            log.warning("the default model is not loaded yet: %s", self.runtime.settings.default_model_id)
 
     def move_to(self, device: str) -> None:
         self.engine.move_to(device)
 
-    def run(self, job_id: int, reload_weights: Callable[[], None] | None = None) -> str:
-        """One job to its end; the weights Volume is reloaded first when a model it needs is not
-        visible in this container yet (loaded by another container after this one started)."""
+    def run(self, job_id: int, input_id: str | None = None, reload_weights: Callable[[], None] | None = None) -> str:
+        """One job to its end; its status. The weights Volume is reloaded first when a model it needs
+        is not visible in this container yet (loaded by another container after this one started);
+        a reload that keeps failing (a file on the Volume held open) does not stop the job."""
         runtime = self.runtime
         job = runtime.jobs.get(job_id)
         if job is None:
             return "missing"
+        if job.done:
+            return job.status
+        if self.outdated() and not job.runner:  # restart_server / update_server since this container started:
+            runtime.dispatcher.submit(job)  # the job goes to a fresh container (this one stops taking inputs)
+            return "handed on"
         if reload_weights is not None and any(runtime.weights.get(model_id) is None for model_id in job.models_used()):
-            reload_weights()
-        finished = execute_job(
-            job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks, runtime.weights, runtime.usage
-        )
-        runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
+            reload_volume(reload_weights)
+        if any(getattr(runtime.weights.get(m), "status", READY) == LOADING for m in job.await_models):
+            return "waiting"  # not on a GPU: the downloader spawns it again when its models are loaded
+        finished = execute_job(job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks,
+                               runtime.weights, runtime.usage, runner=input_id, max_attempts=runtime.settings.job_attempts)
         return finished.status if finished else "missing"
 
     def compile_cache_grew(self) -> bool:
-        """True once after a job added to the persistent compile cache (SDAPI_COMPILE_CACHE_DIR, on the
-        weights Volume on Modal): the caller commits the Volume so new containers start compiled."""
+        """True once after a job added to the persistent compile cache (SDAPI_COMPILE_CACHE_DIR, its
+        own Volume on Modal): the caller commits it so new containers start compiled."""
         now = _folder_fingerprint(self.runtime.settings.compile_cache_dir)
         grew, self._compile_cache = now != self._compile_cache, now
         return grew
@@ -69,16 +110,33 @@ class ModalWorker:
         """True when restart_server / clear_cache asked for fresh containers after this one started."""
         return self.runtime.config.generation() > self.generation
 
+    def stop(self) -> None:
+        """The container is going (`@modal.exit`): write what is counted."""
+        self.runtime.usage.flush()
+
 
 def run_download(runtime: Runtime, request: dict) -> str:
-    """A model load on the download function: the same `run_load` as locally; its outcome."""
+    """A model load on the download function: the same `run_load` as locally; then the jobs that
+    waited for it are spawned (or failed with its reason). Its outcome."""
     from infra.engine.files.convert import prepare_model
 
     load = LoadRequest(**request)
     run_load(load, runtime.weights, runtime.settings, runtime.webhooks.post_event, prepare_model)
+    runtime.dispatcher.model_loaded(load.model_id)
     runtime.webhooks.wait_idle(WEBHOOK_FLUSH_SECONDS)
     entry = runtime.weights.get(load.model_id)
     return entry.status if entry is not None else "missing"
+
+
+def deliver_webhook(runtime: Runtime, job_id: int, timeout: float) -> str:
+    """The delivery function's body: the job's webhook, with every retry the settings allow."""
+    job = runtime.jobs.get(job_id)
+    if job is None or not job.webhook:
+        return "no webhook"
+    runtime.webhooks.job_finished(job)
+    runtime.webhooks.wait_idle(timeout)
+    delivered = runtime.jobs.get(job_id)
+    return delivered.webhook_status if delivered is not None else "missing"
 
 
 def _folder_fingerprint(folder) -> tuple[int, int]:

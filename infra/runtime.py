@@ -18,6 +18,7 @@ from infra.catalog.weights import WeightsStore
 from infra.engine.protocol import Engine
 from infra.jobs.cleaner import CacheCleaner
 from infra.jobs.dispatch import Dispatcher, LocalDispatcher
+from infra.jobs.modal_dispatch import ModalHandles
 from infra.jobs.store import JobStore, SqliteJobStore
 from infra.jobs.usage import SqliteUsageStore, UsageMeter
 from infra.jobs.webhooks import WebhookSender
@@ -72,28 +73,30 @@ class Runtime:
         return cls(settings, jobs, storage, weights, dispatcher, webhooks, cleaner, usage, config)
 
     @classmethod
-    def modal(cls, jobs, inputs, config, usage, spawn_job, spawn_load, device_label: str, commit_outputs=None,
-              reload_outputs=None, commit_weights=None, reload_weights=None, settings: Settings | None = None) -> Runtime:
-        """The runtime on Modal (see modal_app.py): jobs, run-time config and usage in `modal.Dict`s, work
-        handed to the GPU class with `spawn_job(job_id)`, model loads to the download function with
-        `spawn_load(request)`, outputs on a Volume (committed after each write, reloaded on a miss)
-        or in the S3 bucket set with update_s3, weights on a Volume (committed after each manifest
-        change, reloaded before reads). No torch is imported here."""
+    def modal(cls, handles: ModalHandles, settings: Settings | None = None) -> Runtime:
+        """The runtime on Modal (see modal_app.py): jobs, their queue, run-time config and usage in
+        `modal.Dict`s, work handed to the GPU class and loads to the download function (the handles'
+        spawns), job webhooks to the delivery function (unless this is it), outputs on a Volume
+        (committed after each write, reloaded on a miss) or in the S3 bucket set with update_s3 or
+        SDAPI_S3_CONFIG, weights on a Volume (committed after each manifest change, reloaded before
+        reads). No torch is imported here."""
         from infra.jobs.dict_store import DictJobStore
         from infra.jobs.modal_dispatch import ModalDispatcher
         from infra.jobs.usage import DictUsageStore
+        from infra.jobs.webhooks import SpawnedWebhooks
         from infra.storage.config_store import DictConfigStore
 
         settings = settings or Settings()
-        job_store = DictJobStore(jobs, inputs)
-        config_store = DictConfigStore(config)
-        local = LocalStorage(settings.outputs_dir, on_write=commit_outputs, on_miss=reload_outputs)
-        storage = OutputStorage(local, config_store, settings)
-        weights = WeightsStore(settings.weights_dir, on_write=commit_weights, refresh=reload_weights)
-        webhooks = WebhookSender(job_store, settings)
-        dispatcher = ModalDispatcher(spawn_job, spawn_load, config_store, job_store, settings, device_label)
+        job_store = DictJobStore(handles.jobs, handles.inputs, handles.queue)
+        config_store = DictConfigStore(handles.config)
+        local = LocalStorage(settings.outputs_dir, on_write=handles.commit_outputs, on_miss=handles.reload_outputs)
+        storage = OutputStorage(local, config_store, settings, on_modal_volume=True)
+        weights = WeightsStore(settings.weights_dir, on_write=handles.commit_weights, refresh=handles.reload_weights)
+        sender = WebhookSender(job_store, settings)
+        webhooks = sender if handles.spawn_webhook is None else SpawnedWebhooks(handles.spawn_webhook, sender)
+        dispatcher = ModalDispatcher(handles, job_store, weights, config_store, settings, webhooks)
         cleaner = CacheCleaner(storage, job_store, weights, settings)
-        meter = UsageMeter(DictUsageStore(usage), settings)
+        meter = UsageMeter(DictUsageStore(handles.usage), settings)
         return cls(settings, job_store, storage, weights, dispatcher, webhooks, cleaner, meter, config_store, on_modal=True)
 
     def start(self) -> None:
@@ -112,13 +115,11 @@ class Runtime:
         failed (and their webhooks called). Locally at start-up; on Modal from the scheduled
         cleaner (the Dict store counts a job dead when nothing was heard from it for a long time)."""
         attempts = self.settings.job_attempts
-        queued, failed = self.jobs.recover(
+        queued, failed = self.dispatcher.recover(
             attempts, f"The server stopped while this job was running ({attempts} attempts); please submit it again."
         )
         if queued or failed:
             log.warning("jobs left by a dead worker: %d queued again, %d failed", len(queued), len(failed))
-        for job_id in queued:
-            self.dispatcher.submit(job_id)
         for job_id in failed:
             self.webhooks.job_finished(self.jobs.get(job_id))
         return queued, failed

@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     default_inpaint_model_id: str = Field(
         "tiny-sd-inpaint", description="Model inpaint uses when a request names none."
     )
+    default_model_source: str | None = Field(
+        None,
+        description="Where the default model is loaded from (a hub repo id or a URL, as load_model's `url`) when it is "
+        "not on the server yet: the first request that needs it starts the load and its job waits for it. "
+        "Default: none (the local server builds its built-in model).",
+    )
+    default_inpaint_model_source: str | None = Field(
+        None, description="The same for the default inpainting model."
+    )
     placeholder_model_ids: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["your_model_id"],
         description="Model ids from the docs' examples that mean 'the default model'.",

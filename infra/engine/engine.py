@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _dtype_for(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,24 +56,35 @@ def resolve_device(name: str) -> torch.device:
 class DiffusersEngine:
     """The `Engine` protocol (`infra.engine.protocol`) on diffusers, for every job kind."""
 
-    def __init__(self, settings: Settings, weights: WeightsStore, device: str | None = None):
-        """`device`: where to run (default: the setting `device`); a Modal worker starts on the CPU for
-        its memory snapshot and moves to the GPU after the restore (`move_to`)."""
+    def __init__(self, settings: Settings, weights: WeightsStore, device: str | None = None, dtype: str | None = None):
+        """`device`: where to run (default: the setting `device`); `dtype` ("fp16" / "fp32"): what
+        models load as (default: fp16 on CUDA, fp32 on the CPU). A Modal worker loads on the CPU in
+        fp16 for its memory snapshot and moves to the GPU after the restore (`move_to`)."""
         quiet_libraries()
         if settings.torch_threads > 0:
             torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.weights = weights
         self.device = resolve_device(device or settings.device)
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        chosen = {"fp16": torch.float16, "fp32": torch.float32}.get(dtype or "")
         self.cache = ModelCache(
-            weights, self.device, dtype, lambda: settings.model_cache_mb * 1024 * 1024, FastPath.from_settings(settings)
+            weights, self.device, chosen or _dtype_for(self.device), self._cache_budget, FastPath.from_settings(settings)
         )
+
+    def _cache_budget(self) -> int:
+        """The model cache's budget in bytes, read at every load (update_server may change it)."""
+        return self.settings.model_cache_mb * 1024 * 1024
+
+    def rebind(self, settings: Settings, weights: WeightsStore) -> None:
+        """Read these settings and this weights store from now on (a Modal container restored from
+        a snapshot, with its own environment and Volume view); the loaded models stay."""
+        self.settings, self.weights = settings, weights
+        self.cache.weights = weights
 
     def move_to(self, device: str) -> None:
         """Run on `device` from now on, with the loaded models moved there (fp16 on CUDA)."""
         self.device = resolve_device(device)
-        self.cache.move_to(self.device, torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.cache.move_to(self.device, _dtype_for(self.device))
 
     @property
     def device_name(self) -> str:
@@ -106,6 +121,8 @@ class DiffusersEngine:
         # 1. the frames of a video are the whole output
         if params.kind == "video":
             frames = self.video(params)
+            if params.scheduler is None:
+                facts["scheduler"] = scheduler_of(self.cache.model(params.model_id), params)
             return EngineResult([encode_video(frames, params.fps, params.output_type)], facts)
         # 2. the images: upscaled from the input, or generated (and optionally upscaled)
         if params.kind == "upscale":
@@ -122,7 +139,9 @@ class DiffusersEngine:
         if checker := getattr(params, "safety_checker", None):
             images, flagged = check_images(images, checker.type, checker.threshold)
             facts["nsfw_content_detected"] = flagged
-        # 4. the files
+        # 4. the files, and the scheduler when the job left it to the model
+        if params.kind == "generation" and params.scheduler is None:
+            facts["scheduler"] = scheduler_of(self.cache.model(params.model_id), params)
         return EngineResult([encode_image(image, params.base64) for image in images], facts)
 
     def super_resolve(self, image: Image.Image, params: UpscaleParams) -> tuple[Image.Image, int]:
@@ -155,7 +174,7 @@ class DiffusersEngine:
 
         model = self.cache.model(params.model_id)
         adapter = self.cache.component(params.motion_adapter, "motion_adapter")
-        scheduler = build_scheduler(params.scheduler, model.scheduler_config, False, None)
+        scheduler = build_scheduler(scheduler_of(model, params), model.scheduler_config, False, None)
         no_adapters = job_adapters(model, self.weights, [], None, 0.0, self.settings.max_loaded_loras)
         with no_adapters, text_model_alias(model):  # LoRAs of an earlier job switched off; holds the model's lock
             return generate_video(
@@ -183,7 +202,7 @@ class DiffusersEngine:
             parts["vae"] = vae_for(model, self.cache.component(params.vae, "vae"))
         variant, call = self._variant_and_inputs(params, init, mask, inputs, parts)
         pipeline = self.cache.pipeline(
-            model, variant, params.scheduler, params.use_karras_sigmas, params.algorithm, **parts
+            model, variant, scheduler_of(model, params), params.use_karras_sigmas, params.algorithm, **parts
         )
         call.update(
             negative_prompt=params.negative_prompt or None,
@@ -243,7 +262,7 @@ class DiffusersEngine:
         variant = "inpaint" if mask is not None else "img2img"
         vae = {"vae": parts["vae"]} if "vae" in parts else {}
         pipeline = self.cache.pipeline(
-            model, variant, params.scheduler, params.use_karras_sigmas, params.algorithm, **vae
+            model, variant, scheduler_of(model, params), params.use_karras_sigmas, params.algorithm, **vae
         )
         big_mask = mask.resize(size, Image.Resampling.BOX) if mask is not None else None
         big_init = init.resize(size, Image.Resampling.LANCZOS) if mask is not None else None
@@ -310,6 +329,11 @@ class DiffusersEngine:
         if skip is not None and skip >= layers:
             raise DoesNotFit(f"clip_skip {wire_value} is too large for model {model.model_id} ({layers} CLIP layers)")
         return skip
+
+
+def scheduler_of(model: LoadedModel, params) -> str:
+    """The job's scheduler: the one it names, else the model's own."""
+    return params.scheduler or model.scheduler_config["_class_name"]
 
 
 @functools.cache

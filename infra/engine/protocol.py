@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from infra.catalog.weights import WeightsStore
     from infra.jobs.params import JobParams
+    from infra.settings import Settings
 
 
 class EngineResult(NamedTuple):
@@ -50,6 +52,10 @@ class Engine(Protocol):
 
     def move_to(self, device: str) -> None:
         """Run on `device` from now on, with the loaded models moved there."""
+
+    def rebind(self, settings: Settings, weights: WeightsStore) -> None:
+        """Read these settings and this weights store from now on; the loaded models stay (a Modal
+        container restored from a memory snapshot has its own environment and Volume view)."""
 
     def evict(self, model_id: str) -> None:
         """Forget a deleted model (and its adapters in every loaded model)."""

@@ -12,26 +12,26 @@ What a `modal.Dict` gives us, and what follows from it:
   (which worker runs an attempt of a job, whether clear_queue cancels it) is a claim key written
   that way. Everything else is read-modify-write, arranged so that the remaining races are
   harmless or repaired (the unfinished index, see `DictJobStore`).
-- Iterating a Dict is slow (it streams every entry); the hot paths (fetch's eta, system_details,
-  clear_queue) read one index entry instead. Only the cache cleaner iterates.
-- Entries expire after 7 days without reads or writes: about the default job retention.
+- Iterating a Dict streams every entry: the hot paths never iterate the jobs Dict. The jobs that
+  are queued or running are the keys of a Dict of their own (`queue`), small by nature, which the
+  hot paths (fetch's eta, system_details, the per-key job cap) read in one streaming call. Nothing
+  takes a lock: a create and a finish are each a few independent writes.
+- Entries expire after 7 days without reads or writes. The scheduled cleaner re-writes the records
+  it keeps (`delete_finished_before`), so a record lives as long as the job retention says.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from infra.jobs.job import FAILED, JOB_FIELDS, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job, wait_until_done
 
-# keys beside the job records (which are stored under their integer id)
-UNFINISHED_KEY = "index:unfinished"  # {job id: eta} of every job queued or running
-INDEX_LOCK_KEY = "lock:index:unfinished"
-LOCK_LEASE_SECONDS = 10.0  # a lock older than this was left by a dead container and is taken over
 POLL_SECONDS = 0.25  # how often `wait` looks at a job
+REFRESH_SECONDS = 4 * 24 * 3600  # a kept record is re-written when it was last written longer ago (Dict expiry: 7 days)
+TOUCHED = "_written_at"  # a record's last write, kept in the record beside the job's fields
 
 
 def claim_key(job_id: int, attempt: int) -> str:
@@ -43,55 +43,49 @@ def _beat_key(job_id: int) -> str:
     return f"beat:{job_id}"
 
 
-def _queued_key(job_id: int) -> str:
-    return f"queued:{job_id}"
+def call_key(job_id: int) -> str:
+    """The id of the Modal call (`fc-...`) that runs the job (written by the dispatcher after its spawn)."""
+    return f"call:{job_id}"
 
 
 class DictJobStore:
-    """`SqliteJobStore`'s interface on two `modal.Dict`s: `jobs` (records, claims, the index) and
-    `inputs` (the input images of a job, encoded image bytes by name, deleted when the job ends).
+    """`SqliteJobStore`'s interface on three `modal.Dict`s: `jobs` (records, claim and call keys),
+    `inputs` (the input images of a job, deleted when the job ends) and `queue` (job id -> eta,
+    owner, when it was queued and the models it waits for, for every job queued or running).
 
-    Claims. A job's record holds `attempts` (starts so far) and `started_at` (None while queued).
-    Starting attempt n+1 means winning `claim:{id}:{n+1}` with `put(..., skip_if_exists=True)`;
-    exactly one container wins it, then copies the start into the record. `cancel_queued` writes
-    the same key to cancel a queued job, so a worker and clear_queue cannot both win: a job whose
-    key the canceller lost is running and is left alone. The claim key is the truth when the
-    record disagrees (a worker that died between winning the key and writing the record).
+    Claims. A job's record holds `attempts` (starts so far), `started_at` (None while queued) and
+    `runner` (the Modal input that started the current attempt). Starting attempt n+1 means winning
+    `claim:{id}:{n+1}` with `put(..., skip_if_exists=True)`; exactly one container wins it, then
+    copies the start into the record. Modal delivers an input at least once: the same input, same
+    id, delivered again after its container was pre-empted or crashed, may claim the job it had
+    started (the next attempt); any other caller finds it taken. `cancel_queued` writes the next
+    claim key to cancel a queued job, so a worker and clear_queue cannot both win. The claim key is
+    the truth when the record disagrees (a worker that died between winning the key and writing the
+    record).
 
-    The unfinished index. `UNFINISHED_KEY` maps the id of every job queued or running to its eta,
-    so `unfinished()` is one read. It is read-modify-written under a lock made of a
-    skip_if_exists key with a lease (`LOCK_LEASE_SECONDS`), taken over when its holder died.
-    Readers never trust it blindly: `processing()` re-reads each record, and `recover()` drops
-    ids of jobs that ended or vanished. Two containers taking over the same dead lock at once
-    could lose one update of the index; the job itself is not lost (its record is the truth), it
-    only goes uncounted until it ends.
-
-    Recover. On Modal there is no process restart that marks "everything running is dead". A job
-    is dead when it was started more than `stale_after` seconds ago and its worker gave no sign
-    of life since (`heartbeat`, optional). With `stale_after` above the worker function's
-    timeout, a stale job is certainly dead: Modal killed its worker at the timeout. `recover`
-    (run by the scheduled cleaner) queues such jobs again while they have attempts left, else
-    ends them `failed`; it also returns jobs that were never started within `stale_after` of
-    being queued (their `.spawn` may have been lost with the web container), to be spawned
-    again — a duplicate spawn is harmless, the claim lets only one run.
+    Recover. `recover` (the scheduled pass) takes a started job for dead when it was started more
+    than `stale_after` seconds ago with no heartbeat since (above the worker's timeout: Modal killed
+    it), and returns jobs queued longer than `stale_after` that never started, to be spawned again
+    (a duplicate spawn is harmless: the claim lets only one run). The Modal dispatcher looks at the
+    jobs' calls first (`infra.jobs.modal_dispatch`), which finds a lost spawn or a failed call in
+    minutes; this is the pass of last resort.
     """
 
-    def __init__(self, jobs, inputs, stale_after: float = 2 * 3600):
-        self._jobs, self._inputs = jobs, inputs
+    def __init__(self, jobs, inputs, queue, stale_after: float = 2 * 3600):
+        self._jobs, self._inputs, self._queue = jobs, inputs, queue
         self.stale_after = stale_after
 
     # --- writing
     def create(self, job: Job, inputs: dict[str, bytes] | None = None) -> Job:
         """Store a new job under a fresh random id (the id on `job` is replaced)."""
+        now = time.time()
         while True:
             job.id = MIN_ID + secrets.randbelow(MAX_ID - MIN_ID)
-            if self._jobs.put(job.id, job.to_record(), skip_if_exists=True):
+            if self._jobs.put(job.id, {**job.to_record(), TOUCHED: now}, skip_if_exists=True):
                 break
         if inputs:
             self._inputs.put(job.id, dict(inputs))
-        self._jobs.put(_queued_key(job.id), time.time())
-        with self._index() as index:
-            index[job.id] = job.eta
+        self._queue.put(job.id, {"eta": job.eta, "owner": job.owner, "queued_at": now})
         return job
 
     def update(self, job_id: int, **changes: Any) -> None:
@@ -103,22 +97,25 @@ class DictJobStore:
         record = self._jobs.get(job_id)
         if record is None:
             return
-        record.update(changes)
+        record.update(changes, **{TOUCHED: time.time()})
         self._jobs.put(job_id, record)
         if changes.get("status") in TERMINAL:
-            self._forget_unfinished([job_id])
+            self._forget([job_id])
 
-    def claim(self, job_id: int) -> bool:
+    def claim(self, job_id: int, runner: str | None = None) -> bool:
         """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
-        already started. Counts the attempt."""
+        started by another runner. `runner` (the Modal input id) may claim again a job it started:
+        Modal delivered that input again after its container died. Counts the attempt."""
         record = self._jobs.get(job_id)
-        if record is None or record["status"] != PROCESSING or record["started_at"] is not None:
+        if record is None or record["status"] != PROCESSING:
+            return False
+        if record["started_at"] is not None and not (runner and record.get("runner") == runner):
             return False
         attempt = record["attempts"] + 1
         now = time.time()
-        if not self._jobs.put(claim_key(job_id, attempt), now, skip_if_exists=True):
+        if not self._jobs.put(claim_key(job_id, attempt), {"at": now, "runner": runner}, skip_if_exists=True):
             return False
-        self.update(job_id, started_at=now, attempts=attempt)
+        self.update(job_id, started_at=now, attempts=attempt, runner=runner or "")
         return True
 
     def heartbeat(self, job_id: int) -> None:
@@ -130,11 +127,12 @@ class DictJobStore:
         """End every job not yet started as `failed` with `message`; running jobs are left alone.
         A job is cancelled by winning its next claim key, the one its worker would need."""
         cancelled = []
-        for job_id in list(self._read_index()):
+        for job_id in self.open_jobs():
             record = self._jobs.get(job_id)
             if record is None or record["status"] != PROCESSING or record["started_at"] is not None:
                 continue
-            if self._jobs.put(claim_key(job_id, record["attempts"] + 1), time.time(), skip_if_exists=True):
+            if self._jobs.put(claim_key(job_id, record["attempts"] + 1), {"at": time.time(), "runner": "cancel"},
+                              skip_if_exists=True):
                 self.update(job_id, status=FAILED, message=message, finished_at=time.time())
                 cancelled.append(job_id)
         return cancelled
@@ -148,19 +146,15 @@ class DictJobStore:
         stale_after = self.stale_after if stale_after is None else stale_after
         now = time.time()
         queued, failed, gone = [], [], []
-        for job_id in list(self._read_index()):
+        for job_id, entry in self.open_jobs().items():
             record = self._jobs.get(job_id)
             if record is None or record["status"] != PROCESSING:
                 gone.append(job_id)
                 continue
-            started_at, attempts = record["started_at"], record["attempts"]
-            if started_at is None:  # a claim the record does not show yet: its worker is starting, or died
-                started_at = self._jobs.get(claim_key(job_id, attempts + 1))  # the claim's time
-                attempts += started_at is not None
+            started_at, attempts = self.started(job_id, record)
             if started_at is None:  # queued: spawn it again if it waited too long
-                queued_at = self._jobs.get(_queued_key(job_id), record["created_at"])
-                if now - queued_at > stale_after:
-                    self._jobs.put(_queued_key(job_id), now)
+                if now - entry.get("queued_at", record["created_at"]) > stale_after:
+                    self.requeue(job_id)
                     queued.append((record["created_at"], job_id))
                 continue
             alive_at = max(started_at, self._jobs.get(_beat_key(job_id), 0.0))
@@ -171,28 +165,48 @@ class DictJobStore:
                 failed.append((record["created_at"], job_id))
             else:
                 self.update(job_id, started_at=None, attempts=attempts)
-                self._jobs.put(_queued_key(job_id), now)
+                self.requeue(job_id)
                 queued.append((record["created_at"], job_id))
         if gone:
-            self._forget_unfinished(gone)
+            self._forget(gone)
         return [job_id for _, job_id in sorted(queued)], [job_id for _, job_id in sorted(failed)]
 
+    def started(self, job_id: int, record: dict) -> tuple[float | None, int]:
+        """(when the current attempt started, attempts so far), a claim the record does not show
+        yet included (its worker is starting, or died between the claim and the record)."""
+        started_at, attempts = record["started_at"], record["attempts"]
+        if started_at is None:
+            claim = self._jobs.get(claim_key(job_id, attempts + 1))
+            if claim is not None:
+                return (claim["at"] if isinstance(claim, dict) else claim), attempts + 1
+        return started_at, attempts
+
+    def requeue(self, job_id: int) -> None:
+        """The job is queued again from now (its queue entry's clock restarts)."""
+        entry = self._queue.get(job_id)
+        if entry is not None:
+            self._queue.put(job_id, {**entry, "queued_at": time.time()})
+
     def delete_finished_before(self, cutoff: float) -> int:
-        """Forget finished jobs older than `cutoff` (their fetch results); returns how many.
-        Iterates the whole Dict: for the scheduled cleaner, not for requests."""
-        old = [
-            (key, record)
-            for key, record in list(self._jobs.items())
-            if isinstance(key, int) and record.get("status") in TERMINAL and (record.get("finished_at") or 0) < cutoff
-        ]
-        for job_id, record in old:
-            self._jobs.pop(job_id, None)
-            for attempt in range(1, record.get("attempts", 0) + 2):
-                self._jobs.pop(claim_key(job_id, attempt), None)
-            self._jobs.pop(_beat_key(job_id), None)
-            self._jobs.pop(_queued_key(job_id), None)
-            self._inputs.pop(job_id, None)
-        return len(old)
+        """Forget finished jobs older than `cutoff` (their fetch results); returns how many. The
+        records kept are re-written when their last write is older than REFRESH_SECONDS, so that
+        none expires (a Dict entry does after 7 idle days) before the retention says. Iterates the
+        whole Dict: for the scheduled cleaner, not for requests."""
+        now, removed = time.time(), 0
+        for key, record in list(self._jobs.items()):
+            if not isinstance(key, int) or not isinstance(record, dict):
+                continue
+            if record.get("status") in TERMINAL and (record.get("finished_at") or 0) < cutoff:
+                self._jobs.pop(key, None)
+                for attempt in range(1, record.get("attempts", 0) + 2):
+                    self._jobs.pop(claim_key(key, attempt), None)
+                for extra in (_beat_key(key), call_key(key)):
+                    self._jobs.pop(extra, None)
+                self._inputs.pop(key, None)
+                removed += 1
+            elif now - record.get(TOUCHED, 0) > REFRESH_SECONDS:
+                self._jobs.put(key, {**record, TOUCHED: now})
+        return removed
 
     # --- reading
     def get(self, job_id: int) -> Job | None:
@@ -202,58 +216,48 @@ class DictJobStore:
     def inputs(self, job_id: int) -> dict[str, bytes]:
         return dict(self._inputs.get(job_id) or {})
 
-    def unfinished(self) -> tuple[int, float]:
-        """(number of jobs queued or running, their summed eta in seconds): one read of the index."""
-        index = self._read_index()
-        return len(index), float(sum(index.values()))
+    def unfinished(self, owner: str | None = None) -> tuple[int, float]:
+        """(number of jobs queued or running, their summed eta in seconds), of one key when `owner`
+        is given: one streaming read of the queue."""
+        entries = [entry for entry in self.open_jobs().values() if owner is None or entry.get("owner") == owner]
+        return len(entries), float(sum(entry.get("eta", 0.0) for entry in entries))
 
     def processing(self) -> list[Job]:
-        """Every job queued or running (one read per job in the index)."""
-        jobs = (self.get(job_id) for job_id in self._read_index())
+        """Every job queued or running (one read per job in the queue)."""
+        jobs = (self.get(job_id) for job_id in self.open_jobs())
         return [job for job in jobs if job is not None and job.status == PROCESSING]
+
+    def open_jobs(self) -> dict[int, dict]:
+        """The queue: job id -> its entry, for every job queued or running."""
+        return {job_id: entry for job_id, entry in self._queue.items() if isinstance(job_id, int)}
 
     def wait(self, job_id: int, timeout: float) -> Job | None:
         """Poll until the job is terminal or `timeout` seconds pass; return its latest record."""
         return wait_until_done(self.get, job_id, timeout, lambda remaining: time.sleep(min(POLL_SECONDS, remaining)))
 
-    # --- the unfinished index
-    def _read_index(self) -> dict[int, float]:
-        return dict(self._jobs.get(UNFINISHED_KEY) or {})
+    async def wait_async(self, job_id: int, timeout: float) -> Job | None:
+        """`wait` holding no thread while it waits (each look is one Dict read, in a worker thread)."""
+        deadline = time.monotonic() + timeout
+        job = await asyncio.to_thread(self.get, job_id)
+        while job is not None and not job.done and time.monotonic() < deadline:
+            await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            job = await asyncio.to_thread(self.get, job_id)
+        return job
 
-    def _forget_unfinished(self, job_ids: list[int]) -> None:
+    # --- the Modal dispatcher's
+    def set_call(self, job_id: int, call_id: str) -> None:
+        self._jobs.put(call_key(job_id), call_id)
+
+    def call_of(self, job_id: int) -> str | None:
+        return self._jobs.get(call_key(job_id))
+
+    def set_waiting(self, job_id: int, model_ids: list[str]) -> None:
+        """The job waits for these models to load before it is spawned (nothing holds a GPU meanwhile)."""
+        entry = self._queue.get(job_id)
+        if entry is not None:
+            self._queue.put(job_id, {**entry, "waiting_for": list(model_ids)})
+
+    def _forget(self, job_ids: list[int]) -> None:
         for job_id in job_ids:
             self._inputs.pop(job_id, None)
-        with self._index() as index:
-            for job_id in job_ids:
-                index.pop(job_id, None)
-
-    @contextmanager
-    def _index(self) -> Iterator[dict[int, float]]:
-        """The index to change in place, written back under the Dict lock."""
-        with dict_lock(self._jobs, INDEX_LOCK_KEY):
-            index = self._read_index()
-            yield index
-            self._jobs.put(UNFINISHED_KEY, index)
-
-
-@contextmanager
-def dict_lock(d, key: str, lease: float = LOCK_LEASE_SECONDS) -> Iterator[None]:
-    """A lock across containers on a Dict: held by whoever wrote `key` (skip_if_exists). A lock
-    older than `lease` seconds was left by a dead holder and is taken over; hold it for a few
-    Dict operations only. Released only by its holder (checked by a random token)."""
-    token = secrets.token_hex(8)
-    pause = 0.002
-    while not d.put(key, {"token": token, "expires": time.time() + lease}, skip_if_exists=True):
-        held = d.get(key)
-        if held is not None and held.get("expires", 0) < time.time():
-            d.pop(key, None)  # two takers at once: see DictJobStore's docstring
-            continue
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
-    try:
-        yield
-    finally:
-        held = d.get(key)
-        if held is not None and held.get("token") == token:
-            d.pop(key, None)
-
+            self._queue.pop(job_id, None)

@@ -38,7 +38,7 @@ class Dispatcher(Protocol):
 
     def stop(self, timeout: float = 5.0) -> None: ...
 
-    def submit(self, job_id: int) -> None:
+    def submit(self, job: Job) -> None:
         """Run a stored job (at least once; `execute_job`'s claim makes a repeat harmless)."""
 
     def load(self, request: LoadRequest) -> None:
@@ -59,15 +59,32 @@ class Dispatcher(Protocol):
     def estimate(self, params: JobParams) -> float:
         """Seconds a job with these params will take."""
 
+    def check(self, job: Job) -> Job:
+        """A `processing` job as it really is (ended `failed` when what ran it is known to have failed)."""
+
+    def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
+        """Jobs whose worker is gone: run again while they have attempts left, else ended `failed`
+        with `message`. (ids run again, ids failed)."""
+
 
 def execute_job(job_id: int, jobs: JobStore, storage, engine: Callable[[], Engine], webhooks, weights: WeightsStore,
-                usage=None) -> Job | None:
+                usage=None, runner: str | None = None, max_attempts: int = 0) -> Job | None:
     """Run one job to its end: the models it waits for ready, outputs stored under their
     precomputed keys in the storage it was submitted under, then `success`; any error (the engine
     failing to start included) -> `failed` with a message. Never raises, never leaves the job
     `processing`. Returns the finished record; its usage (images, video seconds, engine seconds)
-    goes to the `usage` meter, for its key."""
-    if not jobs.claim(job_id):  # cancelled by clear_queue, finished, or taken by another worker
+    goes to the `usage` meter, for its key.
+
+    `runner` names what runs it (on Modal, the input id): the same input delivered again after its
+    container died takes the job up again as its next attempt, and ends it `failed` instead when
+    the job has had `max_attempts` starts."""
+    if runner and max_attempts and (started := jobs.get(job_id)) is not None and not started.done \
+            and started.started_at is not None and started.runner == runner and started.attempts >= max_attempts:
+        jobs.update(job_id, status=FAILED, finished_at=time.time(), message=(
+            f"The worker running this job stopped {started.attempts} times (pre-empted or crashed); please submit it again."))
+        webhooks.job_finished(jobs.get(job_id))
+        return jobs.get(job_id)
+    if not jobs.claim(job_id, runner):  # cancelled by clear_queue, finished, or taken by another worker
         return jobs.get(job_id)
     try:
         job = jobs.get(job_id)
@@ -139,8 +156,18 @@ class LocalDispatcher:
         self._loads.shutdown(wait=False, cancel_futures=True)
 
     # --- the interface handlers use
-    def submit(self, job_id: int) -> None:
-        self._queue.put(job_id)
+    def submit(self, job: Job) -> None:
+        self._queue.put(job.id)
+
+    def check(self, job: Job) -> Job:
+        return job  # a worker thread that dies takes the process with it: start-up recovers
+
+    def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
+        """At start-up: every job left `processing` was the previous process's."""
+        queued, failed = self.jobs.recover(max_attempts, message)
+        for job_id in queued:
+            self._queue.put(job_id)
+        return queued, failed
 
     def load(self, request: LoadRequest) -> None:
         """Run a model load in the background (one at a time, beside the generation workers)."""

@@ -50,6 +50,7 @@ class Job:
     webhook_status: str = ""
     attempts: int = 0  # times a worker has started it (a worker that died mid-job leaves it started)
     owner: str = ""  # the key that submitted it, as `infra.limits.key_id` (never the key itself)
+    runner: str = ""  # what started the current attempt (on Modal the input id: a re-delivered input may go on)
     storage_id: str = LOCAL
     expires_at: float | None = None
     await_models: list[str] = field(default_factory=list)

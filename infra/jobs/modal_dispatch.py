@@ -1,46 +1,184 @@
-"""The dispatcher of the web tier on Modal: `LocalDispatcher`'s interface, with jobs handed to
-the GPU worker class (`Worker().run.spawn(job_id)`) and model loads to the download function.
-Nothing here imports `modal` or torch: the `.spawn` callables are passed in."""
+"""The dispatcher on Modal, for every container that hands out work (the web tier, the downloader,
+the scheduled passes): jobs go to the GPU worker class, model loads to the download function.
+Nothing here imports `modal` or torch: modal_app passes Modal's objects in (`ModalHandles`), and the
+tests pass the stand-ins of tests/modal/.
+
+What Modal's semantics ask of it (../shared/notes/modal-semantics.md):
+- Every spawn's call id (`fc-...`) is kept with its job. A job whose call failed (Modal gave up
+  re-delivering it) is ended `failed` with the reason as soon as anyone looks (`check`, on fetch)
+  or at the next recovery pass (`recover`, every few minutes); a job whose spawn was lost (the web
+  container died between creating and spawning it) is spawned again by that pass.
+- A job that waits for a model still loading (fetched on first use) is not spawned: no GPU
+  container sits polling for a download. The downloader, when a load ends, spawns the jobs that
+  waited for it (`model_loaded`); the recovery pass catches any it missed.
+- The web tier cannot see the workers' memory: `loaded_models()` is empty, and evict /
+  unload_models / restart bump the config generation (workers finish their input, then stop taking
+  new ones; fresh containers load models again on demand).
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
-from infra.catalog.weights import LoadRequest
+from infra.catalog.weights import FAILED, READY, LoadRequest
+from infra.jobs.job import FAILED as JOB_FAILED
+from infra.jobs.job import PROCESSING, Job
 from infra.jobs.params import JobParams
+
+if TYPE_CHECKING:
+    from infra.catalog.weights import WeightsStore
+    from infra.jobs.dict_store import DictJobStore
+    from infra.storage.config_store import DictConfigStore
+
+log = logging.getLogger(__name__)
+
+LOST_SPAWN_SECONDS = 60.0  # a queued job with no call for this long lost its spawn
+PENDING, DONE = "pending", "done"
+
+
+@dataclass
+class ModalHandles:
+    """What modal_app hands the runtime: Modal's objects (or a test's stand-ins)."""
+
+    jobs: Any  # modal.Dict: job records, claim and call keys, load outcomes
+    inputs: Any  # modal.Dict: a job's input images
+    queue: Any  # modal.Dict: the jobs queued or running
+    config: Any  # modal.Dict: run-time config (the update_s3 bucket, the restart generation)
+    usage: Any  # modal.Dict: per-key usage
+    spawn_job: Callable[[int], str | None]  # Worker().run.spawn(job_id) -> its call id
+    spawn_load: Callable[[dict], Any]  # download_model.spawn(the LoadRequest's fields)
+    spawn_webhook: Callable[[int], Any] | None = None  # deliver_webhook.spawn(job_id); None: deliver in this container
+    call_status: Callable[[str], str] = lambda call_id: PENDING  # "pending" | "done" | "failed: <why>"
+    device_label: str = "modal"
+    commit_outputs: Callable[[], None] | None = None
+    reload_outputs: Callable[[], None] | None = None
+    commit_weights: Callable[[], None] | None = None
+    reload_weights: Callable[[], None] | None = None
+
+
+def load_key(model_id: str) -> str:
+    """The outcome of a model's last load ("ready" or "failed: <why>"), written by the downloader:
+    a Dict is seen alike by every container, a Volume only after a reload."""
+    return f"load:{model_id}"
 
 
 class ModalDispatcher:
-    """`LocalDispatcher`'s interface for the web tier on Modal: jobs go to the GPU worker class
-    (`spawn_job(job_id)`, i.e. `Worker().run.spawn(job_id)`), model loads to the download
-    function (`spawn_load(dict of the LoadRequest's fields)`).
+    """The `Dispatcher` protocol on Modal (see the module docstring)."""
 
-    The web tier cannot see the workers' memory: `loaded_models()` is empty, and evict /
-    unload_models / restart bump the config generation (workers finish their input, then stop
-    taking new ones; fresh containers load models again on demand) and report no model names."""
+    def __init__(self, handles: ModalHandles, jobs: DictJobStore, weights: WeightsStore, config: DictConfigStore,
+                 settings, webhooks=None):
+        self.handles, self.jobs, self.weights, self.config, self.settings = handles, jobs, weights, config, settings
+        self.webhooks = webhooks  # the runtime sets it (jobs this dispatcher ends get their webhook)
+        self.device = handles.device_label
 
-    def __init__(self, spawn_job: Callable[[int], Any], spawn_load: Callable[[dict], Any], config, jobs,
-                 settings, device_label: str):
-        self.spawn_job, self.spawn_load = spawn_job, spawn_load
-        self.config, self.jobs, self.settings = config, jobs, settings
-        self.device = device_label
-
-    # --- lifecycle: nothing runs in the web container
+    # --- lifecycle: nothing runs in this container
     def start(self) -> None:
         pass
 
     def stop(self, timeout: float = 5.0) -> None:
         pass
 
-    # --- the interface handlers use
-    def submit(self, job_id: int) -> None:
-        self.spawn_job(job_id)
+    # --- jobs
+    def submit(self, job: Job) -> None:
+        """Spawn the job on the GPU class, unless models it waits for are still loading: then the
+        downloader spawns it when they are (nothing holds a GPU meanwhile)."""
+        waiting = [model_id for model_id in job.await_models if self._load_state(model_id) != READY]
+        if waiting:
+            self.jobs.set_waiting(job.id, waiting)
+            # the load may have ended between the look and the mark: look once more
+            if all(self._load_state(model_id) == READY for model_id in waiting):
+                self.jobs.set_waiting(job.id, [])
+            else:
+                return
+        self._spawn(job.id)
 
+    def model_loaded(self, model_id: str) -> list[int]:
+        """A load ended (in the downloader): record its outcome where every container sees it, then
+        spawn the jobs that waited for it (or end them `failed` with the load's reason). Their ids."""
+        entry = self.weights.get(model_id)
+        state = READY if entry is not None and entry.status == READY else f"{FAILED}: " + (
+            entry.message if entry is not None else "it was deleted")
+        self.handles.jobs.put(load_key(model_id), state)
+        released = []
+        for job_id, queued in self.jobs.open_jobs().items():
+            waiting = queued.get("waiting_for") or []
+            if model_id in waiting:
+                released.append(job_id)
+                self._release(job_id, [m for m in waiting if m != model_id], model_id, state)
+        return released
+
+    def check(self, job: Job) -> Job:
+        """A job still `processing` whose call failed is ended `failed` with the call's reason (fetch
+        says so at once, not after the next recovery pass)."""
+        if job.status != PROCESSING:
+            return job
+        call_id = self.jobs.call_of(job.id)
+        if call_id is None:
+            return job
+        status = self.handles.call_status(call_id)
+        if not status.startswith(FAILED):
+            return job
+        ended = self._end(job.id, self._call_failed(status))
+        self._notify(ended)
+        return ended or job
+
+    def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
+        """The recovery pass (scheduled every few minutes): jobs waiting for loads that ended are
+        released; a lost spawn is spawned again; a failed call is spawned again while the job has
+        attempts left, else the job ends `failed`; then the store's own pass for jobs that went
+        silent (no call to ask). Returns (ids spawned, ids failed); the caller sends the failed ones'
+        webhooks."""
+        spawned, failed = [], []
+        now = time.time()
+        for job_id, queued in self.jobs.open_jobs().items():
+            job = self.jobs.get(job_id)
+            if job is None or job.status != PROCESSING:
+                continue
+            waiting = queued.get("waiting_for") or []
+            if waiting:
+                states = {model_id: self._load_state(model_id) for model_id in waiting}
+                if all(state == READY for state in states.values()):
+                    self.jobs.set_waiting(job_id, [])
+                    self._spawn(job_id)
+                    spawned.append(job_id)
+                elif any(state.startswith(FAILED) for state in states.values()):
+                    model_id, state = next((m, s) for m, s in states.items() if s.startswith(FAILED))
+                    self._end(job_id, f"{model_id} could not be loaded: {state[len(FAILED) + 2:]}")
+                    failed.append(job_id)
+                continue
+            call_id = self.jobs.call_of(job_id)
+            if call_id is None:
+                if now - queued.get("queued_at", job.created_at) > LOST_SPAWN_SECONDS:
+                    self.jobs.requeue(job_id)
+                    self._spawn(job_id)
+                    spawned.append(job_id)
+                continue
+            status = self.handles.call_status(call_id)
+            if status.startswith(FAILED):  # Modal gave up on the input (its deliveries counted as attempts)
+                self._end(job_id, self._call_failed(status))
+                failed.append(job_id)
+            elif status == DONE and job.started_at is None:  # the worker gave it back unstarted: spawn again
+                self._spawn(job_id)
+                spawned.append(job_id)
+        again, gone = self.jobs.recover(max_attempts, message)
+        for job_id in again:
+            self._spawn(job_id)
+        return spawned + again, failed + gone
+
+    def estimate(self, params: JobParams) -> float:
+        """Seconds a job with these params will take on a warm worker (the setting initial_seconds_per_step:
+        the web tier does not see the workers' timings)."""
+        return self.settings.initial_seconds_per_step * params.work_units()
+
+    # --- models
     def load(self, request: LoadRequest) -> None:
         """The load runs on the download function; it takes the request as a dict of primitives."""
-        self.spawn_load(asdict(request))
+        self.handles.jobs.pop(load_key(request.model_id), None)
+        self.handles.spawn_load(asdict(request))
 
     def evict(self, model_id: str) -> None:
         """A deleted model leaves the workers' memory when they are replaced (generation bump)."""
@@ -57,7 +195,35 @@ class ModalDispatcher:
         self.config.bump_generation()
         return []
 
-    def estimate(self, params: JobParams) -> float:
-        """Seconds a job with these params will take on a warm worker (the setting initial_seconds_per_step:
-        the web tier does not see the workers' timings)."""
-        return self.settings.initial_seconds_per_step * params.work_units()
+    # --- internals
+    def _spawn(self, job_id: int) -> None:
+        call_id = self.handles.spawn_job(job_id)
+        if call_id:
+            self.jobs.set_call(job_id, call_id)
+
+    def _load_state(self, model_id: str) -> str:
+        entry = self.weights.get(model_id)
+        if entry is not None and entry.status == READY:
+            return READY
+        return self.handles.jobs.get(load_key(model_id)) or "loading"
+
+    def _release(self, job_id: int, still_waiting: list[str], model_id: str, state: str) -> None:
+        if state.startswith(FAILED):
+            self._notify(self._end(job_id, f"{model_id} could not be loaded: {state[len(FAILED) + 2:]}"))
+        elif still_waiting:
+            self.jobs.set_waiting(job_id, still_waiting)
+        else:
+            self.jobs.set_waiting(job_id, [])
+            self._spawn(job_id)
+
+    @staticmethod
+    def _call_failed(status: str) -> str:
+        return f"The GPU worker running this job failed ({status[len(FAILED) + 2:]}); please submit it again."
+
+    def _end(self, job_id: int, message: str) -> Job | None:
+        self.jobs.update(job_id, status=JOB_FAILED, message=message, finished_at=time.time())
+        return self.jobs.get(job_id)
+
+    def _notify(self, job: Job | None) -> None:
+        if self.webhooks is not None and job is not None:
+            self.webhooks.job_finished(job)

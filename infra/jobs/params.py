@@ -75,7 +75,8 @@ class GenerationParams(Contract):
     seeds: tuple[int, ...] = Field(min_length=1, description="One per image: image i is rendered from seeds[i].")
     steps: int
     guidance_scale: float
-    scheduler: str = Field(description="A diffusers scheduler class name.")
+    scheduler: str | None = Field(description="A diffusers scheduler class name; None: the model's own (a model "
+                                  "still to be loaded when the job was made).")
     use_karras_sigmas: bool
     algorithm: str | None = Field(description="The diffusers algorithm_type, or None for the scheduler's own.")
     clip_skip: int | None = Field(description="The wire value (1 = no skip, A1111's count).")
@@ -136,7 +137,7 @@ class VideoParams(Contract):
     steps: int
     guidance_scale: float
     seed: int
-    scheduler: str
+    scheduler: str | None  # None: the model's own
     clip_skip: int | None
 
     @property

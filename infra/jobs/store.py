@@ -6,6 +6,8 @@ behaviour.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -26,9 +28,10 @@ class JobStore(Protocol):
     def update(self, job_id: int, **changes: Any) -> None:
         """Change fields of a record; a terminal status also drops the job's inputs."""
 
-    def claim(self, job_id: int) -> bool:
+    def claim(self, job_id: int, runner: str | None = None) -> bool:
         """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
-        already started. Counts the attempt."""
+        started by another runner. The `runner` that started the job may claim it again (a Modal
+        input delivered again after its container died). Counts the attempt."""
 
     def cancel_queued(self, message: str) -> list[int]:
         """End every job not yet started as `failed` with `message`; running jobs are left alone."""
@@ -43,8 +46,8 @@ class JobStore(Protocol):
 
     def inputs(self, job_id: int) -> dict[str, bytes]: ...
 
-    def unfinished(self) -> tuple[int, float]:
-        """(number of jobs queued or running, their summed eta in seconds)."""
+    def unfinished(self, owner: str | None = None) -> tuple[int, float]:
+        """(number of jobs queued or running, their summed eta in seconds); of one key with `owner`."""
 
     def processing(self) -> list[Job]:
         """Every job queued or running."""
@@ -52,11 +55,15 @@ class JobStore(Protocol):
     def wait(self, job_id: int, timeout: float) -> Job | None:
         """The job's record once it is terminal, or after `timeout` seconds."""
 
+    async def wait_async(self, job_id: int, timeout: float) -> Job | None:
+        """`wait`, holding no thread while it waits (the web tier waits for many jobs at once)."""
+
 _JSON_FIELDS = ("params", "meta", "output_keys", "future_links", "await_models")
 _COLUMNS = list(JOB_FIELDS)
 # columns added since the first release: (name, type) for ALTER TABLE on an older database
 _ADDED_COLUMNS = (("attempts", "INTEGER DEFAULT 0"), ("owner", "TEXT DEFAULT ''"), ("storage_id", "TEXT DEFAULT 'local'"),
-                  ("expires_at", "REAL"), ("await_models", "TEXT DEFAULT '[]'"), ("schema_version", "INTEGER DEFAULT 1"))
+                  ("expires_at", "REAL"), ("await_models", "TEXT DEFAULT '[]'"), ("schema_version", "INTEGER DEFAULT 1"),
+                  ("runner", "TEXT DEFAULT ''"))
 
 
 class SqliteJobStore:
@@ -80,6 +87,7 @@ class SqliteJobStore:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._changes = 0  # bumped (under the lock) with every notify: `wait` never sleeps through one
+        self._async_waiters: set = set()  # (event loop, asyncio.Event) of each `wait_async`
 
     # --- writing
     def create(self, job: Job, inputs: dict[str, bytes] | None = None) -> Job:
@@ -116,14 +124,14 @@ class SqliteJobStore:
                 self._db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
             self._notify()
 
-    def claim(self, job_id: int) -> bool:
+    def claim(self, job_id: int, runner: str | None = None) -> bool:
         """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
-        already started. Counts the attempt."""
+        started by another runner (the one that started it may claim it again). Counts the attempt."""
         with self._changed:
             cursor = self._db.execute(
-                "UPDATE jobs SET started_at = ?, attempts = attempts + 1"
-                " WHERE id = ? AND status = ? AND started_at IS NULL",
-                (time.time(), job_id, PROCESSING),
+                "UPDATE jobs SET started_at = ?, attempts = attempts + 1, runner = ?"
+                " WHERE id = ? AND status = ? AND (started_at IS NULL OR (? != '' AND runner = ?))",
+                (time.time(), runner or "", job_id, PROCESSING, runner or "", runner or ""),
             )
             return cursor.rowcount == 1  # no notify: waiters wait for the end, not the start
 
@@ -178,12 +186,11 @@ class SqliteJobStore:
             rows = self._db.execute("SELECT name, data FROM job_inputs WHERE job_id = ?", (job_id,)).fetchall()
         return {name: bytes(data) for name, data in rows}
 
-    def unfinished(self) -> tuple[int, float]:
-        """(number of jobs queued or running, their summed eta in seconds)."""
+    def unfinished(self, owner: str | None = None) -> tuple[int, float]:
+        """(number of jobs queued or running, their summed eta in seconds); of one key with `owner`."""
+        where, args = ("status = ? AND owner = ?", (PROCESSING, owner)) if owner is not None else ("status = ?", (PROCESSING,))
         with self._lock:
-            count, eta = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(eta), 0) FROM jobs WHERE status = ?", (PROCESSING,)
-            ).fetchone()
+            count, eta = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(eta), 0) FROM jobs WHERE {where}", args).fetchone()
         return count, eta
 
     def processing(self) -> list[Job]:
@@ -211,10 +218,34 @@ class SqliteJobStore:
 
         return wait_until_done(get, job_id, timeout, pause)
 
+    async def wait_async(self, job_id: int, timeout: float) -> Job | None:
+        """`wait` holding no thread: an asyncio event, set from the thread of every change, wakes it."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        waiter = (loop, woken)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._async_waiters.add(waiter)
+        try:
+            while True:
+                woken.clear()
+                job = self.get(job_id)  # a local read: microseconds
+                remaining = deadline - time.monotonic()
+                if job is None or job.done or remaining <= 0:
+                    return job
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(remaining, 0.5))
+        finally:
+            with self._lock:
+                self._async_waiters.discard(waiter)
+
     def _notify(self) -> None:
         """Wake the waiters; call with the lock held."""
         self._changes += 1
         self._changed.notify_all()
+        for loop, woken in self._async_waiters:
+            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                loop.call_soon_threadsafe(woken.set)
 
     # --- rows
     @staticmethod

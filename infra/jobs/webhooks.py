@@ -387,3 +387,31 @@ def _retry_after(value: str | None) -> float | None:
 def _short(exc: Exception, limit: int = 200) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class SpawnedWebhooks:
+    """Job webhooks delivered by another function: on Modal the GPU worker hands each finished job
+    to a CPU function (`spawn(job_id)`, modal_app.deliver_webhook), which delivers it with the
+    retries above, so a GPU container never waits for a slow or dead receiver. Events that are not
+    jobs (a model load ended, in the CPU downloader) go out from here through `events`."""
+
+    def __init__(self, spawn, events: WebhookSender):
+        self.spawn, self.events = spawn, events
+
+    def job_finished(self, job: Job) -> None:
+        """Hand the job's webhook to the delivery function; returns at once and never raises."""
+        if job is None or not job.webhook:
+            return
+        try:
+            self.spawn(job.id)
+        except Exception:  # the job itself is done; the recovery of webhooks is the receiver's fetch
+            log.exception("could not hand the webhook of job %s to the delivery function", job.id)
+
+    def post_event(self, url: str, payload: dict) -> None:
+        self.events.post_event(url, payload)
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self.events.wait_idle(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.events.stop(timeout)

@@ -1,12 +1,18 @@
 """What every output backend shares: the error a failed write raises, content types by key, the
-folder name of expiry markers, and atomic file writes."""
+folder name of expiry markers, atomic file writes, and a Modal Volume reload that is tried again
+while a file held open blocks it."""
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 EXPIRY_DIR = ".expires"
 LOCAL = "local"  # the storage id of the server's own files (a job's `storage_id` by default)
@@ -42,3 +48,22 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+RELOAD_TRIES = 5  # a Volume reload fails while a file on it is open: try again, then go on without it
+RELOAD_PAUSE = 0.2
+
+
+def reload_volume(reload: Callable[[], None], tries: int = RELOAD_TRIES, pause: float = RELOAD_PAUSE) -> bool:
+    """Volume.reload(), tried again while it fails (it does while a file on the Volume is open);
+    False when it never succeeded (the caller goes on with what it sees)."""
+    for attempt in range(tries):
+        try:
+            reload()
+            return True
+        except Exception as exc:
+            if attempt == tries - 1:
+                log.warning("Volume reload failed %d times: %s", tries, exc)
+            else:
+                time.sleep(pause * (attempt + 1))
+    return False

@@ -31,6 +31,9 @@ class ConfigStore(Protocol):
     def bump_generation(self) -> int:
         """A new generation, larger than every one before; returns it."""
 
+    def refresh(self) -> int:
+        """Keep every value alive (a modal.Dict drops an entry after 7 idle days); how many."""
+
 
 def _check_name(name: str) -> str:
     if not _NAME.match(name) or name == GENERATION_KEY:
@@ -74,6 +77,21 @@ class DictConfigStore:
         self._d.put(GENERATION_KEY, n)
         return n
 
+    def refresh(self) -> int:
+        """Write every value again (run by the scheduled cleaner: an entry not read or written for 7
+        days expires); the claim keys of past generations are dropped, the newest kept."""
+        current = self.generation()
+        refreshed = 0
+        for name, value in list(self._d.items()):
+            if isinstance(name, str) and name.startswith("generation:"):
+                if name != f"generation:{current}":
+                    self._d.pop(name, None)
+                    continue
+            self._d.put(name, value)
+            refreshed += 1
+        self._d.put(GENERATION_KEY, current)
+        return refreshed
+
 
 class FileConfigStore:
     """The local config store: one file per name under `folder`, mode 0600 (values may hold
@@ -104,3 +122,6 @@ class FileConfigStore:
             n = self.generation() + 1
             write_atomic(self.folder / GENERATION_KEY, str(n).encode())
             return n
+
+    def refresh(self) -> int:
+        return 0  # files do not expire

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from infra.storage.base import EXPIRY_DIR, LOCAL, write_atomic
+from infra.storage.base import EXPIRY_DIR, LOCAL, reload_volume, write_atomic
 from infra.storage.config_store import ConfigStore
 from models.errors import ApiError
 
@@ -72,10 +72,10 @@ class LocalStorage:
             self.on_write()
 
     def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        path, root = (self.root / key).resolve(), self.root.resolve()
+        if not path.is_relative_to(root):
             raise ValueError(f"storage key escapes the storage root: {key!r}")
-        return path
+        return self.root / path.relative_to(root)  # under the root as given (a mount path stays the mount path)
 
     def url(self, key: str, base_url: str, expires_at: float | None = None) -> str:
         return f"{base_url}{self.url_prefix}/{key}"
@@ -91,8 +91,9 @@ class LocalStorage:
             path = self.path(key)
         except ValueError:
             return None
-        if not path.is_file() and self.on_miss is not None:
-            self.on_miss()
+        if not path.is_file() and self.on_miss is not None and not reload_volume(self.on_miss):
+            raise ApiError("This file is not visible on this server yet (its storage is busy); try again in a few "
+                           "seconds", status_code=503)
         if not path.is_file():
             return None
         expires_at = self.expires_at(key)
@@ -129,7 +130,15 @@ class LocalStorage:
         return removed, freed
 
     def _expiry_path(self, key: str) -> Path:
-        return self.root / EXPIRY_DIR / self.path(key).relative_to(self.root.resolve())
+        return self.root / EXPIRY_DIR / self.path(key).relative_to(self.root)
+
+
+# Modal's guide on v1 Volumes: best under 50,000 files, a hard cap of 500,000 (one output per image)
+VOLUME_WARNING = (
+    "Outputs are on a Modal Volume, which is best under 50,000 files and stops at 500,000 (one file per image: "
+    "about 35 images an hour for two months). Set an S3-compatible bucket for production: SDAPI_S3_CONFIG in the "
+    "secret, or update_s3."
+)
 
 
 class OutputStorage:
@@ -147,7 +156,10 @@ class OutputStorage:
     CONFIG_NAME = "s3-storage"
     url_prefix = LocalStorage.url_prefix
 
-    def __init__(self, local: LocalStorage, config: ConfigStore, settings):
+    def __init__(self, local: LocalStorage, config: ConfigStore, settings, on_modal_volume: bool = False):
+        """`on_modal_volume`: the local files are a Modal Volume, which holds a limited number of
+        files (`describe` says so while no bucket is set)."""
+        self.on_modal_volume = on_modal_volume
         self.local = local
         self.config = config
         self.settings = settings
@@ -203,7 +215,10 @@ class OutputStorage:
         return removed, freed
 
     def describe(self) -> dict:
-        return self.backend().describe()
+        described = self.backend().describe()
+        if self.on_modal_volume and self.current_id == LOCAL:
+            described["warning"] = VOLUME_WARNING
+        return described
 
     # --- switching
     def use_s3(self, config, allowlist: list[str] | tuple[str, ...] = ()) -> list[str]:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from handlers import catalog, generation, media, queue, server, system, video
 from handlers.caller import Caller
+from handlers.submit import Submitted, job_envelope
 from infra.catalog.weights import validate_model_id
 from infra.limits import RateLimiter
 from infra.storage.base import content_type
@@ -186,6 +187,9 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: 
         except ValidationError as exc:
             raise invalid_fields(exc) from None
         result = await run_in_threadpool(endpoint.handler, parsed, runtime, caller)
+        if isinstance(result, Submitted):  # a job: wait for it up to the sync budget, holding no thread
+            job = await runtime.jobs.wait_async(result.job.id, result.budget)
+            result = await run_in_threadpool(job_envelope, job or result.job, runtime, caller)
         return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
     app.add_api_route(

@@ -61,6 +61,7 @@ class StandInEngine:
         self.clip_layers = clip_layers
         self.max_frames = max_frames
         self.device = device
+        self.settings = self.weights = None  # what `rebind` was given (it reads neither)
         self.runs: list[JobParams] = []
         self.inputs: list[Mapping[str, bytes]] = []
         self._loaded: dict[str, None] = {}  # insertion order: least recently used first
@@ -74,6 +75,9 @@ class StandInEngine:
 
     def move_to(self, device: str) -> None:
         self.device = device
+
+    def rebind(self, settings, weights) -> None:
+        self.settings, self.weights = settings, weights
 
     def warm(self, model_id: str) -> None:
         self._touch(model_id)

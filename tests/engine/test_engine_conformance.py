@@ -8,7 +8,7 @@ tested against the stand-in behaves the same on the real engine:
   checker reports one `nsfw_content_detected` flag per image;
 - a video job gives one file, an mp4 (`ftyp` at offset 4) or a GIF of the job's frames;
 - an upscale job gives one PNG of the job's (width, height);
-- `warm` puts a model in `loaded()`, `evict` and `unload_all` take it out, `move_to` keeps it;
+- `warm` puts a model in `loaded()`, `evict` and `unload_all` take it out, `move_to` and `rebind` keep it;
 - a job the engine cannot run as asked raises an `EngineError` (never anything else): panorama /
   self-attention on an SDXL model and text2video on an SDXL or inpainting model are `Unsupported`;
   a clip_skip beyond the text encoder, too many video frames or a video size that is not a multiple
@@ -176,6 +176,8 @@ def test_warm_loads_and_evict_and_unload_all_forget(engine):
     assert engine.loaded()[-2:] == ["tiny-sd", INPAINT]  # least recently used first
     engine.move_to("cpu")
     assert engine.loaded()[-2:] == ["tiny-sd", INPAINT]
+    engine.rebind(engine.settings, engine.weights)  # a restored Modal container's own settings and store
+    assert engine.loaded()[-2:] == ["tiny-sd", INPAINT]
     assert isinstance(engine.device_name, str) and engine.device_name
     unloaded = engine.unload_all()
     assert {"tiny-sd", INPAINT} <= set(unloaded)
@@ -229,7 +231,7 @@ PROTOCOL_METHODS = {
 
 
 def test_the_protocol_methods_are_known():
-    assert set(PROTOCOL_METHODS) == {"run", "warm", "move_to", "evict", "unload_all", "loaded"}
+    assert set(PROTOCOL_METHODS) == {"run", "warm", "move_to", "rebind", "evict", "unload_all", "loaded"}
     assert "device_name" in Engine.__annotations__
 
 

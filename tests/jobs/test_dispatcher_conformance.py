@@ -17,7 +17,7 @@ from infra.catalog.weights import READY, LoadRequest, WeightsStore
 from infra.jobs.dict_store import DictJobStore
 from infra.jobs.dispatch import LocalDispatcher, execute_job
 from infra.jobs.job import SUCCESS, Job
-from infra.jobs.modal_dispatch import ModalDispatcher
+from infra.jobs.modal_dispatch import ModalDispatcher, ModalHandles
 from infra.jobs.store import SqliteJobStore
 from infra.net.inputs import encode_input
 from infra.settings import Settings
@@ -70,13 +70,20 @@ def side(request, tmp_path):
         def drain():  # the queued submissions are taken before the stop sentinels
             dispatcher.stop()
     else:
-        jobs = DictJobStore(FakeDict(), FakeDict())
+        handles = modal_handles()
+        jobs = DictJobStore(handles.jobs, handles.inputs, handles.queue)
+        config = DictConfigStore(handles.config)
         worker = FakeFunction(lambda job_id: execute_job(job_id, jobs, storage, lambda: engine, webhooks, weights).status)
-        download = FakeFunction(
-            lambda fields: run_load(LoadRequest(**fields), weights, settings, webhooks.post_event, prepare).status
-        )
-        config = DictConfigStore(FakeDict())
-        dispatcher = ModalDispatcher(worker.spawn, download.spawn, config, jobs, settings, "modal: A100-80GB")
+
+        def download_body(fields):  # as modal_app.download_model: the load, then the jobs that waited
+            status = run_load(LoadRequest(**fields), weights, settings, webhooks.post_event, prepare).status
+            dispatcher.model_loaded(fields["model_id"])
+            return status
+
+        download = FakeFunction(download_body)
+        handles.spawn_job = lambda job_id: worker.spawn(job_id).object_id
+        handles.spawn_load = download.spawn
+        dispatcher = ModalDispatcher(handles, jobs, weights, config, settings, webhooks)
 
         def drain():  # every spawned call has returned
             for _, call in worker.calls:
@@ -98,7 +105,7 @@ def test_a_submitted_job_runs_to_success_with_its_outputs_stored(side):
     job = side.jobs.create(new_job(task="img2img", strength=0.5, seeds=(3, 4)), {"init_image": init})
     job.output_keys = ["generations/a-0.png", "generations/a-1.png"]
     side.jobs.update(job.id, output_keys=job.output_keys)
-    side.dispatcher.submit(job.id)
+    side.dispatcher.submit(job)
     done = wait_done(side.jobs, job.id)
     assert done.status == SUCCESS and done.generation_time is not None
     for key in job.output_keys:
@@ -110,7 +117,7 @@ def test_a_submitted_job_runs_to_success_with_its_outputs_stored(side):
 def test_a_job_submitted_twice_runs_once(side):
     job = side.jobs.create(new_job())
     for _ in range(3):
-        side.dispatcher.submit(job.id)
+        side.dispatcher.submit(job)
     assert wait_done(side.jobs, job.id).status == SUCCESS
     side.drain()  # the other submissions have been taken (and found the job claimed)
     assert len(side.engine.runs) == 1 and len(side.webhooks.finished) == 1
@@ -119,7 +126,7 @@ def test_a_job_submitted_twice_runs_once(side):
 def test_a_job_the_engine_cannot_run_ends_failed_with_the_engines_message(side):
     side.engine.sdxl_models = frozenset({"tiny-sd"})
     job = side.jobs.create(new_job(panorama=True))
-    side.dispatcher.submit(job.id)
+    side.dispatcher.submit(job)
     done = wait_done(side.jobs, job.id)
     assert done.status == "failed" and "panorama" in done.message and "SDXL" in done.message
 
@@ -147,12 +154,12 @@ def test_the_estimate_is_the_speed_times_the_work(side):
 
 def test_jobs_run_after_a_restart_an_unload_and_an_evict(side):
     first = side.jobs.create(new_job())
-    side.dispatcher.submit(first.id)
+    side.dispatcher.submit(first)
     assert wait_done(side.jobs, first.id).status == SUCCESS
     assert isinstance(side.dispatcher.restart(), list) and isinstance(side.dispatcher.unload_models(), list)
     side.dispatcher.evict("tiny-sd")
     again = side.jobs.create(new_job())
-    side.dispatcher.submit(again.id)
+    side.dispatcher.submit(again)
     assert wait_done(side.jobs, again.id).status == SUCCESS
     assert isinstance(side.dispatcher.loaded_models(), list) and side.dispatcher.device
 
@@ -171,11 +178,24 @@ def test_the_local_dispatcher_drops_evicted_models_from_the_engine(tmp_path):
     assert dispatcher.loaded_models() == []
 
 
+def modal_handles(**changes) -> ModalHandles:
+    handles = ModalHandles(jobs=FakeDict(), inputs=FakeDict(), queue=FakeDict(), config=FakeDict(), usage=FakeDict(),
+                           spawn_job=lambda job_id: None, spawn_load=lambda fields: None, device_label="modal: A100-80GB")
+    for name, value in changes.items():
+        setattr(handles, name, value)
+    return handles
+
+
+def modal_dispatcher(tmp_path, handles: ModalHandles) -> ModalDispatcher:
+    return ModalDispatcher(handles, DictJobStore(handles.jobs, handles.inputs, handles.queue),
+                           WeightsStore(tmp_path / "weights"), DictConfigStore(handles.config),
+                           SimpleNamespace(initial_seconds_per_step=0.02))
+
+
 def test_the_modal_dispatcher_retires_workers_on_restart_unload_and_evict(tmp_path):
-    config = DictConfigStore(FakeDict())
-    spawned = []
-    dispatcher = ModalDispatcher(spawned.append, spawned.append, config, DictJobStore(FakeDict(), FakeDict()),
-                                 SimpleNamespace(initial_seconds_per_step=0.02), "modal: A100-80GB")
+    handles = modal_handles()
+    dispatcher = modal_dispatcher(tmp_path, handles)
+    config = dispatcher.config
     assert dispatcher.device == "modal: A100-80GB" and dispatcher.loaded_models() == []
     for action in (dispatcher.restart, dispatcher.unload_models, lambda: dispatcher.evict("deleted-model")):
         seen = config.generation()
@@ -185,8 +205,7 @@ def test_the_modal_dispatcher_retires_workers_on_restart_unload_and_evict(tmp_pa
 
 def test_a_spawned_load_carries_primitive_fields_only(tmp_path):
     spawned = []
-    dispatcher = ModalDispatcher(spawned.append, spawned.append, DictConfigStore(FakeDict()),
-                                 DictJobStore(FakeDict(), FakeDict()), SimpleNamespace(initial_seconds_per_step=0.02), "m")
+    dispatcher = modal_dispatcher(tmp_path, modal_handles(spawn_load=spawned.append))
     request = LoadRequest("my-model", "https://example.com/m.safetensors", None, webhook="https://hook")
     dispatcher.load(request)
     assert spawned == [{"model_id": "my-model", "source": "https://example.com/m.safetensors", "category": None,

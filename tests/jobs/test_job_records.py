@@ -85,7 +85,7 @@ def test_both_stores_read_a_record_the_previous_release_wrote(backend, tmp_path)
         store = SqliteJobStore(path)  # upgrades the table in place
     else:
         jobs = FakeDict({record["id"]: record})  # the old DictJobStore kept `asdict(job)`
-        store = DictJobStore(jobs, FakeDict())
+        store = DictJobStore(jobs, FakeDict(), FakeDict())
     job = store.get(record["id"])
     assert job == Job.from_record(record) and job.params.prompt.startswith("a dog")
     store.update(job.id, status=SUCCESS, finished_at=time.time())

@@ -28,7 +28,7 @@ def store(request, tmp_path):
     """Every job store the runtime can be built with: the local one and the Modal one (on Dict stand-ins)."""
     if request.param == "sqlite":
         return SqliteJobStore(tmp_path / "jobs.sqlite3")
-    return DictJobStore(FakeDict(), FakeDict())
+    return DictJobStore(FakeDict(), FakeDict(), FakeDict())
 
 
 def recover_dead(store, max_attempts: int, message: str):
