@@ -5,9 +5,12 @@ What runs where (and why, under Modal's semantics: ../shared/notes/modal-semanti
   `@modal.concurrent`). Jobs live in `modal.Dict`s (records; the queue of open jobs), work goes
   to the GPU class with `.spawn()` and each call's id is kept with its job. A request waits for its
   job asynchronously (no thread per wait) for up to SDAPI_SYNC_TIMEOUT (120 s, under Modal's 150 s
-  web limit), then answers `processing`. Outputs go to the S3 bucket of SDAPI_S3_CONFIG (the
-  production default) or, without one, to the `sd-enterprise-data` Volume, served under /files.
-  Its image has no torch.
+  web limit), then answers `processing`; a stream/{id} ends with a `reconnect` event after
+  SDAPI_STREAM_MAX_SECONDS (120 s, under the web function's 150 s timeout). A cancelled queued
+  job's call is cancelled (`FunctionCall.cancel`: its input never runs); a running job stops at its
+  next step (its worker reads the cancel from the jobs Dict), so its GPU container stays for the
+  next job. Outputs go to the S3 bucket of SDAPI_S3_CONFIG (the production default) or, without
+  one, to the `sd-enterprise-data` Volume, served under /files. Its image has no torch.
 - `Worker`: the GPU class (SDAPI_MODAL_GPU). Its memory snapshot holds the imports and the default
   model's weights (in fp16 on the CPU; on the GPU itself with SDAPI_MODAL_GPU_SNAPSHOT). After every
   restore a container reads its own settings and the restart generation of its own start, then
@@ -72,6 +75,13 @@ DATA_PATH = "/data"  # outputs when no S3 bucket is set (Volume)
 COMPILE_CACHE_PATH = "/compile-cache"  # torch.compile's cache (Volume: kernel files held open never block the weights)
 WEB_TIMEOUT = 150  # Modal's limit for a web request; the sync budget below stays under it
 SYNC_TIMEOUT = 120
+# a stream/{id} connection ends with a `reconnect` event before the web function's timeout cuts it
+# (the client goes on with Last-Event-ID); an operator may choose less (or more, still under the timeout)
+STREAM_MARGIN = 30
+STREAM_MAX_SECONDS = float(os.environ.get("SDAPI_STREAM_MAX_SECONDS", WEB_TIMEOUT - STREAM_MARGIN))
+if modal.is_local() and not 0 < STREAM_MAX_SECONDS <= WEB_TIMEOUT - 5:  # checked where `modal deploy` runs
+    raise ValueError(f"SDAPI_STREAM_MAX_SECONDS must be above 0 and at most {WEB_TIMEOUT - 5} s (the web function's "
+                     f"timeout is {WEB_TIMEOUT} s), not {STREAM_MAX_SECONDS:g}")
 
 # the server's settings in every container (the secret adds the keys, the bucket, ...)
 SETTINGS = {
@@ -87,6 +97,7 @@ SETTINGS = {
         "SDAPI_DEFAULT_INPAINT_MODEL_SOURCE", "stable-diffusion-v1-5/stable-diffusion-inpainting"),
     "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2",
     "SDAPI_SYNC_TIMEOUT": str(SYNC_TIMEOUT),
+    "SDAPI_STREAM_MAX_SECONDS": f"{STREAM_MAX_SECONDS:g}",
     "SDAPI_CLEANUP_INTERVAL": "0",  # the scheduled functions clean
     "SDAPI_STORE_PRECISION": "fp16",  # what the GPU worker runs; the downloader that stores it has no GPU
 }
@@ -152,6 +163,12 @@ def call_status(call_id: str) -> str:
     return "done"
 
 
+def cancel_call(call_id: str) -> None:
+    """A cancelled queued job's call: an input still waiting never runs (and is not retried);
+    `terminate_containers=False` keeps the GPU container that may hold it warm for the next job."""
+    modal.FunctionCall.from_id(call_id).cancel(terminate_containers=False)
+
+
 def modal_runtime(deliver_webhooks_here: bool = False):
     """The runtime in this container: the same Runtime as locally, with Modal's backends."""
     from infra.jobs.modal_dispatch import ModalHandles
@@ -163,6 +180,7 @@ def modal_runtime(deliver_webhooks_here: bool = False):
         spawn_load=lambda request: download_model.spawn(request),
         spawn_webhook=None if deliver_webhooks_here else (lambda job_id: deliver_webhook.spawn(job_id)),
         call_status=call_status,
+        cancel_call=cancel_call,
         device_label=f"modal: {GPU}",
         commit_outputs=data.commit, reload_outputs=data.reload,
         commit_weights=weights.commit,  # a `loading` manifest the web tier writes is seen by the downloader

@@ -1,7 +1,7 @@
 """`python -m bench`: every benchmark, each in its own process; prints the JSON of all of them and a
 table. Never part of the tests' pass/fail.
 
-    python -m bench [--quick] [--only overhead,throughput,coldload,switch] [--cache warm|cold] [--json FILE]
+    python -m bench [--quick] [--only overhead,throughput,coldload,switch,lifecycle] [--cache warm|cold] [--json FILE]
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench import lifecycle
 from bench.common import cleanup, machine, run_child, scratch, table
 
-ALL = ("overhead", "throughput", "coldload", "switch")
+ALL = ("overhead", "throughput", "coldload", "switch", "lifecycle")
 
 
 def rows(results: dict) -> list[list]:
@@ -51,6 +52,8 @@ def rows(results: dict) -> list[list]:
                 for what in ("model_switch_ms", "variant_switch_ms"):
                     out.append([f"switch mechanics ({label}): {what.replace('_ms', '').replace('_', ' ')}",
                                 f"{m['now'][what]} ms", f"before (from_pipe per job): {m['before'][what]} ms", s["peak_rss_mb"]])
+    if lc := results.get("lifecycle"):
+        out.extend(lifecycle.rows(lc))
     return out
 
 

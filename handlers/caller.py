@@ -10,6 +10,9 @@ from dataclasses import dataclass
 class Caller:
     key_id: str  # `infra.limits.key_id` of the request's key: what jobs, limits and usage record
     base_url: str  # what clients reach this server at (the setting public_url, else the request's own)
+    admin: bool = True  # an admin key (every key is, on a server without separate admin keys)
+    idempotency_key: str | None = None  # the request's Idempotency-Key (header or body field)
+    body_digest: str = ""  # SHA-256 of the request as the idempotency key compares it (endpoint + body, no key)
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"

@@ -1,25 +1,156 @@
-"""fetch: the state of any job by id (also `fetch/{id}`, `video/fetch/{id}`, `fetch_queue_image`);
-never creates work."""
+"""Following a job: fetch (its state by id; also `fetch/{id}`, `video/fetch/{id}`,
+`fetch_queue_image`), cancel (also `cancel/{id}`), the event stream of its progress
+(`stream/{id}`) and its preview image. None of them creates work.
+
+- fetch answers the job's envelope (`handlers.submit.job_envelope`: progress and queue position
+  while it is processing). A queued job whose deadline passed is cancelled when it is looked at.
+- cancel: a queued job never starts, a running one stops at its next denoising step; either way
+  it ends `failed` with `"message": "Cancelled by the client"` and `"cancelled": true`, and its
+  webhook is called once. Another key's job is a 404 (as if it did not exist); a job that ended is
+  a 409 naming its state. The answer is the job's envelope once it stopped (waited for up to
+  CANCEL_WAIT_SECONDS, like a generation waits).
+- stream: server-sent events. `progress` on every change of the job's progress (id = the
+  snapshot's `seq`; data = the body fetch would return at that moment), then one `result` event
+  with exactly fetch's body, then the stream closes. With `Last-Event-ID` the snapshots after that
+  id are sent first (a client that reconnects misses none). A stream that would outlive
+  `stream_max_seconds` (on Modal: inside the web function's limits) ends with a `reconnect` event
+  carrying the last id sent and the `retry` hint; reconnecting with it goes on where it stopped.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from handlers.caller import Caller
-from handlers.submit import job_envelope
-from models.errors import NotFound
-from models.requests import FetchRequest
-from models.responses import JobResponse
+from handlers.submit import Submitted, job_envelope
+from infra.jobs.job import Job
+from infra.jobs.progress import CANCELLED, deadline_message, wire
+from models.errors import Conflict, NotFound
+from models.requests import CancelRequest, FetchRequest
+from models.responses import JobResponse, job_response
 
 if TYPE_CHECKING:
     from infra.runtime import Runtime
 
+CANCEL_WAIT_SECONDS = 10.0  # a cancel answers once the running job stopped, or after this long
+STREAM_LOOK_SECONDS = 1.0  # a stream looks at its job at least this often (sooner when the store tells of a change)
+RETRY_MS = 1000  # the `retry` hint of the stream
+
 
 def fetch(req: FetchRequest, rt: Runtime, caller: Caller) -> JobResponse:
-    job = rt.jobs.get(req.request_id)
+    return job_envelope(current(req.request_id, rt), rt, caller)
+
+
+def current(job_id: int, rt: Runtime) -> Job:
+    """The job as it is now: checked with the dispatcher, and cancelled when it is queued past its
+    deadline (a worker would cancel it at its start; nothing should wait for that)."""
+    job = rt.jobs.get(job_id)
     if job is None:
-        raise NotFound(
-            f"Request id not found: {req.request_id}",
-            tip="Use the `id` returned by a generation request on this server.",
-        )
-    return job_envelope(rt.dispatcher.check(job), rt, caller)
+        raise NotFound(f"Request id not found: {job_id}", tip="Use the `id` returned by a generation request on this server.")
+    job = rt.dispatcher.check(job)
+    if not job.done and job.started_at is None and job.deadline_at is not None and time.time() > job.deadline_at:
+        job = _cancel_queued(job, deadline_message(job), rt) or rt.jobs.get(job_id) or job
+    return job
+
+
+def cancel(req: CancelRequest, rt: Runtime, caller: Caller) -> Submitted:
+    job = rt.jobs.get(req.request_id)
+    if job is None or job.owner != caller.key_id:
+        raise NotFound(f"Request id not found: {req.request_id}",
+                       tip="Cancel a job with the key that submitted it, by the `id` its request returned.")
+    job = rt.dispatcher.check(job)
+    if job.done:
+        raise Conflict(f"Job {job.id} has already ended: {job.status}" + (" (cancelled)" if job.cancelled else ""),
+                       tip="Only queued or running jobs can be cancelled.")
+    if job.started_at is None:
+        ended = _cancel_queued(job, CANCELLED, rt)
+        if ended is not None:
+            return Submitted(ended, 0.0)
+    outcome = rt.jobs.request_cancel(job.id, CANCELLED)  # running (or it started meanwhile): its worker stops it
+    if outcome == "ended":
+        latest = rt.jobs.get(job.id)
+        if not (latest and latest.cancelled):
+            raise Conflict(f"Job {job.id} has already ended: {latest.status if latest else 'gone'}",
+                           tip="Only queued or running jobs can be cancelled.")
+    return Submitted(rt.jobs.get(job.id) or job, CANCEL_WAIT_SECONDS)
+
+
+def _cancel_queued(job: Job, message: str, rt: Runtime) -> Job | None:
+    """End a queued job as cancelled (None when a worker started it meanwhile)."""
+    if rt.jobs.request_cancel(job.id, message) != "cancelled":
+        return None
+    rt.dispatcher.cancelled(job)
+    ended = rt.jobs.get(job.id)
+    rt.webhooks.job_finished(ended)
+    return ended
+
+
+def preview(job_id: int, rt: Runtime) -> bytes:
+    """The latest preview JPEG of a running job that asked for previews."""
+    data = rt.jobs.preview(job_id)
+    if data is None:
+        raise NotFound(f"No preview for job {job_id}", tip="Previews exist while a `preview: yes` job runs.")
+    return data
+
+
+# --------------------------------------------------------------------------- the event stream
+
+
+def _event(name: str, data: dict, event_id: int | str | None = None) -> str:
+    lines = [f"event: {name}"]
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines.append(f"data: {json.dumps(data, separators=(',', ':'))}")
+    return "\n".join(lines) + "\n\n"
+
+
+async def stream(job_id: int, rt: Runtime, caller: Caller, last_event_id: int, max_seconds: float) -> AsyncIterator[str]:
+    """The job's events (see the module docstring). The job must exist (checked before the stream
+    starts, so a wrong id is a 404 envelope, not a stream)."""
+    deadline = time.monotonic() + max_seconds
+    sent = last_event_id  # the last snapshot seq the client has (0: none)
+    queued_at: int | None = None  # the queue position last sent while the job waited
+    yield f"retry: {RETRY_MS}\n\n"
+    while True:
+        since = rt.jobs.change_count()  # before the look: a change during it is not slept through
+        job = await asyncio.to_thread(current, job_id, rt)
+        history = await asyncio.to_thread(rt.jobs.progress, job_id) if job.started_at or job.done else []
+        missed = [snapshot for snapshot in history if snapshot.get("seq", 0) > sent]
+        if missed:
+            body = await asyncio.to_thread(job_envelope, job, rt, caller) if not job.done else None
+            for snapshot in missed:
+                yield _event("progress", _progress_body(job, snapshot, body, caller), snapshot["seq"])
+                sent = snapshot["seq"]
+        elif not history and not job.done:  # queued: an event whenever its place in the queue changes
+            body = await asyncio.to_thread(job_envelope, job, rt, caller)
+            if body.status == "processing" and body.queue_position != queued_at:
+                queued_at = body.queue_position
+                yield _event("progress", body.model_dump(mode="json", exclude_none=True), 0)
+        if job.done:
+            final = await asyncio.to_thread(job_envelope, job, rt, caller)
+            yield _event("result", final.model_dump(mode="json", exclude_none=True), "result")
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            yield _event("reconnect", {"message": "This stream reached its time limit; reconnect with the "
+                                       "Last-Event-ID header to go on where it stopped.", "last_event_id": max(sent, 0)},
+                         max(sent, 0))
+            return
+        await rt.jobs.wait_change(job_id, min(STREAM_LOOK_SECONDS, remaining), since)
+
+
+def _progress_body(job: Job, snapshot: dict, body, caller: Caller) -> dict:
+    """What fetch would have answered when `snapshot` was the job's latest: its processing envelope
+    with that snapshot's progress (the current body when it is the latest)."""
+    if body is not None and body.status == "processing" and body.progress is not None \
+            and body.progress.step == snapshot.get("step") and body.progress.stage == snapshot.get("stage"):
+        return body.model_dump(mode="json", exclude_none=True)
+    remaining = 0.5 if snapshot.get("eta") is None else max(0.5, snapshot["eta"])
+    shown = job_response(replace(job, status="processing"), fetch_result=caller.url(
+        f"/api/v1/enterprise/fetch/{job.id}"), eta=remaining, progress=wire(snapshot))
+    return shown.model_dump(mode="json", exclude_none=True)

@@ -84,7 +84,10 @@ def clear_cache(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> MessageResp
 def clear_queue(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> MessageResponse:
     cancelled = rt.jobs.cancel_queued("Cancelled by clear_queue before it started; please submit it again.")
     for job_id in cancelled:
-        rt.webhooks.job_finished(rt.jobs.get(job_id))
+        job = rt.jobs.get(job_id)
+        if job is not None:
+            rt.dispatcher.cancelled(job)  # out of the queue (on Modal its call is cancelled too)
+        rt.webhooks.job_finished(job)
     return MessageResponse(
         message=f"Queue cleared: {len(cancelled)} queued job(s) cancelled; running jobs finish",
         cancelled=cancelled,

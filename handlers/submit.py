@@ -5,7 +5,9 @@ side effects, and the envelope of a job (`job_envelope`, also fetch's answer).
 The order is the contract: a handler checks everything a client could get wrong first, and only
 then calls `submit_job`, which checks the key's job cap and the webhook URL, starts the loads of
 models fetched on first use, creates the job with its output links fixed and hands it to the
-dispatcher. It returns `Submitted`: the web layer waits for the job up to the sync budget without
+dispatcher. A request with an idempotency key that names an earlier job of the same key and body
+gets that job back instead (a different body under the same key is a 409). It returns
+`Submitted`: the web layer waits for the job up to the sync budget without
 holding a thread (`success` if it finished by then, `processing` with `fetch_result` if not), then
 answers with `job_envelope`. A refused request leaves nothing behind.
 """
@@ -22,13 +24,15 @@ from PIL import Image
 from handlers import ondemand
 from handlers.caller import Caller
 from infra.catalog.weights import PIPELINE_CATEGORIES, ModelEntry
-from infra.jobs.job import Job
+from infra.jobs.job import IDEMPOTENCY_SECONDS, Job
 from infra.jobs.params import JobParams
+from infra.jobs.progress import queued_snapshot, wire
 from infra.limits import check_job_cap
 from infra.net.fetcher import check_url
 from infra.net.inputs import decode_image
 from infra.net.inputs import load_image as fetch_image
-from models.errors import ApiError, BadInput, NotFound
+from infra.storage.links import preview_path
+from models.errors import ApiError, BadInput, Conflict, Forbidden, NotFound
 from models.responses import JobResponse, job_response
 from models.schedulers import SchedulerError, resolve_algorithm, resolve_name
 
@@ -117,6 +121,8 @@ def expiry_at(temp: bool, settings) -> float | None:
 
 # --------------------------------------------------------------------------- the job
 
+IDEMPOTENCY_WAIT_SECONDS = 10.0  # a retry racing the first request waits this long for its job
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -131,16 +137,64 @@ def submit_job(endpoint: str, params: JobParams, meta: dict, output_keys: list[s
                rt: Runtime, caller: Caller, pending: Iterable[ondemand.Pending] = ()) -> Submitted:
     """Create the job with its output links fixed and hand it to the dispatcher. `pending`: models
     fetched on first use that the job waits for."""
-    # 1. the last checks: the key's job cap, the webhook URL
+    budget = 0.0 if getattr(req, "instant_response", False) else rt.settings.sync_timeout
+    # 1. a retry of an earlier request (the same idempotency key and body): its job, nothing new
+    if caller.idempotency_key:
+        earlier = _earlier_job(caller, rt)
+        if earlier is not None:
+            return Submitted(earlier, budget)
+    try:
+        submitted = _create(endpoint, params, meta, output_keys, inputs, req, rt, caller, pending, budget)
+    except BaseException:
+        if caller.idempotency_key:
+            rt.jobs.forget_request(caller.key_id, caller.idempotency_key)  # refused: a retry may succeed
+        raise
+    if caller.idempotency_key:
+        rt.jobs.bind_request(caller.key_id, caller.idempotency_key, submitted.job.id)
+    return submitted
+
+
+def _earlier_job(caller: Caller, rt: Runtime) -> Job | None:
+    """The job an earlier request with this idempotency key made (waiting briefly while that request
+    is still making it), or None after reserving the key for this request; 409 for another body."""
+    deadline = time.monotonic() + IDEMPOTENCY_WAIT_SECONDS
+    while True:
+        state, job_id = rt.jobs.remember_request(caller.key_id, caller.idempotency_key, caller.body_digest,
+                                                 IDEMPOTENCY_SECONDS)
+        if state == "new":
+            return None
+        if state == "different":
+            raise Conflict(
+                f"Idempotency key {caller.idempotency_key!r} was used for a different request"
+                + (f" (job {job_id})" if job_id else ""),
+                tip="Send a new idempotency key for a new request; the same key only with the same body.",
+            )
+        job = rt.jobs.get(job_id) if job_id else None
+        if job is not None:
+            return job
+        if time.monotonic() > deadline:
+            raise Conflict(f"A request with idempotency key {caller.idempotency_key!r} is still being accepted",
+                           tip="Retry in a moment.")
+        time.sleep(0.05)
+
+
+def _create(endpoint: str, params: JobParams, meta: dict, output_keys: list[str], inputs: dict[str, bytes], req,
+            rt: Runtime, caller: Caller, pending: Iterable[ondemand.Pending], budget: float) -> Submitted:
+    # 2. the last checks: the priority, the key's job cap, the webhook URL
+    priority = getattr(req, "priority", "normal")
+    if priority == "high" and not caller.admin:
+        raise Forbidden("priority high needs an admin key", tip="Send priority normal or low, or use an admin key.")
     check_job_cap(rt.jobs, caller.key_id, rt.settings)
     if req.webhook:
         check_url(req.webhook, "webhook", rt.settings.fetch_allowlist)
-    # 2. accepted: start the fetches, fix where the outputs go (even if storage changes meanwhile)
+    # 3. accepted: start the fetches, fix where the outputs go (even if storage changes meanwhile)
     await_models = ondemand.start(pending, rt)
     storage_id = rt.storage.current_id
     expires_at = expiry_at(req.temp, rt.settings)
     links = [rt.storage.url(key, caller.base_url, expires_at=expires_at, storage_id=storage_id) for key in output_keys]
-    # 3. the job, queued; the web layer waits for it
+    # 4. the job, queued; the web layer waits for it
+    now = time.time()
+    deadline = getattr(req, "deadline_seconds", None)
     job = Job(
         id=0,
         endpoint=endpoint,
@@ -155,21 +209,43 @@ def submit_job(endpoint: str, params: JobParams, meta: dict, output_keys: list[s
         storage_id=storage_id,
         expires_at=expires_at,
         await_models=await_models,
+        created_at=now,
+        priority=priority,
+        deadline_at=now + deadline if deadline else None,
+        webhook_events=list(getattr(req, "webhook_events", None) or []),
+        preview=bool(getattr(req, "preview", False)),
     )
     job = rt.jobs.create(job, inputs)
     rt.dispatcher.submit(job)
-    return Submitted(job, 0.0 if getattr(req, "instant_response", False) else rt.settings.sync_timeout)
+    rt.webhooks.job_event(job, "queued")
+    return Submitted(job, budget)
 
 
 def job_envelope(job: Job, rt: Runtime, caller: Caller) -> JobResponse:
-    return job_response(job, fetch_result=caller.url(f"/api/v1/enterprise/fetch/{job.id}"), eta=remaining_seconds(job, rt))
+    """A job's answer: ModelsLab's envelope, with `progress` (and `queue_position` while queued) when
+    it is processing."""
+    fetch_result = caller.url(f"/api/v1/enterprise/fetch/{job.id}")
+    if job.done:
+        return job_response(job, fetch_result=fetch_result)
+    history = rt.jobs.progress(job.id) if job.started_at else []
+    if history:
+        snapshot, position = history[-1], None
+    else:
+        snapshot, position = queued_snapshot(job), (None if job.started_at else rt.dispatcher.queue_position(job))
+    preview = caller.url(f"{preview_path(job.id, rt.settings)}&v={snapshot.get('seq', 0)}") \
+        if job.preview and snapshot.get("previewed") else None
+    return job_response(job, fetch_result=fetch_result, eta=remaining_seconds(job, rt, snapshot),
+                        progress=wire(snapshot, preview), queue_position=position)
 
 
-def remaining_seconds(job: Job, rt: Runtime) -> float:
-    """Estimated seconds until the job is done: its own estimate, plus the queue when not started."""
+def remaining_seconds(job: Job, rt: Runtime, snapshot: dict | None = None) -> float:
+    """Estimated seconds until the job is done: once it runs, from its own measured step rate (its
+    latest progress), else its estimate; plus the queue when it is not started."""
     if job.done:
         return 0.0
     if job.started_at:
+        if snapshot and snapshot.get("eta") is not None:
+            return max(0.5, snapshot["eta"] - (time.time() - snapshot.get("at", time.time())))
         return max(0.5, job.started_at + job.eta - time.time())
     _, queued = rt.jobs.unfinished()
     return max(0.5, queued)

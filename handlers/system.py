@@ -31,6 +31,7 @@ def system_details(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> SystemDe
         loaded_models=rt.dispatcher.loaded_models(),
         memory_mb=_resident_mb(),
         storage=rt.storage.describe(),
+        queue_by_priority=rt.dispatcher.queue_lengths(),
     )
 
 

@@ -96,7 +96,8 @@ class ModalWorker:
         if any(getattr(runtime.weights.get(m), "status", READY) == LOADING for m in job.await_models):
             return "waiting"  # not on a GPU: the downloader spawns it again when its models are loaded
         finished = execute_job(job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks,
-                               runtime.weights, runtime.usage, runner=input_id, max_attempts=runtime.settings.job_attempts)
+                               runtime.weights, runtime.usage, runner=input_id, max_attempts=runtime.settings.job_attempts,
+                               settings=runtime.settings)
         return finished.status if finished else "missing"
 
     def compile_cache_grew(self) -> bool:

@@ -65,6 +65,19 @@ class Settings(BaseSettings):
     initial_seconds_per_step: float = Field(
         0.05, description="ETA estimate per step per megapixel before any job was timed."
     )
+    progress_seconds: float = Field(
+        0.25, gt=0, le=10, description="How often a running job's progress is written (and its cancel request read)."
+    )
+    preview_every_steps: int = Field(
+        5, ge=1, description="A `preview: yes` job's preview is redrawn every this many denoising steps."
+    )
+    webhook_progress_seconds: float = Field(
+        5.0, ge=0, description="At most one `progress` webhook event per job this often."
+    )
+    stream_max_seconds: float = Field(
+        600.0, gt=0, description="A stream/{id} connection ends after this long with a `reconnect` event (on Modal: "
+        "below the web function's timeout)."
+    )
 
     # --- models and generation
     default_model_id: str = Field("tiny-sd", description="Model used when a request names none.")

@@ -11,6 +11,8 @@ they mean "use the default", like Laravel's ConvertEmptyStringsToNull the origin
 
 from __future__ import annotations
 
+import re
+
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
@@ -199,3 +201,18 @@ ImageList = Annotated[
     BeforeValidator(lambda value: [parse_text(v) for v in value] if isinstance(value, list) else [parse_text(value)]),
     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
 ]
+
+
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds of a duration header (`Cancel-After`): "30", "30s", "5m", "1h30m", "1.5h", "500ms".
+    Raises ValueError for anything else. (Go's duration syntax, as Replicate's header takes it.)"""
+    text = value.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"{value!r} is not a duration like 30s, 5m or 1h30m")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)

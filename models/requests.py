@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.fields import CsvList, Dimension, FloatList, ImageList, JobId, LooseFloat, LooseInt, Text, YesNo
 
@@ -37,10 +37,43 @@ class KeyOnlyRequest(WireModel):
     get_all_models: the key is the whole body."""
 
 
+# --------------------------------------------------------------------------- how a job is run and followed
+
+WEBHOOK_EVENTS = ("queued", "started", "progress", "completed")
+
+
+class JobOptions(WireModel):
+    """Ours, on every job endpoint (ModelsLab's clients send none of them and see no change)."""
+
+    priority: Literal["high", "normal", "low"] = Field(
+        "normal", description="Start order among queued jobs (round-robin across keys within a priority); "
+        "`high` needs an admin key.")
+    deadline_seconds: LooseFloat(1, 7 * 24 * 3600) | None = Field(
+        None, description="Past this many seconds after submission the job ends as cancelled (also the "
+        "`Cancel-After` header).")
+    webhook_events: CsvList | None = Field(
+        None, description="Comma list of queued, started, progress, completed: what `webhook` receives, each "
+        "with an `event` field. Default: completed only, without the field (ModelsLab's payload).")
+    preview: YesNo = Field(False, description="Link a small JPEG of the current latents as `progress.preview`.")
+    idempotency_key: Text | None = Field(
+        None, max_length=255, description="Also the `Idempotency-Key` header: the same key and body from the same "
+        "API key within 24 h return the first job instead of making a new one.")
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _known_events(cls, events: list[str] | None) -> list[str] | None:
+        if events is None:
+            return None
+        unknown = [event for event in events if event not in WEBHOOK_EVENTS]
+        if unknown:
+            raise ValueError(f"unknown webhook event {', '.join(unknown)}: use {', '.join(WEBHOOK_EVENTS)}")
+        return list(dict.fromkeys(events))
+
+
 # --------------------------------------------------------------------------- generation
 
 
-class GenerationRequest(WireModel):
+class GenerationRequest(JobOptions):
     """Fields shared by text2img, img2img, inpaint and controlnet."""
 
     model_id: Text | None = Field(None, description="Model id; defaults to the server's default model.")
@@ -128,7 +161,7 @@ class ControlnetRequest(GenerationRequest):
     strength: LooseFloat(0, 1) = 0.7
 
 
-class Text2VideoRequest(WireModel):
+class Text2VideoRequest(JobOptions):
     """G1 `/enterprise/text2video` fields plus the G3 `video/text2video` ones. The video is made by
     AnimateDiff: a motion adapter (`motion_module`) on an SD 1.x model (`model_id`)."""
 
@@ -167,7 +200,7 @@ class Text2VideoRequest(WireModel):
 # --------------------------------------------------------------------------- media
 
 
-class SuperResolutionRequest(WireModel):
+class SuperResolutionRequest(JobOptions):
     url: Text = Field(description="URL (or base64) of the image to upscale.")
     scale: LooseFloat(1, 4) = Field(4, description="1..4; the network's own scale is resampled to this one.")
     model_id: Text = Field(
@@ -197,6 +230,14 @@ class FetchRequest(WireModel):
     request_id: JobId = Field(
         validation_alias=AliasChoices("request_id", "id"), description="The `id` of a generation response."
     )
+
+
+class CancelRequest(FetchRequest):
+    """cancel (also `cancel/{id}`): stop a queued or running job of this key."""
+
+
+class StreamRequest(FetchRequest):
+    """stream/{id}: the job's progress as server-sent events (GET or POST)."""
 
 
 # --------------------------------------------------------------------------- model catalog

@@ -36,6 +36,20 @@ class SuccessResponse(Envelope):
     tip: str | None = None
 
 
+class JobProgress(BaseModel):
+    """Where a queued or running job is (ours; clients that do not know it ignore it)."""
+
+    percent: int = Field(description="0..100; never goes backwards; 100 once the outputs are stored.")
+    step: int = Field(description="Denoising steps done, over every image and pass.")
+    total_steps: int = Field(description="Steps the job runs: img2img strength, highres_fix, upscale and every "
+                             "sample counted.")
+    image: int = Field(description="The image being made (1-based; 0 while queued or loading).")
+    images: int
+    stage: Literal["queued", "loading_model", "denoising", "decoding", "postprocessing", "storing"]
+    preview: str | None = Field(None, description="A small JPEG of the current latents (`preview: yes` jobs), "
+                                "overwritten in place; gone when the job ends.")
+
+
 class ProcessingResponse(Envelope):
     status: Literal["processing"] = "processing"
     tip: str = "Your request is queued; fetch the result at fetch_result or wait for the webhook."
@@ -48,6 +62,8 @@ class ProcessingResponse(Envelope):
     output: list[str] = Field(default_factory=list)
     meta: dict[str, Any] | None = None
     future_links: list[str] = Field(default_factory=list)
+    progress: JobProgress | None = None
+    queue_position: int | None = Field(None, description="Jobs that start before this one (while it is queued).")
 
 
 class FailedResponse(Envelope):
@@ -58,6 +74,7 @@ class FailedResponse(Envelope):
     meta: dict[str, Any] | None = None
     webhook_status: str | None = None
     tip: str | None = None
+    cancelled: bool | None = Field(None, description="True when the job was cancelled (by its client or its deadline).")
 
 
 class MessageResponse(Envelope):
@@ -94,6 +111,8 @@ class SystemDetailsResponse(Envelope):
     loaded_models: list[str] = Field(default_factory=list, description="Models in the engine's memory now.")
     memory_mb: float | None = Field(None, description="Resident memory of the server process, MiB.")
     storage: dict[str, Any] = Field(default_factory=dict, description="Where outputs go (no secrets).")
+    queue_by_priority: dict[str, int] = Field(default_factory=dict, description="Jobs queued (not started) per "
+                                              "priority: high, normal, low.")
 
 
 class UploadImageResponse(Envelope):
@@ -118,8 +137,10 @@ class SchedulersListResponse(Envelope):
 JobResponse = SuccessResponse | ProcessingResponse | FailedResponse
 
 
-def job_response(job, fetch_result: str, eta: float = 0.0) -> JobResponse:
-    """The envelope for a job record (anything with the fields of `infra.jobs.Job`)."""
+def job_response(job, fetch_result: str, eta: float = 0.0, progress: dict | None = None,
+                 queue_position: int | None = None) -> JobResponse:
+    """The envelope for a job record (anything with the fields of `infra.jobs.Job`); a processing
+    one with its `progress` (the wire object) and `queue_position` when given."""
     if job.status == "success":
         flagged = job.meta.get("nsfw_content_detected") if job.meta else None
         return SuccessResponse(
@@ -133,7 +154,8 @@ def job_response(job, fetch_result: str, eta: float = 0.0) -> JobResponse:
         )
     if job.status == "failed":
         return FailedResponse(
-            id=job.id, message=job.message or "Failed, Try Again", meta=job.meta, webhook_status=job.webhook_status or None
+            id=job.id, message=job.message or "Failed, Try Again", meta=job.meta, webhook_status=job.webhook_status or None,
+            cancelled=True if getattr(job, "cancelled", False) else None,
         )
     return ProcessingResponse(
         eta=round(eta, 2),
@@ -142,4 +164,6 @@ def job_response(job, fetch_result: str, eta: float = 0.0) -> JobResponse:
         meta=job.meta,
         future_links=job.future_links,
         webhook_status=job.webhook_status,
+        progress=progress,
+        queue_position=queue_position,
     )

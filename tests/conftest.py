@@ -230,6 +230,7 @@ class ServerProcess:
     def __init__(self, data_dir: Path, models_dir: Path, port: int | None = None, **settings):
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
         env = {**os.environ, "SDAPI_PORT": str(self.port), "SDAPI_DATA_DIR": str(data_dir),
                "SDAPI_MODELS_DIR": str(models_dir), "SDAPI_FETCH_KNOWN_MODELS": "false",
                **{f"SDAPI_{k.upper()}": str(v) for k, v in settings.items()}}

@@ -6,6 +6,11 @@ A job's typed parameters (`infra.jobs.params`) hold the effective values the han
 images arrive as encoded bytes already fitted to the output size. Image i of a job is rendered alone from seed + i, so any image can be reproduced exactly by
 sending its own seed with samples 1 (with the setting batch_samples, a job's images share one
 batched pass, each from its own seed's generator: the same images up to floating-point noise).
+
+Progress (`infra.engine.protocol.Progress`): every pipeline call reports each denoising step through
+its step-end callback (chained after the speed mode's own; the legacy per-step `callback` where a
+pipeline has only that), the stage it is in, and, when a preview is due, a small JPEG of the
+latents (`latent_preview`). The `Cancelled` a step raises stops the pipeline where it is.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from infra.engine.adapters import diffusers_clip_skip, job_adapters, seed_tome, 
 from infra.engine.cache import ModelCache
 from infra.engine.hints import make_hint
 from infra.engine.postprocess import composite_inpaint, treat_flagged
-from infra.engine.protocol import DoesNotFit, EngineResult
+from infra.engine.protocol import DoesNotFit, EngineResult, Progress
 from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, cfg_cutoff_call
 from infra.engine.types import LoadedModel
@@ -115,27 +120,37 @@ class DiffusersEngine:
         for loaded in self.cache.models():
             forget_lora(loaded, model_id)
 
-    def run(self, params: JobParams, inputs: Mapping[str, bytes]) -> EngineResult:
+    def run(self, params: JobParams, inputs: Mapping[str, bytes], progress: Progress | None = None) -> EngineResult:
         """A job's output files (in the order of its output keys) and facts for its `meta`."""
         facts: dict = {}
+        progress = progress or NO_PROGRESS
         # 1. the frames of a video are the whole output
         if params.kind == "video":
-            frames = self.video(params)
+            frames = self.video(params, progress)
             if params.scheduler is None:
                 facts["scheduler"] = scheduler_of(self.cache.model(params.model_id), params)
             return EngineResult([encode_video(frames, params.fps, params.output_type)], facts)
         # 2. the images: upscaled from the input, or generated (and optionally upscaled)
         if params.kind == "upscale":
+            progress.stage("postprocessing")
             image, faces = self.super_resolve(_open(inputs["image"]), params)
+            progress.step()
             images = [image]
             if params.face_restorer:
                 facts["faces_restored"] = faces
         else:
-            images = self.generate(params, inputs)
+            images = self.generate(params, inputs, progress)
             if upscale := params.upscale:
+                progress.stage("postprocessing")
                 upscaler = self.cache.component(upscale.model_id, "upscaler")
-                images = [self._upscale(upscaler, image, upscale.scale) for image in images]
+                upscaled = []
+                for index, image in enumerate(images):
+                    progress.image(index)
+                    upscaled.append(self._upscale(upscaler, image, upscale.scale))
+                    progress.step()
+                images = upscaled
         # 3. the safety checker on what would be stored
+        progress.stage("postprocessing")
         if checker := getattr(params, "safety_checker", None):
             images, flagged = check_images(images, checker.type, checker.threshold)
             facts["nsfw_content_detected"] = flagged
@@ -169,22 +184,29 @@ class DiffusersEngine:
 
         return upscale(upscaler, image, scale, self.settings.upscale_tile, self.settings.upscale_tile_overlap)
 
-    def video(self, params: VideoParams) -> list[Image.Image]:
+    def video(self, params: VideoParams, progress: Progress = None) -> list[Image.Image]:
         from infra.engine.video import generate_video
 
+        progress = progress or NO_PROGRESS
+        progress.stage("loading_model")
         model = self.cache.model(params.model_id)
         adapter = self.cache.component(params.motion_adapter, "motion_adapter")
         scheduler = build_scheduler(scheduler_of(model, params), model.scheduler_config, False, None)
         no_adapters = job_adapters(model, self.weights, [], None, 0.0, self.settings.max_loaded_loras)
         with no_adapters, text_model_alias(model):  # LoRAs of an earlier job switched off; holds the model's lock
+            progress.image(0)
+            progress.stage("denoising")
             return generate_video(
                 model, adapter, scheduler, prompt=params.prompt, negative_prompt=params.negative_prompt,
                 width=params.width, height=params.height, num_frames=params.num_frames, steps=params.steps,
                 guidance_scale=params.guidance_scale, seed=params.seed, clip_skip=self._clip_skip(model, params.clip_skip),
+                step_end=lambda pipeline, call: reporting(pipeline, call, progress, params.steps, 1),
             )
 
-    def generate(self, params: GenerationParams, inputs: Mapping[str, bytes]) -> list[Image.Image]:
+    def generate(self, params: GenerationParams, inputs: Mapping[str, bytes],
+                 progress: Progress | None = None) -> list[Image.Image]:
         """text2img, img2img, inpaint and controlnet: one image per seed, each composited and refined."""
+        progress = progress or NO_PROGRESS
         # 1. the inputs (already fitted to the output size by the handler)
         init = _open(inputs["init_image"]) if "init_image" in inputs else None
         mask = _open(inputs["mask_image"]).convert("L") if "mask_image" in inputs else None
@@ -196,6 +218,7 @@ class DiffusersEngine:
             return [init.resize(size, Image.Resampling.LANCZOS) for _ in range(params.samples)]
 
         # 2. the pipeline: the model's variant for the task, with this job's scheduler and parts
+        progress.stage("loading_model")
         model = self.cache.model(params.model_id)
         parts = {}
         if params.vae:
@@ -220,7 +243,7 @@ class DiffusersEngine:
         tome = self._tome_ratio(params) if variant != "self_attention" else 0.0  # SAG reads the attention maps ToMe merges
         if variant in ("text2img", "img2img", "inpaint"):  # speed mode that changes outputs (setting cfg_cutoff)
             call.update(cfg_cutoff_call(pipeline, params.steps, self.settings.cfg_cutoff, params.guidance_scale))
-        refine = self._highres_pass(model, params, init, mask, parts) if highres else None
+        refine = self._highres_pass(model, params, init, mask, parts, progress) if highres else None
         seeds = list(params.seeds)
         # one pass for all samples, with one generator per image (the latents of seed + i alone), or one pass each
         batches = [seeds] if self.settings.batch_samples and not tome and len(seeds) > 1 else [[seed] for seed in seeds]
@@ -233,11 +256,16 @@ class DiffusersEngine:
                 seed_tome(model, batch[0])
                 generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch]
                 many = {"num_images_per_prompt": len(batch)} if len(batch) > 1 else {}
+                progress.image(len(images))
+                progress.stage("denoising")
                 with torch.inference_mode():
                     output = pipeline(
-                        prompt=params.prompt, generator=generators if many else generators[0], **many, **call
+                        prompt=params.prompt, generator=generators if many else generators[0], **many,
+                        **reporting(pipeline, call, progress, params.first_pass_steps(), len(batch)),
                     ).images
                 for seed, image in zip(batch, output):
+                    progress.image(len(images))
+                    progress.stage("postprocessing")
                     if mask is not None:
                         image = composite_inpaint(image, init, mask)
                     if refine is not None:
@@ -251,7 +279,8 @@ class DiffusersEngine:
         wanted = mode == "always" or (mode == "request" and params.tomesd)
         return self.settings.tomesd_ratio if wanted else 0.0
 
-    def _highres_pass(self, model: LoadedModel, params: GenerationParams, init, mask, parts: dict):
+    def _highres_pass(self, model: LoadedModel, params: GenerationParams, init, mask, parts: dict,
+                      progress: Progress):
         """highres_fix's second pass: the first image enlarged (Lanczos) to the highres size and
         refined by img2img (inpaint when there is a mask, composited again so unmasked pixels stay
         the enlarged original) at the setting's strength, with the same seed and adapters."""
@@ -283,8 +312,11 @@ class DiffusersEngine:
         def refine(image: Image.Image, seed: int) -> Image.Image:
             generator = torch.Generator("cpu").manual_seed(seed)
             enlarged = image.resize(size, Image.Resampling.LANCZOS)
+            progress.stage("denoising")
             with torch.inference_mode():
-                refined = pipeline(prompt=params.prompt, image=enlarged, generator=generator, **call).images[0]
+                refined = pipeline(prompt=params.prompt, image=enlarged, generator=generator,
+                                   **reporting(pipeline, call, progress, params.second_pass_steps(), 1)).images[0]
+            progress.stage("postprocessing")
             return composite_inpaint(refined, big_init, big_mask) if big_mask is not None else refined
 
         return refine
@@ -329,6 +361,92 @@ class DiffusersEngine:
         if skip is not None and skip >= layers:
             raise DoesNotFit(f"clip_skip {wire_value} is too large for model {model.model_id} ({layers} CLIP layers)")
         return skip
+
+
+class _NoProgress:
+    """The `Progress` of a run nobody follows (a warm-up, a benchmark): every call a no-op."""
+
+    def stage(self, stage: str) -> None: ...
+
+    def image(self, index: int) -> None: ...
+
+    def adjust(self, extra_steps: int) -> None: ...
+
+    def step(self, count: int = 1) -> None: ...
+
+    def wants_preview(self) -> bool:
+        return False
+
+    def preview(self, jpeg: bytes) -> None: ...
+
+
+NO_PROGRESS = _NoProgress()
+
+
+def reporting(pipeline, call: dict, progress: Progress, planned: int, images: int) -> dict:
+    """The pipeline call `call` with each denoising step reported to `progress`: a step-end
+    callback chained after the one `call` may already carry (the speed mode's), or the legacy
+    per-step `callback` where the pipeline has only that. `planned`: the steps the job counted for
+    this pass (corrected at the first step when the scheduler runs more); `images`: images the
+    pass makes at once (a batched pass advances each)."""
+    accepted = call_parameters(type(pipeline))
+    if progress is NO_PROGRESS:
+        return call
+    seen = [0]
+
+    def report(step: int, latents) -> None:
+        if seen[0] == 0 and (actual := getattr(pipeline, "_num_timesteps", None)) and actual != planned:
+            progress.adjust((actual - planned) * images)
+        seen[0] += 1
+        progress.step(images)  # raises Cancelled: the pipeline stops here
+        if latents is not None and progress.wants_preview():
+            progress.preview(latent_preview(latents))
+        if seen[0] >= (getattr(pipeline, "_num_timesteps", None) or planned):
+            progress.stage("decoding")
+
+    if "callback_on_step_end" in accepted:
+        chained = call.get("callback_on_step_end")
+        names = list(call.get("callback_on_step_end_tensor_inputs") or [])
+        if "latents" in getattr(pipeline, "_callback_tensor_inputs", ()) and "latents" not in names:
+            names.append("latents")
+
+        def on_step_end(pipe, step, timestep, tensors):
+            if chained is not None:
+                tensors = chained(pipe, step, timestep, tensors)
+            report(step, tensors.get("latents"))
+            return tensors
+
+        return {**call, "callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": names}
+    if "callback" in accepted:
+        return {**call, "callback": lambda step, timestep, latents: report(step, latents), "callback_steps": 1}
+    return call  # no per-step hook: the steps are counted when the pass ends (execute_job's finish)
+
+
+def latent_preview(latents: torch.Tensor, longest: int = 256) -> bytes:
+    """A small JPEG of the first image's latents: the linear latent-to-RGB approximation of SD's
+    VAE latent space (the factors A1111 and ComfyUI use for their live previews), not a VAE decode;
+    a latent space of another width shows its first three channels. Nearest-neighbour enlarged to
+    at most `longest` pixels."""
+    first = latents[0].detach().float().cpu()
+    if first.dim() == 4:  # a video's (channels, frames, height, width): its first frame
+        first = first[:, 0]
+    if first.shape[0] == 4:
+        rgb = torch.einsum("chw,cr->rhw", first, _SD_LATENT_RGB)
+    else:
+        rgb = first[:3]
+        rgb = (rgb - rgb.mean()) / (rgb.std() + 1e-6) * 0.5
+    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels, "RGB")
+    scale = max(1, longest // max(image.size))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
+_SD_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
+                               [-0.2829, 0.1762, 0.2721], [-0.2120, -0.0259, -0.5634]])
 
 
 def scheduler_of(model: LoadedModel, params) -> str:

@@ -166,9 +166,11 @@ def generate_video(
     seed: int,
     clip_skip: int | None,
     pipelines: VideoPipelines | None = None,
+    step_end=None,
 ) -> list[Image.Image]:
     """The frames of one video. `clip_skip` is diffusers' count of skipped layers (or None);
-    `scheduler` is a fresh scheduler for this job. The caller holds `model.lock`."""
+    `scheduler` is a fresh scheduler for this job; `step_end(pipeline, call) -> call` adds the
+    progress reporting to the pipeline call. The caller holds `model.lock`."""
     _check_model(model)
     max_frames = adapter.config.motion_max_seq_length
     if not 1 <= num_frames <= max_frames:
@@ -178,17 +180,11 @@ def generate_video(
     pipeline = (pipelines if pipelines is not None else VIDEO_PIPELINES).get(model, adapter)
     pipeline.scheduler = scheduler
     generator = torch.Generator("cpu").manual_seed(seed)
+    call = {"negative_prompt": negative_prompt or None, "num_frames": num_frames, "width": width, "height": height,
+            "num_inference_steps": steps, "guidance_scale": guidance_scale, "clip_skip": clip_skip,
+            "generator": generator, "output_type": "pil"}
+    if step_end is not None:
+        call = step_end(pipeline, call)
     with text_model_alias(model), torch.inference_mode():  # the alias is a no-op if the caller set it
-        output = pipeline(
-            prompt=prompt,
-            negative_prompt=negative_prompt or None,
-            num_frames=num_frames,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            clip_skip=clip_skip,
-            generator=generator,
-            output_type="pil",
-        )
+        output = pipeline(prompt=prompt, **call)
     return list(output.frames[0])

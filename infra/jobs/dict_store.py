@@ -27,7 +27,18 @@ import secrets
 import time
 from typing import Any
 
-from infra.jobs.job import FAILED, JOB_FIELDS, MAX_ID, MIN_ID, PROCESSING, TERMINAL, Job, wait_until_done
+from infra.jobs.job import (
+    FAILED,
+    IDEMPOTENCY_SECONDS,
+    JOB_FIELDS,
+    MAX_ID,
+    MIN_ID,
+    PRIORITIES,
+    PROCESSING,
+    TERMINAL,
+    Job,
+    wait_until_done,
+)
 
 POLL_SECONDS = 0.25  # how often `wait` looks at a job
 REFRESH_SECONDS = 4 * 24 * 3600  # a kept record is re-written when it was last written longer ago (Dict expiry: 7 days)
@@ -41,6 +52,24 @@ def claim_key(job_id: int, attempt: int) -> str:
 
 def _beat_key(job_id: int) -> str:
     return f"beat:{job_id}"
+
+
+def progress_key(job_id: int) -> str:
+    """The job's progress snapshots (written by its worker's reporter, read by every web container)."""
+    return f"progress:{job_id}"
+
+
+def preview_key(job_id: int) -> str:
+    return f"preview:{job_id}"
+
+
+def cancel_key(job_id: int) -> str:
+    """A cancel requested for a running job: its message (the worker's reporter reads it)."""
+    return f"cancel:{job_id}"
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    return f"idem:{owner}:{key}"
 
 
 def call_key(job_id: int) -> str:
@@ -85,7 +114,7 @@ class DictJobStore:
                 break
         if inputs:
             self._inputs.put(job.id, dict(inputs))
-        self._queue.put(job.id, {"eta": job.eta, "owner": job.owner, "queued_at": now})
+        self._queue.put(job.id, {"eta": job.eta, "owner": job.owner, "queued_at": now, "priority": job.priority})
         return job
 
     def update(self, job_id: int, **changes: Any) -> None:
@@ -101,6 +130,7 @@ class DictJobStore:
         self._jobs.put(job_id, record)
         if changes.get("status") in TERMINAL:
             self._forget([job_id])
+            self._jobs.pop(preview_key(job_id), None)
 
     def claim(self, job_id: int, runner: str | None = None) -> bool:
         """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
@@ -116,12 +146,73 @@ class DictJobStore:
         if not self._jobs.put(claim_key(job_id, attempt), {"at": now, "runner": runner}, skip_if_exists=True):
             return False
         self.update(job_id, started_at=now, attempts=attempt, runner=runner or "")
+        entry = self._queue.get(job_id)
+        if entry is not None:  # queue_position counts the jobs not started yet
+            self._queue.put(job_id, {**entry, "started": True})
         return True
 
     def heartbeat(self, job_id: int) -> None:
         """A running job's worker is alive (optional: call it from a long job's worker so `recover`
         does not take the job for dead before `stale_after` has passed since the last beat)."""
         self._jobs.put(_beat_key(job_id), time.time())
+
+    def request_cancel(self, job_id: int, message: str) -> str:
+        """A queued job is cancelled by winning its next claim key (no worker can start it then);
+        a running one gets the `cancel:` key its worker's reporter reads."""
+        record = self._jobs.get(job_id)
+        if record is None:
+            return "missing"
+        if record["status"] in TERMINAL:
+            return "ended"
+        if record["started_at"] is None and self._jobs.put(
+                claim_key(job_id, record["attempts"] + 1), {"at": time.time(), "runner": "cancel"}, skip_if_exists=True):
+            self.update(job_id, status=FAILED, message=message, finished_at=time.time(), cancelled=True)
+            return "cancelled"
+        self._jobs.put(cancel_key(job_id), message)  # started (or a worker is starting it right now)
+        return "stopping"
+
+    def cancel_requested(self, job_id: int) -> str | None:
+        return self._jobs.get(cancel_key(job_id))
+
+    def set_progress(self, job_id: int, history: list[dict]) -> None:
+        self._jobs.put(progress_key(job_id), history)
+
+    def progress(self, job_id: int) -> list[dict]:
+        return list(self._jobs.get(progress_key(job_id)) or [])
+
+    def set_preview(self, job_id: int, jpeg: bytes) -> None:
+        self._jobs.put(preview_key(job_id), jpeg)
+
+    def preview(self, job_id: int) -> bytes | None:
+        return self._jobs.get(preview_key(job_id))
+
+    def remember_request(self, owner: str, key: str, digest: str, ttl: float) -> tuple[str, int | None]:
+        """The reservation is a `skip_if_exists` put: exactly one web container wins a key. One
+        older than `ttl` is taken out first (two requests racing at that very moment could both
+        win: a replay exactly 24 h later, accepted as new)."""
+        name = idempotency_key(owner, key)
+        entry = {"digest": digest, "job_id": None, "at": time.time()}
+        if self._jobs.put(name, entry, skip_if_exists=True):
+            return "new", None
+        found = self._jobs.get(name)
+        if found is None or time.time() - found["at"] > ttl:
+            self._jobs.pop(name, None)
+            if self._jobs.put(name, entry, skip_if_exists=True):
+                return "new", None
+            found = self._jobs.get(name) or found
+        return ("same" if found["digest"] == digest else "different"), found.get("job_id")
+
+    def bind_request(self, owner: str, key: str, job_id: int) -> None:
+        name = idempotency_key(owner, key)
+        found = self._jobs.get(name)
+        if found is not None:
+            self._jobs.put(name, {**found, "job_id": job_id})
+
+    def forget_request(self, owner: str, key: str) -> None:
+        name = idempotency_key(owner, key)
+        found = self._jobs.get(name)
+        if found is not None and found.get("job_id") is None:
+            self._jobs.pop(name, None)
 
     def cancel_queued(self, message: str) -> list[int]:
         """End every job not yet started as `failed` with `message`; running jobs are left alone.
@@ -194,13 +285,16 @@ class DictJobStore:
         whole Dict: for the scheduled cleaner, not for requests."""
         now, removed = time.time(), 0
         for key, record in list(self._jobs.items()):
+            if isinstance(key, str) and key.startswith("idem:") and now - record.get("at", 0) > IDEMPOTENCY_SECONDS:
+                self._jobs.pop(key, None)
+                continue
             if not isinstance(key, int) or not isinstance(record, dict):
                 continue
             if record.get("status") in TERMINAL and (record.get("finished_at") or 0) < cutoff:
                 self._jobs.pop(key, None)
                 for attempt in range(1, record.get("attempts", 0) + 2):
                     self._jobs.pop(claim_key(key, attempt), None)
-                for extra in (_beat_key(key), call_key(key)):
+                for extra in (_beat_key(key), call_key(key), progress_key(key), preview_key(key), cancel_key(key)):
                     self._jobs.pop(extra, None)
                 self._inputs.pop(key, None)
                 removed += 1
@@ -243,6 +337,25 @@ class DictJobStore:
             await asyncio.sleep(min(POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             job = await asyncio.to_thread(self.get, job_id)
         return job
+
+    def change_count(self) -> int:
+        return 0  # a Dict tells nobody of a change
+
+    async def wait_change(self, job_id: int, timeout: float, since: int | None = None) -> None:
+        """A Dict tells nobody of a change: the next look is after POLL_SECONDS."""
+        await asyncio.sleep(max(0.0, min(POLL_SECONDS, timeout)))
+
+    def queue_position(self, job: Job) -> int:
+        """How many jobs not started yet go before `job` (higher priority, or queued earlier)."""
+        rank = PRIORITIES.index(job.priority) if job.priority in PRIORITIES else 1
+        ahead = 0
+        for job_id, entry in self.open_jobs().items():
+            if job_id == job.id or entry.get("started") or entry.get("waiting_for"):
+                continue
+            other = PRIORITIES.index(entry.get("priority", "normal"))
+            if other < rank or (other == rank and entry.get("queued_at", 0) < job.created_at):
+                ahead += 1
+        return ahead
 
     # --- the Modal dispatcher's
     def set_call(self, job_id: int, call_id: str) -> None:

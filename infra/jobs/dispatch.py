@@ -6,18 +6,19 @@ Modal GPU worker class. Every job ends through `execute_job`, wherever it runs.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from infra.catalog.loader import Prepare, run_load
 from infra.catalog.weights import LoadRequest
-from infra.engine.protocol import EngineError
-from infra.jobs.job import FAILED, SUCCESS, Job
+from infra.engine.protocol import Cancelled, EngineError
+from infra.jobs.job import FAILED, PRIORITIES, SUCCESS, Job
 from infra.jobs.params import JobParams
+from infra.jobs.progress import ProgressReporter
 from infra.storage.base import StorageError, content_type
 from models.errors import ApiError
 
@@ -62,18 +63,30 @@ class Dispatcher(Protocol):
     def check(self, job: Job) -> Job:
         """A `processing` job as it really is (ended `failed` when what ran it is known to have failed)."""
 
+    def cancelled(self, job: Job) -> None:
+        """A queued job was cancelled in the store: take it out of what would start it."""
+
+    def queue_position(self, job: Job) -> int:
+        """How many queued jobs start before this queued one."""
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Jobs queued (not started) per priority."""
+
     def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
         """Jobs whose worker is gone: run again while they have attempts left, else ended `failed`
         with `message`. (ids run again, ids failed)."""
 
 
 def execute_job(job_id: int, jobs: JobStore, storage, engine: Callable[[], Engine], webhooks, weights: WeightsStore,
-                usage=None, runner: str | None = None, max_attempts: int = 0) -> Job | None:
+                usage=None, runner: str | None = None, max_attempts: int = 0, settings=None) -> Job | None:
     """Run one job to its end: the models it waits for ready, outputs stored under their
     precomputed keys in the storage it was submitted under, then `success`; any error (the engine
-    failing to start included) -> `failed` with a message. Never raises, never leaves the job
-    `processing`. Returns the finished record; its usage (images, video seconds, engine seconds)
-    goes to the `usage` meter, for its key.
+    failing to start included) -> `failed` with a message; a cancel or a passed deadline (seen at
+    the engine's next step) -> `failed` with `cancelled`. Never raises, never leaves the job
+    `processing`. Returns the finished record; its usage (images, video seconds, engine seconds,
+    the steps that ran) goes to the `usage` meter, for its key. Its progress is reported while it
+    runs (`infra.jobs.progress`, every `settings.progress_seconds`), and its webhook gets the
+    `started` and `progress` events it asked for.
 
     `runner` names what runs it (on Modal, the input id): the same input delivered again after its
     container died takes the job up again as its next attempt, and ends it `failed` instead when
@@ -84,7 +97,7 @@ def execute_job(job_id: int, jobs: JobStore, storage, engine: Callable[[], Engin
             f"The worker running this job stopped {started.attempts} times (pre-empted or crashed); please submit it again."))
         webhooks.job_finished(jobs.get(job_id))
         return jobs.get(job_id)
-    if not jobs.claim(job_id, runner):  # cancelled by clear_queue, finished, or taken by another worker
+    if not jobs.claim(job_id, runner):  # cancelled (by its client or clear_queue), finished, or taken by another worker
         return jobs.get(job_id)
     try:
         job = jobs.get(job_id)
@@ -94,30 +107,121 @@ def execute_job(job_id: int, jobs: JobStore, storage, engine: Callable[[], Engin
                     finished_at=time.time())
         return None
     started = time.time()
+    webhooks.job_event(job, "started")
+    reporter = ProgressReporter(
+        job, jobs, interval=getattr(settings, "progress_seconds", 0.25),
+        preview_every=getattr(settings, "preview_every_steps", 0),
+        on_progress=(lambda snapshot: webhooks.job_event(job, "progress", snapshot)) if job.wants_event("progress") else None,
+        progress_event_seconds=getattr(settings, "webhook_progress_seconds", 5.0),
+    )
     try:
-        weights.wait_ready(job.await_models)
-        files, facts = engine().run(job.params, jobs.inputs(job_id))
-        for key, data in zip(job.output_keys, files, strict=True):
-            storage.put(key, data, content_type(key), expires_at=job.expires_at, storage_id=job.storage_id)
-        jobs.update(
-            job_id,
-            status=SUCCESS,
-            meta={**job.meta, **facts},
-            generation_time=round(time.time() - started, 3),
-            finished_at=time.time(),
-        )
-    except (ApiError, EngineError) as exc:  # a model deleted or failed meanwhile; a job the engine cannot run
-        jobs.update(job_id, status=FAILED, message=str(exc.message), finished_at=time.time())
-    except StorageError as exc:  # never `success` with outputs that are not stored
-        jobs.update(job_id, status=FAILED, message=f"The outputs could not be stored: {exc}", finished_at=time.time())
-    except Exception as exc:  # the job ends `failed`, the trace goes to the log only
+        reporter.start()
+        reporter.check()  # cancelled or past its deadline while it was queued
+        changes = _run(job, jobs, storage, engine, weights, reporter)
+    except Cancelled as exc:
+        changes = {"status": FAILED, "message": exc.message, "cancelled": True}
+    except Exception as exc:  # the reporter's store failing: the job still ends
         log.exception("job %s failed", job_id)
-        jobs.update(job_id, status=FAILED, message=f"Generation failed: {type(exc).__name__}: {exc}", finished_at=time.time())
+        changes = {"status": FAILED, "message": f"Generation failed: {type(exc).__name__}: {exc}"}
+    finally:
+        reporter.close()  # before the end is written: nothing of the run is written after it
+    jobs.update(job_id, **changes, finished_at=time.time())
     finished = jobs.get(job_id)
     if usage is not None and finished is not None:
-        usage.job(finished, time.time() - started)
+        usage.job(finished, time.time() - started, steps=reporter.steps_done)
     webhooks.job_finished(finished)
     return finished
+
+
+def _run(job: Job, jobs: JobStore, storage, engine: Callable[[], Engine], weights: WeightsStore,
+         reporter: ProgressReporter) -> dict:
+    """The job's run, as the changes that end its record."""
+    started = time.time()
+    try:
+        weights.wait_ready(job.await_models)
+        files, facts = engine().run(job.params, jobs.inputs(job.id), reporter)
+        reporter.stage("storing")
+        for key, data in zip(job.output_keys, files, strict=True):
+            storage.put(key, data, content_type(key), expires_at=job.expires_at, storage_id=job.storage_id)
+        reporter.finish()
+        return {"status": SUCCESS, "meta": {**job.meta, **facts}, "generation_time": round(time.time() - started, 3)}
+    except Cancelled:
+        raise
+    except (ApiError, EngineError) as exc:  # a model deleted or failed meanwhile; a job the engine cannot run
+        return {"status": FAILED, "message": str(exc.message)}
+    except StorageError as exc:  # never `success` with outputs that are not stored
+        return {"status": FAILED, "message": f"The outputs could not be stored: {exc}"}
+    except Exception as exc:  # the job ends `failed`, the trace goes to the log only
+        log.exception("job %s failed", job.id)
+        return {"status": FAILED, "message": f"Generation failed: {type(exc).__name__}: {exc}"}
+
+
+class FairQueue:
+    """The local workers' queue of job ids: the highest priority first; within a priority,
+    round-robin across keys (each key's next job in turn, so one key's burst does not starve the
+    others), each key's own jobs in submission order. `stop_one` makes one `get` return None.
+    (queue.Queue is FIFO only; this is the one scheduling policy written here.)"""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._lanes: dict[str, OrderedDict[str, deque[int]]] = {priority: OrderedDict() for priority in PRIORITIES}
+        self._stops = 0
+
+    def put(self, job_id: int, owner: str, priority: str) -> None:
+        with self._cond:
+            lane = self._lanes.get(priority, self._lanes["normal"])
+            lane.setdefault(owner, deque()).append(job_id)
+            self._cond.notify()
+
+    def get(self) -> int | None:
+        with self._cond:
+            while True:
+                if self._stops:
+                    self._stops -= 1
+                    return None
+                for lane in self._lanes.values():
+                    if lane:
+                        return self._pop(lane)
+                self._cond.wait()
+
+    def stop_one(self) -> None:
+        with self._cond:
+            self._stops += 1
+            self._cond.notify()
+
+    def discard(self, job_id: int) -> None:
+        with self._cond:
+            for lane in self._lanes.values():
+                for owner, ids in list(lane.items()):
+                    if job_id in ids:
+                        ids.remove(job_id)
+                        if not ids:
+                            del lane[owner]
+                        return
+
+    def order(self) -> list[int]:
+        """The ids in the order they would start."""
+        with self._cond:
+            lanes = [OrderedDict((owner, deque(ids)) for owner, ids in lane.items()) for lane in self._lanes.values()]
+        started = []
+        for lane in lanes:
+            while lane:
+                started.append(self._pop(lane))
+        return started
+
+    def lengths(self) -> dict[str, int]:
+        with self._cond:
+            return {priority: sum(map(len, lane.values())) for priority, lane in self._lanes.items()}
+
+    @staticmethod
+    def _pop(lane: OrderedDict[str, deque[int]]) -> int:
+        owner, ids = next(iter(lane.items()))
+        job_id = ids.popleft()
+        if ids:
+            lane.move_to_end(owner)  # this key's next job waits for every other key's turn
+        else:
+            del lane[owner]
+        return job_id
 
 
 class LocalDispatcher:
@@ -133,7 +237,7 @@ class LocalDispatcher:
         self.usage = usage
         self._measured: float | None = None  # seconds per step per megapixel per image, once a job was timed
         self.device = "starting"
-        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._queue = FairQueue()
         self._threads: list[threading.Thread] = []
         self._engine = None
         self._engine_ready = threading.Event()
@@ -149,7 +253,7 @@ class LocalDispatcher:
 
     def stop(self, timeout: float = 5.0) -> None:
         for _ in self._threads:
-            self._queue.put(None)
+            self._queue.stop_one()
         for thread in self._threads:
             thread.join(timeout)
         self._threads.clear()
@@ -157,16 +261,28 @@ class LocalDispatcher:
 
     # --- the interface handlers use
     def submit(self, job: Job) -> None:
-        self._queue.put(job.id)
+        self._queue.put(job.id, job.owner, job.priority)
 
     def check(self, job: Job) -> Job:
         return job  # a worker thread that dies takes the process with it: start-up recovers
+
+    def cancelled(self, job: Job) -> None:
+        self._queue.discard(job.id)
+
+    def queue_position(self, job: Job) -> int:
+        order = self._queue.order()
+        return order.index(job.id) if job.id in order else len(order)
+
+    def queue_lengths(self) -> dict[str, int]:
+        return self._queue.lengths()
 
     def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
         """At start-up: every job left `processing` was the previous process's."""
         queued, failed = self.jobs.recover(max_attempts, message)
         for job_id in queued:
-            self._queue.put(job_id)
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self._queue.put(job_id, job.owner, job.priority)
         return queued, failed
 
     def load(self, request: LoadRequest) -> None:
@@ -228,7 +344,8 @@ class LocalDispatcher:
         self._warm()
         while (job_id := self._queue.get()) is not None:
             started = time.time()
-            job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks, self.weights, self.usage)
+            job = execute_job(job_id, self.jobs, self.storage, self.engine, self.webhooks, self.weights, self.usage,
+                              settings=self.settings)
             self._learn(job, time.time() - started)
 
     def _learn(self, job: Job | None, seconds: float) -> None:

@@ -6,13 +6,18 @@ unique, JSON-safe, and not guessable from another customer's id. Besides its typ
 (`infra.jobs.params`) a job knows where its outputs go (`storage_id`: the storage it was submitted
 under, even if update_s3 switches storage while it is queued), when they expire (`expires_at`,
 `temp: yes`) and which models it waits for (`await_models`: fetched on first use, still loading
-when it was queued).
+when it was queued), and how its client asked it to be run: `priority` (high / normal / low: the
+start order), `deadline_at` (it is cancelled past it), `webhook_events` (which of queued, started,
+progress, completed its webhook receives; empty = ModelsLab's only one, the end, without an `event`
+field), `preview` (progress previews wanted). `cancelled` is set when it ended by a cancel or its
+deadline.
 
 Stores keep `to_record()`, plain primitives only, with `schema_version`. `from_record()` reads
 every version ever written: a job queued by an older release still runs after an upgrade.
     1  (no version field) params were a dict that also held `storage`, `expires_at` and
        `await_models`; LoRAs were [id, strength] pairs; samples and the output size were spelled out
     2  params are `JobParams.model_dump()`; storage_id, expires_at, await_models are job fields
+    3  adds priority, deadline_at, webhook_events, preview, cancelled (older records: their defaults)
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from infra.storage.base import LOCAL
 PROCESSING, SUCCESS, FAILED = "processing", "success", "failed"
 TERMINAL = (SUCCESS, FAILED)
 MIN_ID, MAX_ID = 10_000_000, 2**53 - 1
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+PRIORITIES = ("high", "normal", "low")  # start order, first to last
+WEBHOOK_EVENTS = ("queued", "started", "progress", "completed")
+IDEMPOTENCY_SECONDS = 24 * 3600  # how long an Idempotency-Key names the job its first request made
 
 
 @dataclass
@@ -54,11 +62,20 @@ class Job:
     storage_id: str = LOCAL
     expires_at: float | None = None
     await_models: list[str] = field(default_factory=list)
+    priority: str = "normal"
+    deadline_at: float | None = None
+    webhook_events: list[str] = field(default_factory=list)
+    preview: bool = False
+    cancelled: bool = False
     schema_version: int = SCHEMA_VERSION
 
     @property
     def done(self) -> bool:
         return self.status in TERMINAL
+
+    def wants_event(self, event: str) -> bool:
+        """Whether the job's webhook receives `event` (the end always, unless webhook_events left it out)."""
+        return event in self.webhook_events if self.webhook_events else event == "completed"
 
     def models_used(self) -> set[str]:
         """Every model id the job refers to (delete_model refuses to delete these while it is queued)."""
@@ -75,6 +92,7 @@ class Job:
         """A job from a stored record of any schema version (see the module docstring)."""
         if record.get("schema_version") in (None, 1):
             record = _from_version_1(record)
+        record = {**record, "schema_version": SCHEMA_VERSION}  # version 2 differs only by the fields added in 3
         values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
         values["params"] = PARAMS.validate_python(record["params"])
         return cls(**values)

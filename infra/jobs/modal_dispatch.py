@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from infra.catalog.weights import FAILED, READY, LoadRequest
 from infra.jobs.job import FAILED as JOB_FAILED
-from infra.jobs.job import PROCESSING, Job
+from infra.jobs.job import PRIORITIES, PROCESSING, Job
 from infra.jobs.params import JobParams
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class ModalHandles:
     spawn_load: Callable[[dict], Any]  # download_model.spawn(the LoadRequest's fields)
     spawn_webhook: Callable[[int], Any] | None = None  # deliver_webhook.spawn(job_id); None: deliver in this container
     call_status: Callable[[str], str] = lambda call_id: PENDING  # "pending" | "done" | "failed: <why>"
+    cancel_call: Callable[[str], None] | None = None  # modal.FunctionCall.from_id(call_id).cancel()
     device_label: str = "modal"
     commit_outputs: Callable[[], None] | None = None
     reload_outputs: Callable[[], None] | None = None
@@ -125,6 +126,27 @@ class ModalDispatcher:
         ended = self._end(job.id, self._call_failed(status))
         self._notify(ended)
         return ended or job
+
+    def cancelled(self, job: Job) -> None:
+        """A queued job was cancelled: its call is cancelled too, so no GPU container starts for it
+        (one that already took the input has it interrupted by Modal, `InputCancellation`, before it
+        could claim the job: the cancel already ended it)."""
+        call_id = self.jobs.call_of(job.id)
+        if call_id and self.handles.cancel_call is not None:
+            try:
+                self.handles.cancel_call(call_id)
+            except Exception:  # the job is ended in the store whatever Modal says
+                log.exception("could not cancel call %s of job %s", call_id, job.id)
+
+    def queue_position(self, job: Job) -> int:
+        return self.jobs.queue_position(job)
+
+    def queue_lengths(self) -> dict[str, int]:
+        lengths = dict.fromkeys(PRIORITIES, 0)
+        for entry in self.jobs.open_jobs().values():
+            if not entry.get("started"):
+                lengths[entry.get("priority", "normal")] = lengths.get(entry.get("priority", "normal"), 0) + 1
+        return lengths
 
     def recover(self, max_attempts: int, message: str) -> tuple[list[int], list[int]]:
         """The recovery pass (scheduled every few minutes): jobs waiting for loads that ended are

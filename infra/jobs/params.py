@@ -12,8 +12,10 @@ it waits for belong to the job record (`infra.jobs.job.Job`), not to its paramet
     UpscaleParams      super_resolution
 
 `JobParams` is the union, told apart by `kind`; a job record stores `params.model_dump()`.
-`work_units()` (what a job's run time is proportional to) and `models_used()` (what delete_model
-must not delete while the job is queued) are methods. Imports nothing of ours.
+`work_units()` (what a job's run time is proportional to), `total_steps()` (the steps its progress
+counts: every denoising step of every image and pass, plus one per upscaled image) and
+`models_used()` (what delete_model must not delete while the job is queued) are methods. Imports
+nothing of ours.
 """
 
 from __future__ import annotations
@@ -106,6 +108,26 @@ class GenerationParams(Contract):
             width, height = width * self.upscale.scale, height * self.upscale.scale
         return width, height
 
+    def first_pass_steps(self) -> int:
+        """Denoising steps of one image's first pass: all of them from noise, diffusers' share of
+        them (`int(steps * strength)`) from an init image; 0 when that share is none (the input
+        is the answer)."""
+        if self.strength is None:
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
+
+    def second_pass_steps(self) -> int:
+        """Denoising steps of one image's highres_fix pass (0 without one)."""
+        if not self.highres_fix or self.first_pass_steps() < 1:
+            return 0
+        return min(int(self.steps * self.highres_fix.strength), self.steps)
+
+    def total_steps(self) -> int:
+        """What the job's progress counts: each image's denoising steps (both passes), plus one
+        step per image for the upscaler."""
+        per_image = self.first_pass_steps() + self.second_pass_steps() + (1 if self.upscale else 0)
+        return max(1, per_image * self.samples)
+
     def work_units(self) -> float:
         """Denoising steps x megapixels x images."""
         units = self.steps * (1.0 if self.strength is None else self.strength) * self.width * self.height / 1e6
@@ -148,6 +170,10 @@ class VideoParams(Contract):
     def work_units(self) -> float:
         return self.steps * self.width * self.height / 1e6 * self.num_frames
 
+    def total_steps(self) -> int:
+        """Denoising steps (every frame is denoised in each)."""
+        return max(1, self.steps)
+
     def models_used(self) -> set[str]:
         return {self.model_id, self.motion_adapter}
 
@@ -166,6 +192,10 @@ class UpscaleParams(Contract):
     def work_units(self) -> float:
         """One step at the output size."""
         return self.width * self.height / 1e6
+
+    def total_steps(self) -> int:
+        """The upscale is one step (the face restoration, when asked, is part of it)."""
+        return 1
 
     def models_used(self) -> set[str]:
         return {model_id for model_id in (self.model_id, self.face_restorer) if model_id}

@@ -16,7 +16,18 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from infra.jobs.job import FAILED, JOB_FIELDS, MAX_ID, MIN_ID, PROCESSING, SUCCESS, TERMINAL, Job, wait_until_done
+from infra.jobs.job import (
+    FAILED,
+    IDEMPOTENCY_SECONDS,
+    JOB_FIELDS,
+    MAX_ID,
+    MIN_ID,
+    PROCESSING,
+    SUCCESS,
+    TERMINAL,
+    Job,
+    wait_until_done,
+)
 
 
 class JobStore(Protocol):
@@ -58,12 +69,54 @@ class JobStore(Protocol):
     async def wait_async(self, job_id: int, timeout: float) -> Job | None:
         """`wait`, holding no thread while it waits (the web tier waits for many jobs at once)."""
 
-_JSON_FIELDS = ("params", "meta", "output_keys", "future_links", "await_models")
+    def change_count(self) -> int:
+        """A number that changes with every change the store can tell of (0 where it tells none)."""
+
+    async def wait_change(self, job_id: int, timeout: float, since: int | None = None) -> None:
+        """Return after the job changed (its record or its progress), or after `timeout` seconds,
+        holding no thread (a stream sleeps on it between looks); at once when `change_count()`
+        is no longer `since` (a change between the caller's look and this wait is not slept through)."""
+
+    # --- a running job's progress, preview and cancel request (infra.jobs.progress)
+    def set_progress(self, job_id: int, history: list[dict]) -> None:
+        """The job's progress snapshots so far (one writer: the worker running it)."""
+
+    def progress(self, job_id: int) -> list[dict]:
+        """The job's progress snapshots, oldest first ([] before it started)."""
+
+    def set_preview(self, job_id: int, jpeg: bytes) -> None:
+        """The job's latest preview (dropped when the job ends)."""
+
+    def preview(self, job_id: int) -> bytes | None: ...
+
+    def request_cancel(self, job_id: int, message: str) -> str:
+        """Cancel a job: "cancelled" (it was queued: it ended `failed` with `message` and
+        `cancelled`, and never starts), "stopping" (it runs: its worker stops it at its next step),
+        "ended" (it had ended already) or "missing"."""
+
+    def cancel_requested(self, job_id: int) -> str | None:
+        """The message of a cancel requested for a running job, or None."""
+
+    # --- idempotency keys: (owner, key) -> the job the first request created
+    def remember_request(self, owner: str, key: str, digest: str, ttl: float) -> tuple[str, int | None]:
+        """Reserve `key` of `owner` for a request whose body has `digest`: ("new", None) when this
+        caller reserved it (then `bind_request` or `forget_request`), ("same", job id or None while
+        the first request is still creating its job) or ("different", job id). A reservation older
+        than `ttl` seconds counts as absent."""
+
+    def bind_request(self, owner: str, key: str, job_id: int) -> None: ...
+
+    def forget_request(self, owner: str, key: str) -> None:
+        """The reserving request created no job (refused): the key is free again."""
+
+_JSON_FIELDS = ("params", "meta", "output_keys", "future_links", "await_models", "webhook_events")
 _COLUMNS = list(JOB_FIELDS)
 # columns added since the first release: (name, type) for ALTER TABLE on an older database
 _ADDED_COLUMNS = (("attempts", "INTEGER DEFAULT 0"), ("owner", "TEXT DEFAULT ''"), ("storage_id", "TEXT DEFAULT 'local'"),
                   ("expires_at", "REAL"), ("await_models", "TEXT DEFAULT '[]'"), ("schema_version", "INTEGER DEFAULT 1"),
-                  ("runner", "TEXT DEFAULT ''"))
+                  ("runner", "TEXT DEFAULT ''"), ("priority", "TEXT DEFAULT 'normal'"), ("deadline_at", "REAL"),
+                  ("webhook_events", "TEXT DEFAULT '[]'"), ("preview", "INTEGER DEFAULT 0"),
+                  ("cancelled", "INTEGER DEFAULT 0"))
 
 
 class SqliteJobStore:
@@ -84,10 +137,14 @@ class SqliteJobStore:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
         self._db.execute("CREATE TABLE IF NOT EXISTS job_inputs (job_id INTEGER, name TEXT, data BLOB)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS job_state (job_id INTEGER PRIMARY KEY, history TEXT DEFAULT '[]',"
+                         " preview BLOB, cancel TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS idempotency (owner TEXT, key TEXT, digest TEXT, job_id INTEGER,"
+                         " created_at REAL, PRIMARY KEY (owner, key))")
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._changes = 0  # bumped (under the lock) with every notify: `wait` never sleeps through one
-        self._async_waiters: set = set()  # (event loop, asyncio.Event) of each `wait_async`
+        self._async_waiters: set = set()  # (event loop, asyncio.Event, job id) of each async wait
 
     # --- writing
     def create(self, job: Job, inputs: dict[str, bytes] | None = None) -> Job:
@@ -122,7 +179,8 @@ class SqliteJobStore:
             self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*changes.values(), job_id))
             if changes.get("status") in TERMINAL:
                 self._db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
-            self._notify()
+                self._db.execute("UPDATE job_state SET preview = NULL WHERE job_id = ?", (job_id,))
+            self._notify(job_id)
 
     def claim(self, job_id: int, runner: str | None = None) -> bool:
         """Start a queued job: True for exactly one caller, False when it was cancelled, finished or
@@ -168,12 +226,96 @@ class SqliteJobStore:
         return queued, failed
 
     def delete_finished_before(self, cutoff: float) -> int:
-        """Forget finished jobs older than `cutoff` (their fetch results); returns how many."""
+        """Forget finished jobs older than `cutoff` (their fetch results and progress); returns how
+        many. Idempotency keys older than IDEMPOTENCY_SECONDS go too."""
         with self._changed:
             cursor = self._db.execute(
                 "DELETE FROM jobs WHERE status IN (?, ?) AND finished_at < ?", (SUCCESS, FAILED, cutoff)
             )
+            self._db.execute("DELETE FROM job_state WHERE job_id NOT IN (SELECT id FROM jobs)")
+            self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (time.time() - IDEMPOTENCY_SECONDS,))
             return cursor.rowcount
+
+    # --- progress, previews, cancel requests
+    def set_progress(self, job_id: int, history: list[dict]) -> None:
+        with self._changed:
+            self._db.execute("INSERT INTO job_state (job_id, history) VALUES (?, ?)"
+                             " ON CONFLICT (job_id) DO UPDATE SET history = excluded.history", (job_id, json.dumps(history)))
+            self._notify(job_id)
+
+    def progress(self, job_id: int) -> list[dict]:
+        with self._lock:
+            row = self._db.execute("SELECT history FROM job_state WHERE job_id = ?", (job_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else []
+
+    def set_preview(self, job_id: int, jpeg: bytes) -> None:
+        with self._lock:  # only while the job runs: a late preview of an ended job is not kept
+            self._db.execute("INSERT INTO job_state (job_id, preview) SELECT ?, ? WHERE EXISTS"
+                             " (SELECT 1 FROM jobs WHERE id = ? AND status = ?)"
+                             " ON CONFLICT (job_id) DO UPDATE SET preview = excluded.preview",
+                             (job_id, jpeg, job_id, PROCESSING))
+
+    def preview(self, job_id: int) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT preview FROM job_state WHERE job_id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] is not None else None
+
+    def request_cancel(self, job_id: int, message: str) -> str:
+        with self._changed:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                ended = self._db.execute(
+                    "UPDATE jobs SET status = ?, message = ?, finished_at = ?, cancelled = 1"
+                    " WHERE id = ? AND status = ? AND started_at IS NULL",
+                    (FAILED, message, time.time(), job_id, PROCESSING)).rowcount
+                if ended:
+                    self._db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+                    outcome = "cancelled"
+                else:
+                    row = self._db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                    outcome = "missing" if row is None else "ended" if row[0] in TERMINAL else "stopping"
+                    if outcome == "stopping":
+                        self._db.execute("INSERT INTO job_state (job_id, cancel) VALUES (?, ?)"
+                                         " ON CONFLICT (job_id) DO UPDATE SET cancel = excluded.cancel", (job_id, message))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._notify(job_id)
+        return outcome
+
+    def cancel_requested(self, job_id: int) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT cancel FROM job_state WHERE job_id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    # --- idempotency keys
+    def remember_request(self, owner: str, key: str, digest: str, ttl: float) -> tuple[str, int | None]:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM idempotency WHERE owner = ? AND key = ? AND created_at < ?",
+                                 (owner, key, now - ttl))
+                added = self._db.execute("INSERT OR IGNORE INTO idempotency VALUES (?, ?, ?, NULL, ?)",
+                                         (owner, key, digest, now)).rowcount
+                row = self._db.execute("SELECT digest, job_id FROM idempotency WHERE owner = ? AND key = ?",
+                                       (owner, key)).fetchone()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if added:
+            return "new", None
+        return ("same" if row[0] == digest else "different"), row[1]
+
+    def bind_request(self, owner: str, key: str, job_id: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE idempotency SET job_id = ? WHERE owner = ? AND key = ?", (job_id, owner, key))
+
+    def forget_request(self, owner: str, key: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM idempotency WHERE owner = ? AND key = ? AND job_id IS NULL", (owner, key))
 
     # --- reading
     def get(self, job_id: int) -> Job | None:
@@ -222,7 +364,7 @@ class SqliteJobStore:
         """`wait` holding no thread: an asyncio event, set from the thread of every change, wakes it."""
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
-        waiter = (loop, woken)
+        waiter = (loop, woken, job_id)
         deadline = time.monotonic() + timeout
         with self._lock:
             self._async_waiters.add(waiter)
@@ -239,13 +381,35 @@ class SqliteJobStore:
             with self._lock:
                 self._async_waiters.discard(waiter)
 
-    def _notify(self) -> None:
-        """Wake the waiters; call with the lock held."""
+    def change_count(self) -> int:
+        with self._lock:
+            return self._changes
+
+    async def wait_change(self, job_id: int, timeout: float, since: int | None = None) -> None:
+        """Until the job's next change (record or progress), or `timeout` seconds; at once when
+        anything changed since `since`."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        waiter = (loop, woken, job_id)
+        with self._lock:
+            if since is not None and self._changes != since:
+                return
+            self._async_waiters.add(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), timeout)
+        finally:
+            with self._lock:
+                self._async_waiters.discard(waiter)
+
+    def _notify(self, job_id: int | None = None) -> None:
+        """Wake the waiters (the async ones of `job_id` only, when given); call with the lock held."""
         self._changes += 1
         self._changed.notify_all()
-        for loop, woken in self._async_waiters:
-            with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
-                loop.call_soon_threadsafe(woken.set)
+        for loop, woken, waits_for in self._async_waiters:
+            if job_id is None or waits_for == job_id:
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                    loop.call_soon_threadsafe(woken.set)
 
     # --- rows
     @staticmethod
@@ -258,4 +422,6 @@ class SqliteJobStore:
         values = dict(zip(_COLUMNS, row))
         for name in _JSON_FIELDS:
             values[name] = json.loads(values[name])
+        for name in ("preview", "cancelled"):
+            values[name] = bool(values[name])
         return Job.from_record(values)

@@ -6,7 +6,8 @@ What is counted, per key (as `infra.limits.key_id`), endpoint and UTC day:
 - `jobs_succeeded` / `jobs_failed`: queued work that ended `success` / `failed`.
 - `images`: images delivered by successful jobs; `video_seconds`: seconds of video delivered
   (frames / fps); `gpu_seconds`: the engine's time on the job, successful or not (GPU seconds on a
-  GPU worker, CPU seconds locally).
+  GPU worker, CPU seconds locally); `steps`: the denoising steps that ran (a cancelled job counts
+  only the steps before it stopped).
 
 A `UsageMeter` adds counts up in memory and writes them to its store every
 `usage_flush_seconds` (and when the process stops, and before a report): a request pays no write.
@@ -33,7 +34,7 @@ from infra.jobs.timer import Repeating
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("requests", "errors", "jobs_succeeded", "jobs_failed", "images", "video_seconds", "gpu_seconds")
+COUNTERS = ("requests", "errors", "jobs_succeeded", "jobs_failed", "images", "video_seconds", "gpu_seconds", "steps")
 
 Row = tuple[str, str, str]  # (day "YYYY-MM-DD", key id, endpoint)
 
@@ -104,6 +105,10 @@ class SqliteUsageStore:
             f"CREATE TABLE IF NOT EXISTS usage (day TEXT, key_id TEXT, endpoint TEXT, {columns}, "
             "PRIMARY KEY (day, key_id, endpoint))"
         )
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(usage)")}
+        for name in COUNTERS:  # a counter added since the database was made
+            if name not in present:
+                self._db.execute(f"ALTER TABLE usage ADD COLUMN {name} REAL NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     def add(self, rows: dict[Row, dict[str, float]]) -> None:
@@ -217,10 +222,11 @@ class UsageMeter:
     def request(self, key: str, endpoint: str, error: bool) -> None:
         self.count(key, endpoint, requests=1, errors=int(error))
 
-    def job(self, job, engine_seconds: float) -> None:
-        """A finished job: what it delivered and what it cost; written at once."""
+    def job(self, job, engine_seconds: float, steps: int = 0) -> None:
+        """A finished job: what it delivered and what it cost (the steps that ran); written at once."""
         succeeded = job.status == "success"
-        counts = {"jobs_succeeded": int(succeeded), "jobs_failed": int(not succeeded), "gpu_seconds": engine_seconds}
+        counts = {"jobs_succeeded": int(succeeded), "jobs_failed": int(not succeeded), "gpu_seconds": engine_seconds,
+                  "steps": steps}
         if succeeded:
             if job.params.kind == "video":
                 counts["video_seconds"] = job.params.seconds

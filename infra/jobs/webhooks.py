@@ -14,6 +14,8 @@ What a receiver can rely on:
   `webhook_backoff * 2**(n-1)` seconds (+-25 % jitter) apart; a longer `Retry-After` on a 429 or
   503 is honoured (capped at `RETRY_AFTER_CAP`). Any other answer but 2xx (4xx, 3xx) means the
   receiver refused it: not retried.
+* A job's events (`webhook_events`: queued, started, progress, completed) go out one at a time, in
+  the order they happened; only a retried event can arrive after a later one.
 * The outcome is recorded on the job as `webhook_status` (shown by fetch): `pending`,
   `retrying: attempt 2 of 5 after HTTP 500`, `delivered` / `delivered after 3 attempts`,
   `failed: gave up after 5 attempts: HTTP 500`, `failed: HTTP 404 (not retried)`.
@@ -41,6 +43,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from infra.jobs.progress import wire
 from infra.jobs.store import Job
 from infra.net import fetcher
 from models.responses import job_response
@@ -97,6 +100,7 @@ class _Delivery:
     label: str  # for the log: "job 123" or "model_load event"
     job_id: int | None = None
     attempts: int = 0
+    channel: str | None = None  # deliveries of one channel (one job's events) are not sent at the same time
 
 
 @dataclass
@@ -137,6 +141,7 @@ class WebhookSender:
         self._order = itertools.count()
         self._live: set[str] = set()  # event ids queued or in flight (a repeated event is not sent twice)
         self._active = 0  # POSTs in flight
+        self._busy: set[str | None] = set()  # channels with a POST in flight (None never enters)
         self._threads: list[threading.Thread] = []
         self._generation = threading.Event()  # set = the current sender threads are told to stop
         self._generation.set()
@@ -159,18 +164,41 @@ class WebhookSender:
 
     # --- the interface workers and the loader use
     def job_finished(self, job: Job) -> None:
-        """Queue the ModelsLab payload of a finished job for its `webhook` (if it has one) and mark
-        the job `pending`. Returns at once and never raises (a worker calls it)."""
-        if job is None or not job.webhook:
+        """Queue the ModelsLab payload of a finished job for its `webhook` (if it has one and did not
+        leave `completed` out of its webhook_events) and mark the job `pending`. Returns at once and
+        never raises (a worker calls it)."""
+        if job is None or not job.webhook or not job.wants_event("completed"):
             return
         try:
             payload = job_response(job, fetch_result="").model_dump(mode="json", exclude_none=True)
             payload.pop("webhook_status", None)  # about this very delivery: not part of the payload
             payload["track_id"] = job.track_id
-            delivery = _Delivery(f"job-{job.id}-{job.status}", job.webhook, _serialise(payload), f"job {job.id}", job.id)
+            if job.webhook_events:  # a client that chose its events gets the field on every one
+                payload["event"] = "completed"
+            delivery = _Delivery(f"job-{job.id}-{job.status}", job.webhook, _serialise(payload), f"job {job.id}", job.id,
+                                 channel=f"job-{job.id}")
             self._queue(delivery, mark_pending=True)
         except Exception:  # the job itself is done; its webhook must not take the worker down
             log.exception("could not queue the webhook of job %s", job.id)
+
+    def job_event(self, job: Job, event: str, progress: dict | None = None) -> None:
+        """Queue a job's `queued`, `started` or `progress` event, when its webhook_events ask for it:
+        the processing payload (with `progress` for a progress event), `event` and `track_id`,
+        signed and retried like the end's. Its outcome goes to the log, not to `webhook_status`
+        (which is about the end). Returns at once and never raises."""
+        if job is None or not job.webhook or not job.wants_event(event):
+            return
+        try:
+            payload = job_response(job, fetch_result="").model_dump(mode="json", exclude_none=True)
+            payload.pop("webhook_status", None)
+            payload.update(event=event, track_id=job.track_id)
+            if progress is not None:
+                payload["progress"] = wire(progress)
+            seq = progress.get("seq", 0) if progress else 0
+            self._queue(_Delivery(f"job-{job.id}-{event}-{seq}", job.webhook, _serialise(payload), f"job {job.id} {event}",
+                                  channel=f"job-{job.id}"))
+        except Exception:
+            log.exception("could not queue the %s event of job %s", event, job.id)
 
     def post_event(self, url: str, payload: dict) -> None:
         """Queue an event that is not a job (a model load finished): signed and retried like a job's
@@ -256,13 +284,19 @@ class WebhookSender:
             with self._cond:
                 while True:
                     now = time.monotonic()
-                    if self._heap and self._heap[0][0] <= now:
-                        delivery = heapq.heappop(self._heap)[2]
+                    free = [entry for entry in self._heap if entry[2].channel not in self._busy]
+                    first = min(free, default=None)
+                    if first is not None and first[0] <= now:
+                        self._heap.remove(first)
+                        heapq.heapify(self._heap)
+                        delivery = first[2]
                         self._active += 1
+                        if delivery.channel is not None:
+                            self._busy.add(delivery.channel)
                         break
                     if stop.is_set():
                         return
-                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                    self._cond.wait(first[0] - now if first is not None else None)
             try:
                 self._attempt(delivery, stop)
             except Exception:  # a bug here must not kill the sender; the delivery ends failed
@@ -271,6 +305,7 @@ class WebhookSender:
             finally:
                 with self._cond:
                     self._active -= 1
+                    self._busy.discard(delivery.channel)
                     self._cond.notify_all()
 
     def _attempt(self, delivery: _Delivery, stop: threading.Event) -> None:
@@ -406,6 +441,11 @@ class SpawnedWebhooks:
             self.spawn(job.id)
         except Exception:  # the job itself is done; the recovery of webhooks is the receiver's fetch
             log.exception("could not hand the webhook of job %s to the delivery function", job.id)
+
+    def job_event(self, job: Job, event: str, progress: dict | None = None) -> None:
+        """A job's queued / started / progress event goes out from this container (it waits for no
+        receiver: the senders are threads)."""
+        self.events.job_event(job, event, progress)
 
     def post_event(self, url: str, payload: dict) -> None:
         self.events.post_event(url, payload)

@@ -36,3 +36,13 @@ def link_secret(settings) -> str:
 def archive_path(model_id: str, settings) -> str:
     """A signed, expiring path to a tar of a model's files (for sync_models' target)."""
     return sign_path(f"{ARCHIVE_ROUTE}/{model_id}.tar", link_secret(settings), settings.sync_link_seconds)
+
+
+PREVIEW_ROUTE = "/api/v1/enterprise/preview"  # GET {route}/{job_id}.jpg, signed (a running job's preview)
+PREVIEW_LINK_SECONDS = 24 * 3600
+
+
+def preview_path(job_id: int, settings) -> str:
+    """A signed path to a job's latest preview: like an output link, usable without a key (an
+    `<img>` tag), and not guessable from the job id."""
+    return sign_path(f"{PREVIEW_ROUTE}/{job_id}.jpg", link_secret(settings), PREVIEW_LINK_SECONDS)

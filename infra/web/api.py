@@ -8,14 +8,16 @@ thread pool. Every failure becomes the ModelsLab error envelope (`infra.web.enve
 # (no `from __future__ import annotations` here: FastAPI reads each route's Annotated dependency,
 # which names a per-route closure, from the live annotations)
 
+import hashlib
+import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from handlers import catalog, generation, media, queue, server, system, video
@@ -24,12 +26,13 @@ from handlers.submit import Submitted, job_envelope
 from infra.catalog.weights import validate_model_id
 from infra.limits import RateLimiter
 from infra.storage.base import content_type
-from infra.storage.links import ARCHIVE_ROUTE, check_signature, link_secret
+from infra.storage.links import ARCHIVE_ROUTE, PREVIEW_ROUTE, check_signature, link_secret
 from infra.web.auth import Body, authorize, read_body
 from infra.web.envelopes import install_error_handlers, invalid_fields
-from infra.web.openapi import ERROR_RESPONSES, openapi_schema, route_extra
+from infra.web.openapi import ERROR_RESPONSES, openapi_schema, route_extra, stream_extra
 from models import requests as rq
-from models.errors import ApiError, NotFound
+from models.errors import ApiError, BadInput, NotFound
+from models.fields import parse_duration
 from models.responses import (
     JobResponse,
     MessageResponse,
@@ -69,6 +72,7 @@ ENDPOINTS: dict[str, Endpoint] = {
         rq.NsfwImageCheckRequest, media.nsfw_image_check, NsfwCheckResponse, "Is an image NSFW?"
     ),
     "fetch": Endpoint(rq.FetchRequest, queue.fetch, JobResponse, "Result of a queued job (also POST fetch/{id})"),
+    "cancel": Endpoint(rq.CancelRequest, queue.cancel, JobResponse, "Cancel a queued or running job (ours; also cancel/{id})"),
     # model catalog
     "load_model": Endpoint(rq.LoadModelRequest, catalog.load_model, MessageResponse, "Load a model", True),
     "load_model_v2": Endpoint(
@@ -105,7 +109,7 @@ ALIASES = {
     "video/text2video": "text2video",  # G3 video server path
 }
 
-ENDPOINT_NAMES = {**ALIASES, "fetch_by_path": "fetch", "video_fetch": "fetch"}
+ENDPOINT_NAMES = {**ALIASES, "fetch_by_path": "fetch", "video_fetch": "fetch", "cancel_by_path": "cancel"}
 
 PREFIXES = ("/api/v1/enterprise", "/api/v1/enterprise/images", "/api/v1/enterprise/txt2img")
 
@@ -141,6 +145,8 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
         for alias, name in ALIASES.items():
             _add_route(app, f"{prefix}/{alias}", alias, ENDPOINTS[name], runtime, False, limiter)
         _add_route(app, f"{prefix}/fetch/{{request_id}}", "fetch_by_path", ENDPOINTS["fetch"], runtime, documented, limiter)
+        _add_route(app, f"{prefix}/cancel/{{request_id}}", "cancel_by_path", ENDPOINTS["cancel"], runtime, documented, limiter)
+        _add_stream_route(app, f"{prefix}/stream/{{request_id}}", runtime, documented, limiter)
         # the G3 video server's fetch path
         _add_route(app, f"{prefix}/video/fetch/{{request_id}}", "video_fetch", ENDPOINTS["fetch"], runtime, False, limiter)
 
@@ -158,6 +164,14 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
             raise NotFound(f"Model id not found: {model_id}")
         return StreamingResponse(runtime.weights.archive(model_id), media_type="application/x-tar")
 
+    @app.get(PREVIEW_ROUTE + "/{job_id}.jpg", include_in_schema=False)
+    def job_preview(request: Request, job_id: int, expires: str = "", signature: str = ""):
+        """A running `preview: yes` job's latest preview: authorised by the signed link, not a key."""
+        if not check_signature(request.url.path, expires, signature, link_secret(runtime.settings)):
+            raise ApiError("This preview link is invalid or has expired", status_code=403)
+        data = queue.preview(job_id, runtime)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
     @app.api_route(runtime.storage.url_prefix + "/{key:path}", methods=["GET", "HEAD"], include_in_schema=False)
     def stored_file(key: str):
         """Outputs and uploads, until they expire (`temp: yes`, upload_image)."""
@@ -173,6 +187,57 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
 # --------------------------------------------------------------------------- routes
 
 
+def job_headers(request: Request, data: dict, caller: Caller, endpoint: str) -> tuple[dict, Caller]:
+    """The job headers, as their body fields: `Cancel-After` (a duration) is `deadline_seconds`
+    unless the body has one; `Idempotency-Key` (or the body's `idempotency_key`) goes on the caller
+    with the digest of what it must name again: the endpoint and the body, less the key."""
+    cancel_after = request.headers.get("cancel-after")
+    if cancel_after and "deadline_seconds" not in data:
+        try:
+            data = {**data, "deadline_seconds": parse_duration(cancel_after)}
+        except ValueError as exc:
+            raise BadInput(f"Cancel-After: {exc}", tip="Send seconds (30) or a duration like 30s, 5m or 1h30m.") from None
+    idempotency = request.headers.get("idempotency-key") or data.get("idempotency_key")
+    if idempotency:
+        if not isinstance(idempotency, str | int) or len(str(idempotency)) > 255:
+            raise BadInput("Idempotency-Key must be a string of at most 255 characters")
+        compared = {k: v for k, v in data.items() if k not in ("key", "idempotency_key")}
+        digest = hashlib.sha256(json.dumps([endpoint, compared], sort_keys=True, default=str).encode()).hexdigest()
+        caller = replace(caller, idempotency_key=str(idempotency), body_digest=digest)
+    return data, caller
+
+
+def _add_stream_route(app: FastAPI, path: str, runtime: "Runtime", documented: bool, limiter: RateLimiter) -> None:
+    """stream/{id}: GET (the key as `Authorization: Bearer`, or `?key=` for EventSource, which sends
+    no headers) or POST (the key in the body, as elsewhere)."""
+    authorized = authorize("stream", "stream", False, limiter)
+
+    async def stream_route(request: Request, body: Annotated[Body, Depends(read_body)],
+                           caller: Annotated[Caller, Depends(authorized)]):
+        try:
+            parsed = rq.StreamRequest.model_validate({**body.data, "request_id": request.path_params["request_id"]})
+        except ValidationError as exc:
+            raise invalid_fields(exc) from None
+        await run_in_threadpool(queue.current, parsed.request_id, runtime)  # a wrong id: a 404 envelope, not a stream
+        last = str(request.headers.get("last-event-id") or body.data.get("last_event_id") or "0").strip()
+        events = queue.stream(parsed.request_id, runtime, caller, int(last) if last.isdigit() else 0,
+                              runtime.settings.stream_max_seconds)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    for method in ("POST", "GET"):
+        app.add_api_route(path, stream_route, methods=[method], name=f"stream:{method}:{path}",
+                          include_in_schema=documented,
+                          summary="Follow a job: server-sent events of its progress, then its result (ours)",
+                          operation_id=(f"stream_{method.lower()}" if path.startswith(PREFIXES[0] + "/") and documented
+                                        else None),
+                          response_class=StreamingResponse, openapi_extra=stream_extra(method),
+                          responses={200: {"content": {"text/event-stream": {}},
+                                           "description": "`progress` events (id = progress seq), then one `result` "
+                                           "event with fetch's body; or `reconnect` at the time limit."},
+                                     **ERROR_RESPONSES})
+
+
 def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: "Runtime", documented: bool,
                limiter: RateLimiter) -> None:
     authorized = authorize(name, ENDPOINT_NAMES.get(name, name), endpoint.admin, limiter)
@@ -182,6 +247,7 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: 
         data = body.data
         if "request_id" in request.path_params:
             data = {**data, "request_id": request.path_params["request_id"]}
+        data, caller = job_headers(request, data, caller, ENDPOINT_NAMES.get(name, name))
         try:
             parsed = endpoint.request.model_validate(data)
         except ValidationError as exc:

@@ -41,8 +41,8 @@ async def read_body(request: Request) -> Body:
             raise PayloadTooLarge(f"The request body is larger than {limit // (1024 * 1024)} MiB")
         chunks.append(chunk)
     raw = b"".join(chunks)
-    if not raw.strip():
-        return Body({}, None)
+    if not raw.strip():  # a GET (stream/{id}) may name its key in the query: EventSource sends no headers
+        return Body({"key": request.query_params["key"]} if "key" in request.query_params else {}, None)
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -59,13 +59,15 @@ def authorize(name: str, usage_name: str, admin_only: bool, limiter: RateLimiter
     async def caller(request: Request, body: Annotated[Body, Depends(read_body)]) -> AsyncIterator[Caller]:
         runtime = request.app.state.runtime
         settings = runtime.settings
-        caller_id = key_id(check_key(body.data, request, settings, name, admin_only))
+        key = check_key(body.data, request, settings, name, admin_only)
+        caller_id = key_id(key)
+        admin = not settings.admin_api_keys or any(_same(key, k) for k in settings.admin_api_keys)
         failed = True
         try:
             limiter.check(caller_id)
             if body.problem:
                 raise body.problem
-            yield Caller(key_id=caller_id, base_url=(settings.public_url or str(request.base_url)).rstrip("/"))
+            yield Caller(key_id=caller_id, base_url=(settings.public_url or str(request.base_url)).rstrip("/"), admin=admin)
             failed = False
         finally:
             runtime.usage.request(caller_id, usage_name, failed)

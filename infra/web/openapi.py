@@ -1,6 +1,7 @@
 """The OpenAPI document: FastAPI's, with every request model under components (the routes read
 their bodies themselves, leniently, so each route references its model), every error status a
-route answers documented with the envelope, and the `request_id` path parameter."""
+route answers documented with the envelope, the `request_id` path parameter, and the job headers
+(`Idempotency-Key`, `Cancel-After`) on the routes that make jobs and `Last-Event-ID` on the stream."""
 
 from __future__ import annotations
 
@@ -33,15 +34,40 @@ REQUEST_ID_PARAMETER = {
 }
 
 
+JOB_HEADERS = [
+    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
+     "description": "The same key and body from the same API key within 24 h return the first job (same id and "
+     "links) and make nothing; the same key with another body is a 409. Also the body field `idempotency_key`."},
+    {"name": "Cancel-After", "in": "header", "required": False, "schema": {"type": "string", "example": "5m"},
+     "description": "A deadline: seconds, or a duration like 30s, 5m, 1h30m. Past it the job ends as cancelled. "
+     "Also the body field `deadline_seconds` (which wins)."},
+]
+LAST_EVENT_ID_HEADER = {
+    "name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0},
+    "description": "Reconnecting: the id of the last event received; the stream goes on from the next one.",
+}
+
+
 def route_extra(request_model: type, path: str) -> dict:
-    """The `openapi_extra` of a route: its JSON body's model, and the path parameter if it has one."""
+    """The `openapi_extra` of a route: its JSON body's model, the path parameter if it has one, and
+    the job headers when its body takes the job options."""
+    parameters = [REQUEST_ID_PARAMETER] if "{request_id}" in path else []
+    if "deadline_seconds" in getattr(request_model, "model_fields", {}):
+        parameters += JOB_HEADERS
     return {
         "requestBody": {
             "required": True,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}},
         },
-        **({"parameters": [REQUEST_ID_PARAMETER]} if "{request_id}" in path else {}),
+        **({"parameters": parameters} if parameters else {}),
     }
+
+
+def stream_extra(method: str) -> dict:
+    """The stream route's parameters (its body, on POST, is the key only)."""
+    key = [] if method == "POST" else [{"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
+                                         "description": "The API key, for EventSource clients (they send no headers)."}]
+    return {"parameters": [REQUEST_ID_PARAMETER, LAST_EVENT_ID_HEADER, *key]}
 
 
 def openapi_schema(app: FastAPI, request_models) -> dict:

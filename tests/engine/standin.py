@@ -20,6 +20,11 @@ text2video on an SDXL or inpainting model (`inpaint_models`); `DoesNotFit` for a
 the text encoder's `clip_layers`, and for a video whose num_frames is outside 1..`max_frames` or
 whose size is not a multiple of 8. It knows no store: any model id is accepted.
 
+Progress: a job's `total_steps()` are reported as steps (every image in turn, `image(i)` first),
+in stage `denoising`, `step_seconds` apart (0 by default; a test that cancels a running job makes
+its steps take time), so a cancel or a deadline stops it between two steps as it stops the real
+engine; then stage `postprocessing`.
+
 Bookkeeping: `loaded()` holds the model ids a job or `warm` touched, least recently used first
 (the models and components the real engine's cache would hold: pipeline, VAE, ControlNets and
 their preprocessors, motion adapter, upscaler); `evict` / `unload_all` forget them. `runs` lists
@@ -32,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import time
 from collections.abc import Iterable, Mapping
 
 from PIL import Image
@@ -55,12 +61,15 @@ class StandInEngine:
     """An `Engine` that draws flat colours (see the module docstring)."""
 
     def __init__(self, sdxl_models: Iterable[str] = frozenset(), inpaint_models: Iterable[str] = frozenset(),
-                 clip_layers: int = SD_CLIP_LAYERS, max_frames: int = MOTION_MAX_FRAMES, device: str = "cpu"):
+                 clip_layers: int = SD_CLIP_LAYERS, max_frames: int = MOTION_MAX_FRAMES, device: str = "cpu",
+                 step_seconds: float = 0.0):
         self.sdxl_models = frozenset(sdxl_models)
         self.inpaint_models = frozenset(inpaint_models)
         self.clip_layers = clip_layers
         self.max_frames = max_frames
         self.device = device
+        self.step_seconds = step_seconds
+        self.steps_run = 0  # steps of every job so far (a cancelled job's only up to its cancel)
         self.settings = self.weights = None  # what `rebind` was given (it reads neither)
         self.runs: list[JobParams] = []
         self.inputs: list[Mapping[str, bytes]] = []
@@ -98,10 +107,12 @@ class StandInEngine:
 
     # --- the protocol: jobs
 
-    def run(self, params: JobParams, inputs: Mapping[str, bytes]) -> EngineResult:
+    def run(self, params: JobParams, inputs: Mapping[str, bytes], progress=None) -> EngineResult:
         with self._lock:
             self.runs.append(params)
             self.inputs.append(inputs)
+        if progress is not None:
+            self._steps(params, progress)
         if isinstance(params, VideoParams):
             return EngineResult([self._video(params)], {})
         if isinstance(params, UpscaleParams):
@@ -120,6 +131,20 @@ class StandInEngine:
         return EngineResult([encode_image(image, params.base64) for image in images], facts)
 
     # --- internals
+
+    def _steps(self, params: JobParams, progress) -> None:
+        images = getattr(params, "samples", 1)
+        per_image = max(1, params.total_steps() // images)
+        progress.stage("denoising")
+        for index in range(images):
+            progress.image(index)
+            for _ in range(per_image):
+                if self.step_seconds:
+                    time.sleep(self.step_seconds)
+                progress.step()  # raises Cancelled once the job is cancelled or past its deadline
+                with self._lock:
+                    self.steps_run += 1
+        progress.stage("postprocessing")
 
     def _generate(self, params: GenerationParams, inputs: Mapping[str, bytes]) -> list[Image.Image]:
         init = _open(inputs["init_image"]) if "init_image" in inputs else None

@@ -13,6 +13,8 @@ tested against the stand-in behaves the same on the real engine:
   self-attention on an SDXL model and text2video on an SDXL or inpainting model are `Unsupported`;
   a clip_skip beyond the text encoder, too many video frames or a video size that is not a multiple
   of 8 `DoesNotFit`;
+- with a `Progress`, a job reports exactly its total steps (`total_steps()`, plus what `adjust`
+  announced), every image, stage `denoising` first; a `Cancelled` raised by a step stops it;
 - both engines have the protocol's methods, with its parameter names, and the stand-in imports
   no torch.
 
@@ -36,8 +38,8 @@ from infra.catalog.weights import WeightsStore
 from infra.engine.engine import DiffusersEngine
 from infra.engine.files.tiny import build_tiny_sdxl
 from infra.engine.files.upscalers import prepare_upscaler
-from infra.engine.protocol import DoesNotFit, Engine, EngineError, EngineResult, Unsupported
-from infra.jobs.params import SafetyCheck, UpscaleParams
+from infra.engine.protocol import Cancelled, DoesNotFit, Engine, EngineError, EngineResult, Unsupported
+from infra.jobs.params import HighresFix, SafetyCheck, UpscaleParams
 from infra.net.inputs import encode_input
 from infra.settings import Settings
 from tests.conftest import ROOT, centre_mask, generation_params, scene, video_params
@@ -222,6 +224,66 @@ def test_a_bad_job_raises_an_engine_error(engine, name):
 
 
 # --------------------------------------------------------------------------- the protocol itself
+
+
+class Recorder:
+    """A `Progress` that records what the engine reports and cancels after `cancel_after` steps."""
+
+    def __init__(self, cancel_after: int | None = None, preview: bool = False):
+        self.steps = self.adjusted = 0
+        self.stages, self.images, self.previews = [], set(), []
+        self.cancel_after, self.preview_wanted = cancel_after, preview
+
+    def stage(self, stage):
+        self.stages.append(stage)
+
+    def image(self, index):
+        self.images.add(index)
+
+    def adjust(self, extra_steps):
+        self.adjusted += extra_steps
+
+    def step(self, count=1):
+        if self.cancel_after is not None and self.steps >= self.cancel_after:
+            raise Cancelled("Cancelled by the client")
+        self.steps += count
+
+    def wants_preview(self):
+        return self.preview_wanted
+
+    def preview(self, jpeg):
+        self.previews.append(jpeg)
+
+
+@pytest.mark.parametrize("fields", [
+    {"seeds": (1, 2), "steps": 3},
+    {"task": "img2img", "strength": 0.5, "steps": 4},
+    {"seeds": (3,), "steps": 2, "highres_fix": HighresFix(width=64, height=64, strength=0.5)},
+], ids=["two-samples", "img2img-strength", "highres-fix"])
+def test_progress_counts_every_step_that_runs_and_every_image(engine, fields):
+    params = generation_params(width=32, height=32, **fields)
+    inputs = {"init_image": encode_input(scene(32, 32))} if params.task == "img2img" else {}
+    recorder = Recorder()
+    engine.run(params, inputs, recorder)
+    assert recorder.steps == params.total_steps() + recorder.adjusted > 0
+    assert recorder.images == set(range(params.samples))
+    assert "denoising" in recorder.stages and recorder.stages.index("denoising") < len(recorder.stages) - 1
+
+
+def test_a_cancelled_step_stops_the_job(engine):
+    recorder = Recorder(cancel_after=2)
+    with pytest.raises(Cancelled, match="Cancelled by the client"):
+        engine.run(generation_params(width=32, height=32, steps=6), {}, recorder)
+    assert recorder.steps == 2
+
+
+def test_the_real_engine_draws_jpeg_previews_of_the_latents(store):
+    engine = DiffusersEngine(Settings(_env_file=None, models_dir=store.root, device="cpu"), store)
+    recorder = Recorder(preview=True)
+    engine.run(generation_params(width=64, height=64, steps=2), {}, recorder)
+    assert len(recorder.previews) == recorder.steps
+    preview = Image.open(io.BytesIO(recorder.previews[-1]))
+    assert preview.format == "JPEG" and max(preview.size) <= 256 and preview.size[0] >= 8
 
 
 PROTOCOL_METHODS = {

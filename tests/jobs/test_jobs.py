@@ -29,7 +29,7 @@ def test_a_job_that_breaks_ends_failed_with_a_message(make_client, monkeypatch):
     client = make_client(sync_timeout=0)
     from infra.engine.engine import DiffusersEngine
 
-    def explode(self, params, inputs):
+    def explode(self, params, inputs, progress=None):
         raise RuntimeError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(DiffusersEngine, "generate", explode)

@@ -200,3 +200,107 @@ def test_delete_finished_before_forgets_old_finished_jobs_only(store):
     assert store.get(old) is None and store.get(old_failed) is None
     assert store.get(recent).status == SUCCESS and store.get(running).status == PROCESSING
     assert store.delete_finished_before(now - 50) == 0
+
+
+# --------------------------------------------------------------------------- lifecycle (issue 17)
+
+
+def test_new_job_fields_round_trip(store):
+    job = new_job()
+    job.priority, job.deadline_at, job.webhook_events, job.preview = "high", time.time() + 30, ["started", "completed"], True
+    created = store.create(job)
+    got = store.get(created.id)
+    assert (got.priority, got.webhook_events, got.preview, got.cancelled) == ("high", ["started", "completed"], True, False)
+    assert got.deadline_at == pytest.approx(job.deadline_at)
+
+
+def test_progress_history_and_preview_while_running_preview_dropped_at_the_end(store):
+    job = store.create(new_job())
+    assert store.progress(job.id) == [] and store.preview(job.id) is None
+    assert store.claim(job.id)
+    history = [{"seq": 1, "percent": 0, "stage": "loading_model"}, {"seq": 2, "percent": 50, "stage": "denoising"}]
+    store.set_progress(job.id, history)
+    store.set_preview(job.id, b"jpeg-1")
+    store.set_preview(job.id, b"jpeg-2")  # overwritten in place
+    assert store.progress(job.id) == history and store.preview(job.id) == b"jpeg-2"
+    finish(store, job.id)
+    assert store.preview(job.id) is None
+    assert store.progress(job.id) == history  # kept for a stream that reconnects after the end
+
+
+def test_cancel_of_a_queued_job_ends_it_and_no_worker_starts_it(store):
+    job = store.create(new_job(), {"init_image": PNG})
+    assert store.request_cancel(job.id, "Cancelled by the client") == "cancelled"
+    got = store.get(job.id)
+    assert (got.status, got.message, got.cancelled) == (FAILED, "Cancelled by the client", True)
+    assert not store.claim(job.id) and store.inputs(job.id) == {}
+    assert store.request_cancel(job.id, "again") == "ended"
+    assert store.request_cancel(12345678, "x") == "missing"
+
+
+def test_cancel_of_a_running_job_is_a_request_its_worker_reads(store):
+    job = store.create(new_job())
+    assert store.claim(job.id)
+    assert store.cancel_requested(job.id) is None
+    assert store.request_cancel(job.id, "Cancelled by the client") == "stopping"
+    assert store.get(job.id).status == PROCESSING  # the worker ends it
+    assert store.cancel_requested(job.id) == "Cancelled by the client"
+
+
+def test_cancel_and_claim_racing_on_one_job_one_of_them_wins(store):
+    for _ in range(10):
+        job = store.create(new_job())
+        turns = iter([lambda: store.claim(job.id), lambda: store.request_cancel(job.id, "c")])
+        lock = threading.Lock()
+
+        def one(turns=turns, lock=lock):
+            with lock:
+                act = next(turns)
+            return act()
+
+        outcomes = race(2, one)
+        claimed = next(o for o in outcomes if isinstance(o, bool))
+        cancel = next(o for o in outcomes if isinstance(o, str))
+        # either the worker started it (and the cancel became a request) or the cancel ended it unstarted
+        assert (claimed, cancel) in ((True, "stopping"), (False, "cancelled"))
+
+
+def test_idempotency_key_reserve_bind_replay_and_mismatch(store):
+    assert store.remember_request("owner-a", "k1", "digest-1", ttl=60) == ("new", None)
+    assert store.remember_request("owner-a", "k1", "digest-1", ttl=60) == ("same", None)  # first still creating
+    store.bind_request("owner-a", "k1", 42)
+    assert store.remember_request("owner-a", "k1", "digest-1", ttl=60) == ("same", 42)
+    assert store.remember_request("owner-a", "k1", "digest-2", ttl=60) == ("different", 42)
+    assert store.remember_request("owner-b", "k1", "digest-2", ttl=60) == ("new", None)  # keys are per API key
+    store.forget_request("owner-b", "k1")  # refused: the key is free again
+    assert store.remember_request("owner-b", "k1", "digest-3", ttl=60) == ("new", None)
+    time.sleep(0.02)
+    assert store.remember_request("owner-a", "k1", "digest-2", ttl=0.01) == ("new", None)  # expired: new
+
+
+def test_idempotency_reservation_is_won_by_exactly_one_racer(store):
+    outcomes = race(8, lambda: store.remember_request("owner", "same-key", "d", ttl=60))
+    assert sorted(state for state, _ in outcomes) == ["new"] + ["same"] * 7
+
+
+def test_wait_change_returns_on_the_jobs_progress_and_at_once_for_a_change_it_would_miss(store):
+    import asyncio
+
+    job = store.create(new_job())
+    store.claim(job.id)
+
+    async def scenario():
+        since = store.change_count()
+        store.set_progress(job.id, [{"seq": 1}])  # between the look and the wait
+        started = time.monotonic()
+        await store.wait_change(job.id, 5.0, since)
+        missed_wait = time.monotonic() - started
+        waiting = asyncio.create_task(store.wait_change(job.id, 5.0))
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(store.set_progress, job.id, [{"seq": 1}, {"seq": 2}])
+        started = time.monotonic()
+        await asyncio.wait_for(waiting, 5.0)
+        return missed_wait, time.monotonic() - started
+
+    missed_wait, woken_after = asyncio.run(scenario())
+    assert missed_wait < 1.0 and woken_after < 1.0  # neither sleeps its 5 s out

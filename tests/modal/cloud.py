@@ -18,6 +18,17 @@ lines: ../shared/notes/modal-semantics.md). No account, no network.
   hooks run) dies, and Modal delivers the same input, same id, to a fresh container, up to
   `redeliveries` times, then the call fails. `modal.experimental.stop_fetching_inputs()` ends the
   container after its input.
+- **Cancel** (`FunctionCall.cancel(terminate_containers=False)`, `_functions.py:2523`: "cancel the
+  FunctionCall and terminate its inputs without retrying"): an input still waiting is taken out of
+  the backlog and never runs; a running one is interrupted where it is, as Modal's container does it
+  for a class with one input at a time (`_container_entrypoint.py:250-262`: SIGUSR1, whose handler
+  raises `modal.exception.InputCancellation`, a BaseException, in the thread running the input; here
+  it is raised in the container's thread, so it lands at the input's next bytecode, after a C call
+  such as a sleep returns, as a signal handler would). Either way the input is not delivered again
+  and `get()` raises `modal.exception.RemoteError` (a TERMINATED result carries no data:
+  `_utils/function_utils.py:537-574`). The container stays and takes the next input; with
+  `terminate_containers=True` it stops after the cancelled input (its exit hooks run). A call that
+  ended is not changed. `call.cancels` records every cancel asked.
 - **Snapshots**: for a class with `enable_memory_snapshot`, the `snap=True` hooks run once, in the
   first container; every container after it starts from the object they left (restored: its
   attributes copied, what they hold shared, as one memory image) and runs only the `snap=False`
@@ -27,7 +38,11 @@ lines: ../shared/notes/modal-semantics.md). No account, no network.
 - **Web** (`web_request` / `web_burst`): the ASGI app built in a web container (its lifespan run),
   at most `max_inputs` requests in flight per web container (more containers start for more), sync
   handlers on anyio's 40 worker threads, and a request past `web_timeout` (150 s) answered with a
-  303 to a result URL.
+  303 to a result URL. A streaming response (server-sent events) comes back whole once the app
+  closed it (httpx's ASGI transport collects the body), so a stream test reads streams that end:
+  with their `result`, or with the `reconnect` the app sends inside the web function's limits.
+  `start_web()` starts one more web container (for a test that sends a client's requests to
+  different ones, as Modal's router may).
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import asyncio
 import contextlib
 import contextvars
 import copy
+import ctypes
 import itertools
 import os
 import shutil
@@ -225,16 +241,20 @@ class FakeVolume:
 
 class FakeFunctionCall:
     """`modal.FunctionCall`: `get(timeout)` raises the built-in TimeoutError while pending or running,
-    re-raises the function's exception when it failed, else returns its result."""
+    re-raises the function's exception when it failed, else returns its result. `cancel()` as the
+    module docstring says (`cancelled`: it took effect; `input`: the call's one input)."""
 
     _ids = itertools.count(1)
 
-    def __init__(self):
+    def __init__(self, service: Service | None = None):
         self.object_id = f"fc-{next(self._ids):06d}"
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
+        self._service = service
+        self.input: Input | None = None
         self.cancelled = False
+        self.cancels: list[bool] = []  # terminate_containers of every cancel() asked
 
     def get(self, timeout: float | None = None):
         if not self._done.wait(timeout):
@@ -244,19 +264,56 @@ class FakeFunctionCall:
         return self._result
 
     def cancel(self, terminate_containers: bool = False) -> None:
-        self.cancelled = True
+        self.cancels.append(terminate_containers)
+        if self._service is not None:
+            self._service._cancel(self, terminate_containers)
+        elif not self._done.is_set():
+            self.cancelled = True
+            self._finish(error=_terminated(self.object_id))
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
 
     def _finish(self, result=None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         self._done.set()
 
 
-@dataclass
+def _terminated(call_id: str) -> BaseException:
+    """What `get()` raises for a cancelled call: its result is TERMINATED, without data."""
+    import modal.exception
+
+    return modal.exception.RemoteError(f"function call {call_id} was cancelled")
+
+
+def _input_cancellation() -> type[BaseException]:
+    import modal.exception
+
+    return modal.exception.InputCancellation
+
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc  # a PyDLL function: called with the GIL held
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
+
+
+def _settle() -> None:
+    """A call right after an input left the user code: a cancellation sent as it left lands here
+    (a function's entry is where the interpreter raises a pending asynchronous exception), inside
+    the delivery's handler, not in the stand-in's own bookkeeping."""
+
+
+@dataclass(eq=False)  # an input is itself (found in the backlog by identity)
 class Input:
     id: str
     args: tuple
     call: FakeFunctionCall
     deliveries: int = 0
+    running: bool = False  # in a container's user code now (a cancel interrupts it there)
+    thread: int | None = None  # the thread running it
+    terminate: bool = False  # cancelled with terminate_containers=True
+    cancel_pending: bool = False  # cancelled between the backlog and a container: raised as it starts
+    gate: threading.Lock = field(default_factory=threading.Lock)  # one canceller at a time
 
 
 @dataclass
@@ -301,9 +358,10 @@ class Service:
 
     # --- what callers do
     def spawn(self, *args) -> FakeFunctionCall:
-        call = FakeFunctionCall()
+        call = FakeFunctionCall(self)
         self.cloud.calls[call.object_id] = call
-        self._enqueue(Input(f"in-{self.name}-{next(self._input_ids):06d}", args, call))
+        call.input = Input(f"in-{self.name}-{next(self._input_ids):06d}", args, call)
+        self._enqueue(call.input)
         return call
 
     def remote(self, *args):
@@ -378,10 +436,28 @@ class Service:
         item.deliveries += 1
         container.inputs.append(item.id)
         container.current_input = item.id
+        InputCancellation = _input_cancellation()
         try:
-            with container.active():
-                result = self.run_input(container, item)
+            try:
+                with container.active():
+                    with item.gate:  # (a C lock: no bytecode runs between its acquire and the body)
+                        item.thread, item.running = threading.get_ident(), True
+                        cancelled_before = item.cancel_pending
+                    if cancelled_before:  # cancelled as it was being taken from the backlog
+                        raise InputCancellation("Input was cancelled by user")
+                    result = self.run_input(container, item)
+            finally:
+                with item.gate:
+                    item.running = False  # a cancel from here on finds the input ended
+                _settle()
             item.call._finish(result=result)
+        except InputCancellation:  # cancelled while it ran: its output is TERMINATED, never retried
+            item.call._finish(error=_terminated(item.call.object_id))
+            if item.terminate:
+                container.alive = False
+                if self.stop_container:
+                    with container.active(), contextlib.suppress(Exception):
+                        self.stop_container(container)
         except Preempted:
             container.alive = False
             if self.stop_container:
@@ -395,6 +471,28 @@ class Service:
             item.call._finish(error=exc)
         finally:
             container.current_input = None
+
+    def _cancel(self, call: FakeFunctionCall, terminate_containers: bool) -> None:
+        """`FunctionCall.cancel()` (see the module docstring)."""
+        item = call.input
+        with self._cond:
+            if call.done:
+                return
+            call.cancelled = True
+            if item in self._backlog:  # waiting for a container (or for its next delivery): it never runs
+                self._backlog.remove(item)
+                call._finish(error=_terminated(call.object_id))
+                return
+        exc = ctypes.py_object(_input_cancellation())
+        with item.gate:
+            item.terminate = item.terminate or terminate_containers
+            thread = ctypes.c_ulong(item.thread or 0)
+            # the look and the raise with no bytecode between them that lets the input's thread run
+            # (the gate held, the GIL kept through the call): the exception is raised in its user code
+            if item.running:
+                _set_async_exc(thread, exc)
+            elif not call.done:  # being handed to a container right now: it is cancelled as it starts
+                item.cancel_pending = True
 
     def _again(self, item: Input) -> None:
         """Modal delivers a pre-empted or crashed input again, same id, to another container."""
@@ -583,6 +681,10 @@ class Cloud:
         for web in self.web_containers:
             if web.in_flight < self.web_max_inputs:
                 return web
+        return self._start_web()
+
+    def start_web(self) -> WebContainer:
+        """One more web container (Modal's router may send a client's next request to any of them)."""
         return self._start_web()
 
     def _start_web(self) -> WebContainer:

@@ -182,6 +182,7 @@ class FakeFunctionCall:
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
+        self.cancels: list[bool] = []
         self._thread = threading.Thread(target=self._run, args=(target, args, kwargs), daemon=True)
         self._thread.start()
 
@@ -192,6 +193,12 @@ class FakeFunctionCall:
             self._error = exc
         finally:
             self._done.set()
+
+    def cancel(self, terminate_containers: bool = False) -> None:
+        """Recorded only (`cancels`): this call started on its thread at once, so nothing waits to
+        be taken out, and a thread is not interrupted (the containers' stand-in, tests/modal/cloud.py,
+        does what Modal does)."""
+        self.cancels.append(terminate_containers)
 
     def get(self, timeout: float | None = None):
         """The result; `TimeoutError` (the built-in) while still running after `timeout` seconds."""

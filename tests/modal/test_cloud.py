@@ -107,6 +107,64 @@ def test_at_most_max_containers_run_at_once(toy):
     assert len(toy.containers("Worker")) <= toy_app.WORKER_OPTIONS["max_containers"]
 
 
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
+
+
+def test_a_cancelled_waiting_call_never_runs(toy):
+    import modal
+
+    busy = [toy_app.Worker().run.spawn("long") for _ in range(toy_app.WORKER_OPTIONS["max_containers"])]
+    wait_for(lambda: sum(hook == "long" for hook, _ in toy_app.EVENTS) == len(busy))
+    waiting = toy_app.Worker().run.spawn("echo")  # every container is busy: it waits in the backlog
+    modal.FunctionCall.from_id(waiting.object_id).cancel()
+    with pytest.raises(modal.exception.RemoteError):
+        waiting.get(timeout=5)
+    assert waiting.cancelled and waiting.input.deliveries == 0  # its input never ran
+    for call in busy:
+        call.cancel()
+    toy.service("Worker").drain()
+    assert waiting.input.id not in [i for c in toy.containers("Worker") for i in c.inputs]
+
+
+def test_a_cancelled_running_call_is_interrupted_and_its_container_takes_the_next_input(toy):
+    import modal
+
+    call = toy_app.Worker().run.spawn("long")
+    wait_for(lambda: ("long", call.input.id) in toy_app.EVENTS)
+    started = time.monotonic()
+    call.cancel()  # terminate_containers=False
+    with pytest.raises(modal.exception.RemoteError):
+        call.get(timeout=5)
+    assert time.monotonic() - started < 1.0  # interrupted where it was, not after its ten seconds
+    assert ("interrupted", "InputCancellation") in toy_app.EVENTS
+    (container,) = toy.containers("Worker")
+    assert container.alive and call.input.deliveries == 1  # the container stays; the input is not retried
+    assert run(toy, "echo")["input"] in container.inputs  # and it takes the next one
+    call.cancel()  # a call that ended is left as it is
+    assert call.cancels == [False, False]
+
+
+def test_a_call_cancelled_with_terminate_containers_ends_its_container(toy):
+    call = toy_app.Worker().run.spawn("long")
+    wait_for(lambda: ("long", call.input.id) in toy_app.EVENTS)
+    call.cancel(terminate_containers=True)
+    wait_for(lambda: not toy.containers("Worker")[0].alive)
+    assert ("exit", None) in toy_app.EVENTS
+    run(toy, "echo")
+    assert len(toy.containers("Worker")) == 2
+
+
+def test_a_finished_call_is_not_changed_by_a_cancel(toy):
+    call = toy_app.Worker().run.spawn("echo")
+    answer = call.get(timeout=60)
+    call.cancel()
+    assert not call.cancelled and call.get(timeout=0) == answer
+
+
 # --------------------------------------------------------------------------- Volumes
 
 

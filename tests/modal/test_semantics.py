@@ -29,11 +29,11 @@ def crash_engine_runs(monkeypatch, exception: type[BaseException], times: int) -
 
     real, runs = DiffusersEngine.run, []
 
-    def run(self, params, inputs):
+    def run(self, params, inputs, progress=None):
         runs.append("run")
         if len(runs) <= times:
             raise exception()
-        return real(self, params, inputs)
+        return real(self, params, inputs, progress)
 
     monkeypatch.setattr(DiffusersEngine, "run", run)
     return runs

@@ -49,6 +49,14 @@ class Worker:
             data.commit()
         if what == "stop":
             modal.experimental.stop_fetching_inputs()
+        if what == "long":  # ten seconds in short sleeps; says whether it was interrupted
+            EVENTS.append(("long", modal.current_input_id()))
+            try:
+                for _ in range(1000):
+                    time.sleep(0.01)
+            except BaseException as exc:
+                EVENTS.append(("interrupted", type(exc).__name__))
+                raise
         return {"input": modal.current_input_id(), "seen": list(self.seen), "loaded": self.loaded,
                 "image": os.environ["TOY_IMAGE"], "shell": os.environ.get("TOY_SHELL"),
                 "secret": os.environ.get("TOY_SECRET"),

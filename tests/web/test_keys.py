@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from infra.web.api import ENDPOINTS
+from infra.web.api import ENDPOINTS, PREFIXES
 
 API = "/api/v1/enterprise"
 GEN, ADMIN = "gen-key-7f3a", "admin-key-91bd"
@@ -101,8 +101,14 @@ def test_no_route_answers_without_a_valid_key_except_health_docs_and_links(roles
         else:
             open_routes.add(route.path)
     assert open_routes == {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
-                           "/api/v1/enterprise/model_archive/{model_id}.tar", "/files/{key:path}"}
+                           "/api/v1/enterprise/model_archive/{model_id}.tar", "/files/{key:path}",
+                           "/api/v1/enterprise/preview/{job_id}.jpg"} | {
+                               f"{prefix}/stream/{{request_id}}" for prefix in PREFIXES}  # GET: the key as for POST
     assert roles.get("/api/v1/enterprise/model_archive/tiny-sd.tar").status_code == 403  # unsigned
+    assert roles.get("/api/v1/enterprise/preview/12345678.jpg").status_code == 403  # unsigned
+    for prefix in PREFIXES:
+        assert roles.get(f"{prefix}/stream/12345678").status_code == 401
+        assert roles.get(f"{prefix}/stream/12345678?key=wrong").status_code == 401
 
 
 def test_output_links_are_unguessable(roles, image_server):
