@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import os
 import signal
 import socket
@@ -353,3 +354,23 @@ def receivers():
     yield make
     for receiver in made:
         receiver.close()
+
+
+def sse_events(lines):
+    """Server-sent events from the lines of a `text/event-stream` body, as they come:
+    {"event", "id", "data" (parsed JSON)} per event (a `retry:` block alone is not one)."""
+    event = {}
+    for line in lines:
+        if not line:
+            if "event" in event:
+                yield event
+            event = {}
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            event["data"] = json.loads(value)
+        elif name in ("event", "id"):
+            event[name] = value
+    if "event" in event:
+        yield event

@@ -19,7 +19,7 @@ import httpx
 import modal
 import pytest
 
-from tests.conftest import KEY
+from tests.conftest import KEY, sse_events
 from tests.modal.cloud import Cloud, WebContainer
 from tests.modal.conftest import API
 
@@ -218,19 +218,7 @@ def read_stream(web: WebContainer, job_id: int, last_event_id: int | None = None
     response = web.run(web.request("GET", f"{API}/stream/{job_id}", headers=headers))
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = []
-    for block in response.text.split("\n\n"):
-        event = {}
-        for line in block.splitlines():
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "data":
-                event["data"] = json.loads(value)
-            elif name in ("event", "id"):
-                event[name] = value
-        if "event" in event:
-            events.append(event)
-    return events
+    return list(sse_events(response.text.splitlines()))
 
 
 def numbered(events: list[dict]) -> list[int]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from infra.limits import key_id
-from tests.conftest import KEY
+from tests.conftest import KEY, sse_events
 from tests.conftest import ServerProcess as Server
 
 OTHER, CANCELLER, FAIR_A, FAIR_B = "key-other", "key-canceller", "key-fair-a", "key-fair-b"
@@ -66,24 +66,14 @@ def read_stream(server, job_id: int, key: str = KEY, last_event_id=None, stop_af
     headers = {"Authorization": f"Bearer {key}"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = str(last_event_id)
-    events, current = [], {}
+    events = []
     with httpx.stream("GET", f"{server.base}{API}/stream/{job_id}", headers=headers, timeout=120) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if not line:
-                if "event" in current:
-                    events.append(current)
-                    if stop_after is not None and sum(e["event"] == "progress" for e in events) >= stop_after:
-                        return events
-                current = {}
-                continue
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "data":
-                current["data"] = json.loads(value)
-            elif name in ("event", "id"):
-                current[name] = value
+        for event in sse_events(response.iter_lines()):
+            events.append(event)
+            if stop_after is not None and sum(e["event"] == "progress" for e in events) >= stop_after:
+                break
     return events
 
 
