@@ -65,19 +65,21 @@ def cancel(req: CancelRequest, rt: Runtime, caller: Caller) -> Submitted:
                        tip="Cancel a job with the key that submitted it, by the `id` its request returned.")
     job = rt.dispatcher.check(job)
     if job.done:
-        raise Conflict(f"Job {job.id} has already ended: {job.status}" + (" (cancelled)" if job.cancelled else ""),
-                       tip="Only queued or running jobs can be cancelled.")
+        raise _ended(job)
     if job.started_at is None:
         ended = _cancel_queued(job, CANCELLED, rt)
         if ended is not None:
             return Submitted(ended, 0.0)
     outcome = rt.jobs.request_cancel(job.id, CANCELLED)  # running (or it started meanwhile): its worker stops it
-    if outcome == "ended":
-        latest = rt.jobs.get(job.id)
-        if not (latest and latest.cancelled):
-            raise Conflict(f"Job {job.id} has already ended: {latest.status if latest else 'gone'}",
-                           tip="Only queued or running jobs can be cancelled.")
-    return Submitted(rt.jobs.get(job.id) or job, CANCEL_WAIT_SECONDS)
+    latest = rt.jobs.get(job.id) or job
+    if outcome == "ended" and not latest.cancelled:  # it ended on its own meanwhile
+        raise _ended(latest)
+    return Submitted(latest, CANCEL_WAIT_SECONDS)
+
+
+def _ended(job: Job) -> Conflict:
+    return Conflict(f"Job {job.id} has already ended: {job.status}" + (" (cancelled)" if job.cancelled else ""),
+                    tip="Only queued or running jobs can be cancelled.")
 
 
 def _cancel_queued(job: Job, message: str, rt: Runtime) -> Job | None:

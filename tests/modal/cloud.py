@@ -66,7 +66,7 @@ from typing import Any
 
 import httpx
 
-from tests.modal.standins import Clock, FakeDict
+from tests.modal.standins import CallOutcome, Clock, FakeDict
 
 CURRENT: contextvars.ContextVar[Container | None] = contextvars.ContextVar("modal_container", default=None)
 WEB_TIMEOUT = 150.0  # seconds a web request may take before Modal answers 303
@@ -239,7 +239,7 @@ class FakeVolume:
 # --------------------------------------------------------------------------- calls and inputs
 
 
-class FakeFunctionCall:
+class FakeFunctionCall(CallOutcome):
     """`modal.FunctionCall`: `get(timeout)` raises the built-in TimeoutError while pending or running,
     re-raises the function's exception when it failed, else returns its result. `cancel()` as the
     module docstring says (`cancelled`: it took effect; `input`: the call's one input)."""
@@ -247,21 +247,12 @@ class FakeFunctionCall:
     _ids = itertools.count(1)
 
     def __init__(self, service: Service | None = None):
+        super().__init__()
         self.object_id = f"fc-{next(self._ids):06d}"
-        self._done = threading.Event()
-        self._result: Any = None
-        self._error: BaseException | None = None
         self._service = service
         self.input: Input | None = None
         self.cancelled = False
         self.cancels: list[bool] = []  # terminate_containers of every cancel() asked
-
-    def get(self, timeout: float | None = None):
-        if not self._done.wait(timeout):
-            raise TimeoutError("the function call is still running")
-        if self._error is not None:
-            raise self._error
-        return self._result
 
     def cancel(self, terminate_containers: bool = False) -> None:
         self.cancels.append(terminate_containers)

@@ -172,16 +172,32 @@ class FakeDict:
             self._data.clear()
 
 
-class FakeFunctionCall:
+class CallOutcome:
+    """What a `modal.FunctionCall` hands back, shared by this module's handle and the cloud's
+    (tests/modal/cloud.py): `get(timeout)` raises the built-in TimeoutError while it runs,
+    re-raises the function's exception when it failed, else returns its result."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def get(self, timeout: float | None = None):
+        if not self._done.wait(timeout):
+            raise TimeoutError("the function call is still running")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class FakeFunctionCall(CallOutcome):
     """Stand-in for `modal.FunctionCall`: the handle `spawn` returns."""
 
     _ids = itertools.count(1)
 
     def __init__(self, target, args, kwargs):
+        super().__init__()
         self.object_id = f"fc-standin-{next(self._ids):06d}"
-        self._done = threading.Event()
-        self._result: Any = None
-        self._error: BaseException | None = None
         self.cancels: list[bool] = []
         self._thread = threading.Thread(target=self._run, args=(target, args, kwargs), daemon=True)
         self._thread.start()
@@ -199,14 +215,6 @@ class FakeFunctionCall:
         be taken out, and a thread is not interrupted (the containers' stand-in, tests/modal/cloud.py,
         does what Modal does)."""
         self.cancels.append(terminate_containers)
-
-    def get(self, timeout: float | None = None):
-        """The result; `TimeoutError` (the built-in) while still running after `timeout` seconds."""
-        if not self._done.wait(timeout):
-            raise TimeoutError("the function call is still running")
-        if self._error is not None:
-            raise self._error
-        return self._result
 
 
 class FakeFunction:
