@@ -3,7 +3,10 @@
 What runs where (and why, under Modal's semantics: ../shared/notes/modal-semantics.md):
 - `web`: the same FastAPI app as the local server, on CPU containers (`@modal.asgi_app`,
   `@modal.concurrent`). Jobs live in `modal.Dict`s (records; the queue of open jobs), work goes
-  to the GPU class with `.spawn()` and each call's id is kept with its job. A request waits for its
+  to the GPU class with `.spawn()` and each call's id is kept with its job. At most
+  SDAPI_MODAL_MAX_CONTAINERS jobs are spawned and unfinished at once; the others wait in the queue
+  Dict and are spawned in the fair order (priority, then round-robin across keys) as GPUs free
+  up, since Modal's own input queue is first come, first served. A request waits for its
   job asynchronously (no thread per wait) for up to SDAPI_SYNC_TIMEOUT (120 s, under Modal's 150 s
   web limit), then answers `processing`; a stream/{id} ends with a `reconnect` event after
   SDAPI_STREAM_MAX_SECONDS (120 s, under the web function's 150 s timeout). A cancelled queued
@@ -15,7 +18,8 @@ What runs where (and why, under Modal's semantics: ../shared/notes/modal-semanti
   model's weights (in fp16 on the CPU; on the GPU itself with SDAPI_MODAL_GPU_SNAPSHOT). After every
   restore a container reads its own settings and the restart generation of its own start, then
   moves the weights to the GPU. `run(job_id)` takes one job through `execute_job`; Modal's
-  re-delivery of an input after a pre-emption or a crash takes the job up again. Webhooks are
+  re-delivery of an input after a pre-emption or a crash takes the job up again; after each input
+  it spawns the next job of the fair queue (its slot is free). Webhooks are
   handed to `deliver_webhook`, so a GPU never waits for a receiver. The compile cache has a Volume of
   its own (`sd-enterprise-compile-cache`).
 - `download_model`: model loads (load_model, load_vae, models fetched on first use, the default
@@ -23,7 +27,7 @@ What runs where (and why, under Modal's semantics: ../shared/notes/modal-semanti
   spawned (a job never holds a GPU while its model downloads).
 - `deliver_webhook`: one job's webhook, with its retries, on a CPU container.
 - `recover_jobs` (every 2 minutes): jobs whose spawn was lost or whose call failed, found by their
-  calls; `clean_caches` (hourly): expired outputs, old job records, download scratch, usage folded,
+  calls, and held jobs into any free slot; `clean_caches` (hourly): expired outputs, old job records, download scratch, usage folded,
   and every Dict entry an operator relies on written again so none expires (7 idle days).
 
 Before the first deploy, create the secret with the API keys and, for production, the output bucket
@@ -54,7 +58,8 @@ DEPLOY_DEFAULTS = {
     "SDAPI_MODAL_GPU": "A100-80GB",  # the GPU type of the workers (H100, L40S, ...)
     "SDAPI_MODAL_GPU_SNAPSHOT": "false",  # true: Modal's (alpha) GPU memory snapshot besides the CPU one
     "SDAPI_MODAL_MIN_CONTAINERS": "0",  # GPU workers kept warm (billed while up); 0: scale to zero
-    "SDAPI_MODAL_MAX_CONTAINERS": "10",  # the GPU burst ceiling (the cost ceiling of a burst)
+    "SDAPI_MODAL_MAX_CONTAINERS": "10",  # the GPU burst ceiling (the cost ceiling of a burst; the fair queue's slots)
+    "SDAPI_MODAL_SPAWN_AHEAD": "0",  # jobs handed to Modal beyond the ceiling (0: all wait in the fair queue)
     "SDAPI_MODAL_BUFFER_CONTAINERS": "0",  # extra idle GPU workers while busy
     "SDAPI_MODAL_SCALEDOWN_WINDOW": "300",  # seconds a GPU worker waits idle before it goes
     "SDAPI_MODAL_WEB_MIN_CONTAINERS": "0",  # CPU web containers kept warm (cheap: 1 avoids the web cold start)

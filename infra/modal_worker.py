@@ -11,9 +11,10 @@ A Worker container's life, under Modal's memory snapshots (../shared/notes/modal
    start, the models moved to the device, the default model loaded if the snapshot had none yet.
 3. `run(job_id, input_id)` per input: the job through `execute_job`, with the input id as its
    runner so a re-delivered input takes its job up again; a job whose models are still loading is
-   given back at once (the downloader spawns it again when they are), and a container started
-   before a restart_server / update_server / clear_cache spawns its job again for a fresh one and
-   stops taking inputs. Webhooks leave with a spawn.
+   given back at once (it waits off the GPU; the downloader releases it when they are), and a
+   container started before a restart_server / update_server / clear_cache gives its job back for a
+   fresh one and stops taking inputs. Either way its slot is free after: the next job in the fair
+   queue is spawned (`ModalDispatcher.fill`). Webhooks leave with a spawn.
 4. `stop` (`@modal.exit`): what is counted is written.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEBHOOK_FLUSH_SECONDS = 30  # the downloader delivers its load event before its container may go
+HAND_OUT_WAIT_SECONDS = 10  # a stopping GPU container lets its last hand-out of the next job finish
 
 
 class ModalWorker:
@@ -45,6 +48,7 @@ class ModalWorker:
         self.engine = DiffusersEngine(runtime.settings, runtime.weights, device=device, dtype=dtype)
         self.generation = runtime.config.generation()
         self._compile_cache = _folder_fingerprint(runtime.settings.compile_cache_dir)
+        self._hand_outs: list[threading.Thread] = []  # hand-outs of the next job under way
 
     @classmethod
     def for_snapshot(cls, runtime: Runtime, gpu_snapshot: bool) -> ModalWorker:
@@ -82,6 +86,12 @@ class ModalWorker:
         """One job to its end; its status. The weights Volume is reloaded first when a model it needs
         is not visible in this container yet (loaded by another container after this one started);
         a reload that keeps failing (a file on the Volume held open) does not stop the job."""
+        try:
+            return self._run(job_id, input_id, reload_weights)
+        finally:
+            self._hand_out_next()
+
+    def _run(self, job_id: int, input_id: str | None, reload_weights: Callable[[], None] | None) -> str:
         runtime = self.runtime
         job = runtime.jobs.get(job_id)
         if job is None:
@@ -89,16 +99,33 @@ class ModalWorker:
         if job.done:
             return job.status
         if self.outdated() and not job.runner:  # restart_server / update_server since this container started:
-            runtime.dispatcher.submit(job)  # the job goes to a fresh container (this one stops taking inputs)
+            runtime.dispatcher.hand_back(job)  # the job goes to a fresh container (this one stops taking inputs)
             return "handed on"
         if reload_weights is not None and any(runtime.weights.get(model_id) is None for model_id in job.models_used()):
             reload_volume(reload_weights)
         if any(getattr(runtime.weights.get(m), "status", READY) == LOADING for m in job.await_models):
-            return "waiting"  # not on a GPU: the downloader spawns it again when its models are loaded
+            runtime.dispatcher.hand_back(job)  # not on a GPU: it waits for its models off the GPU
+            return "waiting"
         finished = execute_job(job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks,
                                runtime.weights, runtime.usage, runner=input_id, max_attempts=runtime.settings.job_attempts,
                                settings=runtime.settings)
         return finished.status if finished else "missing"
+
+    def _hand_out_next(self) -> None:
+        """This input's slot is free: the next job in the fair order is spawned (it then usually runs
+        on this very container). On a thread of its own, so that this input ends now and the
+        container takes its next one while the hand-out's Dict round trips are under way; `stop`
+        waits for it. A failure here fails no job: the next fill anywhere, at the latest the
+        recovery pass, hands it out."""
+        def hand_out() -> None:
+            try:
+                self.runtime.dispatcher.fill()
+            except Exception:
+                log.exception("could not hand out the next job")
+
+        thread = threading.Thread(target=hand_out, name="hand-out", daemon=True)
+        thread.start()
+        self._hand_outs = [t for t in self._hand_outs if t.is_alive()] + [thread]
 
     def compile_cache_grew(self) -> bool:
         """True once after a job added to the persistent compile cache (SDAPI_COMPILE_CACHE_DIR, its
@@ -112,7 +139,10 @@ class ModalWorker:
         return self.runtime.config.generation() > self.generation
 
     def stop(self) -> None:
-        """The container is going (`@modal.exit`): write what is counted."""
+        """The container is going (`@modal.exit`): the hand-outs under way finish, what is counted
+        is written."""
+        for thread in self._hand_outs:
+            thread.join(HAND_OUT_WAIT_SECONDS)
         self.runtime.usage.flush()
 
 

@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     webhook_progress_seconds: float = Field(
         5.0, ge=0, description="At most one `progress` webhook event per job this often."
     )
+    modal_max_containers: int = Field(
+        10, ge=1, description="On Modal: the GPU burst ceiling (the Worker class's max_containers, set where `modal "
+        "deploy` runs and baked into every image). Jobs beyond it (plus the spawn-ahead) wait in the fair queue, not "
+        "in Modal's first-come queue.",
+    )
+    modal_spawn_ahead: int = Field(
+        0, ge=0, description="On Modal: jobs handed to Modal beyond the GPU ceiling, so a GPU worker that finishes "
+        "finds its next job at once (0: every job waits in the fair queue until a GPU is free; more: less fair).",
+    )
     stream_max_seconds: float = Field(
         600.0, gt=0, description="A stream/{id} connection ends after this long with a `reconnect` event (on Modal: "
         "below the web function's timeout)."

@@ -33,7 +33,6 @@ from infra.jobs.job import (
     JOB_FIELDS,
     MAX_ID,
     MIN_ID,
-    PRIORITIES,
     PROCESSING,
     TERMINAL,
     Job,
@@ -72,6 +71,32 @@ def idempotency_key(owner: str, key: str) -> str:
     return f"idem:{owner}:{key}"
 
 
+def spawn_key(job_id: int, spawn: int) -> str:
+    """Written once (skip_if_exists) by the container that hands spawn number `spawn` of a job to Modal."""
+    return f"spawn:{job_id}:{spawn}"
+
+
+def slot_key(slot: int) -> str:
+    """In the queue Dict: GPU slot number `slot` (0 .. slots-1), held by the job handed to Modal in it."""
+    return f"slot:{slot}"
+
+
+def served_key(owner: str) -> str:
+    """In the queue Dict: when a key's last job was handed to Modal (the fair order's turn)."""
+    return f"served:{owner}"
+
+
+def is_held(entry: dict) -> bool:
+    """A queue entry of a job kept back in the fair queue: not handed to Modal, not waiting for a
+    load. (An entry written before the fair queue has no `spawned_at`: it was spawned at once.)"""
+    return "spawned_at" in entry and entry["spawned_at"] is None and not entry.get("waiting_for")
+
+
+def is_spawned(entry: dict) -> bool:
+    """A queue entry whose job was handed to Modal (queued there or running)."""
+    return entry.get("spawned_at", entry.get("queued_at")) is not None and not entry.get("waiting_for")
+
+
 def call_key(job_id: int) -> str:
     """The id of the Modal call (`fc-...`) that runs the job (written by the dispatcher after its spawn)."""
     return f"call:{job_id}"
@@ -80,7 +105,10 @@ def call_key(job_id: int) -> str:
 class DictJobStore:
     """`SqliteJobStore`'s interface on three `modal.Dict`s: `jobs` (records, claim and call keys),
     `inputs` (the input images of a job, deleted when the job ends) and `queue` (job id -> eta,
-    owner, when it was queued and the models it waits for, for every job queued or running).
+    owner, priority, deadline, when it was queued, the models it waits for, when it was handed to
+    Modal and in which GPU slot, for every job queued or running; `served:{owner}` -> when that
+    key's last job was handed to Modal, and `slot:{n}` -> the job holding GPU slot n, for the fair
+    queue of `infra.jobs.modal_dispatch`).
 
     Claims. A job's record holds `attempts` (starts so far), `started_at` (None while queued) and
     `runner` (the Modal input that started the current attempt). Starting attempt n+1 means winning
@@ -94,8 +122,9 @@ class DictJobStore:
 
     Recover. `recover` (the scheduled pass) takes a started job for dead when it was started more
     than `stale_after` seconds ago with no heartbeat since (above the worker's timeout: Modal killed
-    it), and returns jobs queued longer than `stale_after` that never started, to be spawned again
-    (a duplicate spawn is harmless: the claim lets only one run). The Modal dispatcher looks at the
+    it), and returns jobs handed to Modal longer than `stale_after` ago that never started, to be
+    spawned again (a duplicate spawn is harmless: the claim lets only one run); a job the fair queue
+    holds back is not lost, however long it waits. The Modal dispatcher looks at the
     jobs' calls first (`infra.jobs.modal_dispatch`), which finds a lost spawn or a failed call in
     minutes; this is the pass of last resort.
     """
@@ -114,7 +143,8 @@ class DictJobStore:
                 break
         if inputs:
             self._inputs.put(job.id, dict(inputs))
-        self._queue.put(job.id, {"eta": job.eta, "owner": job.owner, "queued_at": now, "priority": job.priority})
+        self._queue.put(job.id, {"eta": job.eta, "owner": job.owner, "queued_at": now, "priority": job.priority,
+                                 "deadline_at": job.deadline_at, "spawned_at": None, "spawns": 0})
         return job
 
     def update(self, job_id: int, **changes: Any) -> None:
@@ -243,8 +273,9 @@ class DictJobStore:
                 gone.append(job_id)
                 continue
             started_at, attempts = self.started(job_id, record)
-            if started_at is None:  # queued: spawn it again if it waited too long
-                if now - entry.get("queued_at", record["created_at"]) > stale_after:
+            if started_at is None:  # handed to Modal but not started: spawn it again if it waited too long
+                handed = max(entry.get("spawned_at") or 0.0, entry.get("queued_at", record["created_at"]))
+                if is_spawned(entry) and now - handed > stale_after:
                     self.requeue(job_id)
                     queued.append((record["created_at"], job_id))
                 continue
@@ -278,6 +309,66 @@ class DictJobStore:
         if entry is not None:
             self._queue.put(job_id, {**entry, "queued_at": time.time()})
 
+    def claim_slot(self, slot: int, job_id: int) -> bool:
+        """Take GPU slot number `slot` for the job: True for exactly one caller while the slot is free."""
+        return self._queue.put(slot_key(slot), {"job": job_id, "at": time.time()}, skip_if_exists=True)
+
+    def release_slot(self, slot: int, job_id: int) -> None:
+        """Free the slot, if the job still holds it."""
+        holder = self._queue.get(slot_key(slot))
+        if isinstance(holder, dict) and holder.get("job") == job_id:
+            self._queue.pop(slot_key(slot), None)
+
+    def claim_spawn(self, job_id: int, seen: dict) -> int | None:
+        """Take the job's next spawn (the one after the `spawns` of its queue entry as `seen`):
+        its number for exactly one container (the `spawn:{id}:{n}` key), which then spawns it;
+        None when another container took it."""
+        spawn = seen.get("spawns", 0) + 1
+        if not self._jobs.put(spawn_key(job_id, spawn), time.time(), skip_if_exists=True):
+            return None
+        return spawn
+
+    def unclaim_spawn(self, job_id: int, spawn: int) -> None:
+        """Give a spawn taken with `claim_spawn` back unused (no GPU slot was left for it)."""
+        self._jobs.pop(spawn_key(job_id, spawn), None)
+
+    def mark_spawned(self, job_id: int, spawn: int, slot: int | None = None) -> bool:
+        """The job is handed to Modal now (spawn number `spawn`, in `slot`; a spawn again keeps the
+        slot it holds) and its key counts as served now (the fair order's turn). False when the
+        job ended meanwhile."""
+        entry = self._queue.get(job_id)
+        if entry is None:
+            return False
+        now = time.time()
+        changes = {"spawned_at": now, "spawns": max(spawn, entry.get("spawns", 0))}
+        if slot is not None:
+            changes["slot"] = slot
+        self._queue.put(job_id, {**entry, **changes})
+        self._queue.put(served_key(entry.get("owner", "")), now)
+        return True
+
+    def hold(self, job_id: int) -> None:
+        """The job is back in the fair queue, not handed to Modal (its worker gave it back
+        unstarted); its slot is free."""
+        entry = self._queue.get(job_id)
+        if entry is not None:
+            self._queue.put(job_id, {**entry, "spawned_at": None, "slot": None})
+            if entry.get("slot") is not None:
+                self.release_slot(entry["slot"], job_id)
+
+    def queue_state(self) -> tuple[dict[int, dict], dict[str, float], dict[int, dict]]:
+        """One streaming read of the queue: (job id -> entry for every job queued or running,
+        owner -> when its last job was handed to Modal, slot -> its holder {"job", "at"})."""
+        entries, served, slots = {}, {}, {}
+        for key, value in self._queue.items():
+            if isinstance(key, int):
+                entries[key] = value
+            elif isinstance(key, str) and key.startswith("served:"):
+                served[key[len("served:"):]] = value
+            elif isinstance(key, str) and key.startswith("slot:"):
+                slots[int(key[len("slot:"):])] = value
+        return entries, served, slots
+
     def delete_finished_before(self, cutoff: float) -> int:
         """Forget finished jobs older than `cutoff` (their fetch results); returns how many. The
         records kept are re-written when their last write is older than REFRESH_SECONDS, so that
@@ -294,6 +385,8 @@ class DictJobStore:
                 self._jobs.pop(key, None)
                 for attempt in range(1, record.get("attempts", 0) + 2):
                     self._jobs.pop(claim_key(key, attempt), None)
+                for spawn in range(1, record.get("attempts", 0) + 3):  # the usual spawns; any more expire
+                    self._jobs.pop(spawn_key(key, spawn), None)
                 for extra in (_beat_key(key), call_key(key), progress_key(key), preview_key(key), cancel_key(key)):
                     self._jobs.pop(extra, None)
                 self._inputs.pop(key, None)
@@ -345,18 +438,6 @@ class DictJobStore:
         """A Dict tells nobody of a change: the next look is after POLL_SECONDS."""
         await asyncio.sleep(max(0.0, min(POLL_SECONDS, timeout)))
 
-    def queue_position(self, job: Job) -> int:
-        """How many jobs not started yet go before `job` (higher priority, or queued earlier)."""
-        rank = PRIORITIES.index(job.priority) if job.priority in PRIORITIES else 1
-        ahead = 0
-        for job_id, entry in self.open_jobs().items():
-            if job_id == job.id or entry.get("started") or entry.get("waiting_for"):
-                continue
-            other = PRIORITIES.index(entry.get("priority", "normal"))
-            if other < rank or (other == rank and entry.get("queued_at", 0) < job.created_at):
-                ahead += 1
-        return ahead
-
     # --- the Modal dispatcher's
     def set_call(self, job_id: int, call_id: str) -> None:
         self._jobs.put(call_key(job_id), call_id)
@@ -371,6 +452,9 @@ class DictJobStore:
             self._queue.put(job_id, {**entry, "waiting_for": list(model_ids)})
 
     def _forget(self, job_ids: list[int]) -> None:
+        """Ended jobs leave the queue (and free the GPU slot they held)."""
         for job_id in job_ids:
             self._inputs.pop(job_id, None)
-            self._queue.pop(job_id, None)
+            entry = self._queue.pop(job_id, None)
+            if isinstance(entry, dict) and entry.get("slot") is not None:
+                self.release_slot(entry["slot"], job_id)

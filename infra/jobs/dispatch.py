@@ -181,7 +181,7 @@ class FairQueue:
                     return None
                 for lane in self._lanes.values():
                     if lane:
-                        return self._pop(lane)
+                        return _pop_turn(lane)
                 self._cond.wait()
 
     def stop_one(self) -> None:
@@ -203,25 +203,45 @@ class FairQueue:
         """The ids in the order they would start."""
         with self._cond:
             lanes = [OrderedDict((owner, deque(ids)) for owner, ids in lane.items()) for lane in self._lanes.values()]
-        started = []
-        for lane in lanes:
-            while lane:
-                started.append(self._pop(lane))
-        return started
+        return _round_robin(lanes)
 
     def lengths(self) -> dict[str, int]:
         with self._cond:
             return {priority: sum(map(len, lane.values())) for priority, lane in self._lanes.items()}
 
-    @staticmethod
-    def _pop(lane: OrderedDict[str, deque[int]]) -> int:
-        owner, ids = next(iter(lane.items()))
-        job_id = ids.popleft()
-        if ids:
-            lane.move_to_end(owner)  # this key's next job waits for every other key's turn
-        else:
-            del lane[owner]
-        return job_id
+
+def _pop_turn(lane: OrderedDict[str, deque[int]]) -> int:
+    """The next job of a priority's lane: the first key's oldest; that key then goes last."""
+    owner, ids = next(iter(lane.items()))
+    job_id = ids.popleft()
+    if ids:
+        lane.move_to_end(owner)  # this key's next job waits for every other key's turn
+    else:
+        del lane[owner]
+    return job_id
+
+
+def _round_robin(lanes: list[OrderedDict[str, deque[int]]]) -> list[int]:
+    """Every id of the lanes (highest priority first) in the order they start."""
+    started = []
+    for lane in lanes:
+        while lane:
+            started.append(_pop_turn(lane))
+    return started
+
+
+def fair_order(entries: dict[int, dict], served: dict[str, float]) -> list[int]:
+    """The start order of queued jobs kept as queue entries ({job id: {"owner", "priority",
+    "queued_at"}}, the Modal side's queue), by the same policy as `FairQueue`: the highest priority
+    first; within one, round-robin across keys, the key served longest ago (`served`: owner -> when
+    its last job was handed out; never: 0) first, each key's jobs in the order they were queued."""
+    lanes: dict[str, dict[str, deque[int]]] = {priority: {} for priority in PRIORITIES}
+    for _, job_id, owner, priority in sorted((entry.get("queued_at", 0.0), job_id, entry.get("owner", ""),
+                                              entry.get("priority", "normal")) for job_id, entry in entries.items()):
+        lanes.get(priority, lanes["normal"]).setdefault(owner, deque()).append(job_id)
+    # keys in the order they were served (a stable sort: keys never served in the order they queued)
+    return _round_robin([OrderedDict((owner, lane[owner]) for owner in sorted(lane, key=lambda o: served.get(o, 0.0)))
+                         for lane in lanes.values()])
 
 
 class LocalDispatcher:

@@ -9,8 +9,20 @@ What Modal's semantics ask of it (../shared/notes/modal-semantics.md):
   or at the next recovery pass (`recover`, every few minutes); a job whose spawn was lost (the web
   container died between creating and spawning it) is spawned again by that pass.
 - A job that waits for a model still loading (fetched on first use) is not spawned: no GPU
-  container sits polling for a download. The downloader, when a load ends, spawns the jobs that
+  container sits polling for a download. The downloader, when a load ends, releases the jobs that
   waited for it (`model_loaded`); the recovery pass catches any it missed.
+- Fair queueing. Modal starts a function's inputs in the order they were spawned, so a burst of one
+  key spawned at once would run before anything submitted after it. Jobs are therefore handed to
+  Modal only into a free GPU slot: SDAPI_MODAL_MAX_CONTAINERS slots (plus SDAPI_MODAL_SPAWN_AHEAD
+  kept in Modal's own queue), each a `slot:{n}` key of the queue Dict that one job holds from its
+  spawn to its end (its ender frees it). The other jobs wait in the queue Dict, held. Whenever a
+  slot may have freed (a submit, a job's end on its worker, a cancel, a failed call, a load's end,
+  the recovery pass) `fill` hands out held jobs in `fair_order`: the highest priority first, then
+  round-robin across keys, the key served longest ago first. Taking a job's spawn
+  (`spawn:{id}:{n}`) and taking a slot are each a claim (`skip_if_exists`), so containers filling
+  at once never exceed the slots nor spawn a job twice. Nothing held is lost: any container's next
+  `fill`, at the latest the recovery pass (every few minutes, which also frees a slot a dead
+  container left taken), hands it out.
 - The web tier cannot see the workers' memory: `loaded_models()` is empty, and evict /
   unload_models / restart bump the config generation (workers finish their input, then stop taking
   new ones; fresh containers load models again on demand).
@@ -19,15 +31,19 @@ What Modal's semantics ask of it (../shared/notes/modal-semantics.md):
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from infra.catalog.weights import FAILED, READY, LoadRequest
+from infra.jobs.dict_store import is_held, is_spawned
+from infra.jobs.dispatch import fair_order
 from infra.jobs.job import FAILED as JOB_FAILED
 from infra.jobs.job import PRIORITIES, PROCESSING, Job
 from infra.jobs.params import JobParams
+from infra.jobs.progress import deadline_message
 
 if TYPE_CHECKING:
     from infra.catalog.weights import WeightsStore
@@ -85,8 +101,9 @@ class ModalDispatcher:
 
     # --- jobs
     def submit(self, job: Job) -> None:
-        """Spawn the job on the GPU class, unless models it waits for are still loading: then the
-        downloader spawns it when they are (nothing holds a GPU meanwhile)."""
+        """Queue the job for the GPU class: it is spawned as soon as its turn comes and a slot is
+        free (`fill`), unless models it waits for are still loading: then when they are (nothing
+        holds a GPU meanwhile)."""
         waiting = [model_id for model_id in job.await_models if self._load_state(model_id) != READY]
         if waiting:
             self.jobs.set_waiting(job.id, waiting)
@@ -95,11 +112,53 @@ class ModalDispatcher:
                 self.jobs.set_waiting(job.id, [])
             else:
                 return
-        self._spawn(job.id)
+        self.fill()
+
+    def hand_back(self, job: Job) -> None:
+        """A worker gave the job back unstarted (its container is outdated, or a model it needs is
+        loading again): it is queued again like a new submit (its turn among the others)."""
+        self.jobs.hold(job.id)
+        self.submit(job)
+
+    def fill(self) -> list[int]:
+        """Hand held jobs to Modal in the fair order, one per free GPU slot; a held job past its
+        deadline is ended instead (as if cancelled). The ids spawned. Containers filling at once
+        each take a job's spawn, then a slot, with a claim: a lost job costs one round trip (the
+        next job is tried), a lost slot one more (the next slot); no slot left gives the spawn back."""
+        entries, served, taken = self.jobs.queue_state()
+        free = [slot for slot in range(self.slots()) if slot not in taken]
+        if not free:
+            return []
+        random.shuffle(free)  # containers filling at once start at different slots
+        held = {job_id: entry for job_id, entry in entries.items() if is_held(entry)}
+        spawned, now = [], time.time()
+        for job_id in fair_order(held, served):
+            if not free:
+                break
+            if held[job_id].get("deadline_at") is not None and now > held[job_id]["deadline_at"]:
+                self._expire(job_id)
+                continue
+            spawn = self.jobs.claim_spawn(job_id, held[job_id])
+            if spawn is None:
+                continue  # another container is handing this one out
+            slot = None
+            while free and slot is None:
+                candidate = free.pop()
+                slot = candidate if self.jobs.claim_slot(candidate, job_id) else None
+            if slot is None:  # every slot was taken meanwhile: the job stays held
+                self.jobs.unclaim_spawn(job_id, spawn)
+                break
+            if self._launch(job_id, spawn, slot):
+                spawned.append(job_id)
+        return spawned
+
+    def slots(self) -> int:
+        """Jobs handed to Modal at once: what the GPU class runs at once, plus the spawn-ahead."""
+        return max(1, self.settings.modal_max_containers + self.settings.modal_spawn_ahead)
 
     def model_loaded(self, model_id: str) -> list[int]:
         """A load ended (in the downloader): record its outcome where every container sees it, then
-        spawn the jobs that waited for it (or end them `failed` with the load's reason). Their ids."""
+        queue the jobs that waited for it (or end them `failed` with the load's reason). Their ids."""
         entry = self.weights.get(model_id)
         state = READY if entry is not None and entry.status == READY else f"{FAILED}: " + (
             entry.message if entry is not None else "it was deleted")
@@ -110,6 +169,8 @@ class ModalDispatcher:
             if model_id in waiting:
                 released.append(job_id)
                 self._release(job_id, [m for m in waiting if m != model_id], model_id, state)
+        if released:
+            self.fill()
         return released
 
     def check(self, job: Job) -> Job:
@@ -125,6 +186,7 @@ class ModalDispatcher:
             return job
         ended = self._end(job.id, self._call_failed(status))
         self._notify(ended)
+        self.fill()  # its slot is free
         return ended or job
 
     def cancelled(self, job: Job) -> None:
@@ -137,9 +199,21 @@ class ModalDispatcher:
                 self.handles.cancel_call(call_id)
             except Exception:  # the job is ended in the store whatever Modal says
                 log.exception("could not cancel call %s of job %s", call_id, job.id)
+        if call_id:
+            self.fill()  # its slot is free
 
     def queue_position(self, job: Job) -> int:
-        return self.jobs.queue_position(job)
+        """How many jobs start before this queued one: those already handed to Modal and not started
+        (Modal starts them in spawn order), then, for a held job, those before it in the fair order."""
+        entries, served, _ = self.jobs.queue_state()
+        mine = entries.get(job.id)
+        handed = [entry for job_id, entry in entries.items()
+                  if job_id != job.id and is_spawned(entry) and not entry.get("started")]
+        if mine is None or not is_held(mine):
+            spawned_at = (mine or {}).get("spawned_at") or float("inf")
+            return sum(1 for entry in handed if (entry.get("spawned_at") or 0.0) < spawned_at)
+        order = fair_order({job_id: entry for job_id, entry in entries.items() if is_held(entry)}, served)
+        return len(handed) + order.index(job.id)
 
     def queue_lengths(self) -> dict[str, int]:
         lengths = dict.fromkeys(PRIORITIES, 0)
@@ -152,11 +226,17 @@ class ModalDispatcher:
         """The recovery pass (scheduled every few minutes): jobs waiting for loads that ended are
         released; a lost spawn is spawned again; a failed call is spawned again while the job has
         attempts left, else the job ends `failed`; then the store's own pass for jobs that went
-        silent (no call to ask). Returns (ids spawned, ids failed); the caller sends the failed ones'
-        webhooks."""
+        silent (no call to ask); last, held jobs are handed out into the slots that are free (a job
+        the fair queue holds is not a lost spawn). Returns (ids spawned, ids failed); the caller
+        sends the failed ones' webhooks."""
         spawned, failed = [], []
         now = time.time()
-        for job_id, queued in self.jobs.open_jobs().items():
+        entries, _, taken = self.jobs.queue_state()
+        for slot, holder in taken.items():  # a slot whose job ended (or was never handed out in it) by a container that died
+            entry = entries.get(holder.get("job"))
+            if (entry is None or entry.get("slot") != slot) and now - holder.get("at", 0.0) > LOST_SPAWN_SECONDS:
+                self.jobs.release_slot(slot, holder.get("job"))
+        for job_id, queued in entries.items():
             job = self.jobs.get(job_id)
             if job is None or job.status != PROCESSING:
                 continue
@@ -164,32 +244,33 @@ class ModalDispatcher:
             if waiting:
                 states = {model_id: self._load_state(model_id) for model_id in waiting}
                 if all(state == READY for state in states.values()):
-                    self.jobs.set_waiting(job_id, [])
-                    self._spawn(job_id)
-                    spawned.append(job_id)
+                    self.jobs.set_waiting(job_id, [])  # held now: `fill` below hands it out in its turn
                 elif any(state.startswith(FAILED) for state in states.values()):
                     model_id, state = next((m, s) for m, s in states.items() if s.startswith(FAILED))
                     self._end(job_id, f"{model_id} could not be loaded: {state[len(FAILED) + 2:]}")
                     failed.append(job_id)
                 continue
+            if is_held(queued):
+                continue
             call_id = self.jobs.call_of(job_id)
             if call_id is None:
-                if now - queued.get("queued_at", job.created_at) > LOST_SPAWN_SECONDS:
+                handed_at = max(queued.get("spawned_at") or 0.0, queued.get("queued_at", job.created_at))
+                if now - handed_at > LOST_SPAWN_SECONDS:  # the container died between the claim and the spawn
                     self.jobs.requeue(job_id)
-                    self._spawn(job_id)
-                    spawned.append(job_id)
+                    if self._spawn(job_id, queued):
+                        spawned.append(job_id)
                 continue
             status = self.handles.call_status(call_id)
             if status.startswith(FAILED):  # Modal gave up on the input (its deliveries counted as attempts)
                 self._end(job_id, self._call_failed(status))
                 failed.append(job_id)
-            elif status == DONE and job.started_at is None:  # the worker gave it back unstarted: spawn again
-                self._spawn(job_id)
-                spawned.append(job_id)
+            elif status == DONE and job.started_at is None and self._spawn(job_id, queued):
+                spawned.append(job_id)  # the worker gave it back unstarted: spawned again
         again, gone = self.jobs.recover(max_attempts, message)
         for job_id in again:
-            self._spawn(job_id)
-        return spawned + again, failed + gone
+            self._spawn(job_id, entries.get(job_id, {}))
+        filled = self.fill()
+        return spawned + again + filled, failed + gone
 
     def estimate(self, params: JobParams) -> float:
         """Seconds a job with these params will take on a warm worker (the setting initial_seconds_per_step:
@@ -218,10 +299,28 @@ class ModalDispatcher:
         return []
 
     # --- internals
-    def _spawn(self, job_id: int) -> None:
+    def _spawn(self, job_id: int, seen: dict) -> bool:
+        """Spawn the job on the GPU class again (it keeps its slot), unless another container took
+        this spawn first (`seen`: its queue entry as the caller read it)."""
+        spawn = self.jobs.claim_spawn(job_id, seen)
+        return spawn is not None and self._launch(job_id, spawn, None)
+
+    def _launch(self, job_id: int, spawn: int, slot: int | None) -> bool:
+        """The spawn itself, once taken: the entry marked, the call made and its id kept."""
+        if not self.jobs.mark_spawned(job_id, spawn, slot):  # it ended meanwhile
+            if slot is not None:
+                self.jobs.release_slot(slot, job_id)
+            return False
         call_id = self.handles.spawn_job(job_id)
         if call_id:
             self.jobs.set_call(job_id, call_id)
+        return True
+
+    def _expire(self, job_id: int) -> None:
+        """A held job whose deadline passed ends as if cancelled (no GPU starts for it)."""
+        job = self.jobs.get(job_id)
+        if job is not None and self.jobs.request_cancel(job_id, deadline_message(job)) == "cancelled":
+            self._notify(self.jobs.get(job_id))
 
     def _load_state(self, model_id: str) -> str:
         entry = self.weights.get(model_id)
@@ -235,8 +334,7 @@ class ModalDispatcher:
         elif still_waiting:
             self.jobs.set_waiting(job_id, still_waiting)
         else:
-            self.jobs.set_waiting(job_id, [])
-            self._spawn(job_id)
+            self.jobs.set_waiting(job_id, [])  # held: the caller's `fill` hands it out in its turn
 
     @staticmethod
     def _call_failed(status: str) -> str:

@@ -79,8 +79,13 @@ def test_dict_heartbeat_keeps_a_long_job_alive():
 def test_dict_recover_spawns_a_job_never_started_again_once_per_stale_period():
     store, jobs, _, queue = dict_store(stale_after=60)
     job = store.create(new_job())
-    assert store.recover(2, "gave up") == ([], [])  # just queued: its spawn is on its way
-    queue.put(job.id, {**queue.get(job.id), "queued_at": time.time() - 120})  # queued two minutes ago, never started
+    queue.put(job.id, {**queue.get(job.id), "queued_at": time.time() - 120})
+    assert store.recover(2, "gave up") == ([], [])  # held in the fair queue, however long: not lost
+    spawn = store.claim_spawn(job.id, queue.get(job.id))
+    assert spawn == 1 and store.claim_spawn(job.id, queue.get(job.id)) is None  # one container takes it
+    assert store.mark_spawned(job.id, spawn)  # handed to Modal
+    assert store.recover(2, "gave up") == ([], [])  # just spawned: on its way
+    queue.put(job.id, {**queue.get(job.id), "spawned_at": time.time() - 120})  # two minutes ago, never started
     assert store.recover(2, "gave up") == ([job.id], [])
     assert store.recover(2, "gave up") == ([], [])  # not again on the next run
     assert store.claim(job.id)  # the duplicate spawn that finds it taken does nothing

@@ -195,7 +195,7 @@ def modal_handles(**changes) -> ModalHandles:
 def modal_dispatcher(tmp_path, handles: ModalHandles) -> ModalDispatcher:
     return ModalDispatcher(handles, DictJobStore(handles.jobs, handles.inputs, handles.queue),
                            WeightsStore(tmp_path / "weights"), DictConfigStore(handles.config),
-                           SimpleNamespace(initial_seconds_per_step=0.02))
+                           SimpleNamespace(initial_seconds_per_step=0.02, modal_max_containers=10, modal_spawn_ahead=0))
 
 
 def test_the_modal_dispatcher_retires_workers_on_restart_unload_and_evict(tmp_path):
@@ -217,3 +217,87 @@ def test_a_spawned_load_carries_primitive_fields_only(tmp_path):
     assert spawned == [{"model_id": "my-model", "source": "https://example.com/m.safetensors", "category": None,
                         "precision": None, "upcast_attention": False, "webhook": "https://hook"}]
     assert LoadRequest(**spawned[0]) == request
+
+
+# --------------------------------------------------------------------------- the Modal side's fair queue
+
+
+def fair_dispatcher(tmp_path, slots: int, spawned: list, **settings) -> ModalDispatcher:
+    """A Modal dispatcher with `slots` GPU slots whose spawns are recorded in `spawned` (nothing runs)."""
+    handles = modal_handles(spawn_job=lambda job_id: spawned.append(job_id) or f"fc-{len(spawned)}")
+    return ModalDispatcher(handles, DictJobStore(handles.jobs, handles.inputs, handles.queue),
+                           WeightsStore(tmp_path / "weights"), DictConfigStore(handles.config),
+                           SimpleNamespace(initial_seconds_per_step=0.02, modal_max_containers=slots,
+                                           modal_spawn_ahead=0, **settings))
+
+
+def queue_job(dispatcher: ModalDispatcher, owner: str, priority: str = "normal") -> int:
+    job = new_job()
+    job.owner, job.priority = owner, priority
+    job = dispatcher.jobs.create(job)
+    dispatcher.submit(job)
+    return job.id
+
+
+def finish(dispatcher: ModalDispatcher, job_id: int) -> None:
+    """The job's worker ended it, then handed out the next job (as ModalWorker.run does)."""
+    dispatcher.jobs.update(job_id, status=SUCCESS, finished_at=time.time())
+    dispatcher.fill()
+
+
+def test_the_modal_dispatcher_hands_modal_no_more_jobs_than_its_gpus_and_the_rest_in_fair_order(tmp_path):
+    spawned = []
+    dispatcher = fair_dispatcher(tmp_path, slots=2, spawned=spawned)
+    a = [queue_job(dispatcher, "a") for _ in range(3)]
+    b = [queue_job(dispatcher, "b") for _ in range(2)]
+    urgent = queue_job(dispatcher, "c", priority="high")
+    assert spawned == a[:2]  # two GPUs: two jobs handed to Modal, the others held
+    held = [a[2], *b, urgent]
+    # after the two handed out: the high one, then b (never served) before a's third, then b's second
+    assert [dispatcher.queue_position(dispatcher.jobs.get(job_id)) for job_id in held] == [4, 3, 5, 2]
+    assert dispatcher.queue_lengths() == {"high": 1, "normal": 5, "low": 0}
+    for running in spawned[:]:  # (each end hands out the next job, which joins `spawned`)
+        finish(dispatcher, running)
+    assert spawned == [*a[:2], urgent, b[0]]  # then the key served longest ago: b before a's third
+    finish(dispatcher, urgent)
+    finish(dispatcher, b[0])
+    assert spawned == [*a[:2], urgent, b[0], a[2], b[1]]
+
+
+def test_a_held_job_is_not_a_lost_spawn_and_the_recovery_pass_hands_out_one_nobody_did(tmp_path):
+    from infra.jobs.modal_dispatch import LOST_SPAWN_SECONDS
+
+    spawned = []
+    dispatcher = fair_dispatcher(tmp_path, slots=1, spawned=spawned)
+    running = queue_job(dispatcher, "a")
+    held = queue_job(dispatcher, "b")
+    queue = dispatcher.handles.queue
+    for job_id in (running, held):  # long ago, as far as the recovery pass can tell
+        queue.put(job_id, {**queue.get(job_id), "queued_at": time.time() - 10 * LOST_SPAWN_SECONDS})
+    assert dispatcher.recover(3, "gave up") == ([], []) and spawned == [running]
+    # the running job's worker ended it but died before its hand-out: the next pass hands the held one out
+    dispatcher.jobs.update(running, status=SUCCESS, finished_at=time.time())
+    assert dispatcher.recover(3, "gave up") == ([held], []) and spawned == [running, held]
+    assert dispatcher.recover(3, "gave up") == ([], []) and spawned == [running, held]
+
+
+def test_containers_filling_at_once_never_spawn_a_job_twice_nor_exceed_the_slots(tmp_path):
+    from tests.conftest import race
+
+    spawned = []
+    dispatcher = fair_dispatcher(tmp_path, slots=12, spawned=spawned)
+    handles = dispatcher.handles
+    held = []
+    for owner in ("a", "b") * 10:  # queued by web containers that died before handing them out
+        job = new_job()
+        job.owner = owner
+        held.append(dispatcher.jobs.create(job).id)
+    # eight containers (each its own dispatcher on the same Dicts) hand out the held jobs at once
+    containers = [ModalDispatcher(handles, DictJobStore(handles.jobs, handles.inputs, handles.queue),
+                                  dispatcher.weights, dispatcher.config, dispatcher.settings) for _ in range(8)]
+    race(8, lambda: containers.pop().fill())
+    assert len(spawned) == len(set(spawned)) == 12  # each once, twelve slots
+    assert set(spawned) <= set(held)
+    for job_id in spawned[:]:
+        finish(dispatcher, job_id)
+    assert sorted(spawned) == sorted(held)  # the rest as the first ones ended

@@ -577,7 +577,10 @@ class Cloud:
             return {path: cloud.volumes[volume_names[id(volume)]] for path, volume in spec.volumes.items()}
 
         def env_of(spec) -> dict[str, str]:
-            return dict(modal_app.GPU_ENV if spec.image is gpu_image else modal_app.WEB_ENV)
+            env = dict(modal_app.GPU_ENV if spec.image is gpu_image else modal_app.WEB_ENV)
+            if max_containers:  # as if deployed with SDAPI_MODAL_MAX_CONTAINERS: the images bake the same ceiling
+                env["SDAPI_MODAL_MAX_CONTAINERS"] = str(max_containers)
+            return env
 
         # the GPU class: its lifecycle hooks as the container runtime finds them
         options = modal_app.WORKER_OPTIONS

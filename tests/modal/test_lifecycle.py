@@ -154,7 +154,8 @@ def test_a_cancel_from_another_web_container_stops_the_running_worker_which_take
 
 def test_a_queued_job_cancelled_on_modal_cancels_its_call_whose_input_never_runs(deploy, engines):
     engines.step_seconds = LONG_STEP_SECONDS
-    cloud = deploy(secret=FAST, max_containers=1)  # one GPU container: a second job waits in Modal's backlog
+    # one GPU container and one job handed to Modal beside it: the second job waits in Modal's backlog
+    cloud = deploy(secret={**FAST, "SDAPI_MODAL_SPAWN_AHEAD": 1}, max_containers=1)
     submitter, canceller = two_webs(cloud)
     first = call(submitter, "text2img", **t2i(**LONG, instant_response="yes")).json()["id"]
     wait_until(canceller, first, denoising(min_step=1))
@@ -179,6 +180,82 @@ def test_a_queued_job_cancelled_on_modal_cancels_its_call_whose_input_never_runs
     after = fetch(submitter, queued["id"])
     assert (after["status"], after["cancelled"], after["message"]) == ("failed", True, "Cancelled by the client")
     assert sum(engine.steps_run for engine in engines) < LONG_STEPS / 4
+
+
+# --------------------------------------------------------------------------- fair queueing
+
+
+FAIR_A, FAIR_B = "key-fair-a", "key-fair-b"
+KEYS = {"SDAPI_API_KEYS": f"{KEY},{FAIR_A},{FAIR_B}"}
+
+
+def worker_calls(cloud: Cloud) -> list:
+    """The calls spawned on the GPU class so far."""
+    return [c for c in cloud.calls.values() if c.input and c.input.id.startswith("in-Worker")]
+
+
+def record(job_id: int) -> dict:
+    import modal_app
+
+    return modal_app.jobs_dict.get(job_id)
+
+
+def test_two_keys_bursts_start_alternately_on_modal_and_high_priority_goes_first(deploy, engines):
+    engines.step_seconds = LONG_STEP_SECONDS
+    cloud = deploy(secret={**FAST, **KEYS}, max_containers=1)  # one GPU: every job below waits for it
+    first_web, second_web = two_webs(cloud)
+    blocker = call(first_web, "text2img", **t2i(**LONG, instant_response="yes")).json()["id"]
+    wait_until(first_web, blocker, denoising(min_step=1))
+    ids = {FAIR_A: [], FAIR_B: []}
+    for key, web in ((FAIR_A, first_web), (FAIR_B, second_web)):  # A's whole burst first, then B's, from another container
+        for _ in range(6):
+            ids[key].append(call(web, "text2img", key=key, **QUICK, instant_response="yes").json()["id"])
+    urgent = call(second_web, "text2img", **QUICK, priority="high", instant_response="yes").json()
+    assert urgent["queue_position"] == 0, urgent
+    # the order they will start in, as fetch tells it: B's first job right after A's first
+    assert [fetch(second_web, job_id)["queue_position"] for job_id in (ids[FAIR_A][0], ids[FAIR_B][0], ids[FAIR_A][1])] \
+        == [1, 2, 3]
+    assert call(first_web, "system_details").json()["queue_by_priority"] == {"high": 1, "normal": 12, "low": 0}
+    # Modal was handed the running job only (its own queue is first come, first served); the
+    # recovery pass, minutes later, takes none of the held jobs for a lost spawn
+    assert len(worker_calls(cloud)) == 1
+    cloud.clock.advance(150)
+    cloud.run("recover_jobs")
+    assert len(worker_calls(cloud)) == 1
+
+    engines.step_seconds = STEP_SECONDS
+    call(first_web, "cancel", request_id=blocker)  # the GPU is free: the worker hands out the next job, and so on
+    everyone = [*ids[FAIR_A], *ids[FAIR_B], urgent["id"]]
+    for job_id in everyone:
+        assert wait_until(second_web, job_id, ended)["status"] == "success"
+    started = sorted(everyone, key=lambda job_id: record(job_id)["started_at"])
+    owners = {job_id: key for key, mine in ids.items() for job_id in mine}
+    assert started[0] == urgent["id"]
+    assert [owners[job_id] for job_id in started[1:]] == [FAIR_A, FAIR_B] * 6
+    assert len(worker_calls(cloud)) == 1 + len(everyone)  # one spawn each: none twice
+    assert cloud.containers("Worker")[0].alive and len(cloud.containers("Worker")) == 1
+
+
+def test_a_held_job_past_its_deadline_ends_without_a_gpu(deploy, engines):
+    import modal_app
+    from infra.jobs.dict_store import call_key
+
+    engines.step_seconds = LONG_STEP_SECONDS
+    cloud = deploy(secret=FAST, max_containers=1)
+    web = cloud.start_web()
+    blocker = call(web, "text2img", **t2i(**LONG, instant_response="yes")).json()["id"]
+    wait_until(web, blocker, denoising(min_step=1))
+    late = call(web, "text2img", **QUICK, deadline_seconds=5, instant_response="yes").json()["id"]
+    waiting = call(web, "text2img", **QUICK, instant_response="yes").json()["id"]
+    cloud.clock.advance(10)  # the held job's deadline passes while the GPU is busy
+    engines.step_seconds = STEP_SECONDS
+    call(web, "cancel", request_id=blocker)
+    done = wait_until(web, waiting, ended)
+    assert done["status"] == "success"
+    late_record = record(late)  # as the worker's hand-out left it (fetch would end it too)
+    assert late_record["status"] == "failed" and late_record["cancelled"] and "deadline" in late_record["message"]
+    assert modal_app.jobs_dict.get(call_key(late)) is None  # never handed to Modal
+    assert len(worker_calls(cloud)) == 2
 
 
 # --------------------------------------------------------------------------- idempotency
