@@ -301,3 +301,20 @@ def test_containers_filling_at_once_never_spawn_a_job_twice_nor_exceed_the_slots
     for job_id in spawned[:]:
         finish(dispatcher, job_id)
     assert sorted(spawned) == sorted(held)  # the rest as the first ones ended
+
+
+def test_the_recovery_pass_frees_a_slot_a_dead_container_left_taken(tmp_path):
+    from infra.jobs.dict_store import slot_key
+    from infra.jobs.modal_dispatch import LOST_SPAWN_SECONDS
+
+    spawned = []
+    dispatcher = fair_dispatcher(tmp_path, slots=1, spawned=spawned)
+    running = queue_job(dispatcher, "a")
+    held = queue_job(dispatcher, "b")
+    queue = dispatcher.handles.queue
+    queue.pop(running)  # its worker ended it and died before freeing its slot
+    dispatcher.handles.jobs.put(running, {**dispatcher.handles.jobs.get(running), "status": SUCCESS})
+    assert dispatcher.recover(3, "gave up") == ([], []) and spawned == [running]  # just now: it may be on its way
+    queue.put(slot_key(0), {**queue.get(slot_key(0)), "at": time.time() - 2 * LOST_SPAWN_SECONDS})
+    assert dispatcher.recover(3, "gave up") == ([held], []) and spawned == [running, held]
+    assert queue.get(slot_key(0))["job"] == held
