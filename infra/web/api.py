@@ -27,6 +27,7 @@ from infra.catalog.weights import validate_model_id
 from infra.limits import RateLimiter
 from infra.storage.base import content_type
 from infra.storage.links import ARCHIVE_ROUTE, PREVIEW_ROUTE, check_signature, link_secret
+from infra.web import openai_api
 from infra.web.auth import Body, authorize, read_body
 from infra.web.envelopes import install_error_handlers, invalid_fields
 from infra.web.openapi import ERROR_RESPONSES, openapi_schema, route_extra, stream_extra
@@ -179,6 +180,7 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
         if path is None:
             raise NotFound(f"No such file: {key} (it may have expired)", tip="Temporary links live 24 hours.")
         return FileResponse(path, media_type=content_type(key))
+    openai_api.add_routes(app, runtime, limiter)
     install_error_handlers(app, runtime.settings)
     app.openapi = lambda: openapi_schema(app, [endpoint.request for endpoint in ENDPOINTS.values()])
     return app

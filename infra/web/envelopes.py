@@ -6,6 +6,8 @@ message object: field -> the messages that say what to fix."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -17,28 +19,49 @@ from models.responses import ErrorResponse
 
 log = logging.getLogger(__name__)
 
+# The error body of each API generation whose shape differs from ModelsLab's v1 envelope, by path
+# prefix: (message, tip, HTTP status) -> (body, HTTP status). The longest matching prefix wins.
+ErrorShape = Callable[[Any, str | None, int], tuple[dict, int]]
+ERROR_SHAPES: dict[str, ErrorShape] = {}
+
+
+def register_error_shape(prefix: str, shape: ErrorShape) -> None:
+    ERROR_SHAPES[prefix] = shape
+
+
+def modelslab_error(message, tip: str | None, status_code: int) -> tuple[dict, int]:
+    return ErrorResponse(message=message, tip=tip).model_dump(exclude_none=True), status_code
+
+
+def shape_for(path: str) -> ErrorShape:
+    matches = [prefix for prefix in ERROR_SHAPES if path.startswith(prefix)]
+    return ERROR_SHAPES[max(matches, key=len)] if matches else modelslab_error
+
 
 def install_error_handlers(app: FastAPI, settings) -> None:
-    def envelope(message, tip, status_code: int) -> JSONResponse:
-        body = ErrorResponse(message=message, tip=tip).model_dump(exclude_none=True)
-        return JSONResponse(body, status_code=200 if settings.errors_with_http_200 else status_code)
+    def envelope(request: Request, message, tip, status_code: int, headers: dict | None = None) -> JSONResponse:
+        body, status_code = shape_for(request.url.path)(message, tip, status_code)
+        return JSONResponse(body, status_code=200 if settings.errors_with_http_200 else status_code, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return envelope(exc.message, exc.tip, exc.status_code)
+        return envelope(request, exc.message, exc.tip, exc.status_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            return envelope(f"Not found: {request.method} {request.url.path}", "See /docs for the endpoints.", 404)
+            return envelope(request, f"Not found: {request.method} {request.url.path}", "See /docs for the endpoints.", 404)
         if exc.status_code == 405:
-            return envelope(f"{request.method} is not allowed on {request.url.path}; use POST with a JSON body", None, 405)
-        return envelope(str(exc.detail), None, exc.status_code)
+            allowed = (exc.headers or {}).get("Allow") or "POST"
+            return envelope(request, f"{request.method} is not allowed on {request.url.path}; use {allowed}",
+                            None, 405, headers={"Allow": allowed})
+        return envelope(request, str(exc.detail), None, exc.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return envelope("Internal server error; the request was logged", "Try again; report it if it persists.", 500)
+        return envelope(request, "Internal server error; the request was logged", "Try again; report it if it persists.",
+                        500)
 
 
 def invalid_fields(exc: ValidationError) -> ApiError:
