@@ -13,6 +13,11 @@ class Caller:
     admin: bool = True  # an admin key (every key is, on a server without separate admin keys)
     idempotency_key: str | None = None  # the request's Idempotency-Key (header or body field)
     body_digest: str = ""  # SHA-256 of the request as the idempotency key compares it (endpoint + body, no key)
+    fetch_path: str = "/api/v1/enterprise/fetch"  # the fetch route of the API generation called (for fetch_result)
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
+
+    def fetch_url(self, job_id: int) -> str:
+        """Where this caller's API generation fetches the job (`fetch_result`)."""
+        return self.url(f"{self.fetch_path}/{job_id}")

@@ -153,6 +153,6 @@ def _progress_body(job: Job, snapshot: dict, body, caller: Caller) -> dict:
             and body.progress.step == snapshot.get("step") and body.progress.stage == snapshot.get("stage"):
         return body.model_dump(mode="json", exclude_none=True)
     remaining = 0.5 if snapshot.get("eta") is None else max(0.5, snapshot["eta"])
-    shown = job_response(replace(job, status="processing"), fetch_result=caller.url(
-        f"/api/v1/enterprise/fetch/{job.id}"), eta=remaining, progress=wire(snapshot))
+    shown = job_response(replace(job, status="processing"), fetch_result=caller.fetch_url(job.id),
+                         eta=remaining, progress=wire(snapshot))
     return shown.model_dump(mode="json", exclude_none=True)

@@ -224,7 +224,7 @@ def _create(endpoint: str, params: JobParams, meta: dict, output_keys: list[str]
 def job_envelope(job: Job, rt: Runtime, caller: Caller) -> JobResponse:
     """A job's answer: ModelsLab's envelope, with `progress` (and `queue_position` while queued) when
     it is processing."""
-    fetch_result = caller.url(f"/api/v1/enterprise/fetch/{job.id}")
+    fetch_result = caller.fetch_url(job.id)
     if job.done:
         return job_response(job, fetch_result=fetch_result)
     history = rt.jobs.progress(job.id) if job.started_at else []

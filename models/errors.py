@@ -29,7 +29,8 @@ class InvalidKey(ApiError):
             "Invalid Api Key",
             tip="1. Make sure you are passing Content-Type: application/json in the header. "
             "2. Make sure you are doing a POST request. "
-            "3. Make sure the key is sent as `key` in the JSON body or as `Authorization: Bearer <key>`.",
+            "3. Make sure the key is sent as `key` in the JSON body, as `Authorization: Bearer <key>` or in a "
+            "`key` header.",
         )
 
 

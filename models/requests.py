@@ -201,7 +201,8 @@ class Text2VideoRequest(JobOptions):
 
 
 class SuperResolutionRequest(JobOptions):
-    url: Text = Field(description="URL (or base64) of the image to upscale.")
+    url: Text = Field(validation_alias=AliasChoices("url", "init_image"),
+                      description="URL (or base64) of the image to upscale. Alias: `init_image` (v6, the families).")
     scale: LooseFloat(1, 4) = Field(4, description="1..4; the network's own scale is resampled to this one.")
     model_id: Text = Field(
         "realesr-general-x4v3",

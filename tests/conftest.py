@@ -374,3 +374,12 @@ def sse_events(lines):
             event[name] = value
     if "event" in event:
         yield event
+
+
+def until_ended(look, timeout: float = 120.0) -> dict:
+    """`look()` (an HTTP answer's JSON) again until its status is not `processing`; the last answer."""
+    deadline = time.monotonic() + timeout
+    while (body := look())["status"] == "processing":
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    return body

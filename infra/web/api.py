@@ -30,6 +30,7 @@ from infra.storage.links import ARCHIVE_ROUTE, PREVIEW_ROUTE, check_signature, l
 from infra.web import openai_api
 from infra.web.auth import Body, authorize, read_body
 from infra.web.envelopes import install_error_handlers, invalid_fields
+from infra.web.generations import ROUTES, Route
 from infra.web.openapi import ERROR_RESPONSES, openapi_schema, route_extra, stream_extra
 from models import requests as rq
 from models.errors import ApiError, BadInput, NotFound
@@ -133,7 +134,10 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
         + ", ".join(f"`{p}/{{name}}`" for p in PREFIXES)
         + ". Aliases: "
         + ", ".join(f"`{a}` = `{n}`" for a, n in ALIASES.items())
-        + ", `fetch/{id}`, `video/fetch/{id}`. Auth: `key` in the body or `Authorization: Bearer <key>`.",
+        + ", `fetch/{id}`, `video/fetch/{id}`. The other generations of ModelsLab's API (v6, v7, v3) and the "
+        "enterprise families (`video/`, `image_editing/`, `super_resolution/`) are the same endpoints under their own "
+        "paths and tags. Auth: `key` in the body or the query, `Authorization: Bearer <key>`, or a `key` / `X-API-Key` "
+        "header.",
         lifespan=lifespan,
     )
     app.state.runtime = runtime
@@ -144,11 +148,15 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
         for name, endpoint in ENDPOINTS.items():
             _add_route(app, f"{prefix}/{name}", name, endpoint, runtime, documented, limiter)
         for alias, name in ALIASES.items():
+            if prefix == PREFIXES[0] and alias.startswith("video/"):
+                continue  # the video family's own route (infra/web/generations.py)
             _add_route(app, f"{prefix}/{alias}", alias, ENDPOINTS[name], runtime, False, limiter)
         _add_route(app, f"{prefix}/fetch/{{request_id}}", "fetch_by_path", ENDPOINTS["fetch"], runtime, documented, limiter)
         _add_route(app, f"{prefix}/cancel/{{request_id}}", "cancel_by_path", ENDPOINTS["cancel"], runtime, documented, limiter)
         _add_stream_route(app, f"{prefix}/stream/{{request_id}}", runtime, documented, limiter)
-        # the G3 video server's fetch path
+    for face in ROUTES:  # the other API generations' paths (infra/web/generations.py)
+        _add_route(app, face.path, face.endpoint, ENDPOINTS[face.endpoint], runtime, True, limiter, face)
+    for prefix in PREFIXES[1:]:  # the G3 video server's fetch path under the older prefixes
         _add_route(app, f"{prefix}/video/fetch/{{request_id}}", "video_fetch", ENDPOINTS["fetch"], runtime, False, limiter)
 
     @app.get("/health", include_in_schema=False)
@@ -241,14 +249,22 @@ def _add_stream_route(app: FastAPI, path: str, runtime: "Runtime", documented: b
 
 
 def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: "Runtime", documented: bool,
-               limiter: RateLimiter) -> None:
+               limiter: RateLimiter, face: Route | None = None) -> None:
+    """One route of `endpoint`; `face` when it is another API generation's path for it (its body's
+    mapping, its fetch route, its methods and OpenAPI tag: infra/web/generations.py)."""
     authorized = authorize(name, ENDPOINT_NAMES.get(name, name), endpoint.admin, limiter)
 
     async def route(request: Request, body: Annotated[Body, Depends(read_body)],
                     caller: Annotated[Caller, Depends(authorized)]):
         data = body.data
+        if face is not None and face.query_params:  # v3: the parameters as the query string (the body wins)
+            data = {**dict(request.query_params), **data}
         if "request_id" in request.path_params:
             data = {**data, "request_id": request.path_params["request_id"]}
+        if face is not None:
+            caller = replace(caller, fetch_path=face.fetch)
+            if face.translate is not None:
+                data = face.translate(data)
         data, caller = job_headers(request, data, caller, ENDPOINT_NAMES.get(name, name))
         try:
             parsed = endpoint.request.model_validate(data)
@@ -260,14 +276,24 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: 
             result = await run_in_threadpool(job_envelope, job or result.job, runtime, caller)
         return JSONResponse(result.model_dump(mode="json", exclude_none=True))
 
-    app.add_api_route(
-        path,
-        route,
-        methods=["POST"],
-        name=f"{name}:{path}",
-        summary=endpoint.summary,
-        include_in_schema=documented,
-        operation_id=name if path.startswith(PREFIXES[0] + "/") and documented else None,
-        openapi_extra=route_extra(endpoint.request, path),
-        responses={200: {"model": endpoint.response}, **ERROR_RESPONSES},
-    )
+    for method in face.methods if face is not None else ("POST",):
+        app.add_api_route(
+            path,
+            route,
+            methods=[method],
+            name=f"{name}:{method}:{path}",
+            summary=(face.summary if face is not None and face.summary else endpoint.summary),
+            tags=[face.tag if face is not None else "Enterprise v1"],
+            include_in_schema=documented,
+            operation_id=_operation_id(path, name, method, face) if documented else None,
+            openapi_extra=route_extra(endpoint.request, path, body=method == "POST"),
+            responses={200: {"model": endpoint.response}, **ERROR_RESPONSES},
+        )
+
+
+def _operation_id(path: str, name: str, method: str, face: Route | None) -> str | None:
+    if face is None:
+        return name if path.startswith(PREFIXES[0] + "/") else None
+    words = "_".join(part for part in path.strip("/").replace("-", "_").replace("{request_id}", "by_id").split("/")
+                     if part not in ("api",))
+    return f"{words}_{method.lower()}" if len(face.methods) > 1 else words

@@ -1,7 +1,7 @@
 """Who may call, as a FastAPI dependency: the JSON body read once (size-capped), the key checked
-(`key` in the body or `Authorization: Bearer`, compared in constant time; admin keys for the
-catalog and server endpoints when the server has separate ones), the key's rate limit, and the
-request metered for the key's usage. Yields the `Caller` the handler gets.
+(`key` in the body or the query, `Authorization: Bearer`, a `key` or `X-API-Key` header, compared in
+constant time; admin keys for the catalog and server endpoints when the server has separate ones),
+the key's rate limit, and the request metered for the key's usage. Yields the `Caller` the handler gets.
 
 A body that is not a JSON object is reported after the key check (an anonymous client learns
 nothing about the API from it); a body over the size cap is refused before it is read.
@@ -76,11 +76,14 @@ def authorize(name: str, usage_name: str, admin_only: bool, limiter: RateLimiter
 
 
 def check_key(data: dict, request: Request, settings, name: str, admin_only: bool) -> str:
-    """A valid key (body `key` or `Authorization: Bearer`), compared in constant time; for the
+    """A valid key, compared in constant time, in any spelling some generation of ModelsLab's API
+    uses: `key` in the body, `Authorization: Bearer`, a `key` header (v7), `X-API-Key`, or `key` in
+    the query string (v3, v7's GET models); for the
     catalog and server endpoints an admin key when the server has separate admin keys."""
-    key = data.get("key")
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    candidates = [k for k in (key, token if scheme.lower() == "bearer" else None) if isinstance(k, str) and k]
+    sent = (data.get("key"), token if scheme.lower() == "bearer" else None, request.headers.get("key"),
+            request.headers.get("x-api-key"), request.query_params.get("key"))
+    candidates = [k for k in sent if isinstance(k, str) and k]
     admins = settings.admin_api_keys
     valid = [*settings.api_keys, *admins]
     if not any(_same(c, k) for c in candidates for k in valid):

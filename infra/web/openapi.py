@@ -48,12 +48,17 @@ LAST_EVENT_ID_HEADER = {
 }
 
 
-def route_extra(request_model: type, path: str) -> dict:
-    """The `openapi_extra` of a route: its JSON body's model, the path parameter if it has one, and
-    the job headers when its body takes the job options."""
+def route_extra(request_model: type, path: str, body: bool = True) -> dict:
+    """The `openapi_extra` of a route: its JSON body's model (`body`: a POST), the path parameter if
+    it has one, and the job headers when its body takes the job options; a GET takes the key in the
+    query (or a header)."""
     parameters = [REQUEST_ID_PARAMETER] if "{request_id}" in path else []
     if "deadline_seconds" in getattr(request_model, "model_fields", {}):
         parameters += JOB_HEADERS
+    if not body:
+        parameters += [{"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "The API key (or send it as `Authorization: Bearer`, or a `key` header)."}]
+        return {"parameters": parameters}
     return {
         "requestBody": {
             "required": True,

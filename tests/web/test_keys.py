@@ -92,12 +92,19 @@ def test_no_route_answers_without_a_valid_key_except_health_docs_and_links(roles
     the signed model-archive links and the output links, which are capabilities (see below)."""
     from fastapi.routing import APIRoute
 
+    from infra.web.generations import ROUTES
+
+    gets = {face.path for face in ROUTES if "GET" in face.methods}  # v6/v7/v3 fetch and models: the key in the query
     open_routes = set()
     for route in roles.app.routes:
         if isinstance(route, APIRoute) and "POST" in route.methods:
             path = route.path.replace("{request_id}", "1")
             assert roles.post(path, json={"prompt": "x"}).status_code == 401, path
             assert roles.post(path, json={"key": "wrong"}).status_code == 401, path
+        elif isinstance(route, APIRoute) and route.path in gets:
+            path = route.path.replace("{request_id}", "1")
+            assert roles.get(path).status_code == 401, path
+            assert roles.get(path, params={"key": "wrong"}).status_code == 401, path
         else:
             open_routes.add(route.path)
     assert open_routes == {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",

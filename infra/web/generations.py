@@ -1,0 +1,223 @@
+"""Every ModelsLab API generation as a face of the one `ENDPOINTS` table (infra/web/api.py).
+
+A route here is a path of some generation of ModelsLab's API and the endpoint it stands for, plus
+how its body maps onto that endpoint's enterprise-v1 wire model (field names, value spellings).
+The route then runs exactly like the v1 one: the same auth dependency, handler, job queue, usage
+metering, limits, webhooks and cancel; a job made on one generation is fetched on any other. Its
+`fetch_result` points at its own generation's fetch route. The contract and its sources:
+../shared/spec/modelslab-v6-v7-and-families.md; the decisions: docs/compatibility.md.
+
+- **Enterprise v1 families** (`/api/v1/enterprise/<family>/...`, §5, §7, §8): `video/` and
+  `image_editing/` and `super_resolution/` serve the admin routes every family has
+  (system_details, restart_server, update_server, clear_cache, clear_queue, fetch, fetch/{id}) and
+  the family's own endpoints this server can run: `video/text2video`,
+  `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
+  `image_editing/inpainting`. What a family documents but this server does not run yet
+  (`video/img2video`, outpaint, removebg_mask, ...) answers a 400 saying so.
+- **v6** (`/api/v6/images/...`, `/api/v6/image_editing/...`, `/api/v6/video/...`, §3, §4,
+  §10.4): the same field names as v1; `fetch` with `request_id`, `fetch/{id}` by POST or GET.
+- **v7** (`/api/v7/images/...`, `/api/v7/video-fusion/...`, `GET /api/v7/models`, §2):
+  kebab-case routes; `init_image` may be a list (its first image is used); `aspect_ratio` gives
+  the size when width and height are not sent; a video's `duration` (seconds) gives its frames.
+- **v3** (`/api/v3/...`, the stablediffusionapi.com years): `text2img`, `img2img`, `dreambooth`
+  (text2img of a community model, by `model_id`) and `fetch/{id}`; the parameters as JSON or as
+  query-string parameters with an empty body.
+
+The key is accepted everywhere in every spelling a generation's docs use (`infra.web.auth`):
+`key` in the body or the query, `Authorization: Bearer`, a `key` header, `X-API-Key`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from models.errors import BadInput, NotAvailable
+
+Translate = Callable[[dict], dict]
+
+V1 = "/api/v1/enterprise"
+V6 = "/api/v6"
+V7 = "/api/v7"
+V3 = "/api/v3"
+
+# admin routes every enterprise family documents (§5.1); `update` is the official SDKs' spelling
+FAMILY_ADMIN = ("system_details", "restart_server", "update_server", "clear_cache", "clear_queue", "fetch")
+
+# video model names ModelsLab's video routes take that mean "the server's video model" here
+# (this server makes video with AnimateDiff on an SD 1.x model: `model_id` names that SD model)
+HOSTED_VIDEO_MODELS = {"cogvideox", "wanx", "wan2.1", "wan2.2", "zeroscope", "svd"}
+
+MAX_FRAMES = 25  # what text2video makes at most (models/requests.py Text2VideoRequest)
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str  # the full path
+    endpoint: str  # the name in ENDPOINTS it stands for
+    tag: str  # the API generation, its OpenAPI tag
+    fetch: str  # the fetch route of that generation (fetch_result = f"{fetch}/{id}")
+    translate: Translate | None = None  # the body onto the endpoint's v1 wire model
+    methods: tuple[str, ...] = ("POST",)
+    summary: str = ""
+    query_params: bool = False  # v3: the parameters may come as the query string
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- translations
+
+
+def renamed(**names: str) -> Translate:
+    """Fields under the names a generation's docs give them, renamed to the v1 ones (a v1 name
+    sent too wins)."""
+
+    def translate(data: dict) -> dict:
+        out = dict(data)
+        for theirs, ours in names.items():
+            if theirs in out:
+                value = out.pop(theirs)
+                out.setdefault(ours, value)
+        return out
+
+    return translate
+
+
+def chain(*steps: Translate) -> Translate:
+    def translate(data: dict) -> dict:
+        for step in steps:
+            data = step(data)
+        return data
+
+    return translate
+
+
+def first_image(*names: str) -> Translate:
+    """v7 sends reference images as a list: the first one is the image (the others are refused
+    with a message, not dropped silently)."""
+
+    def translate(data: dict) -> dict:
+        out = dict(data)
+        for name in names:
+            value = out.get(name)
+            if isinstance(value, list):
+                if len(value) > 1:
+                    raise BadInput(f"{name}: this server takes one image, got {len(value)}",
+                                   tip=f"Send one image in {name} (a URL, base64 or data URI).")
+                out[name] = value[0] if value else None
+        return out
+
+    return translate
+
+
+def aspect_ratio(data: dict) -> dict:
+    """v7's `aspect_ratio` ("16:9", or runway's "1920:1080") gives width and height when neither
+    is sent: the longer side 1024 (the server's limit), both multiples of 8."""
+    ratio = data.get("aspect_ratio")
+    if not ratio or "width" in data or "height" in data:
+        return data
+    try:
+        across, down = (float(part) for part in str(ratio).split(":"))
+        if across <= 0 or down <= 0:
+            raise ValueError
+    except ValueError:
+        raise BadInput(f"aspect_ratio must look like 16:9, got {ratio!r}", tip="Or send width and height.") from None
+    scale = 1024 / max(across, down)
+    return {**data, "width": max(8, int(across * scale) // 8 * 8), "height": max(8, int(down * scale) // 8 * 8)}
+
+
+def video_model(data: dict) -> dict:
+    """ModelsLab's hosted video model names (cogvideox, wan2.2, ...) mean this server's video model."""
+    if str(data.get("model_id", "")).lower() in HOSTED_VIDEO_MODELS:
+        return {k: v for k, v in data.items() if k != "model_id"}
+    return data
+
+
+def duration(data: dict) -> dict:
+    """v7's `duration` (seconds) gives the frames at the request's fps (default 8), at most
+    MAX_FRAMES; `num_frames`, when sent, wins."""
+    seconds = data.get("duration")
+    if seconds is None or "num_frames" in data:
+        return data
+    try:
+        frames = round(float(seconds) * float(data.get("fps") or 8))
+    except (TypeError, ValueError):
+        raise BadInput(f"duration must be a number of seconds, got {seconds!r}") from None
+    return {**data, "num_frames": max(1, min(MAX_FRAMES, frames))}
+
+
+def not_run(what: str, issue: str) -> Translate:
+    def translate(data: dict) -> dict:
+        raise NotAvailable(f"{what} is not available on this server yet", tip=issue)
+
+    return translate
+
+
+# --------------------------------------------------------------------------- the routes
+
+
+def _family_routes() -> list[Route]:
+    routes = []
+    families = {
+        "video": {"text2video": ("text2video", video_model),
+                  "img2video": ("text2video", not_run("video/img2video (image to video)",
+                                                      "Use text2video; image to video is planned."))},
+        "image_editing": {"super_resolution": ("super_resolution", renamed(init_image="url")),
+                          "inpainting": ("inpaint", None), "inpaint": ("inpaint", None)},
+        "super_resolution": {"make": ("super_resolution", renamed(init_image="url"))},
+    }
+    for family, own in families.items():
+        fetch = f"{V1}/{family}/fetch"
+        for name in FAMILY_ADMIN:
+            routes.append(Route(f"{V1}/{family}/{name}", name, "Enterprise v1 families", fetch))
+        routes.append(Route(f"{V1}/{family}/update", "update_server", "Enterprise v1 families", fetch))
+        routes.append(Route(f"{V1}/{family}/fetch/{{request_id}}", "fetch", "Enterprise v1 families", fetch))
+        for name, (endpoint, translate) in own.items():
+            routes.append(Route(f"{V1}/{family}/{name}", endpoint, "Enterprise v1 families", fetch, translate))
+    return routes
+
+
+def _v6_routes() -> list[Route]:
+    images, editing, video = f"{V6}/images/fetch", f"{V6}/image_editing/fetch", f"{V6}/video/fetch"
+    routes = [
+        Route(f"{V6}/images/text2img", "text2img", "v6", images),
+        Route(f"{V6}/images/img2img", "img2img", "v6", images),
+        Route(f"{V6}/images/inpaint", "inpaint", "v6", images),
+        Route(f"{V6}/images/fetch", "fetch", "v6", images),
+        Route(f"{V6}/image_editing/super_resolution", "super_resolution", "v6", editing, renamed(init_image="url")),
+        Route(f"{V6}/image_editing/inpaint", "inpaint", "v6", editing),
+        Route(f"{V6}/video/text2video", "text2video", "v6", video, video_model),
+    ]
+    for fetch in (images, editing, video):
+        routes.append(Route(f"{fetch}/{{request_id}}", "fetch", "v6", fetch, methods=("POST", "GET")))
+    return routes
+
+
+def _v7_routes() -> list[Route]:
+    images, video = f"{V7}/images/fetch", f"{V7}/video-fusion/fetch"
+    image = chain(first_image("init_image"), aspect_ratio)
+    return [
+        Route(f"{V7}/images/text-to-image", "text2img", "v7", images, aspect_ratio),
+        Route(f"{V7}/images/image-to-image", "img2img", "v7", images, image),
+        Route(f"{V7}/images/inpaint", "inpaint", "v7", images, image),
+        Route(f"{images}/{{request_id}}", "fetch", "v7", images, methods=("POST", "GET")),
+        Route(f"{V7}/video-fusion/text-to-video", "text2video", "v7", video, chain(aspect_ratio, duration, video_model)),
+        Route(f"{V7}/video-fusion/image-to-video", "text2video", "v7", video,
+              not_run("video-fusion/image-to-video", "Use video-fusion/text-to-video; image to video is planned.")),
+        Route(f"{video}/{{request_id}}", "fetch", "v7", video, methods=("POST", "GET")),
+        Route(f"{V7}/models", "get_all_models", "v7", images, methods=("GET", "POST")),
+    ]
+
+
+def _v3_routes() -> list[Route]:
+    fetch = f"{V3}/fetch"
+    return [
+        Route(f"{V3}/text2img", "text2img", "v3", fetch, query_params=True),
+        Route(f"{V3}/img2img", "img2img", "v3", fetch, query_params=True),
+        Route(f"{V3}/dreambooth", "text2img", "v3", fetch, query_params=True,
+              summary="Text to image with a community model (model_id)"),
+        Route(f"{fetch}/{{request_id}}", "fetch", "v3", fetch, methods=("POST", "GET"), query_params=True),
+        Route(fetch, "fetch", "v3", fetch, query_params=True),
+    ]
+
+
+ROUTES: list[Route] = [*_family_routes(), *_v6_routes(), *_v7_routes(), *_v3_routes()]
