@@ -1,6 +1,6 @@
 """Scheduler names of the wire format (spec 1.11): which names this server runs, their canonical
 diffusers class names, and the `algorithm_type` values. Plain data, so the web tier validates a
-request without importing torch; the engine builds the scheduler (`infra.engine.schedulers`).
+request without importing torch; the engine builds the scheduler (`infra.engine.cache.build_scheduler`).
 
 Four of the 18 documented names cannot drive a latent Stable Diffusion model as diffusers
 ships them, and are rejected with a clear error instead of returning garbage:

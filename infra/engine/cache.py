@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import json
 import logging
 import threading
@@ -45,7 +46,6 @@ from diffusers import (
 from infra.catalog.weights import PIPELINE_CATEGORIES, WeightsStore
 from infra.engine import LOAD_LOCK
 from infra.engine.protocol import Unsupported
-from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, apply_fast_path
 from infra.engine.types import LoadedComponent, LoadedModel
 
@@ -252,3 +252,19 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def build_scheduler(name: str, base_config: dict, karras: bool, algorithm: str | None):
+    """A new scheduler of class `name` from the model's pristine config (never a previous job's:
+    flags like use_karras_sigmas would leak from one job into the next). The names a request may
+    use and how they resolve are the wire's (`models.schedulers`)."""
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    options: dict = {}
+    accepted = inspect.signature(cls.__init__).parameters
+    if "use_karras_sigmas" in accepted:
+        options["use_karras_sigmas"] = karras
+    if algorithm and "algorithm_type" in accepted:
+        options["algorithm_type"] = algorithm
+    return cls.from_config(dict(base_config), **options)

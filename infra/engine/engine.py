@@ -11,6 +11,9 @@ Progress (`infra.engine.protocol.Progress`): every pipeline call reports each de
 its step-end callback (chained after the speed mode's own; the legacy per-step `callback` where a
 pipeline has only that), the stage it is in, and, when a preview is due, a small JPEG of the
 latents (`latent_preview`). The `Cancelled` a step raises stops the pipeline where it is.
+
+Prompts: A1111's emphasis syntax, BREAK and prompts past 77 tokens reach a pipeline as its text
+embeddings (`infra.engine.prompts`); a plain prompt that fits goes to the pipeline as text, as before.
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ from PIL import Image
 from infra.catalog.weights import WeightsStore
 from infra.engine import quiet_libraries
 from infra.engine.adapters import diffusers_clip_skip, job_adapters, seed_tome, text_model_alias
-from infra.engine.cache import ModelCache
+from infra.engine.cache import ModelCache, build_scheduler
 from infra.engine.hints import make_hint
 from infra.engine.postprocess import composite_inpaint, treat_flagged
+from infra.engine.prompts import text_call
 from infra.engine.protocol import DoesNotFit, EngineResult, Progress
-from infra.engine.schedulers import build_scheduler
 from infra.engine.speed import FastPath, cfg_cutoff_call
 from infra.engine.types import LoadedModel
 from infra.media import encode_image, encode_video
@@ -252,6 +255,7 @@ class DiffusersEngine:
         images = []
         adapters = job_adapters(model, self.weights, loras, params.embedding, tome, self.settings.max_loaded_loras)
         with adapters, text_model_alias(model):
+            call = text_call(pipeline, params.prompt, call)  # A1111 prompt syntax, long prompts (prompts.py)
             for batch in batches:
                 seed_tome(model, batch[0])
                 generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch]
@@ -260,7 +264,7 @@ class DiffusersEngine:
                 progress.stage("denoising")
                 with torch.inference_mode():
                     output = pipeline(
-                        prompt=params.prompt, generator=generators if many else generators[0], **many,
+                        generator=generators if many else generators[0], **many,
                         **reporting(pipeline, call, progress, params.first_pass_steps(), len(batch)),
                     ).images
                 for seed, image in zip(batch, output):
@@ -308,14 +312,16 @@ class DiffusersEngine:
             call["mask_image"] = big_mask
         accepted = call_parameters(type(pipeline))
         call = {k: v for k, v in call.items() if k in accepted}
+        # the text embeddings, at the first image (under the job's adapters: its embedding, text-encoder LoRAs)
+        text = functools.cache(lambda: text_call(pipeline, params.prompt, call))
 
         def refine(image: Image.Image, seed: int) -> Image.Image:
             generator = torch.Generator("cpu").manual_seed(seed)
             enlarged = image.resize(size, Image.Resampling.LANCZOS)
             progress.stage("denoising")
             with torch.inference_mode():
-                refined = pipeline(prompt=params.prompt, image=enlarged, generator=generator,
-                                   **reporting(pipeline, call, progress, params.second_pass_steps(), 1)).images[0]
+                refined = pipeline(image=enlarged, generator=generator,
+                                   **reporting(pipeline, text(), progress, params.second_pass_steps(), 1)).images[0]
             progress.stage("postprocessing")
             return composite_inpaint(refined, big_init, big_mask) if big_mask is not None else refined
 

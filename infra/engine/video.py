@@ -43,6 +43,7 @@ from PIL import Image
 
 from infra.engine import LOAD_LOCK
 from infra.engine.adapters import text_model_alias
+from infra.engine.prompts import text_call
 from infra.engine.protocol import DoesNotFit, Unsupported
 from infra.engine.types import LoadedModel
 
@@ -186,5 +187,5 @@ def generate_video(
     if step_end is not None:
         call = step_end(pipeline, call)
     with text_model_alias(model), torch.inference_mode():  # the alias is a no-op if the caller set it
-        output = pipeline(prompt=prompt, **call)
+        output = pipeline(**text_call(pipeline, prompt, call))  # A1111 prompt syntax, long prompts (prompts.py)
     return list(output.frames[0])

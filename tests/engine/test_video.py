@@ -24,7 +24,7 @@ from infra.engine.files.checkpoints import CheckpointError
 from infra.engine.files.motion import load_motion_adapter, prepare_motion_adapter
 from infra.engine.files.tiny import build_tiny_motion_adapter
 from infra.engine.protocol import DoesNotFit, Unsupported
-from infra.engine.schedulers import build_scheduler
+from infra.engine.cache import build_scheduler
 from infra.engine.types import LoadedModel
 from infra.engine.video import VideoPipelines, generate_video
 from infra.media import encode_video
