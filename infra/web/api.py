@@ -8,8 +8,6 @@ thread pool. Every failure becomes the ModelsLab error envelope (`infra.web.enve
 # (no `from __future__ import annotations` here: FastAPI reads each route's Annotated dependency,
 # which names a per-route closure, from the live annotations)
 
-import hashlib
-import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -31,10 +29,10 @@ from infra.web import openai_api
 from infra.web.auth import Body, authorize, read_body
 from infra.web.envelopes import install_error_handlers, invalid_fields
 from infra.web.generations import ROUTES, Route
+from infra.web.headers import job_headers
 from infra.web.openapi import ERROR_RESPONSES, openapi_schema, route_extra, stream_extra
 from models import requests as rq
-from models.errors import ApiError, BadInput, NotFound
-from models.fields import parse_duration
+from models.errors import ApiError, NotFound
 from models.responses import (
     JobResponse,
     MessageResponse,
@@ -195,26 +193,6 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
 
 
 # --------------------------------------------------------------------------- routes
-
-
-def job_headers(request: Request, data: dict, caller: Caller, endpoint: str) -> tuple[dict, Caller]:
-    """The job headers, as their body fields: `Cancel-After` (a duration) is `deadline_seconds`
-    unless the body has one; `Idempotency-Key` (or the body's `idempotency_key`) goes on the caller
-    with the digest of what it must name again: the endpoint and the body, less the key."""
-    cancel_after = request.headers.get("cancel-after")
-    if cancel_after and "deadline_seconds" not in data:
-        try:
-            data = {**data, "deadline_seconds": parse_duration(cancel_after)}
-        except ValueError as exc:
-            raise BadInput(f"Cancel-After: {exc}", tip="Send seconds (30) or a duration like 30s, 5m or 1h30m.") from None
-    idempotency = request.headers.get("idempotency-key") or data.get("idempotency_key")
-    if idempotency:
-        if not isinstance(idempotency, str | int) or len(str(idempotency)) > 255:
-            raise BadInput("Idempotency-Key must be a string of at most 255 characters")
-        compared = {k: v for k, v in data.items() if k not in ("key", "idempotency_key")}
-        digest = hashlib.sha256(json.dumps([endpoint, compared], sort_keys=True, default=str).encode()).hexdigest()
-        caller = replace(caller, idempotency_key=str(idempotency), body_digest=digest)
-    return data, caller
 
 
 def _add_stream_route(app: FastAPI, path: str, runtime: "Runtime", documented: bool, limiter: RateLimiter) -> None:

@@ -40,8 +40,11 @@ def shape_for(path: str) -> ErrorShape:
 
 def install_error_handlers(app: FastAPI, settings) -> None:
     def envelope(request: Request, message, tip, status_code: int, headers: dict | None = None) -> JSONResponse:
-        body, status_code = shape_for(request.url.path)(message, tip, status_code)
-        return JSONResponse(body, status_code=200 if settings.errors_with_http_200 else status_code, headers=headers)
+        shape = shape_for(request.url.path)
+        body, status_code = shape(message, tip, status_code)
+        # errors_with_http_200 is for legacy ModelsLab clients; other APIs' clients read the status
+        legacy = settings.errors_with_http_200 and shape is modelslab_error
+        return JSONResponse(body, status_code=200 if legacy else status_code, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

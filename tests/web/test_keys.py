@@ -95,6 +95,7 @@ def test_no_route_answers_without_a_valid_key_except_health_docs_and_links(roles
     from infra.web.generations import ROUTES
 
     gets = {face.path for face in ROUTES if "GET" in face.methods}  # v6/v7/v3 fetch and models: the key in the query
+    gets |= {"/v1/models", "/v1/models/{model_id}"}  # the OpenAI models routes: Bearer
     open_routes = set()
     for route in roles.app.routes:
         if isinstance(route, APIRoute) and "POST" in route.methods:

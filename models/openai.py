@@ -1,0 +1,103 @@
+"""Wire models of the OpenAI images API this server also speaks (`infra.web.openai_api`): the
+requests as OpenAI's SDKs send them, the answers and the error body in OpenAI's shape.
+
+Requests are lenient where OpenAI's SDKs and multipart forms differ (`n` as 2 or "2"); fields of
+OpenAI's API this server has no use for are accepted and ignored (`moderation`,
+`output_compression`, `input_fidelity`, `safety_identifier`, `user`, ...); other fields are kept
+as extras (`model_extra`) and offered to the ModelsLab request the route builds, so
+`negative_prompt`, `seed`, `steps`, `guidance_scale`, `scheduler`, `strength`... work as extras.
+No torch here: the web tier imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.fields import LooseInt
+
+MAX_IMAGES = 4  # `n`: the most images one request makes (ModelsLab's `samples`)
+
+
+class OpenAIImageRequest(BaseModel):
+    """What the three image routes share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(
+        None, description="A model id of this server (GET /v1/models). Omitted, or one of OpenAI's own names "
+        "(dall-e-2, dall-e-3, gpt-image-*): the server's default model. Any other id not on this server: 404 "
+        "model_not_found.")
+    n: LooseInt(1, MAX_IMAGES) | None = Field(1, description=f"Images to make, 1..{MAX_IMAGES}.")
+    size: str | None = Field(
+        None, description="`WIDTHxHEIGHT`, each a multiple of 8 from 8 to 1024 (e.g. 512x512); `auto` or omitted: "
+        "512x512 for generations, the input image's size for edits and variations.")
+    response_format: Literal["url", "b64_json"] | None = Field(
+        None, description="`url`: links to the stored PNGs; `b64_json`: the PNGs inline, base64. Default: `url`, "
+        "or `b64_json` when `model` is a GPT Image name (gpt-image-*, which OpenAI always answers in base64).")
+    output_format: str | None = Field(None, description="`png` only (the outputs are PNG).")
+    user: str | None = Field(None, description="Accepted and ignored.")
+
+
+class ImageGenerationRequest(OpenAIImageRequest):
+    """POST /v1/images/generations (JSON)."""
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    quality: str | None = Field(
+        None, description="Denoising steps: low 10; auto, standard, medium 20; high, hd 40; xhigh, max 50 (an extra "
+        "`steps` wins). Other values: the default.")
+    style: str | None = Field(
+        None, description="`natural`: the prompt as sent; `vivid` (default): ModelsLab's prompt enhancement (quality "
+        "terms appended; `revised_prompt` shows the result).")
+    background: str | None = Field(None, description="`auto` or `opaque`; `transparent` is not available.")
+    stream: bool | None = Field(None, description="Streaming is not available: false or omitted.")
+    negative_prompt: str | None = Field(None, description="Ours (extra): what to keep out of the image.")
+    seed: int | None = Field(None, description="Ours (extra): the seed of the first image (the others: seed + i).")
+
+
+class ImageEditRequest(OpenAIImageRequest):
+    """POST /v1/images/edits (multipart/form-data): the text fields; `image` and `mask` are files."""
+
+    prompt: str = Field(min_length=1, description="What to paint in the edited area.")
+    quality: str | None = Field(None, description="As for generations.")
+    background: str | None = None
+    stream: bool | None = None
+
+
+class ImageVariationRequest(OpenAIImageRequest):
+    """POST /v1/images/variations (multipart/form-data): the text fields; `image` is a file."""
+
+
+class ImageData(BaseModel):
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = Field(None, description="The prompt as run, when it differs from the one sent.")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="Unix time of the answer.")
+    data: list[ImageData]
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the model was loaded.")
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
