@@ -58,7 +58,12 @@ def load_model(req: LoadModelRequest, rt: Runtime, caller: Caller) -> MessageRes
 
 
 def load_model_v2(req: LoadModelV2Request, rt: Runtime, caller: Caller) -> MessageResponse:
-    category = None if req.model_category == "stable_diffusion" else req.model_category
+    """model_category, or (as the docs' older examples send) load_model's model_type; the format is
+    read from the file either way."""
+    if req.model_category is not None:
+        category = None if req.model_category == "stable_diffusion" else req.model_category
+    else:
+        category = MODEL_TYPE_CATEGORY[req.model_type]
     request = LoadRequest(req.model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
     return _start_load(request, rt, "model load started")
 

@@ -244,6 +244,9 @@ class StreamRequest(FetchRequest):
 # --------------------------------------------------------------------------- model catalog
 
 
+ModelType = Literal["huggingface", "api_trained", "custom_ckpt", "lora", "controlnet", "embeddings", "vae"]
+
+
 class LoadModelRequest(WireModel):
     url: Text = Field(
         description="Hugging Face repo id (owner/name), an http(s) URL to a .safetensors/.ckpt/.pt/.bin file, "
@@ -252,7 +255,7 @@ class LoadModelRequest(WireModel):
     model_id: Text | None = Field(
         None, description="Id to register. Optional only for ControlNet 1.1 repos, which have conventional ids."
     )
-    model_type: Literal["huggingface", "api_trained", "custom_ckpt", "lora", "controlnet", "embeddings", "vae"] = Field(
+    model_type: ModelType = Field(
         "huggingface", description="huggingface / api_trained / custom_ckpt = a Stable Diffusion model (family detected)."
     )
     from_safetensors: YesNo = Field(False, description="Accepted; the file format is detected from the file.")
@@ -273,10 +276,19 @@ ModelCategory = Literal[
 class LoadModelV2Request(WireModel):
     url: Text
     model_id: Text
-    model_category: ModelCategory
-    model_format: Literal["ckpt", "safetensors", "pt", "pth", "bin", "diffusers", "archive"] = Field(
-        description="Accepted as a hint; the format is detected from the file (archive: a sync_models .tar)."
+    model_category: ModelCategory | None = Field(
+        None, description="What the model is. Examples in ModelsLab's docs send v1's `model_type` instead: "
+        "either is enough (model_category wins).")
+    model_type: ModelType | None = Field(None, description="load_model's field, read as load_model reads it.")
+    model_format: Literal["ckpt", "safetensors", "pt", "pth", "bin", "diffusers", "archive"] | None = Field(
+        None, description="Accepted as a hint; the format is detected from the file (archive: a sync_models .tar)."
     )
+
+    @model_validator(mode="after")
+    def _category_or_type(self) -> LoadModelV2Request:
+        if self.model_category is None and self.model_type is None:
+            raise ValueError("needs model_category (or load_model's model_type): what the model is")
+        return self
     revision: Literal["fp16", "fp32"] | None = None  # None: the server's store_precision
     upcast_attention: YesNo = False
     webhook: Text | None = None

@@ -34,6 +34,9 @@ class CacheCleaner:
             "download_scratch": scratch,
             "bytes_freed": output_bytes + scratch_bytes,
         }
+        refused = getattr(self.storage, "cleanup_errors", [])  # OutputStorage: a bucket that refused, per bucket
+        if refused:
+            report["storage_errors"] = list(refused)
         if outputs or jobs or scratch:
             log.info("cache cleaner: %s", report)
         return report

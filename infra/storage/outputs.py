@@ -11,15 +11,18 @@ no longer served, and the cache cleaner deletes it. Locally the expiry is a smal
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from infra.storage.base import EXPIRY_DIR, LOCAL, reload_volume, write_atomic
+from infra.storage.base import EXPIRY_DIR, LOCAL, StorageError, reload_volume, write_atomic
 from infra.storage.config_store import ConfigStore
 from models.errors import ApiError
+
+log = logging.getLogger(__name__)
 
 
 class OutputBackend(Protocol):
@@ -168,6 +171,7 @@ class OutputStorage:
         saved = config.get(self.CONFIG_NAME)
         self._saved = _s3_config_from_json(saved) if saved else None  # the update_s3 bucket
         self._default_text, self._default = None, None
+        self.cleanup_errors: list[str] = []  # what the last remove_expired could not clean, per bucket
         self.current_id  # a broken s3_config setting fails the start, not the first job
 
     # --- the interface of one storage, on the current backend (or the job's)
@@ -208,10 +212,19 @@ class OutputStorage:
         return self.local.open_path(key, now)
 
     def remove_expired(self, now: float | None = None) -> tuple[int, int]:
+        """Every backend used since start, each on its own: a bucket that refuses (listing, deleting)
+        is reported in `cleanup_errors` (what clear_cache answers) and tried again next pass."""
         removed = freed = 0
+        errors = []
         for backend in list(self._backends.values()):
-            count, size = backend.remove_expired(now)
+            try:
+                count, size = backend.remove_expired(now)
+            except StorageError as exc:
+                log.warning("expired outputs not removed: %s", exc)
+                errors.append(str(exc))
+                continue
             removed, freed = removed + count, freed + size
+        self.cleanup_errors = errors
         return removed, freed
 
     def describe(self) -> dict:

@@ -277,11 +277,24 @@ class S3Storage:
         address) is unused: S3 objects are not served by the app."""
         object_key = self.object_key(key)
         if expires_at is None:
-            return f"{self.config.public_url.rstrip('/')}/{quote(object_key)}"
+            return f"{self.public_base()}/{quote(self._linked_key(key, object_key))}"
         seconds = min(PRESIGN_MAX_SECONDS, max(1, math.ceil(expires_at - time.time())))
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.config.bucket, "Key": object_key}, ExpiresIn=seconds
         )
+
+    def public_base(self) -> str:
+        return self.config.public_url.rstrip("/")
+
+    def _linked_key(self, key: str, object_key: str) -> str:
+        """What follows `public_url` in a link. `public_url` is the prefix the bucket is readable
+        under, so the object key (image_directory included) follows it; but when `public_url` already
+        ends with image_directory, it is that directory's own URL (as ModelsLab's update_s3 example
+        means it: `.../generations/` with image_directory `generations`), and the key follows it."""
+        directory = self.config.image_directory
+        if directory and urlparse(self.public_base()).path.endswith("/" + directory):
+            return key
+        return object_key
 
     def open_path(self, key: str, now: float | None = None) -> None:
         """Never a local file: S3 objects are not served by the app."""
@@ -462,7 +475,7 @@ class S3Storage:
                 f"public_url does not serve the objects: {link} answered HTTP {status}"
                 + (" with other content" if status == 200 else "")
                 + "; links handed to clients will not open (public_url must be the prefix the bucket is readable"
-                " under, image_directory is appended to it)"
+                " under, image_directory is appended to it; or the URL of image_directory itself)"
             )
         return None
 

@@ -192,6 +192,17 @@ def test_fp16_revision_stores_half_precision_weights(catalog, files):
     assert image_of(catalog, model_id="half").shape == (64, 64, 3)
 
 
+def test_load_model_v2_takes_the_docs_examples_with_v1s_model_type(catalog, files):
+    """Examples in ModelsLab's docs send load_model_v2 v1's `model_type` and no `model_category` or
+    `model_format`: the type is read as load_model reads it, the format from the file."""
+    answer = load(catalog, "load_model_v2", url=f"{files['url']}/tiny.safetensors", model_id="by-type",
+                  model_type="custom_ckpt")
+    assert answer["category"] == "stable_diffusion", answer
+    assert image_of(catalog, model_id="by-type").shape == (64, 64, 3)
+    neither = call(catalog, "load_model_v2", url=f"{files['url']}/tiny.safetensors", model_id="unsaid")
+    assert neither["http"] == 422 and "model_category" in str(neither["message"])
+
+
 def test_a_load_without_revision_takes_the_store_precision_and_loads_back_exactly(catalog, files):
     """Without `revision` the store keeps SDAPI_STORE_PRECISION: `auto` is fp32 on this CPU-only
     machine; `fp16` (what the Modal deployment sets) keeps every weight rounded to fp16, and the

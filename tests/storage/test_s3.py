@@ -109,6 +109,20 @@ def test_the_public_link_is_public_url_plus_the_object_key(endpoint, bucket):
     assert storage.url("sub dir/a+b.png", "") == "https://cdn.example/media/generations/sub%20dir/a%2Bb.png"
 
 
+def test_a_public_url_naming_the_directory_as_the_docs_example_does_links_outputs_that_open(endpoint, bucket):
+    """update_s3's example sends `public_url` ending in `generations/` with image_directory
+    `generations`: the URL of the directory. A stored output opens through its link, and the check
+    warns of nothing."""
+    storage = storage_for(endpoint, bucket, public_url=f"{endpoint}/{bucket}/generations/", image_directory="generations",
+                          acl="public-read")
+    assert storage.check(LOOPBACK) == []
+    storage.put("generations/abc-0.png", b"image bytes", "image/png")  # an output's key, as jobs store it
+    link = storage.url("generations/abc-0.png", "")
+    assert link == f"{endpoint}/{bucket}/generations/generations/abc-0.png"  # the object's own address
+    answer = httpx.get(link)
+    assert answer.status_code == 200 and answer.content == b"image bytes"
+
+
 def test_the_public_link_downloads_the_object_the_acl_makes_public(endpoint, bucket):
     storage = storage_for(endpoint, bucket, acl="public-read")
     storage.put("abc-0.png", b"image bytes", "image/png")
@@ -236,7 +250,7 @@ def test_check_passes_on_a_working_bucket_and_leaves_nothing_behind(endpoint, ad
 
 
 def test_check_warns_when_public_url_does_not_serve_the_objects(endpoint, admin, bucket):
-    wrong = storage_for(endpoint, bucket, public_url=f"{endpoint}/{bucket}/generations/")  # directory twice
+    wrong = storage_for(endpoint, bucket, public_url=f"{endpoint}/{bucket}/media/")  # not where the bucket is served
     [warning] = wrong.check(LOOPBACK)
     assert "public_url does not serve the objects" in warning and "HTTP 404" in warning
     dead = storage_for(endpoint, bucket, public_url=f"http://127.0.0.1:{free_port()}/")

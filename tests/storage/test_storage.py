@@ -105,6 +105,22 @@ def test_a_storage_that_fails_fails_the_job_with_a_message(make_client, moto_end
     assert post(client, "text2img", **t2i()).json()["status"] == "success"
 
 
+def test_clear_cache_reports_a_bucket_that_refuses_listing_instead_of_failing(make_client, moto_endpoint, bucket):
+    """A bucket used since start that refuses the cleaner's listing (here: it was deleted) is named
+    in clear_cache's answer, before and after reset_s3; never a 500."""
+    name, admin = bucket
+    client = make_client()
+    assert post(client, "update_s3", **s3_body(moto_endpoint, name)).status_code == 200
+    admin.delete_bucket(Bucket=name)
+    for _ in ("before", "after reset_s3"):
+        answer = post(client, "clear_cache")
+        body = answer.json()
+        assert answer.status_code == 200 and body["status"] == "success", body
+        assert any(name in error and "list" in error for error in body["storage_errors"]), body
+        assert SECRET not in str(body)
+        assert post(client, "reset_s3").status_code == 200
+
+
 def test_a_stopped_s3_endpoint_fails_jobs_cleanly(make_client):
     """The S3 server itself goes away after update_s3: jobs end `failed` saying so, promptly."""
     server, endpoint = start_moto()
