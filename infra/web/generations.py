@@ -15,7 +15,8 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   `image_editing/inpainting`. What a family documents but this server does not run yet
   (`video/img2video`, outpaint, removebg_mask, ...) answers a 400 saying so.
 - **v6** (`/api/v6/images/...`, `/api/v6/image_editing/...`, `/api/v6/video/...`, §3, §4,
-  §10.4): the same field names as v1; `fetch` with `request_id`, `fetch/{id}` by POST or GET.
+  §10.4): the same field names as v1; `fetch` with `request_id`, `fetch/{id}` by POST or GET;
+  `model_reload` answers as verify_model (models are never dropped for idleness here).
 - **v7** (`/api/v7/images/...`, `/api/v7/video-fusion/...`, `GET /api/v7/models`, §2):
   kebab-case routes; `init_image` may be a list (its first image is used); `aspect_ratio` gives
   the size when width and height are not sent; a video's `duration` (seconds) gives its frames.
@@ -183,6 +184,8 @@ def _v6_routes() -> list[Route]:
         Route(f"{V6}/images/img2img", "img2img", "v6", images),
         Route(f"{V6}/images/inpaint", "inpaint", "v6", images),
         Route(f"{V6}/images/fetch", "fetch", "v6", images),
+        # models stay loaded here (nothing is dropped after 7 idle days): reloading is being there
+        Route(f"{V6}/images/model_reload", "verify_model", "v6", images, summary="Is the model loaded? (v6 model_reload)"),
         Route(f"{V6}/image_editing/super_resolution", "super_resolution", "v6", editing, renamed(init_image="url")),
         Route(f"{V6}/image_editing/inpaint", "inpaint", "v6", editing),
         Route(f"{V6}/video/text2video", "text2video", "v6", video, video_model),

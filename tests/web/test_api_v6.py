@@ -67,3 +67,10 @@ def test_v6_errors_use_the_envelope_with_a_field_message(client):
     assert unknown.status_code == 404 and "no-such-model" in unknown.json()["message"]
     assert client.post(f"{V6}/images/text2img", json=docs_text2img(key="wrong")).status_code == 401
     assert client.get(f"{V6}/images/fetch/1").status_code == 401  # a GET without the key
+
+
+def test_model_reload_says_whether_the_model_is_here(client):
+    here = client.post(f"{V6}/images/model_reload", json={"key": KEY, "model_id": "tiny-sd"})
+    assert here.status_code == 200 and here.json()["status"] == "success", here.text
+    missing = client.post(f"{V6}/images/model_reload", json={"key": KEY, "model_id": "no-such-model"})
+    assert missing.status_code == 404 and "no-such-model" in missing.json()["message"]

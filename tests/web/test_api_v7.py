@@ -24,6 +24,10 @@ def test_text_to_image_with_the_key_in_the_header_only_and_in_the_body(client):
     assert by_body["status"] == "success"
     refused = client.post(f"{V7}/images/text-to-image", json=body, headers={"key": "wrong"})
     assert refused.status_code == 401 and refused.json()["status"] == "error"
+    by_x_api_key = client.post(f"{V7}/images/text-to-image", json=body, headers={"X-API-Key": KEY}).json()  # MCP's
+    assert by_x_api_key["status"] == "success"
+    by_bearer = client.post(f"{V7}/images/text-to-image", json=body, headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert by_bearer["status"] == "success"
 
 
 def test_aspect_ratio_gives_the_size_and_a_fetch_by_post_with_the_key(client):
