@@ -59,9 +59,11 @@ def route_extra(request_model: type, path: str, body: bool = True) -> dict:
         parameters += [{"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
                         "description": "The API key (or send it as `Authorization: Bearer`, or a `key` header)."}]
         return {"parameters": parameters}
+    # a body with nothing required (the key-only endpoints) may be left out: the key can come as a header
+    needed = any(field.is_required() for name, field in getattr(request_model, "model_fields", {}).items() if name != "key")
     return {
         "requestBody": {
-            "required": True,
+            "required": needed,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}},
         },
         **({"parameters": parameters} if parameters else {}),
@@ -85,5 +87,21 @@ def openapi_schema(app: FastAPI, request_models) -> dict:
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(model_schema.pop("$defs", {}))
         components[model.__name__] = model_schema
+    for component in components.values():
+        for name in component.get("required", []):
+            _needs_a_value(component.get("properties", {}).get(name, {}))
     app.openapi_schema = schema
     return schema
+
+
+def _needs_a_value(field: dict) -> None:
+    """A required field of a wire model: `null` and blank strings mean "not set" (requests.WireModel),
+    so the schema of a required one allows neither."""
+    options = field.get("anyOf")
+    if options is None:
+        options = [field]
+    else:
+        field["anyOf"] = options = [option for option in options if option.get("type") != "null"]
+    for option in options:
+        if option.get("type") == "string" and "pattern" not in option and "enum" not in option:
+            option["pattern"] = r"\S"  # at least one character that is not a space

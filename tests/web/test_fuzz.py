@@ -229,3 +229,21 @@ def test_the_documented_error_statuses_cover_what_the_api_answers(api_schema):
 def test_fetch_by_path_documents_its_path_parameter(api_schema):
     parameters = api_schema.raw_schema["paths"][f"{PREFIXES[0]}/fetch/{{request_id}}"]["post"]["parameters"]
     assert [(p["name"], p["in"]) for p in parameters] == [("request_id", "path")]
+
+
+def test_the_schema_says_what_the_api_takes_of_bodies_and_required_fields(fuzz_client, api_schema):
+    """Two of schemathesis' conformance checks (schema-violating bodies accepted, schema-valid ones
+    rejected), held here: a key-only endpoint takes no body at all when the key is a header, and the
+    schema says so; a required field can be neither null nor blank, since both mean "not set"."""
+    raw = api_schema.raw_schema
+    system_details = raw["paths"][f"{PREFIXES[0]}/system_details"]["post"]["requestBody"]
+    assert system_details["required"] is False
+    no_body = fuzz_client.post(f"{PREFIXES[0]}/system_details", headers={"Authorization": f"Bearer {KEY}"})
+    assert no_body.status_code == 200 and no_body.json()["status"] == "ok"
+    assert raw["paths"][f"{PREFIXES[0]}/text2img"]["post"]["requestBody"]["required"] is True
+    model_id = raw["components"]["schemas"]["ModelIdRequest"]["properties"]["model_id"]
+    assert {"type": "null"} not in model_id["anyOf"]
+    strings = [option for option in model_id["anyOf"] if option.get("type") == "string"]
+    assert strings and all(option["pattern"] == r"\S" for option in strings)
+    blank = fuzz_client.post(f"{PREFIXES[0]}/verify_model", json={"key": KEY, "model_id": " "})
+    assert blank.status_code == 422  # what the schema now forbids, the API refuses
