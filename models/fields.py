@@ -172,7 +172,8 @@ JobId = Annotated[
     int,
     BeforeValidator(parse_int),
     AfterValidator(_in_range(0, 2**53 - 1)),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\s*\d+\s*$"}]}),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
+                              {"type": "string", "pattern": r"^\s*\d+\s*$"}]}),  # (a string's range: not in a schema)
 ]
 
 
