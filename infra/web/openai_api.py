@@ -58,8 +58,8 @@ Decisions:
   samples -> n, width/height -> size, model_id -> model, init_image -> image, mask_image -> mask),
   401 invalid_api_key, 404 model_not_found, 429 rate_limit_exceeded, 500 server_error. FastAPI's
   own validation errors (RequestValidationError) are this 400 under /v1/ too (FastAPI's answer
-  elsewhere). The setting errors_with_http_200 (legacy ModelsLab clients) is not applied to the
-  errors this module raises itself: OpenAI's SDKs read the status.
+  elsewhere). The setting errors_with_http_200 (legacy ModelsLab clients) is not applied under
+  /v1/ (`infra.web.envelopes` applies it to ModelsLab's shape only): OpenAI's SDKs read the status.
 - Auth: `Authorization: Bearer <key>` (`infra.web.auth.check_key`), the key's rate limit and its
   usage metered under `openai/images/generations`, `.../edits`, `.../variations`, `openai/models`.
 """
