@@ -31,7 +31,7 @@ The key is accepted everywhere in every spelling a generation's docs use (`infra
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from models.errors import BadInput, NotAvailable
 
@@ -62,7 +62,6 @@ class Route:
     methods: tuple[str, ...] = ("POST",)
     summary: str = ""
     query_params: bool = False  # v3: the parameters may come as the query string
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- translations

@@ -264,13 +264,17 @@ def test_the_modal_dispatcher_hands_modal_no_more_jobs_than_its_gpus_and_the_res
     assert spawned == [*a[:2], urgent, b[0], a[2], b[1]]
 
 
+def one_running_one_held(tmp_path) -> tuple[ModalDispatcher, list, int, int]:
+    """One GPU slot: key a's job handed out (running), key b's held behind it."""
+    spawned = []
+    dispatcher = fair_dispatcher(tmp_path, slots=1, spawned=spawned)
+    return dispatcher, spawned, queue_job(dispatcher, "a"), queue_job(dispatcher, "b")
+
+
 def test_a_held_job_is_not_a_lost_spawn_and_the_recovery_pass_hands_out_one_nobody_did(tmp_path):
     from infra.jobs.modal_dispatch import LOST_SPAWN_SECONDS
 
-    spawned = []
-    dispatcher = fair_dispatcher(tmp_path, slots=1, spawned=spawned)
-    running = queue_job(dispatcher, "a")
-    held = queue_job(dispatcher, "b")
+    dispatcher, spawned, running, held = one_running_one_held(tmp_path)
     queue = dispatcher.handles.queue
     for job_id in (running, held):  # long ago, as far as the recovery pass can tell
         queue.put(job_id, {**queue.get(job_id), "queued_at": time.time() - 10 * LOST_SPAWN_SECONDS})
@@ -307,10 +311,7 @@ def test_the_recovery_pass_frees_a_slot_a_dead_container_left_taken(tmp_path):
     from infra.jobs.dict_store import slot_key
     from infra.jobs.modal_dispatch import LOST_SPAWN_SECONDS
 
-    spawned = []
-    dispatcher = fair_dispatcher(tmp_path, slots=1, spawned=spawned)
-    running = queue_job(dispatcher, "a")
-    held = queue_job(dispatcher, "b")
+    dispatcher, spawned, running, held = one_running_one_held(tmp_path)
     queue = dispatcher.handles.queue
     queue.pop(running)  # its worker ended it and died before freeing its slot
     dispatcher.handles.jobs.put(running, {**dispatcher.handles.jobs.get(running), "status": SUCCESS})
