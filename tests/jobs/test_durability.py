@@ -26,7 +26,8 @@ def kill_mid_job(data_dir: Path, models_dir: Path) -> tuple[int, int]:
     Returns (job id, the server's port: the restarted server takes it again, as a real one would)."""
     server = Server(data_dir, models_dir)
     try:
-        job_id = server.post("text2img", prompt="x", width=512, height=512, steps=50, instant_response="yes")["id"]
+        # long enough to be killed running (seconds), short enough to run again after the restart
+        job_id = server.post("text2img", prompt="x", width=256, height=256, steps=50, instant_response="yes")["id"]
         jobs = SqliteJobStore(data_dir / "jobs.sqlite3")
         deadline = time.monotonic() + 60
         while jobs.get(job_id).started_at is None:
