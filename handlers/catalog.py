@@ -20,7 +20,7 @@ from infra.catalog.loader import source_kind
 from infra.catalog.weights import FAILED, LOADING, READY, LoadRequest, validate_model_id
 from infra.net import fetcher
 from infra.storage.links import archive_path
-from models.errors import ApiError, BadInput, Conflict, NotFound
+from models.errors import BadInput, Conflict, NotFound
 from models.requests import (
     KeyOnlyRequest,
     LoadModelRequest,
@@ -52,7 +52,9 @@ def load_model(req: LoadModelRequest, rt: Runtime, caller: Caller) -> MessageRes
     if model_id is None and category == "controlnet":
         model_id = CONTROLNET_11_IDS.get(req.url.removeprefix("https://huggingface.co/").strip("/"))
     if model_id is None:
-        raise ApiError({"model_id": ["The model_id field is required."]}, tip="Name the model: model_id.", status_code=422)
+        # a 400, not a field error: whether the id may be left out depends on the url (a rule no schema can say)
+        raise BadInput("load_model needs a model_id: only a ControlNet 1.1 repo's id can be left out",
+                       tip="Name the model: model_id.")
     request = LoadRequest(model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
     return _start_load(request, rt, "model load started")
 

@@ -17,9 +17,101 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer, WithJsonSchema
 
-_TRUE = {"yes", "true", "1", "y", "on"}
-_FALSE = {"no", "false", "0", "n", "off"}
-_NUMERIC_STRING = r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$"
+_TRUE = ("yes", "true", "1", "y", "on")
+_FALSE = ("no", "false", "0", "n", "off")
+_SPACE = "[ \\t\\r\\n]*"  # the blanks around a string value (explicit: ECMAScript's and Python's `\s` differ)
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+def words_pattern(words, blanks: bool = False) -> str:
+    """A pattern matching one of `words` in any letter case (and blanks around it, if `blanks`)."""
+    space = _SPACE if blanks else ""
+    return f"^{space}(?:{'|'.join(_any_case(word) for word in words)}){space}$"
+
+
+# what a flag may be as a string, in any letter case: the schema's pattern and the parser's rule
+FLAG_PATTERN = words_pattern(_TRUE + _FALSE, blanks=True)
+
+
+def strip_blanks(text: str) -> str:
+    """The blanks `_SPACE` allows, off both ends (str.strip() would take more than the schema says)."""
+    return text.strip(" \t\r\n")
+
+
+# --------------------------------------------------------------------------- numbers as strings
+# JSON Schema cannot compare a string's value to a range, but a regular expression can match the
+# decimal spellings of the numbers in one. Written here because no library on our list builds one:
+# each bounded number field's schema carries the pattern of its range, and its parser accepts
+# exactly the strings that pattern matches (so the schema says what is accepted, no more, no less).
+
+
+def _same_length(lo: str, hi: str) -> list[str]:
+    """Patterns matching the decimal integers in [lo, hi], both of the same number of digits."""
+    if lo == hi:
+        return [lo]
+    rest = len(lo) - 1
+    if rest == 0:
+        return [f"[{lo}-{hi}]"]
+    repeat = f"{{{rest}}}" if rest > 1 else ""
+    if lo[0] == hi[0]:
+        return [lo[0] + tail for tail in _same_length(lo[1:], hi[1:])]
+    if lo[1:] == "0" * rest and hi[1:] == "9" * rest:
+        return [f"[{lo[0]}-{hi[0]}][0-9]{repeat}"]
+    parts = [lo[0] + tail for tail in _same_length(lo[1:], "9" * rest)]
+    if int(hi[0]) - int(lo[0]) > 2:
+        parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}][0-9]{repeat}")
+    elif int(hi[0]) - int(lo[0]) == 2:
+        parts.append(f"{int(lo[0]) + 1}[0-9]{repeat}")
+    return parts + [hi[0] + tail for tail in _same_length("0" * rest, hi[1:])]
+
+
+def integer_range_pattern(lo: int, hi: int) -> str:
+    """A group matching the integers lo..hi (0 <= lo <= hi) written without leading zeros."""
+    parts = []
+    for digits in range(len(str(lo)), len(str(hi)) + 1):
+        first, last = max(lo, 10 ** (digits - 1) if digits > 1 else 0), min(hi, 10**digits - 1)
+        if first <= last:
+            parts += _same_length(str(first), str(last))
+    return f"(?:{'|'.join(parts)})"
+
+
+def _number_body(integer: bool, lo: float | None, hi: float | None) -> str:
+    """The decimal spellings of the numbers in [lo, hi] (leading zeros allowed; no exponent, no
+    "+"); integers may end in ".0". Unbounded: any such spelling, with a "-" only when there is no
+    lower bound."""
+    if lo is None or hi is None:
+        sign = "-?" if lo is None else ""
+        assert lo is None or lo == 0, lo  # the unbounded fields of models/requests.py
+        return f"{sign}[0-9]+(?:\\.0*)?" if integer else f"{sign}(?:[0-9]+(?:\\.[0-9]*)?|\\.[0-9]+)"
+    assert 0 <= lo <= hi and float(hi).is_integer(), (lo, hi)  # the ranges of models/requests.py
+    hi = int(hi)
+    if integer:
+        return f"0*{integer_range_pattern(int(lo), hi)}(?:\\.0*)?"
+    whole, tenths = int(lo), round((lo - int(lo)) * 10)
+    assert abs(lo - (whole + tenths / 10)) < 1e-9, lo  # a lower bound of at most one decimal
+    parts = [f"{hi}(?:\\.0*)?"]  # the upper bound itself
+    if tenths:  # e.g. lo = 0.1: 0.1 .. 0.999...
+        parts.append(f"{whole if whole else ''}\\.[{tenths}-9][0-9]*")
+        whole += 1
+    if whole <= hi - 1:
+        parts.append(f"{integer_range_pattern(whole, hi - 1)}(?:\\.[0-9]*)?")
+        if whole == 0:
+            parts.append("\\.[0-9]+")  # ".5"
+    return f"0*(?:{'|'.join(parts)})"
+
+
+def number_pattern(integer: bool, lo: float | None, hi: float | None) -> str:
+    """The strings a number field takes (see `_number_body`), blanks around allowed."""
+    return f"^{_SPACE}{_number_body(integer, lo, hi)}{_SPACE}$"
+
+
+def number_list_pattern(lo: float | None, hi: float | None) -> str:
+    """A comma list of such numbers ("0.45,0.55"); empty items are skipped, as parse_csv does."""
+    item = f"{_SPACE}(?:{_number_body(False, lo, hi)}{_SPACE})?"
+    return f"^{item}(?:,{item})*$"
 
 
 def parse_flag(value: Any) -> bool:
@@ -27,36 +119,45 @@ def parse_flag(value: Any) -> bool:
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
+    if isinstance(value, str) and re.fullmatch(FLAG_PATTERN, value):
+        return strip_blanks(value).lower() in _TRUE
     raise ValueError(f'must be "yes" or "no" (true/false and 1/0 are accepted too), got {value!r}')
 
 
-def parse_number(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise ValueError(f"must be a number, got {value!r}") from None
-    else:
-        raise ValueError(f"must be a number, got {value!r}")
+def _finite(number: float, value: Any) -> float:
     if number != number or number in (float("inf"), float("-inf")):
         raise ValueError(f"must be a finite number, got {value!r}")
     return number
 
 
-def parse_int(value: Any) -> int:
+def parse_number(value: Any, pattern: str | None = None, lo: float | None = None, hi: float | None = None,
+                 integer: bool = False) -> float:
+    """A JSON number, or a string that `pattern` (the field's number_pattern) matches. A string
+    outside it gets the message that says why: not a number, out of range, not whole, or spelled
+    in a form not taken (an exponent, a "+")."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return _finite(float(value), value)
+    if not isinstance(value, str):
+        raise ValueError(f"must be a number, got {value!r}")
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"must be a number, got {value!r}") from None
+    number = _finite(number, value)
+    if pattern is not None and not re.fullmatch(pattern, value):
+        _in_range(lo, hi)(number)
+        if integer and not number.is_integer():
+            raise ValueError(f"must be a whole number, got {value!r}")
+        raise ValueError(f"must be written as a plain decimal number (like 7.5), got {value!r}")
+    return number
+
+
+def parse_int(value: Any, pattern: str | None = None, lo: float | None = None, hi: float | None = None) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    number = parse_number(value)
+    number = parse_number(value, pattern, lo, hi, integer=True)
     if not number.is_integer():
         raise ValueError(f"must be a whole number, got {value!r}")
     return int(number)
@@ -78,7 +179,7 @@ def parse_csv(value: Any) -> list[str]:
         items = [parse_text(v) for v in value]
     else:
         items = [parse_text(value)]
-    return [item.strip() for item in items if item.strip()]
+    return [strip_blanks(item) for item in items if strip_blanks(item)]
 
 
 def _in_range(lo: float | None, hi: float | None):
@@ -99,20 +200,26 @@ def format_number(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else str(number)
 
 
-def _number_schema(kind: str, lo: float | None, hi: float | None) -> dict:
+def _bounded(kind: str, lo: float | None, hi: float | None) -> dict:
     number: dict[str, Any] = {"type": kind}
     if lo is not None:
         number["minimum"] = lo
     if hi is not None:
         number["maximum"] = hi
-    return {"anyOf": [number, {"type": "string", "pattern": _NUMERIC_STRING}, {"type": "null"}]}
+    return number
+
+
+def _number_schema(kind: str, lo: float | None, hi: float | None) -> dict:
+    pattern = number_pattern(kind == "integer", lo, hi)
+    return {"anyOf": [_bounded(kind, lo, hi), {"type": "string", "pattern": pattern}, {"type": "null"}]}
 
 
 def LooseInt(lo: int | None = None, hi: int | None = None):  # noqa: N802 - reads like a type
     """An integer sent as 512 or "512", checked against [lo, hi]."""
+    pattern = number_pattern(True, lo, hi)
     return Annotated[
         int,
-        BeforeValidator(parse_int),
+        BeforeValidator(lambda value: parse_int(value, pattern, lo, hi)),
         AfterValidator(_in_range(lo, hi)),
         WithJsonSchema(_number_schema("integer", lo, hi)),
     ]
@@ -120,9 +227,10 @@ def LooseInt(lo: int | None = None, hi: int | None = None):  # noqa: N802 - read
 
 def LooseFloat(lo: float | None = None, hi: float | None = None):  # noqa: N802
     """A number sent as 7.5 or "7.5", checked against [lo, hi]."""
+    pattern = number_pattern(False, lo, hi)
     return Annotated[
         float,
-        BeforeValidator(parse_number),
+        BeforeValidator(lambda value: parse_number(value, pattern, lo, hi)),
         AfterValidator(_in_range(lo, hi)),
         WithJsonSchema(_number_schema("number", lo, hi)),
     ]
@@ -143,7 +251,7 @@ YesNo = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "string", "enum": ["yes", "no", "true", "false", "1", "0"]},
+                {"type": "string", "pattern": FLAG_PATTERN, "examples": ["yes", "no"]},
                 {"type": "boolean"},
                 {"type": "integer", "enum": [0, 1]},
                 {"type": "null"},
@@ -158,22 +266,44 @@ Text = Annotated[
     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}]}),
 ]
 
-# "a,b" or ["a", "b"] -> ["a", "b"]
+# "a,b" or ["a", "b"] -> ["a", "b"] (numbers are taken as their spelling, like Text)
 CsvList = Annotated[
     list[str],
     BeforeValidator(parse_csv),
     WithJsonSchema(
-        {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]}
+        {"anyOf": [{"type": "string"}, {"type": "number"},
+                   {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "number"}]}}, {"type": "null"}]}
     ),
 ]
+
+def OneOf(words, blanks: bool = False):  # noqa: N802
+    """Free text the API then looks up among `words` (any letter case; the lookup says what is
+    wrong): the schema names them, as a pattern, so generated clients and fuzzers send those."""
+    return Annotated[str, BeforeValidator(parse_text),
+                     WithJsonSchema({"type": "string", "pattern": words_pattern(words, blanks),
+                                     "examples": list(words[:3])})]
+
+
+def ListOf(words):  # noqa: N802
+    """A comma list of `words` (exactly as written), or a JSON list of them."""
+    item = "|".join(re.escape(word) for word in words)
+    blank_item = f"{_SPACE}(?:(?:{item}){_SPACE})?"
+    return Annotated[list[str], BeforeValidator(parse_csv),
+                     WithJsonSchema({"anyOf": [{"type": "string", "pattern": f"^{blank_item}(?:,{blank_item})*$"},
+                                               {"type": "array", "items": {"type": "string", "enum": list(words)}},
+                                               {"type": "null"}]})]
+
+
+MAX_JOB_ID = 2**53 - 1  # the largest integer every JSON client reads exactly
+_JOB_ID_PATTERN = number_pattern(True, 0, MAX_JOB_ID)
 
 # A job id: 13443927 or "13443927".
 JobId = Annotated[
     int,
-    BeforeValidator(parse_int),
-    AfterValidator(_in_range(0, 2**53 - 1)),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
-                              {"type": "string", "pattern": r"^\s*\d+\s*$"}]}),  # (a string's range: not in a schema)
+    BeforeValidator(lambda value: parse_int(value, _JOB_ID_PATTERN, 0, MAX_JOB_ID)),
+    AfterValidator(_in_range(0, MAX_JOB_ID)),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_JOB_ID},
+                              {"type": "string", "pattern": _JOB_ID_PATTERN}]}),
 ]
 
 
@@ -184,14 +314,28 @@ def _each(check):
     return check_all
 
 
-def FloatList(lo: float | None = None, hi: float | None = None):
-    """One number or several: 0.7, "0.7", "0.45,0.55" or [0.45, 0.55] -> [floats in [lo, hi]]."""
+def FloatList(lo: float | None = None, hi: float | None = None):  # noqa: N802
+    """One number or several: 0.7, "0.7", "0.45,0.55" or [0.45, "0.55"] -> [floats in [lo, hi]]."""
+    item = number_pattern(False, lo, hi)
+
+    def parse(value: Any) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, str):
+            items = [part for part in value.split(",") if strip_blanks(part)]
+        else:
+            items = [value]
+        return [parse_number(one, item, lo, hi) for one in items]
+
     return Annotated[
         list[float],
-        BeforeValidator(lambda value: [parse_number(item) for item in parse_csv(value)]),
+        BeforeValidator(parse),
         AfterValidator(_each(_in_range(lo, hi))),
         WithJsonSchema(
-            {"anyOf": [_number_schema("number", lo, hi), {"type": "array", "items": {"type": "number"}}]}
+            {"anyOf": [_bounded("number", lo, hi), {"type": "string", "pattern": number_list_pattern(lo, hi)},
+                       {"type": "array", "items": {"anyOf": [_bounded("number", lo, hi),
+                                                             {"type": "string", "pattern": item}]}},
+                       {"type": "null"}]}
         ),
     ]
 
@@ -200,20 +344,26 @@ def FloatList(lo: float | None = None, hi: float | None = None):
 ImageList = Annotated[
     list[str],
     BeforeValidator(lambda value: [parse_text(v) for v in value] if isinstance(value, list) else [parse_text(value)]),
-    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"},
+                              {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "number"}]}}]}),
 ]
 
 
 _DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_AMOUNT = "[0-9]+(?:\\.[0-9]+)?"
+# the duration header's syntax, any letter case: its schema's pattern and parse_duration's rule
+DURATION_PATTERN = f"^[ \\t]*(?:{_AMOUNT}|(?:{_AMOUNT}(?:[Mm][Ss]|[HhMmSs]))+)[ \\t]*$"
 
 
 def parse_duration(value: str) -> float:
     """Seconds of a duration header (`Cancel-After`): "30", "30s", "5m", "1h30m", "1.5h", "500ms".
     Raises ValueError for anything else. (Go's duration syntax, as Replicate's header takes it.)"""
-    text = value.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if not re.fullmatch(DURATION_PATTERN, value):
+        raise ValueError(f"{value!r} is not a duration like 30s, 5m or 1h30m")
+    text = value.strip(" \t").lower()
+    if re.fullmatch(_AMOUNT, text):
         return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    parts = re.findall(f"({_AMOUNT})(ms|h|m|s)", text)
     if not parts or "".join(number + unit for number, unit in parts) != text:
         raise ValueError(f"{value!r} is not a duration like 30s, 5m or 1h30m")
     return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)

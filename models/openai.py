@@ -11,13 +11,35 @@ No torch here: the web tier imports it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from models.fields import LooseInt
 
-MAX_IMAGES = 4  # `n`: the most images one request makes (ModelsLab's `samples`)
+NOT_TRANSPARENT = "^(?![Tt][Rr][Aa][Nn][Ss][Pp][Aa][Rr][Ee][Nn][Tt]$)"  # any background but the one not offered
+MAX_IMAGES = 4
+
+
+def _whole(value):
+    """A JSON integer: 7, or 7.0 (JSON Schema's `integer` counts a number with no fraction), never
+    true or "7" (the strict model refuses those)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_whole)]
+
+
+def _on_the(kind: str, **keywords):
+    """A `json_schema_extra` putting `keywords` on the `kind` branch of an optional field's anyOf
+    (where generators and fuzzers read them)."""
+
+    def extra(schema: dict) -> None:
+        for option in schema.get("anyOf", [schema]):
+            if option.get("type") == kind:
+                option.update(keywords)
+
+    return extra  # `n`: the most images one request makes (ModelsLab's `samples`)
 
 
 class OpenAIImageRequest(BaseModel):
@@ -36,12 +58,16 @@ class OpenAIImageRequest(BaseModel):
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="`url`: links to the stored PNGs; `b64_json`: the PNGs inline, base64. Default: `url`, "
         "or `b64_json` when `model` is a GPT Image name (gpt-image-*, which OpenAI always answers in base64).")
-    output_format: str | None = Field(None, description="`png` only (the outputs are PNG).")
+    output_format: str | None = Field(None, description="`png` only (the outputs are PNG).",
+                                      json_schema_extra=_on_the("string", pattern="^(?:[Pp][Nn][Gg])?$"))
     user: str | None = Field(None, description="Accepted and ignored.")
 
 
 class ImageGenerationRequest(OpenAIImageRequest):
-    """POST /v1/images/generations (JSON)."""
+    """POST /v1/images/generations (JSON): each field of the JSON type its schema gives (strict: a
+    `seed` of `false` or `"5"` is refused, as OpenAI's API refuses it), `n` as for every route."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: str = Field(min_length=1, description="What to draw.")
     quality: str | None = Field(
@@ -50,10 +76,13 @@ class ImageGenerationRequest(OpenAIImageRequest):
     style: str | None = Field(
         None, description="`natural`: the prompt as sent; `vivid` (default): ModelsLab's prompt enhancement (quality "
         "terms appended; `revised_prompt` shows the result).")
-    background: str | None = Field(None, description="`auto` or `opaque`; `transparent` is not available.")
-    stream: bool | None = Field(None, description="Streaming is not available: false or omitted.")
+    background: str | None = Field(None, description="`auto` or `opaque`; `transparent` is not available.",
+                                   json_schema_extra=_on_the("string", pattern=NOT_TRANSPARENT))
+    stream: bool | None = Field(None, description="Streaming is not available: false or omitted.",
+                                json_schema_extra=_on_the("boolean", enum=[False]))
     negative_prompt: str | None = Field(None, description="Ours (extra): what to keep out of the image.")
-    seed: int | None = Field(None, description="Ours (extra): the seed of the first image (the others: seed + i).")
+    seed: JsonInt | None = Field(None, ge=0, le=2**32 - 1,
+                             description="Ours (extra): the seed of the first image (the others: seed + i).")
 
 
 class ImageEditRequest(OpenAIImageRequest):
@@ -61,8 +90,8 @@ class ImageEditRequest(OpenAIImageRequest):
 
     prompt: str = Field(min_length=1, description="What to paint in the edited area.")
     quality: str | None = Field(None, description="As for generations.")
-    background: str | None = None
-    stream: bool | None = None
+    background: str | None = Field(None, json_schema_extra=_on_the("string", pattern=NOT_TRANSPARENT))
+    stream: bool | None = Field(None, json_schema_extra=_on_the("boolean", enum=[False]))
 
 
 class ImageVariationRequest(OpenAIImageRequest):

@@ -7,13 +7,29 @@ still declared where the docs list them, so `/docs` shows them; unknown fields a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
-from models.fields import CsvList, Dimension, FloatList, ImageList, JobId, LooseFloat, LooseInt, Text, YesNo
+from models.fields import (
+    CsvList,
+    Dimension,
+    FloatList,
+    ImageList,
+    JobId,
+    ListOf,
+    LooseFloat,
+    LooseInt,
+    OneOf,
+    Text,
+    YesNo,
+    strip_blanks,
+)
+from models.schedulers import ALGORITHM_WIRE_VALUES, SUPPORTED
 
 SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
+# the names schedulers_list gives (any letter case); the unsupported ones are refused with the reason
+Scheduler = OneOf(SUPPORTED)
 DEFAULT_SIZE = 512  # width and height of a generation or video that gives neither (and has no init image)
 
 
@@ -28,7 +44,7 @@ class WireModel(BaseModel):
     @classmethod
     def _drop_unset(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+            return {k: v for k, v in data.items() if v is not None and not (isinstance(v, str) and not strip_blanks(v))}
         return data
 
 
@@ -40,6 +56,7 @@ class KeyOnlyRequest(WireModel):
 # --------------------------------------------------------------------------- how a job is run and followed
 
 WEBHOOK_EVENTS = ("queued", "started", "progress", "completed")
+MIN_DEADLINE, MAX_DEADLINE = 1, 7 * 24 * 3600  # deadline_seconds (and the Cancel-After header), in seconds
 
 
 class JobOptions(WireModel):
@@ -48,10 +65,10 @@ class JobOptions(WireModel):
     priority: Literal["high", "normal", "low"] = Field(
         "normal", description="Start order among queued jobs (round-robin across keys within a priority); "
         "`high` needs an admin key.")
-    deadline_seconds: LooseFloat(1, 7 * 24 * 3600) | None = Field(
+    deadline_seconds: LooseFloat(MIN_DEADLINE, MAX_DEADLINE) | None = Field(
         None, description="Past this many seconds after submission the job ends as cancelled (also the "
         "`Cancel-After` header).")
-    webhook_events: CsvList | None = Field(
+    webhook_events: ListOf(WEBHOOK_EVENTS) | None = Field(
         None, description="Comma list of queued, started, progress, completed: what `webhook` receives, each "
         "with an `event` field. Default: completed only, without the field (ModelsLab's payload).")
     preview: YesNo = Field(False, description="Link a small JPEG of the current latents as `progress.preview`.")
@@ -91,9 +108,10 @@ class GenerationRequest(JobOptions):
     )
     guidance_scale: LooseFloat(1, 20) = 7.5
     seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="null -> random; echoed in meta.seed.")
-    scheduler: Text | None = Field(None, description="See schedulers_list; default: the model's own.")
+    scheduler: Scheduler | None = Field(None, description="See schedulers_list; default: the model's own.")
     use_karras_sigmas: YesNo = True
-    algorithm_type: Text = Field("none", description="none | dpmsolver+++ | dpmsolver++ | sde-dpmsolver++")
+    algorithm_type: OneOf(ALGORITHM_WIRE_VALUES, blanks=True) = Field(
+        "none", description="none | dpmsolver+++ | dpmsolver++ | sde-dpmsolver++")
     enhance_prompt: YesNo = True
     safety_checker: YesNo | None = Field(
         None, description="Run the NSFW safety checker; default: the server's setting (yes unless changed)."
@@ -180,7 +198,7 @@ class Text2VideoRequest(JobOptions):
     guidance_scale: LooseFloat(0, 20) = 7.5
     strength: LooseFloat(0, 1) | None = None
     seed: LooseInt(0, 2**32 - 1) | None = None
-    scheduler: Text | None = None
+    scheduler: Scheduler | None = None
     clip_skip: LooseInt(1, 8) | None = None
     enhance_prompt: YesNo = True
     upscale_height: LooseInt(1, 2048) | None = None
@@ -274,6 +292,12 @@ ModelCategory = Literal[
 
 
 class LoadModelV2Request(WireModel):
+    # one of the two is needed: the schema says so (a null or blank one is unset, so it does not count)
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["model_category"], "properties": {"model_category": {"type": "string"}}},
+        {"required": ["model_type"], "properties": {"model_type": {"type": "string"}}},
+    ]})
+
     url: Text
     model_id: Text
     model_category: ModelCategory | None = Field(
@@ -345,3 +369,50 @@ class UsageRequest(WireModel):
 
 class ResetS3Request(WireModel):
     deploy_type: DeployType = "text_to_image"
+
+
+# --------------------------------------------------------------------------- v7's own fields
+# The v7 routes (infra/web/generations.py) take v1's bodies plus these: a v7 body is validated
+# with its model (what the OpenAPI document shows for the route), then translated onto v1's fields
+# and validated as v1's.
+
+ASPECT_RATIO_PATTERN = r"^[ \t\r\n]*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+):(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t\r\n]*$"
+
+
+def _one_image(value: Any) -> Any:
+    if isinstance(value, list) and len(value) != 1:
+        raise ValueError(f"takes one image (a string, or a list of one), got a list of {len(value)}")
+    if not isinstance(value, (str, list)) or (isinstance(value, list) and not isinstance(value[0], str)):
+        raise ValueError("must be an image: a URL, base64 or data URI string, or a list of one")
+    return value
+
+
+# v7 sends reference images as lists: this server takes one
+OneImage = Annotated[Any, BeforeValidator(_one_image), WithJsonSchema({"anyOf": [
+    {"type": "string"},
+    {"type": "array", "items": {"type": "string", "pattern": r"[^ \t\r\n]"}, "minItems": 1, "maxItems": 1}]})]
+
+
+def _aspect_ratio():
+    return Field(None, pattern=ASPECT_RATIO_PATTERN, description="`16:9`, `1:1`, `1920:1080`...: the size (long side "
+                 "1024) when width and height are not sent.")
+
+
+class V7TextToImageRequest(Text2ImgRequest):
+    aspect_ratio: str | None = _aspect_ratio()
+
+
+class V7ImageToImageRequest(Img2ImgRequest):
+    init_image: OneImage = Field(description="URL, base64 or data URI of the starting image, or a list of one.")
+    aspect_ratio: str | None = _aspect_ratio()
+
+
+class V7InpaintRequest(InpaintRequest):
+    init_image: OneImage = Field(description="URL, base64 or data URI of the image to repaint, or a list of one.")
+    aspect_ratio: str | None = _aspect_ratio()
+
+
+class V7TextToVideoRequest(Text2VideoRequest):
+    aspect_ratio: str | None = _aspect_ratio()
+    duration: LooseFloat(0, 3600) | None = Field(
+        None, description="Seconds; × fps (default 8) gives num_frames (at most 25). num_frames, when sent, wins.")

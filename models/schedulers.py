@@ -66,7 +66,7 @@ def resolve_algorithm(scheduler: str, algorithm_type: str) -> str | None:
     DPM-Solver++ ("DPM++ SDE"). Schedulers without an algorithm ignore the field, as the docs
     say it only applies to DPMSolverMultistepScheduler.
     """
-    value = algorithm_type.strip().lower()
+    value = algorithm_type.strip(" \t\r\n").lower()  # the blanks the schema's pattern allows
     if value in ("", "none"):
         return None
     if value not in ALGORITHM_WIRE_VALUES:

@@ -224,11 +224,11 @@ def video_params(**fields) -> VideoParams:
 
 
 class ServerProcess:
-    """A real server (`python -m infra.cli serve`) in a child process on a free loopback port, with
-    `settings` as SDAPI_ environment variables; killed or stopped by the test."""
+    """A real server (`python -m infra.cli serve`, or `command`) in a child process on a free
+    loopback port, with `settings` as SDAPI_ environment variables; killed or stopped by the test."""
 
-
-    def __init__(self, data_dir: Path, models_dir: Path, port: int | None = None, **settings):
+    def __init__(self, data_dir: Path, models_dir: Path, port: int | None = None,
+                 command: tuple[str, ...] = ("-m", "infra.cli", "serve"), **settings):
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -236,7 +236,7 @@ class ServerProcess:
                "SDAPI_MODELS_DIR": str(models_dir), "SDAPI_FETCH_KNOWN_MODELS": "false",
                **{f"SDAPI_{k.upper()}": str(v) for k, v in settings.items()}}
         self.log = open(data_dir.parent / f"server-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([sys.executable, "-m", "infra.cli", "serve"], cwd=ROOT, env=env,
+        self.process = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:

@@ -188,7 +188,8 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
         return FileResponse(path, media_type=content_type(key))
     openai_api.add_routes(app, runtime, limiter)
     install_error_handlers(app, runtime.settings)
-    app.openapi = lambda: openapi_schema(app, [endpoint.request for endpoint in ENDPOINTS.values()])
+    wire_models = [endpoint.request for endpoint in ENDPOINTS.values()] + [face.request for face in ROUTES if face.request]
+    app.openapi = lambda: openapi_schema(app, wire_models)
     return app
 
 
@@ -239,12 +240,14 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: 
             data = {**dict(request.query_params), **data}
         if "request_id" in request.path_params:
             data = {**data, "request_id": request.path_params["request_id"]}
-        if face is not None:
-            caller = replace(caller, fetch_path=face.fetch)
-            if face.translate is not None:
-                data = face.translate(data)
-        data, caller = job_headers(request, data, caller, ENDPOINT_NAMES.get(name, name))
         try:
+            if face is not None:
+                caller = replace(caller, fetch_path=face.fetch)
+                if face.request is not None:  # the fields of its own (v7's), then v1's
+                    face.request.model_validate(data)
+                if face.translate is not None:
+                    data = face.translate(data)
+            data, caller = job_headers(request, data, caller, ENDPOINT_NAMES.get(name, name))
             parsed = endpoint.request.model_validate(data)
         except ValidationError as exc:
             raise invalid_fields(exc) from None
@@ -264,7 +267,7 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: 
             tags=[face.tag if face is not None else "Enterprise v1"],
             include_in_schema=documented,
             operation_id=_operation_id(path, name, method, face) if documented else None,
-            openapi_extra=route_extra(endpoint.request, path, body=method == "POST"),
+            openapi_extra=route_extra((face and face.request) or endpoint.request, path, body=method == "POST"),
             responses={200: {"model": endpoint.response}, **ERROR_RESPONSES},
         )
 

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from models.errors import ApiError
 from models.responses import ErrorResponse
@@ -55,7 +56,7 @@ def install_error_handlers(app: FastAPI, settings) -> None:
         if exc.status_code == 404:
             return envelope(request, f"Not found: {request.method} {request.url.path}", "See /docs for the endpoints.", 404)
         if exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow") or "POST"
+            allowed = _allowed_methods(request) or (exc.headers or {}).get("Allow") or "POST"
             return envelope(request, f"{request.method} is not allowed on {request.url.path}; use {allowed}",
                             None, 405, headers={"Allow": allowed})
         return envelope(request, str(exc.detail), None, exc.status_code)
@@ -65,6 +66,17 @@ def install_error_handlers(app: FastAPI, settings) -> None:
         log.exception("unhandled error on %s", request.url.path)
         return envelope(request, "Internal server error; the request was logged", "Try again; report it if it persists.",
                         500)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path takes (Starlette's 405 names only the first route's:
+    each method of a path is a route of its own here)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
 
 
 def invalid_fields(exc: ValidationError) -> ApiError:

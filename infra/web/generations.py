@@ -33,7 +33,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from models import requests as rq
 from models.errors import BadInput, NotAvailable
+from models.fields import parse_number, strip_blanks
 
 Translate = Callable[[dict], dict]
 
@@ -62,6 +64,7 @@ class Route:
     methods: tuple[str, ...] = ("POST",)
     summary: str = ""
     query_params: bool = False  # v3: the parameters may come as the query string
+    request: type | None = None  # the body's own wire model, when it has fields v1's lacks (v7): validated first
 
 
 # --------------------------------------------------------------------------- translations
@@ -92,17 +95,14 @@ def chain(*steps: Translate) -> Translate:
 
 
 def first_image(*names: str) -> Translate:
-    """v7 sends reference images as a list: the first one is the image (the others are refused
-    with a message, not dropped silently)."""
+    """v7 sends reference images as a list: a list of one is the image (the route's model refused
+    longer ones: this server takes one)."""
 
     def translate(data: dict) -> dict:
         out = dict(data)
         for name in names:
             value = out.get(name)
             if isinstance(value, list):
-                if len(value) > 1:
-                    raise BadInput(f"{name}: this server takes one image, got {len(value)}",
-                                   tip=f"Send one image in {name} (a URL, base64 or data URI).")
                 out[name] = value[0] if value else None
         return out
 
@@ -110,17 +110,15 @@ def first_image(*names: str) -> Translate:
 
 
 def aspect_ratio(data: dict) -> dict:
-    """v7's `aspect_ratio` ("16:9", or runway's "1920:1080") gives width and height when neither
-    is sent: the longer side 1024 (the server's limit), both multiples of 8."""
-    ratio = data.get("aspect_ratio")
-    if not ratio or "width" in data or "height" in data:
+    """v7's `aspect_ratio` ("16:9", or runway's "1920:1080"; its form checked by the route's model)
+    gives width and height when neither is sent: the longer side 1024 (the server's limit), both
+    multiples of 8."""
+    if _unset(data.get("aspect_ratio")) or not _unset(data.get("width")) or not _unset(data.get("height")):
         return data
-    try:
-        across, down = (float(part) for part in str(ratio).split(":"))
-        if across <= 0 or down <= 0:
-            raise ValueError
-    except ValueError:
-        raise BadInput(f"aspect_ratio must look like 16:9, got {ratio!r}", tip="Or send width and height.") from None
+    ratio = strip_blanks(data["aspect_ratio"])
+    across, down = (float(part) for part in ratio.split(":"))
+    if across <= 0 or down <= 0:
+        raise BadInput(f"aspect_ratio needs two sides above 0, got {ratio!r}", tip="Send e.g. 16:9, or width and height.")
     scale = 1024 / max(across, down)
     return {**data, "width": max(8, int(across * scale) // 8 * 8), "height": max(8, int(down * scale) // 8 * 8)}
 
@@ -133,16 +131,18 @@ def video_model(data: dict) -> dict:
 
 
 def duration(data: dict) -> dict:
-    """v7's `duration` (seconds) gives the frames at the request's fps (default 8), at most
-    MAX_FRAMES; `num_frames`, when sent, wins."""
-    seconds = data.get("duration")
-    if seconds is None or "num_frames" in data:
+    """v7's `duration` (seconds, checked by the route's model) gives the frames at the request's
+    fps (default 8), at most MAX_FRAMES; `num_frames`, when sent, wins."""
+    if _unset(data.get("duration")) or not _unset(data.get("num_frames")):
         return data
-    try:
-        frames = round(float(seconds) * float(data.get("fps") or 8))
-    except (TypeError, ValueError):
-        raise BadInput(f"duration must be a number of seconds, got {seconds!r}") from None
+    fps = 8 if _unset(data.get("fps")) else parse_number(data["fps"])
+    frames = round(parse_number(data["duration"]) * fps)
     return {**data, "num_frames": max(1, min(MAX_FRAMES, frames))}
+
+
+def _unset(value) -> bool:
+    """null or blank: not set (models.requests.WireModel)."""
+    return value is None or (isinstance(value, str) and not strip_blanks(value))
 
 
 def not_run(what: str, issue: str) -> Translate:
@@ -198,11 +198,12 @@ def _v7_routes() -> list[Route]:
     images, video = f"{V7}/images/fetch", f"{V7}/video-fusion/fetch"
     image = chain(first_image("init_image"), aspect_ratio)
     return [
-        Route(f"{V7}/images/text-to-image", "text2img", "v7", images, aspect_ratio),
-        Route(f"{V7}/images/image-to-image", "img2img", "v7", images, image),
-        Route(f"{V7}/images/inpaint", "inpaint", "v7", images, image),
+        Route(f"{V7}/images/text-to-image", "text2img", "v7", images, aspect_ratio, request=rq.V7TextToImageRequest),
+        Route(f"{V7}/images/image-to-image", "img2img", "v7", images, image, request=rq.V7ImageToImageRequest),
+        Route(f"{V7}/images/inpaint", "inpaint", "v7", images, image, request=rq.V7InpaintRequest),
         Route(f"{images}/{{request_id}}", "fetch", "v7", images, methods=("POST", "GET")),
-        Route(f"{V7}/video-fusion/text-to-video", "text2video", "v7", video, chain(aspect_ratio, duration, video_model)),
+        Route(f"{V7}/video-fusion/text-to-video", "text2video", "v7", video, chain(aspect_ratio, duration, video_model),
+              request=rq.V7TextToVideoRequest),
         Route(f"{V7}/video-fusion/image-to-video", "text2video", "v7", video,
               not_run("video-fusion/image-to-video", "Use video-fusion/text-to-video; image to video is planned.")),
         Route(f"{video}/{{request_id}}", "fetch", "v7", video, methods=("POST", "GET")),

@@ -11,19 +11,25 @@ from fastapi import Request
 
 from handlers.caller import Caller
 from models.errors import BadInput
-from models.fields import parse_duration
+from models.fields import parse_duration, strip_blanks
+from models.requests import MAX_DEADLINE, MIN_DEADLINE
 
 
 def job_headers(request: Request, data: dict, caller: Caller, endpoint: str) -> tuple[dict, Caller]:
     """The job headers, as their body fields: `Cancel-After` (a duration) is `deadline_seconds`
-    unless the body has one; `Idempotency-Key` (or the body's `idempotency_key`) goes on the caller
+    unless the body gives one (null and blank give none); `Idempotency-Key` (or the body's `idempotency_key`) goes on the caller
     with the digest of what it must name again: the endpoint and the body, less the key."""
-    cancel_after = request.headers.get("cancel-after")
-    if cancel_after and "deadline_seconds" not in data:
+    cancel_after = request.headers.get("cancel-after", "").strip(" \t")  # blank: not sent
+    if cancel_after:  # checked even when the body's deadline_seconds wins
         try:
-            data = {**data, "deadline_seconds": parse_duration(cancel_after)}
+            seconds = parse_duration(cancel_after)
         except ValueError as exc:
             raise BadInput(f"Cancel-After: {exc}", tip="Send seconds (30) or a duration like 30s, 5m or 1h30m.") from None
+        # (a 400 like the syntax's: a range over durations is a rule the header's schema cannot state)
+        if not MIN_DEADLINE <= seconds <= MAX_DEADLINE:
+            raise BadInput(f"Cancel-After must be between 1s and 168h (7 days), got {cancel_after!r}")
+        if data.get("deadline_seconds") is None or not strip_blanks(str(data["deadline_seconds"])):
+            data = {**data, "deadline_seconds": seconds}
     idempotency = request.headers.get("idempotency-key") or data.get("idempotency_key")
     if idempotency:
         if not isinstance(idempotency, str | int) or len(str(idempotency)) > 255:

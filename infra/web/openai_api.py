@@ -480,8 +480,16 @@ def list_models(rt: "Runtime") -> list[ModelObject]:
 
 
 def _form_schema(model: type[BaseModel], files: dict[str, bool]) -> dict:
+    """A multipart route's form: the model's fields (a form has no `null`: a field not sent is
+    unset) and its files."""
     schema = model.model_json_schema()
     schema.pop("title", None)
+    for field in schema["properties"].values():
+        options = [option for option in field.pop("anyOf", []) if option.get("type") != "null"]
+        if len(options) == 1:
+            field.update(options[0])
+        elif options:
+            field["anyOf"] = options
     for name, required in files.items():
         schema["properties"] = {name: {"type": "string", "format": "binary",
                                        "description": f"The {name} file (PNG)" + ("" if required else "; optional")},

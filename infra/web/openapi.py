@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from models.fields import DURATION_PATTERN, MAX_JOB_ID
 from models.responses import ErrorResponse
 
 # every error status a route answers, each with the error envelope (documented, so clients and the
@@ -25,12 +26,13 @@ ERROR_RESPONSES: dict[int, dict] = {
         429: "Rate limit exceeded",
     }.items()
 }
+BLANK = r"^[ \t\r\n]*$"  # a blank string: unset (requests.WireModel drops it), as models.fields' patterns say blanks
 REQUEST_ID_PARAMETER = {
     "name": "request_id",
     "in": "path",
     "required": True,
     "description": "The `id` of a generation response (overrides `request_id` in the body).",
-    "schema": {"type": "integer", "minimum": 0},
+    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_JOB_ID},
 }
 
 
@@ -38,8 +40,10 @@ JOB_HEADERS = [
     {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255},
      "description": "The same key and body from the same API key within 24 h return the first job (same id and "
      "links) and make nothing; the same key with another body is a 409. Also the body field `idempotency_key`."},
-    {"name": "Cancel-After", "in": "header", "required": False, "schema": {"type": "string", "example": "5m"},
-     "description": "A deadline: seconds, or a duration like 30s, 5m, 1h30m. Past it the job ends as cancelled. "
+    {"name": "Cancel-After", "in": "header", "required": False,
+     "schema": {"type": "string", "pattern": f"{DURATION_PATTERN}|{BLANK}", "example": "5m"},
+     "description": "A deadline: seconds, or a duration like 30s, 5m, 1h30m; from 1s to 168h (7 days). Past it the job "
+     "ends as cancelled. "
      "Also the body field `deadline_seconds` (which wins)."},
 ]
 LAST_EVENT_ID_HEADER = {
@@ -59,12 +63,17 @@ def route_extra(request_model: type, path: str, body: bool = True) -> dict:
         parameters += [{"name": "key", "in": "query", "required": False, "schema": {"type": "string"},
                         "description": "The API key (or send it as `Authorization: Bearer`, or a `key` header)."}]
         return {"parameters": parameters}
-    # a body with nothing required (the key-only endpoints) may be left out: the key can come as a header
-    needed = any(field.is_required() for name, field in getattr(request_model, "model_fields", {}).items() if name != "key")
+    # a body with nothing required (the key-only endpoints, fetch/{id}: the id is the path's) may be
+    # left out: the key can come as a header
+    given = {"key", "request_id"} if "{request_id}" in path else {"key"}
+    needed = any(field.is_required() for name, field in getattr(request_model, "model_fields", {}).items()
+                 if name not in given)
+    # fetch/{id}, cancel/{id}: the id is the path's, so the body is the key (KeyOnlyRequest) at most
+    body_model = "KeyOnlyRequest" if set(getattr(request_model, "model_fields", {})) <= given else request_model.__name__
     return {
         "requestBody": {
             "required": needed,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request_model.__name__}"}}},
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body_model}"}}},
         },
         **({"parameters": parameters} if parameters else {}),
     }
@@ -88,10 +97,25 @@ def openapi_schema(app: FastAPI, request_models) -> dict:
         components.update(model_schema.pop("$defs", {}))
         components[model.__name__] = model_schema
     for component in components.values():
-        for name in component.get("required", []):
-            _needs_a_value(component.get("properties", {}).get(name, {}))
+        for name, field in component.get("properties", {}).items():
+            if name in component.get("required", []):
+                _needs_a_value(field)
+            else:
+                _blank_is_unset(field)
     app.openapi_schema = schema
     return schema
+
+
+
+
+def _blank_is_unset(field: dict) -> None:
+    """An optional field of a wire model: a blank string means "not set" (requests.WireModel), so a
+    pattern of its allows blank strings too."""
+    for option in field.get("anyOf", [field]):
+        if "pattern" in option and option.get("type") == "string":
+            option["pattern"] = f"{option['pattern']}|{BLANK}"
+        for inner in option.get("anyOf", []):
+            _blank_is_unset({"anyOf": [inner]})
 
 
 def _needs_a_value(field: dict) -> None:
@@ -104,4 +128,4 @@ def _needs_a_value(field: dict) -> None:
         field["anyOf"] = options = [option for option in options if option.get("type") != "null"]
     for option in options:
         if option.get("type") == "string" and "pattern" not in option and "enum" not in option:
-            option["pattern"] = r"\S"  # at least one character that is not a space
+            option["pattern"] = r"[^ \t\r\n]"  # a character that is not a blank (requests.WireModel)

@@ -456,7 +456,7 @@ def test_controlnet_11_repos_get_their_conventional_ids(catalog, monkeypatch):
     assert started["status"] == "success" and started["model_id"] == "depth"
     assert wait_loaded(catalog, "depth")["status"] == "error"  # no hub here; the id was claimed though
     unnamed = call(catalog, "load_model", url="someone/my-model", model_type="custom_ckpt")
-    assert unnamed["http"] == 422 and "model_id" in unnamed["message"]
+    assert unnamed["http"] == 400 and "model_id" in unnamed["message"]
 
 
 def test_sdxl_embedding(catalog, files, sdxl):

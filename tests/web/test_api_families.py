@@ -84,3 +84,8 @@ def test_the_openapi_document_shows_each_api_generation_under_its_own_tag(client
 def test_a_wrong_method_is_a_405_with_allow(client):
     answer = client.get("/api/v6/images/text2img")
     assert answer.status_code == 405 and answer.headers["allow"] == "POST" and answer.json()["status"] == "error"
+    # a path several routes serve names every method they take
+    answer = client.request("OPTIONS", "/api/v7/images/fetch/1")
+    assert answer.status_code == 405 and set(answer.headers["allow"].split(", ")) == {"GET", "POST"}
+    answer = client.delete("/api/v1/enterprise/stream/1")
+    assert answer.status_code == 405 and set(answer.headers["allow"].split(", ")) == {"GET", "POST"}

@@ -50,7 +50,13 @@ def test_image_to_image_takes_a_list_of_one_image_and_inpaint_a_string(client):
     assert answer["status"] == "success", answer
     two = client.post(f"{V7}/images/image-to-image", headers={"key": KEY}, json={
         "model_id": "tiny-sd", "prompt": "x", "init_image": [init, init]})
-    assert two.status_code == 400 and "one image" in two.json()["message"]
+    # a field error the route's schema states (maxItems 1): this server takes one image
+    assert two.status_code == 422 and "takes one image" in str(two.json()["message"]["init_image"])
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"][f"{V7}/images/image-to-image"]["post"]["requestBody"]["content"]["application/json"]
+    model = schema["components"]["schemas"][body["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert {"aspect_ratio", "init_image"} <= set(model["properties"])
+    assert any(option.get("maxItems") == 1 for option in model["properties"]["init_image"]["anyOf"])
     answer = client.post(f"{V7}/images/inpaint", headers={"key": KEY}, json={
         "model_id": "tiny-sd-inpaint", "prompt": "a cat", "init_image": init,
         "mask_image": data_uri(scene(64, 64).convert("L")), "strength": 0.7, "num_inference_steps": 2}).json()

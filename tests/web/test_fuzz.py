@@ -1,19 +1,30 @@
-"""Schema fuzzing (schemathesis): every documented POST endpoint gets bodies generated from the
-app's own OpenAPI document, valid ones and broken ones, with a valid key so they reach the handlers.
-Every answer must be a documented status with a JSON body in the documented envelope; never a 5xx.
+"""Schema fuzzing (schemathesis) and the OpenAPI document as a contract.
+
+- In process: every documented enterprise v1 POST endpoint gets bodies generated from the app's own
+  OpenAPI document, valid ones and broken ones, with a valid key so they reach the handlers. Every
+  answer must be a documented status with a JSON body in the documented envelope; never a 5xx.
+  The fuzzed app records jobs but does not run them, nor model loads (the HTTP surface is what is
+  fuzzed); a second test runs fuzzed text2img requests for real, with the sizes clamped small, and
+  checks each job ends `success` or `failed`.
+- From outside, as a user would: `schemathesis run` with all its checks, on every route of every
+  API generation of a live server, and a client built by openapi-python-client from the same
+  document making a text2img call.
 
 Bounded and deterministic: a fixed number of examples per endpoint, derandomized, no example
-database. Side effects stay on this machine and cheap: the fuzzed app records jobs but does not run
-them, nor model loads (the HTTP surface is what is fuzzed); a second test runs fuzzed text2img
-requests for real, with the sizes clamped small, and checks each job ends `success` or `failed`.
+database.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -30,14 +41,8 @@ from tests.conftest import KEY, open_client
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 OPERATIONS = [f"{PREFIXES[0]}/{name}" for name in ENDPOINTS] + [f"{PREFIXES[0]}/fetch/{{request_id}}"]
-# the other API generations' faces of those endpoints (infra/web/generations.py): each translates
-# its body before the same validation, so a few examples each find what the translation breaks
-FACES = ["/api/v6/images/text2img", "/api/v6/images/fetch/{request_id}", "/api/v6/image_editing/super_resolution",
-         "/api/v7/images/text-to-image", "/api/v7/images/image-to-image", "/api/v7/video-fusion/text-to-video",
-         "/api/v3/text2img", "/api/v1/enterprise/video/text2video", "/api/v1/enterprise/image_editing/inpainting"]
-FACE_EXAMPLES = 12
 # examples per endpoint; FUZZ_EXAMPLES=300 (positive; negative a third of it) for a deeper run by hand
-_POSITIVE = int(os.environ.get("FUZZ_EXAMPLES", "40"))
+_POSITIVE = int(os.environ.get("FUZZ_EXAMPLES", "24"))
 EXAMPLES = {GenerationMode.POSITIVE: _POSITIVE, GenerationMode.NEGATIVE: max(1, _POSITIVE * 2 // 5)}
 # bodies that are only a key: a few examples say all there is (restart_server and clear_cache cost an
 # engine reload each)
@@ -137,13 +142,11 @@ JOB_ENDPOINTS = {"text2img", "img2img", "inpaint", "controlnet", "text2video", "
 
 
 @pytest.mark.parametrize("mode", list(EXAMPLES), ids=str)
-@pytest.mark.parametrize("path", OPERATIONS + FACES)
+@pytest.mark.parametrize("path", OPERATIONS)
 def test_fuzzed_requests_get_documented_envelopes(fuzz_client, api_schema, path, mode):
     operation = api_schema[path]["POST"]
     seen: dict[int, int] = {}
     examples = min(EXAMPLES[mode], 4) if path in KEY_ONLY else EXAMPLES[mode]
-    if path in FACES:
-        examples = min(examples, FACE_EXAMPLES)
 
     @fuzz_settings(examples)
     @given(case=operation.as_strategy(mode))
@@ -244,6 +247,103 @@ def test_the_schema_says_what_the_api_takes_of_bodies_and_required_fields(fuzz_c
     model_id = raw["components"]["schemas"]["ModelIdRequest"]["properties"]["model_id"]
     assert {"type": "null"} not in model_id["anyOf"]
     strings = [option for option in model_id["anyOf"] if option.get("type") == "string"]
-    assert strings and all(option["pattern"] == r"\S" for option in strings)
+    assert strings and all(option["pattern"] == r"[^ \t\r\n]" for option in strings)
     blank = fuzz_client.post(f"{PREFIXES[0]}/verify_model", json={"key": KEY, "model_id": " "})
     assert blank.status_code == 422  # what the schema now forbids, the API refuses
+
+
+# --------------------------------------------------------------------------- schemathesis, as a user runs it
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFORMANCE_EXAMPLES = int(os.environ.get("CONFORMANCE_EXAMPLES", "4"))
+
+
+# the routes whose body another route has (v6 and v3 take v1's bodies, the families' routes v1's,
+# v7's inpaint its image-to-image's): in CI the coverage phase skips them (the fuzzing phase runs
+# on every route);
+# CONFORMANCE_FULL=1 runs it on every route, as `schemathesis run` with schemathesis.toml does
+COVERAGE_TWINS = ("^/api/v6/|^/api/v7/images/inpaint$|^/api/v3/|^/api/v1/enterprise/(video|image_editing|super_resolution)/")
+
+
+@pytest.fixture(scope="module")
+def live_server(fuzz_env):
+    """The API in a server process of its own on a loopback port, its jobs run by the stand-in
+    engine (tests/web/standin_server.py), with fuzz_env's settings."""
+    from tests.conftest import ServerProcess
+
+    server = ServerProcess(fuzz_env / "data-live", fuzz_env / "models", command=("-m", "tests.web.standin_server"))
+    yield server.base
+    server.stop()
+
+
+def test_schemathesis_with_all_checks_passes_on_every_route(live_server, tmp_path):
+    """`schemathesis run` on the live server's OpenAPI document: every route of every API
+    generation (v1 and its families, v6, v7, v3, OpenAI), the coverage and fuzzing phases, all of
+    schemathesis' checks (a schema-valid body accepted, a schema-violating one refused, documented
+    statuses, content types and bodies, `Allow` on a 405, ...), with the repository's
+    schemathesis.toml. Bounded for CI: a few fuzzed examples per route, the coverage phase on each
+    distinct body (COVERAGE_TWINS); CONFORMANCE_EXAMPLES=100 CONFORMANCE_FULL=1 for the whole run."""
+    config = (ROOT / "schemathesis.toml").read_text()
+    if not os.environ.get("CONFORMANCE_FULL"):
+        config += f"\n[[operations]]\ninclude-path-regex = '{COVERAGE_TWINS}'\nphases.coverage.enabled = false\n"
+    (tmp_path / "schemathesis.toml").write_text(config)
+    command = [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(tmp_path / "schemathesis.toml"),
+               "run", f"{live_server}/openapi.json", "--phases=coverage,fuzzing", "--checks", "all",
+               "--max-examples", str(CONFORMANCE_EXAMPLES), "--generation-deterministic", "--no-shrink",
+               "--workers", "1", "--request-timeout", "30", "--no-color",
+               "-H", f"Authorization: Bearer {KEY}", "--report-dir", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    (tmp_path / "schemathesis.txt").write_text(run.stdout + run.stderr)
+    summary = run.stdout[run.stdout.rfind("SUMMARY"):]
+    assert run.returncode == 0, f"{tmp_path / 'schemathesis.txt'}:\n{run.stdout[-15000:]}{run.stderr[-2000:]}"
+    tested = re.search(r"Tested: (\d+)", summary)
+    operations = sum(len(methods) for methods in httpx.get(f"{live_server}/openapi.json").json()["paths"].values())
+    assert tested and int(tested.group(1)) == operations, summary  # every route, every method
+
+
+# --------------------------------------------------------------------------- a client generated from the document
+
+
+def test_a_client_generated_by_openapi_python_client_makes_a_text2img_call(live_server, tmp_path):
+    """openapi-python-client, a standard generator, builds a Python client from the live server's
+    OpenAPI document with no warning; the package compiles, and its own text2img and fetch
+    functions, unchanged, start a job and read its result with typed models."""
+    import compileall
+    import importlib
+
+    (tmp_path / "openapi.json").write_bytes(httpx.get(f"{live_server}/openapi.json").content)
+    (tmp_path / "config.yaml").write_text("post_hooks: []\npackage_name_override: sdapi_client\n")
+    generate = subprocess.run(
+        [str(Path(sys.executable).parent / "openapi-python-client"), "generate", "--path", "openapi.json",
+         "--output-path", "client", "--config", "config.yaml", "--fail-on-warning"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert generate.returncode == 0, generate.stdout[-5000:] + generate.stderr[-2000:]
+    package = tmp_path / "client" / "sdapi_client"
+    assert compileall.compile_dir(package, quiet=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(tmp_path / "client"))
+        client_module = importlib.import_module("sdapi_client")
+        text2img = importlib.import_module("sdapi_client.api.enterprise_v_1.text2img")
+        fetch_by_path = importlib.import_module("sdapi_client.api.enterprise_v_1.fetch_by_path")
+        models = importlib.import_module("sdapi_client.models")
+
+        client = client_module.AuthenticatedClient(base_url=live_server, token=KEY)
+        answer = text2img.sync(client=client, body=models.Text2ImgRequest(
+            prompt="a red cube on a table", width=64, height=64, samples=2, num_inference_steps=2, seed=7))
+        assert isinstance(answer, models.ProcessingResponse | models.SuccessResponse), answer
+        deadline = time.monotonic() + 60
+        while isinstance(answer, models.ProcessingResponse):
+            assert time.monotonic() < deadline, answer
+            time.sleep(0.2)
+            answer = fetch_by_path.sync(answer.id, client=client)
+        assert isinstance(answer, models.SuccessResponse), answer
+        assert len(answer.output) == 2
+        meta = answer.meta.to_dict()  # (meta is a free-form object in the schema, as the docs show it)
+        assert meta["seed"] == 7 and meta["W"] == 64, meta
+        for link in answer.output:
+            assert httpx.get(link).headers["content-type"] == "image/png"
+        # an error answer is the generated ErrorResponse model, not an exception
+        refused = text2img.sync(client=client, body=models.Text2ImgRequest(prompt="x", width=4096))
+        assert isinstance(refused, models.ErrorResponse) and "width" in str(refused.message.to_dict())
+        for name in [name for name in sys.modules if name.startswith("sdapi_client")]:
+            del sys.modules[name]
