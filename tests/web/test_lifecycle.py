@@ -19,7 +19,8 @@ from tests.conftest import ServerProcess as Server
 
 OTHER, CANCELLER, FAIR_A, FAIR_B = "key-other", "key-canceller", "key-fair-a", "key-fair-b"
 API = "/api/v1/enterprise"
-LONG = {"prompt": "a lighthouse", "width": 512, "height": 512, "steps": 40, "instant_response": "yes"}
+# a job of seconds on the tiny model: long enough to be seen running, queued behind, cancelled, streamed
+LONG = {"prompt": "a lighthouse", "width": 320, "height": 320, "steps": 40, "instant_response": "yes"}
 QUICK = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "instant_response": "yes"}
 
 
@@ -265,7 +266,7 @@ def test_webhook_events_send_what_was_chosen_each_with_its_event(server, receive
 
 
 def test_two_keys_bursts_start_alternately_and_high_priority_goes_first(server):
-    blocker = post(server, "text2img", **{**LONG, "steps": 50}).json()["id"]
+    blocker = post(server, "text2img", **{**LONG, "width": 512, "height": 512, "steps": 50}).json()["id"]
     wait_running(server, blocker)
     ids = {FAIR_A: [], FAIR_B: []}
     for key in (FAIR_A, FAIR_B):  # A's whole burst first, then B's
