@@ -38,6 +38,7 @@ from models.requests import (
     Text2ImgRequest,
 )
 from models.responses import JobResponse
+from models.schedulers import FLOW_FAMILIES
 
 if TYPE_CHECKING:
     from infra.runtime import Runtime
@@ -106,6 +107,33 @@ def controlnet(req: ControlnetRequest, rt: Runtime, caller: Caller) -> JobRespon
     return _generate("controlnet", req, rt, caller, images)
 
 
+FAMILY_PLURALS = {"flux": "Flux models", "sd3": "SD3 models"}
+
+
+def _check_transformer_family(task: Task, req: GenerationRequest, model) -> list[str]:
+    """What a Flux.1 or SD3 model cannot do here (a 400 naming it), and the sent fields it does not
+    use (meta `notes`): Flux takes no negative prompt (its guidance is distilled); neither has
+    ToMe or Karras sigmas. clip_skip works on SD3 (diffusers' SD3 pipelines take it)."""
+    family = FLOW_FAMILIES[model.family]
+    if task == "controlnet":
+        raise BadInput(f"ControlNet is not available for Flux and SD3 models yet; {model.model_id} is {family}",
+                       tip="Use text2img, img2img or inpaint with this model.")
+    unavailable = {"lora_model": "LoRA on Flux and SD3 is not available yet",
+                   "embeddings_model": "textual-inversion embeddings are for CLIP-only models",
+                   "vae": "a VAE override is for SD models"}
+    if model.family == "flux":
+        unavailable["clip_skip"] = "a CLIP layer setting; Flux's prompt goes through T5"
+    for field, why in unavailable.items():
+        if getattr(req, field, None):
+            raise BadInput(f"{field} does not apply to {FAMILY_PLURALS[model.family]} ({why}); {model.model_id} is {family}",
+                           tip=f"Leave {field} out.")
+    sent = req.model_fields_set
+    ignored = {"tomesd": "token merging is for UNet models", "use_karras_sigmas": "flow-matching samplers have none"}
+    if model.family == "flux":
+        ignored["negative_prompt"] = "Flux models take no negative prompt (their guidance is distilled)"
+    return [f"{field} was not used: {why}" for field, why in ignored.items() if field in sent and getattr(req, field)]
+
+
 def _check_mask(init, mask) -> None:
     init_ratio, mask_ratio = init.width / init.height, mask.width / mask.height
     if abs(mask_ratio - init_ratio) > MASK_ASPECT_TOLERANCE * init_ratio:
@@ -128,12 +156,17 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     # a default model still to be loaded (a fresh deployment): the checks that need its entry wait for the engine
     model = None if isinstance(resolved, ondemand.Pending) else resolved
     model_id = resolved.model_id
-    if task == "text2img" and model is not None and model.family == "sdxl" and (req.panorama or req.self_attention):
+    if task == "text2img" and model is not None and model.family != "sd" and (req.panorama or req.self_attention):
         feature = "panorama" if req.panorama else "self_attention"
-        raise BadInput(f"{feature} is available for SD 1.x/2.x models only; {model.model_id} is SDXL")
+        raise BadInput(f"{feature} is available for SD 1.x/2.x models only; {model.model_id} is "
+                       f"{'SDXL' if model.family == 'sdxl' else FLOW_FAMILIES.get(model.family, model.family)}")
+    transformer = model is not None and model.family in FLOW_FAMILIES
+    notes = _check_transformer_family(task, req, model) if transformer else []
     scheduler, algorithm = resolve_scheduler(req.scheduler, req.algorithm_type, model, rt)
     # 2. the effective values a request leaves open
     width, height = _output_size(req, images.get("init_image") or images.get("control_image_0"))
+    if transformer:  # 2x2 latent patches of an 8x VAE: multiples of 16
+        width, height = max(16, width // 16 * 16), max(16, height // 16 * 16)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     prompt = req.prompt or ""
     if prompt and req.enhance_prompt:
@@ -181,6 +214,8 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     file_prefix = str(uuid.uuid4())
     output_keys = [output_key(f"{file_prefix}-{i}", req.base64) for i in range(req.samples)]
     meta = generation_meta(params, req, file_prefix)
+    if notes:
+        meta["notes"] = notes
     inputs = {name: encode_input(_fit(image, width, height)) for name, image in images.items()}
     return submit_job(task, params, meta, output_keys, inputs, req, rt, caller, pending)
 

@@ -34,7 +34,7 @@ from infra.net.inputs import load_image as fetch_image
 from infra.storage.links import preview_path
 from models.errors import ApiError, BadInput, Conflict, Forbidden, NotFound
 from models.responses import JobResponse, job_response
-from models.schedulers import SchedulerError, resolve_algorithm, resolve_name
+from models.schedulers import FamilyMismatch, SchedulerError, check_family, resolve_algorithm, resolve_name
 
 if TYPE_CHECKING:
     from infra.runtime import Runtime
@@ -87,6 +87,10 @@ def resolve_scheduler(requested: str | None, algorithm_type: str, model: ModelEn
             return None, None
         name = resolve_name(requested) if requested else rt.weights.default_scheduler(model.model_id)
         algorithm = resolve_algorithm(name, algorithm_type)
+        if model is not None:
+            check_family(name, model.family, model.model_id)
+    except FamilyMismatch as exc:
+        raise BadInput(f"scheduler: {exc}", tip="Leave scheduler out for the model's own.") from None
     except SchedulerError as exc:
         field = "algorithm_type" if "algorithm_type" in str(exc) else "scheduler"
         raise ApiError({field: [str(exc)]}, status_code=422) from None

@@ -25,11 +25,11 @@ from models.fields import (
     YesNo,
     strip_blanks,
 )
-from models.schedulers import ALGORITHM_WIRE_VALUES, SUPPORTED
+from models.schedulers import ALGORITHM_WIRE_VALUES, FLOW_MATCHING, SUPPORTED
 
 SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
 # the names schedulers_list gives (any letter case); the unsupported ones are refused with the reason
-Scheduler = OneOf(SUPPORTED)
+Scheduler = OneOf(SUPPORTED + FLOW_MATCHING)
 DEFAULT_SIZE = 512  # width and height of a generation or video that gives neither (and has no init image)
 
 
@@ -286,7 +286,7 @@ class LoadModelRequest(WireModel):
 
 
 ModelCategory = Literal[
-    "stable_diffusion", "stable_diffusion_xl", "inpaint", "lora", "controlnet", "embeddings", "vae", "preprocessor",
+    "stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "sd3", "lora", "controlnet", "embeddings", "vae", "preprocessor",
     "upscaler", "face_restorer", "motion_adapter",
 ]
 

@@ -29,6 +29,10 @@ SUPPORTED = (
     "LCMScheduler",
 )
 
+# the flow-matching samplers of the transformer families (Flux.1): the only ones those models take,
+# and the ones SD models cannot take (Heun's set_timesteps takes no `sigmas`, which Flux needs)
+FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler",)
+
 UNSUPPORTED = {
     "DDIMInverseScheduler": "it runs diffusion backwards (image -> noise) and is meant for inversion",
     "IPNDMScheduler": "its timesteps (1.0..0.1) do not match the 0..999 timesteps SD models are trained on",
@@ -48,7 +52,7 @@ class SchedulerError(ValueError):
 
 def resolve_name(name: str) -> str:
     """Canonical scheduler class name for a wire name (exact, or ignoring case)."""
-    for known in (*SUPPORTED, *UNSUPPORTED):
+    for known in (*SUPPORTED, *FLOW_MATCHING, *UNSUPPORTED):
         if name == known or name.lower() == known.lower():
             if known in UNSUPPORTED:
                 raise SchedulerError(
@@ -56,7 +60,24 @@ def resolve_name(name: str) -> str:
                     f"Use one of: {', '.join(SUPPORTED)}"
                 )
             return known
-    raise SchedulerError(f"unknown scheduler {name!r}. Use one of: {', '.join(SUPPORTED)}")
+    raise SchedulerError(f"unknown scheduler {name!r}. Use one of: {', '.join(SUPPORTED)} (Flux models: "
+                         f"{', '.join(FLOW_MATCHING)})")
+
+
+FLOW_FAMILIES = {"flux": "a Flux model", "sd3": "an SD3 model"}  # the families of flow-matching transformers
+
+
+def check_family(name: str, family: str, model_id: str) -> None:
+    """A scheduler the model's family can run: flow-matching ones for Flux and SD3, the others for SD."""
+    if family in FLOW_FAMILIES and name not in FLOW_MATCHING:
+        raise FamilyMismatch(f"{model_id} is {FLOW_FAMILIES[family]}: it takes {', '.join(FLOW_MATCHING)} only, "
+                             f"not {name}")
+    if family not in FLOW_FAMILIES and name in FLOW_MATCHING:
+        raise FamilyMismatch(f"{name} is for Flux and SD3 models; {model_id} takes one of: {', '.join(SUPPORTED)}")
+
+
+class FamilyMismatch(ValueError):
+    """A scheduler that exists but not for this model's family (a 400: the schema cannot know the model)."""
 
 
 def resolve_algorithm(scheduler: str, algorithm_type: str) -> str | None:

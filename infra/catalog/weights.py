@@ -28,7 +28,7 @@ MODEL_WAIT_SECONDS = 3600  # longest a job waits for a model it needs to finish 
 READY, LOADING, FAILED = "ready", "loading", "failed"
 
 # what a folder holds; the first three are full diffusers pipelines a generation can run on
-PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl", "inpaint")
+PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "sd3")
 ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
 # "preprocessor": a network that turns an image into a ControlNet hint (a depth estimator, ...)
 # "upscaler" / "face_restorer": super-resolution and face-restoration networks (spandrel);
@@ -55,7 +55,7 @@ class ModelEntry:
     source: str = ""
     format: str = "diffusers"
     precision: str = "fp32"
-    # "sd" or "sdxl" for pipelines; the text-embedding width (cross-attention dim) the weights
+    # "sd", "sdxl", "flux" or "sd3" for pipelines; the text-embedding width (cross-attention dim) the weights
     # were made for, so a LoRA / ControlNet / embedding is never applied to a model it cannot fit
     family: str = ""
     context_dim: int = 0

@@ -107,7 +107,7 @@ def job_adapters(
 
 def seed_tome(model: LoadedModel, seed: int) -> None:
     """Make ToMe's random merge choices depend on the image's seed only."""
-    info = getattr(model.pipeline.unet, "_tome_info", None)
+    info = getattr(getattr(model.pipeline, "unet", None), "_tome_info", None)  # (no UNet: a Flux transformer)
     if info is not None:
         device = model.pipeline.unet.device
         info["args"]["generator"] = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(seed)

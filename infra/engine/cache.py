@@ -27,6 +27,12 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
@@ -71,7 +77,30 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
         "controlnet_img2img": StableDiffusionXLControlNetImg2ImgPipeline,
         "controlnet_inpaint": StableDiffusionXLControlNetInpaintPipeline,
     },
+    "flux": {  # Flux.1 (dev, schnell and their fine-tunes): a transformer, CLIP + T5, flow matching
+        "text2img": FluxPipeline,
+        "img2img": FluxImg2ImgPipeline,
+        "inpaint": FluxInpaintPipeline,
+    },
+    "sd3": {  # Stable Diffusion 3 / 3.5: an MMDiT transformer, two CLIPs + T5, flow matching
+        "text2img": StableDiffusion3Pipeline,
+        "img2img": StableDiffusion3Img2ImgPipeline,
+        "inpaint": StableDiffusion3InpaintPipeline,
+    },
 }
+# the families whose text encoders are CLIP only: A1111's prompt syntax, clip_skip, embeddings,
+# ToMe and the classifier-free-guidance cut-off apply to them (infra.engine.prompts, speed)
+CLIP_FAMILIES = ("sd", "sdxl")
+
+
+def pipeline_family(pipeline) -> str:
+    """"flux" for a Flux.1 pipeline, "sd3" for SD3 / 3.5, "sdxl" for a two-CLIP UNet pipeline, else "sd"."""
+    name = type(pipeline).__name__
+    if name.startswith("Flux"):
+        return "flux"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    return "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
 COMPONENTS = {"vae": AutoencoderKL, "controlnet": ControlNetModel}
 
 
@@ -200,7 +229,7 @@ class ModelCache:
             pipeline = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, **self._load_options()).to(self.device)
             apply_fast_path(pipeline, self.device, self.fast)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        family = "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
+        family = pipeline_family(pipeline)
         size = module_bytes(*pipeline.components.values())
         return LoadedModel(entry.model_id, entry.version, pipeline, scheduler_config, family, size)
 
@@ -263,7 +292,7 @@ def build_scheduler(name: str, base_config: dict, karras: bool, algorithm: str |
     cls = getattr(diffusers, name)
     options: dict = {}
     accepted = inspect.signature(cls.__init__).parameters
-    if "use_karras_sigmas" in accepted:
+    if "use_karras_sigmas" in accepted and not name.startswith("FlowMatch"):  # (Karras sigmas: the SD samplers')
         options["use_karras_sigmas"] = karras
     if algorithm and "algorithm_type" in accepted:
         options["algorithm_type"] = algorithm

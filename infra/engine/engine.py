@@ -34,7 +34,7 @@ from PIL import Image
 from infra.catalog.weights import WeightsStore
 from infra.engine import quiet_libraries
 from infra.engine.adapters import diffusers_clip_skip, job_adapters, seed_tome, text_model_alias
-from infra.engine.cache import ModelCache, build_scheduler
+from infra.engine.cache import CLIP_FAMILIES, ModelCache, build_scheduler
 from infra.engine.hints import make_hint
 from infra.engine.postprocess import composite_inpaint, treat_flagged
 from infra.engine.prompts import text_call
@@ -230,8 +230,9 @@ class DiffusersEngine:
         pipeline = self.cache.pipeline(
             model, variant, scheduler_of(model, params), params.use_karras_sigmas, params.algorithm, **parts
         )
+        clip = model.family in CLIP_FAMILIES
         call.update(
-            negative_prompt=params.negative_prompt or None,
+            negative_prompt=negative_prompt(model, params),
             num_inference_steps=params.steps,
             guidance_scale=params.guidance_scale,
             width=params.width,
@@ -243,8 +244,9 @@ class DiffusersEngine:
 
         # 3. what adapts the model for this job, and the speed modes
         loras = [(lora.model_id, lora.strength) for lora in params.loras]
-        tome = self._tome_ratio(params) if variant != "self_attention" else 0.0  # SAG reads the attention maps ToMe merges
-        if variant in ("text2img", "img2img", "inpaint"):  # speed mode that changes outputs (setting cfg_cutoff)
+        # ToMe patches UNets (and SAG reads the attention maps it merges)
+        tome = self._tome_ratio(params) if variant != "self_attention" and clip else 0.0
+        if variant in ("text2img", "img2img", "inpaint") and clip:  # speed mode that changes outputs (cfg_cutoff)
             call.update(cfg_cutoff_call(pipeline, params.steps, self.settings.cfg_cutoff, params.guidance_scale))
         refine = self._highres_pass(model, params, init, mask, parts, progress) if highres else None
         seeds = list(params.seeds)
@@ -255,7 +257,7 @@ class DiffusersEngine:
         images = []
         adapters = job_adapters(model, self.weights, loras, params.embedding, tome, self.settings.max_loaded_loras)
         with adapters, text_model_alias(model):
-            call = text_call(pipeline, params.prompt, call)  # A1111 prompt syntax, long prompts (prompts.py)
+            call = prompt_call(model, pipeline, params.prompt, call)
             for batch in batches:
                 seed_tome(model, batch[0])
                 generators = [torch.Generator("cpu").manual_seed(seed) for seed in batch]
@@ -300,7 +302,7 @@ class DiffusersEngine:
         big_mask = mask.resize(size, Image.Resampling.BOX) if mask is not None else None
         big_init = init.resize(size, Image.Resampling.LANCZOS) if mask is not None else None
         call = {
-            "negative_prompt": params.negative_prompt or None,
+            "negative_prompt": negative_prompt(model, params),
             "num_inference_steps": params.steps,
             "guidance_scale": params.guidance_scale,
             "strength": highres.strength,
@@ -313,7 +315,7 @@ class DiffusersEngine:
         accepted = call_parameters(type(pipeline))
         call = {k: v for k, v in call.items() if k in accepted}
         # the text embeddings, at the first image (under the job's adapters: its embedding, text-encoder LoRAs)
-        text = functools.cache(lambda: text_call(pipeline, params.prompt, call))
+        text = functools.cache(lambda: prompt_call(model, pipeline, params.prompt, call))
 
         def refine(image: Image.Image, seed: int) -> Image.Image:
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -453,6 +455,20 @@ def latent_preview(latents: torch.Tensor, longest: int = 256) -> bytes:
 
 _SD_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350],
                                [-0.2829, 0.1762, 0.2721], [-0.2120, -0.0259, -0.5634]])
+
+
+def prompt_call(model: LoadedModel, pipeline, prompt: str, call: dict) -> dict:
+    """The prompt into the call: through A1111's prompt syntax and long-prompt chunking on the CLIP
+    families (prompts.py); as written for Flux and SD3, whose T5 encoder reads the text itself (and
+    whose CLIP encoders get it cut at 77 tokens, as diffusers does)."""
+    if model.family in CLIP_FAMILIES:
+        return text_call(pipeline, prompt, call)
+    return {**call, "prompt": prompt}
+
+
+def negative_prompt(model: LoadedModel, params) -> str | None:
+    """The job's negative prompt, None for none; Flux.1 takes none (its guidance is distilled)."""
+    return None if model.family == "flux" else params.negative_prompt or None
 
 
 def scheduler_of(model: LoadedModel, params) -> str:

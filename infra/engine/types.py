@@ -19,7 +19,7 @@ class LoadedModel:
     version: tuple
     pipeline: DiffusionPipeline
     scheduler_config: dict[str, Any]  # pristine, as saved with the model
-    family: str  # "sd" | "sdxl"
+    family: str  # "sd" | "sdxl" | "flux" | "sd3"
     size_bytes: int
     # held for a whole job: LoRA / embedding / ToMe state lives in the shared modules
     lock: threading.RLock = field(default_factory=threading.RLock)

@@ -166,9 +166,15 @@ def _read_torch_file(path: Path) -> Any:
 # --------------------------------------------------------------------------- config folders
 
 
+def _unet_pipeline(folder: Path) -> bool:
+    """A config folder of the UNet families (SD 1.x/2.x, SDXL) this module converts single files
+    of (the transformer families' folders, tiny-flux and tiny-sd3, are the built-in models' only)."""
+    return (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
+
+
 def pipeline_config_dirs() -> list[Path]:
-    """Every pipeline config folder under configs/ (those with a model_index.json), sorted by name."""
-    return sorted(folder for folder in CONFIGS_DIR.iterdir() if (folder / "model_index.json").is_file())
+    """Every UNet pipeline config folder under configs/ (a model_index.json and a unet/), sorted by name."""
+    return sorted(folder for folder in CONFIGS_DIR.iterdir() if _unet_pipeline(folder))
 
 
 def component_config_dirs(kind: Literal["vae", "controlnet"]) -> list[Path]:
@@ -176,6 +182,8 @@ def component_config_dirs(kind: Literal["vae", "controlnet"]) -> list[Path]:
     class_name = {"vae": "AutoencoderKL", "controlnet": "ControlNetModel"}[kind]
     folders = []
     for folder in sorted(CONFIGS_DIR.iterdir()):
+        if (folder / "model_index.json").is_file() and not _unet_pipeline(folder):
+            continue
         for candidate in (folder, folder / "vae"):
             config_file = candidate / "config.json"
             if config_file.is_file() and read_json(config_file).get("_class_name") == class_name:

@@ -67,8 +67,13 @@ def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcas
     else:
         pipeline = load_pipeline_file(source, dtype=dtype)
         fmt = source.suffix.lstrip(".")
+    family = TRANSFORMER_FAMILIES.get(type(pipeline).__name__)
+    if family is not None:
+        return _prepare_transformer_family(claimed, family, pipeline, out, fmt)
     if getattr(pipeline, "unet", None) is None:
-        raise CheckpointError(f"{type(pipeline).__name__} is not a Stable Diffusion pipeline (no UNet)")
+        raise CheckpointError(f"{type(pipeline).__name__} is not a pipeline this server runs (SD 1.x/2.x, SDXL, SD3, Flux.1)")
+    if claimed in TRANSFORMER_FAMILIES.values():
+        raise CheckpointError(f"{claimed} was claimed but the weights are a Stable Diffusion 1.x/2.x/XL model (a UNet)")
     sdxl = getattr(pipeline, "text_encoder_2", None) is not None
     family = "sdxl" if sdxl else "sd"
     category = "inpaint" if pipeline.unet.config.in_channels == 9 else ("stable_diffusion_xl" if sdxl else "stable_diffusion")
@@ -85,6 +90,21 @@ def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcas
         config["upcast_attention"] = True
         config_path.write_text(json.dumps(config, indent=2))
     return {"category": category, "family": family, "format": fmt, "context_dim": pipeline.unet.config.cross_attention_dim}
+
+
+# the transformer (flow-matching) families: pipeline class -> family, which is also the category
+TRANSFORMER_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+FAMILY_TITLES = {"flux": "Flux.1", "sd3": "SD3 / SD3.5"}
+
+
+def _prepare_transformer_family(claimed: str | None, family: str, pipeline, out: Path, fmt: str) -> dict:
+    """A Flux.1 (dev, schnell, fine-tunes) or SD3 / SD3.5 pipeline: stored as it is."""
+    if claimed not in (None, family):
+        raise CheckpointError(f"{claimed} was claimed but the weights are a {FAMILY_TITLES[family]} model; "
+                              f"use model_category {family}")
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return {"category": family, "family": family, "format": fmt,
+            "context_dim": pipeline.transformer.config.joint_attention_dim}
 
 
 def _load_pipeline_folder(folder: Path, dtype):

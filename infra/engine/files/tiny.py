@@ -15,6 +15,13 @@ weights from a seeded generator and saves a complete diffusers pipeline folder.
   factor, a 32-wide CLIPTextModel and a 64-wide CLIPTextModelWithProjection, 12 layers each).
   The two encoders must differ in width: diffusers' single-file loader tells the SDXL text
   encoders apart only by the width of their position embeddings.
+* `configs/tiny-flux`: Flux.1-shaped (FluxPipeline, as diffusers' own Flux tests build it: a
+  FluxTransformer2DModel of one double and one single block, a 32-wide CLIP text encoder and a
+  2-layer 32-wide T5 encoder, a VAE with 1 latent channel; FlowMatchEulerDiscreteScheduler). Its
+  T5 tokenizer is a unigram one with a piece per printable ASCII character (tokenizer.json).
+* `configs/tiny-sd3`: SD3 / SD3.5-shaped (StableDiffusion3Pipeline, as diffusers' SD3 tests build
+  it, with 16 latent channels as its img2img / inpaint pipelines require; the tokenizers are
+  tiny-flux's).
 * `configs/controlnet-tiny-sd`: a ControlNet matching the tiny SD UNet (config.json only).
 * `configs/tiny-motion-adapter`: an AnimateDiff `MotionAdapter` matching the tiny SD UNet (2 blocks,
   32/64 channels, 1 motion layer per block, a mid-block motion module, 32 frames at most; config.json
@@ -37,6 +44,8 @@ from infra.engine import CONFIGS_DIR, read_json
 
 TINY_SD_CONFIGS = CONFIGS_DIR / "tiny-sd"
 TINY_SDXL_CONFIGS = CONFIGS_DIR / "tiny-sdxl"
+TINY_FLUX_CONFIGS = CONFIGS_DIR / "tiny-flux"
+TINY_SD3_CONFIGS = CONFIGS_DIR / "tiny-sd3"
 TINY_CONTROLNET_CONFIGS = CONFIGS_DIR / "controlnet-tiny-sd"
 TINY_MOTION_ADAPTER_CONFIGS = CONFIGS_DIR / "tiny-motion-adapter"
 
@@ -44,8 +53,8 @@ INPAINT_IN_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 
 # The order in which the models draw their random weights from the seeded generator. Changing it
 # changes every tiny model's weights (and so every tiny output).
-MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
-TOKENIZER_COMPONENTS = ("tokenizer", "tokenizer_2")
+MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
+TOKENIZER_COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 INPAINT_PIPELINES = {  # pipeline class in model_index.json -> its inpainting counterpart
     "StableDiffusionPipeline": "StableDiffusionInpaintPipeline",
@@ -143,6 +152,18 @@ def build_tiny_sdxl(folder: Path, inpaint: bool = False, seed: int = 0) -> None:
     """Save a tiny SDXL pipeline (StableDiffusionXLPipeline; StableDiffusionXLInpaintPipeline with a
     9-channel UNet for inpainting) to `folder`."""
     build_from_configs(TINY_SDXL_CONFIGS, folder, inpaint=inpaint, seed=seed)
+
+
+def build_tiny_flux(folder: Path, seed: int = 0) -> None:
+    """Save a tiny Flux.1 pipeline (FluxPipeline: a 1+1-block FluxTransformer2DModel, CLIP and T5
+    text encoders 32 wide, a 1-channel-latent VAE, flow-matching Euler) to `folder`."""
+    build_from_configs(TINY_FLUX_CONFIGS, folder, seed=seed)
+
+
+def build_tiny_sd3(folder: Path, seed: int = 0) -> None:
+    """Save a tiny SD3 / SD3.5 pipeline (StableDiffusion3Pipeline: a 1-layer SD3Transformer2DModel
+    on 16 latent channels, two CLIP encoders with projection and a T5 encoder, 32 wide) to `folder`."""
+    build_from_configs(TINY_SD3_CONFIGS, folder, seed=seed)
 
 
 def build_tiny_motion_adapter(folder: Path, seed: int = 0) -> None:
