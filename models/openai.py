@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from models.fields import LooseInt
 
 NOT_TRANSPARENT = "^(?![Tt][Rr][Aa][Nn][Ss][Pp][Aa][Rr][Ee][Nn][Tt]$)"  # any background but the one not offered
 MAX_IMAGES = 4
+NOT_BLANK = r"[^ \t\r\n]"  # a prompt of blanks only is no prompt (models.requests.WireModel)
+_SIDE = "|".join(str(side) for side in range(1024, 7, -8))  # a multiple of 8 from 8 to 1024
+# `size`: WIDTHxHEIGHT, `auto`, or blank (the default); the schema's pattern and parse_size's rule
+SIZE_PATTERN = f"^[ \\t]*(?:[Aa][Uu][Tt][Oo]|({_SIDE})[ \\t]*[Xx][ \\t]*({_SIDE}))?[ \\t]*$"
 
 
 def _whole(value):
@@ -27,7 +31,9 @@ def _whole(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-JsonInt = Annotated[int, BeforeValidator(_whole)]
+# ModelsLab's seed range (the schema written out: pydantic leaves `ge`/`le` raw behind a BeforeValidator)
+Seed = Annotated[int, BeforeValidator(_whole), Field(ge=0, le=2**32 - 1),
+                 WithJsonSchema({"type": "integer", "minimum": 0, "maximum": 2**32 - 1})]
 
 
 def _on_the(kind: str, **keywords):
@@ -54,7 +60,8 @@ class OpenAIImageRequest(BaseModel):
     n: LooseInt(1, MAX_IMAGES) | None = Field(1, description=f"Images to make, 1..{MAX_IMAGES}.")
     size: str | None = Field(
         None, description="`WIDTHxHEIGHT`, each a multiple of 8 from 8 to 1024 (e.g. 512x512); `auto` or omitted: "
-        "512x512 for generations, the input image's size for edits and variations.")
+        "512x512 for generations, the input image's size for edits and variations.",
+        json_schema_extra=_on_the("string", pattern=SIZE_PATTERN))
     response_format: Literal["url", "b64_json"] | None = Field(
         None, description="`url`: links to the stored PNGs; `b64_json`: the PNGs inline, base64. Default: `url`, "
         "or `b64_json` when `model` is a GPT Image name (gpt-image-*, which OpenAI always answers in base64).")
@@ -69,7 +76,7 @@ class ImageGenerationRequest(OpenAIImageRequest):
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    prompt: str = Field(min_length=1, description="What to draw.")
+    prompt: str = Field(min_length=1, description="What to draw.", json_schema_extra={"pattern": NOT_BLANK})
     quality: str | None = Field(
         None, description="Denoising steps: low 10; auto, standard, medium 20; high, hd 40; xhigh, max 50 (an extra "
         "`steps` wins). Other values: the default.")
@@ -81,14 +88,14 @@ class ImageGenerationRequest(OpenAIImageRequest):
     stream: bool | None = Field(None, description="Streaming is not available: false or omitted.",
                                 json_schema_extra=_on_the("boolean", enum=[False]))
     negative_prompt: str | None = Field(None, description="Ours (extra): what to keep out of the image.")
-    seed: JsonInt | None = Field(None, ge=0, le=2**32 - 1,
-                             description="Ours (extra): the seed of the first image (the others: seed + i).")
+    seed: Seed | None = Field(None, description="Ours (extra): the seed of the first image (the others: seed + i).")
 
 
 class ImageEditRequest(OpenAIImageRequest):
     """POST /v1/images/edits (multipart/form-data): the text fields; `image` and `mask` are files."""
 
-    prompt: str = Field(min_length=1, description="What to paint in the edited area.")
+    prompt: str = Field(min_length=1, description="What to paint in the edited area.",
+                        json_schema_extra={"pattern": NOT_BLANK})
     quality: str | None = Field(None, description="As for generations.")
     background: str | None = Field(None, json_schema_extra=_on_the("string", pattern=NOT_TRANSPARENT))
     stream: bool | None = Field(None, json_schema_extra=_on_the("boolean", enum=[False]))

@@ -70,6 +70,7 @@ Decisions:
 import base64
 import hmac
 import io
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any
@@ -97,6 +98,7 @@ from models import requests as rq
 from models.errors import ApiError, PayloadTooLarge
 from models.openai import (
     MAX_IMAGES,
+    SIZE_PATTERN,
     ErrorBody,
     ImageEditRequest,
     ImageGenerationRequest,
@@ -212,17 +214,17 @@ def _authorized(usage_name: str, limiter: RateLimiter) -> Callable:
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """"WxH" -> (W, H), each a multiple of 8 from 8 to 1024; `auto` or nothing -> (None, None)."""
-    if size is None or not size.strip() or size.strip().lower() == "auto":
+    if size is None:
         return None, None
-    width, sep, height = size.strip().lower().partition("x")
-    if not sep or not width.strip().isdigit() or not height.strip().isdigit():
-        raise OpenAIError(f"Invalid size '{size}': send WIDTHxHEIGHT, e.g. 512x512.", param="size")
-    w, h = int(width), int(height)
-    for side in (w, h):
-        if not 8 <= side <= 1024 or side % 8:
+    found = re.fullmatch(SIZE_PATTERN, size)
+    if found is None:
+        if re.fullmatch(r"[ \t]*[0-9]+[ \t]*[Xx][ \t]*[0-9]+[ \t]*", size):
             raise OpenAIError(f"Invalid size '{size}': width and height must be multiples of 8 from 8 to 1024 "
                               "(e.g. 512x512, 768x512, 1024x1024).", param="size")
-    return w, h
+        raise OpenAIError(f"Invalid size '{size}': send WIDTHxHEIGHT, e.g. 512x512.", param="size")
+    if found.group(1) is None:  # auto, or blank
+        return None, None
+    return int(found.group(1)), int(found.group(2))
 
 
 def _check_unavailable(req: OpenAIImageRequest) -> None:
