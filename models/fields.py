@@ -36,6 +36,11 @@ def words_pattern(words, blanks: bool = False) -> str:
 FLAG_PATTERN = words_pattern(_TRUE + _FALSE, blanks=True)
 
 
+def is_unset(value: Any) -> bool:
+    """null or a blank string: "not set", the default applies (requests.WireModel drops them)."""
+    return value is None or (isinstance(value, str) and not strip_blanks(value))
+
+
 def strip_blanks(text: str) -> str:
     """The blanks `_SPACE` allows, off both ends (str.strip() would take more than the schema says)."""
     return text.strip(" \t\r\n")

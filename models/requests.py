@@ -23,7 +23,7 @@ from models.fields import (
     OneOf,
     Text,
     YesNo,
-    strip_blanks,
+    is_unset,
 )
 from models.schedulers import ALGORITHM_WIRE_VALUES, FLOW_MATCHING, SUPPORTED
 
@@ -44,7 +44,7 @@ class WireModel(BaseModel):
     @classmethod
     def _drop_unset(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None and not (isinstance(v, str) and not strip_blanks(v))}
+            return {k: v for k, v in data.items() if not is_unset(v)}
         return data
 
 

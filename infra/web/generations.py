@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from models import requests as rq
 from models.errors import BadInput, NotAvailable
-from models.fields import parse_number, strip_blanks
+from models.fields import is_unset, parse_number, strip_blanks
 
 Translate = Callable[[dict], dict]
 
@@ -113,7 +113,7 @@ def aspect_ratio(data: dict) -> dict:
     """v7's `aspect_ratio` ("16:9", or runway's "1920:1080"; its form checked by the route's model)
     gives width and height when neither is sent: the longer side 1024 (the server's limit), both
     multiples of 8."""
-    if _unset(data.get("aspect_ratio")) or not _unset(data.get("width")) or not _unset(data.get("height")):
+    if is_unset(data.get("aspect_ratio")) or not is_unset(data.get("width")) or not is_unset(data.get("height")):
         return data
     ratio = strip_blanks(data["aspect_ratio"])
     across, down = (float(part) for part in ratio.split(":"))
@@ -133,16 +133,12 @@ def video_model(data: dict) -> dict:
 def duration(data: dict) -> dict:
     """v7's `duration` (seconds, checked by the route's model) gives the frames at the request's
     fps (default 8), at most MAX_FRAMES; `num_frames`, when sent, wins."""
-    if _unset(data.get("duration")) or not _unset(data.get("num_frames")):
+    if is_unset(data.get("duration")) or not is_unset(data.get("num_frames")):
         return data
-    fps = 8 if _unset(data.get("fps")) else parse_number(data["fps"])
+    fps = 8 if is_unset(data.get("fps")) else parse_number(data["fps"])
     frames = round(parse_number(data["duration"]) * fps)
     return {**data, "num_frames": max(1, min(MAX_FRAMES, frames))}
 
-
-def _unset(value) -> bool:
-    """null or blank: not set (models.requests.WireModel)."""
-    return value is None or (isinstance(value, str) and not strip_blanks(value))
 
 
 def not_run(what: str, issue: str) -> Translate:

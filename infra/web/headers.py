@@ -11,7 +11,7 @@ from fastapi import Request
 
 from handlers.caller import Caller
 from models.errors import BadInput
-from models.fields import parse_duration, strip_blanks
+from models.fields import is_unset, parse_duration
 from models.requests import MAX_DEADLINE, MIN_DEADLINE
 
 
@@ -28,7 +28,7 @@ def job_headers(request: Request, data: dict, caller: Caller, endpoint: str) -> 
         # (a 400 like the syntax's: a range over durations is a rule the header's schema cannot state)
         if not MIN_DEADLINE <= seconds <= MAX_DEADLINE:
             raise BadInput(f"Cancel-After must be between 1s and 168h (7 days), got {cancel_after!r}")
-        if data.get("deadline_seconds") is None or not strip_blanks(str(data["deadline_seconds"])):
+        if is_unset(data.get("deadline_seconds")):
             data = {**data, "deadline_seconds": seconds}
     idempotency = request.headers.get("idempotency-key") or data.get("idempotency_key")
     if idempotency:
