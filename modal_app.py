@@ -15,9 +15,17 @@ What runs where (and why, under Modal's semantics: ../shared/notes/modal-semanti
   next job. Outputs go to the S3 bucket of SDAPI_S3_CONFIG (the production default) or, without
   one, to the `sd-enterprise-data` Volume, served under /files. Its image has no torch.
 - `Worker`: the GPU class (SDAPI_MODAL_GPU). Its memory snapshot holds the imports and the default
-  model's weights (in fp16 on the CPU; on the GPU itself with SDAPI_MODAL_GPU_SNAPSHOT). After every
-  restore a container reads its own settings and the restart generation of its own start, then
-  moves the weights to the GPU. `run(job_id)` takes one job through `execute_job`; Modal's
+  model's weights (in the GPU's dtype on the CPU: fp16, bf16 for a transformer family; on the GPU
+  itself with SDAPI_MODAL_GPU_SNAPSHOT). After every restore a container reads its own settings and
+  the restart generation of its own start, then moves the weights to the GPU, where the engine
+  applies the fast path and the memory settings (SDAPI_QUANTIZATION, SDAPI_TEXT_ENCODER_OFFLOAD:
+  infra/engine/speed.py).
+- One more GPU class per other GPU type that SDAPI_MODAL_FAMILY_GPUS routes a model family to (e.g.
+  "flux=H100,qwen=H100,sd3=L40S" adds `Worker_H100` and `Worker_L40S`): the same body on another card,
+  autoscaled on its own. A job is spawned to the class of its model's family (the catalog entry's
+  `family`); every other family's jobs go to `Worker`. Each class snapshots the default model only
+  if it runs that model's family. SDAPI_MODAL_MAX_CONTAINERS stays one ceiling (the fair queue's
+  slots) across all the classes. `run(job_id)` takes one job through `execute_job`; Modal's
   re-delivery of an input after a pre-emption or a crash takes the job up again; after each input
   it spawns the next job of the fair queue (its slot is free). Webhooks are
   handed to `deliver_webhook`, so a GPU never waits for a receiver. The compile cache has a Volume of
@@ -42,7 +50,9 @@ Smoke test of the deployed app: python scripts/modal_smoke.py --key <api key>
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from pathlib import Path
 
 import modal
@@ -56,6 +66,7 @@ APP_NAME = "sd-enterprise-api"
 # environment (and the secret's), so when it imports this file it reads the same values.
 DEPLOY_DEFAULTS = {
     "SDAPI_MODAL_GPU": "A100-80GB",  # the GPU type of the workers (H100, L40S, ...)
+    "SDAPI_MODAL_FAMILY_GPUS": "",  # family=GPU pairs ("flux=H100,sd3=L40S"): those families' jobs on a class of their own
     "SDAPI_MODAL_GPU_SNAPSHOT": "false",  # true: Modal's (alpha) GPU memory snapshot besides the CPU one
     "SDAPI_MODAL_MIN_CONTAINERS": "0",  # GPU workers kept warm (billed while up); 0: scale to zero
     "SDAPI_MODAL_MAX_CONTAINERS": "10",  # the GPU burst ceiling (the cost ceiling of a burst; the fair queue's slots)
@@ -74,6 +85,30 @@ BUFFER_CONTAINERS = int(DEPLOY_ENV["SDAPI_MODAL_BUFFER_CONTAINERS"])
 SCALEDOWN_WINDOW = int(DEPLOY_ENV["SDAPI_MODAL_SCALEDOWN_WINDOW"])
 WEB_MIN_CONTAINERS = int(DEPLOY_ENV["SDAPI_MODAL_WEB_MIN_CONTAINERS"])
 WEB_MAX_INPUTS = int(DEPLOY_ENV["SDAPI_MODAL_WEB_MAX_INPUTS"])
+
+# the model families of the catalog (a manifest's `family`), and the GPU type each runs on when not SDAPI_MODAL_GPU's
+FAMILIES = ("sd", "sdxl", "flux", "sd3", "qwen", "zimage", "flux2")
+
+
+def family_gpus(text: str) -> dict[str, str]:
+    """SDAPI_MODAL_FAMILY_GPUS ("flux=H100,sd3=L40S") as {family: GPU type}, less the families it
+    puts on SDAPI_MODAL_GPU's type anyway."""
+    routes = {}
+    for item in (part.strip() for part in text.split(",")):
+        family, _, gpu = (side.strip() for side in item.partition("="))
+        if not item:
+            continue
+        if family not in FAMILIES or not gpu:
+            raise ValueError(f"SDAPI_MODAL_FAMILY_GPUS: {item!r} is not FAMILY=GPU with FAMILY one of {', '.join(FAMILIES)}")
+        if gpu != GPU:
+            routes[family] = gpu
+    return routes
+
+
+FAMILY_GPUS = family_gpus(DEPLOY_ENV["SDAPI_MODAL_FAMILY_GPUS"])
+# the GPU classes: `Worker` on SDAPI_MODAL_GPU, one more per other GPU type (`Worker_H100`, `Worker_A100_80GB`, ...)
+WORKER_CLASSES = {GPU: "Worker", **{gpu: "Worker_" + re.sub(r"\W", "_", gpu) for gpu in FAMILY_GPUS.values()}}
+DEVICE_LABEL = f"modal: {GPU}" + (" (" + ", ".join(f"{f}: {g}" for f, g in FAMILY_GPUS.items()) + ")" if FAMILY_GPUS else "")
 
 WEIGHTS_PATH = "/weights"  # the weights store (Volume)
 DATA_PATH = "/data"  # outputs when no S3 bucket is set (Volume)
@@ -105,9 +140,14 @@ SETTINGS = {
     "SDAPI_STREAM_MAX_SECONDS": f"{STREAM_MAX_SECONDS:g}",
     "SDAPI_CLEANUP_INTERVAL": "0",  # the scheduled functions clean
     "SDAPI_STORE_PRECISION": "fp16",  # what the GPU worker runs; the downloader that stores it has no GPU
+    # memory on the GPU (infra/engine/speed.py): in every image, so system_details on the web tier reports them
+    "SDAPI_TEXT_ENCODER_OFFLOAD": os.environ.get("SDAPI_TEXT_ENCODER_OFFLOAD", "auto"),
+    "SDAPI_QUANTIZATION": os.environ.get("SDAPI_QUANTIZATION", "none"),
+    "SDAPI_QUANTIZE_TEXT_ENCODERS": os.environ.get("SDAPI_QUANTIZE_TEXT_ENCODERS", "false"),
 }
-# the GPU worker only: the engine's fast path (channels_last, fused QKV, torch.compile of the UNet and
-# VAE decoder; see infra/engine/speed.py), one batched pass per job, and the compile cache on its Volume
+# the GPU worker only: the engine's fast path (channels_last, fused QKV, torch.compile of the UNet or
+# transformer and the VAE decoder; see infra/engine/speed.py), one batched pass per job, and the compile
+# cache on its Volume
 GPU_SETTINGS = {
     "SDAPI_FAST_PATH": "true",
     "SDAPI_BATCH_SAMPLES": "true",
@@ -120,10 +160,10 @@ GPU_ENV = {**WEB_ENV, **GPU_SETTINGS}  # a GPU worker's
 # --------------------------------------------------------------------------- images
 
 # the packages come from pyproject.toml, the one place they are pinned: the web image takes the base
-# dependencies (no torch), the GPU image also the `torch` and `engine` extras (on Linux, PyPI's
-# torch==2.13.0 is the CUDA build; the local CPU build comes from the machines' own disks)
+# dependencies (no torch), the GPU image also the `torch`, `engine` and `quant` (torchao) extras (on Linux,
+# PyPI's torch==2.13.0 is the CUDA build; the local CPU build comes from the machines' own disks)
 PYPROJECT = str(Path(__file__).with_name("pyproject.toml"))
-GPU_EXTRAS = ["torch", "engine"]
+GPU_EXTRAS = ["torch", "engine", "quant"]
 SOURCE = ("handlers", "models", "infra")
 IGNORE = ["**/__pycache__/**", "**/*.pyc"]  # not only .py: infra/engine/configs holds architecture configs
 
@@ -174,6 +214,11 @@ def cancel_call(call_id: str) -> None:
     modal.FunctionCall.from_id(call_id).cancel(terminate_containers=False)
 
 
+def spawn_worker(class_name: str, job_id: int) -> str | None:
+    """A job to a GPU class (looked up by its name when the job is spawned); its call id."""
+    return getattr(globals()[class_name]().run.spawn(job_id), "object_id", None)
+
+
 def modal_runtime(deliver_webhooks_here: bool = False):
     """The runtime in this container: the same Runtime as locally, with Modal's backends."""
     from infra.jobs.modal_dispatch import ModalHandles
@@ -181,12 +226,14 @@ def modal_runtime(deliver_webhooks_here: bool = False):
 
     return Runtime.modal(ModalHandles(
         jobs=jobs_dict, inputs=inputs_dict, queue=queue_dict, config=config_dict, usage=usage_dict,
-        spawn_job=lambda job_id: getattr(Worker().run.spawn(job_id), "object_id", None),
+        spawn_job=functools.partial(spawn_worker, "Worker"),
+        spawn_job_for_family={family: functools.partial(spawn_worker, WORKER_CLASSES[gpu])
+                              for family, gpu in FAMILY_GPUS.items()},
         spawn_load=lambda request: download_model.spawn(request),
         spawn_webhook=None if deliver_webhooks_here else (lambda job_id: deliver_webhook.spawn(job_id)),
         call_status=call_status,
         cancel_call=cancel_call,
-        device_label=f"modal: {GPU}",
+        device_label=DEVICE_LABEL,
         commit_outputs=data.commit, reload_outputs=data.reload,
         commit_weights=weights.commit,  # a `loading` manifest the web tier writes is seen by the downloader
         reload_weights=weights.reload,
@@ -213,15 +260,21 @@ WORKER_OPTIONS = dict(
 )
 
 
-@app.cls(**WORKER_OPTIONS)
-@modal.concurrent(max_inputs=1)  # one job at a time per GPU; autoscaling adds containers
-class Worker:
+class GpuWorker:
+    """The body of every GPU class: `Worker` below, and one per other GPU type of SDAPI_MODAL_FAMILY_GPUS."""
+
+    gpu = GPU  # the GPU type of the class
+
+    def serves(self, family: str) -> bool:
+        """Whether jobs of this model family come to this class."""
+        return FAMILY_GPUS.get(family, GPU) == self.gpu
+
     @modal.enter(snap=True)
     def load_into_memory(self):
-        """Before the snapshot: imports and the default model's weights in memory."""
+        """Before the snapshot: imports and the default model's weights in memory (if its family runs here)."""
         from infra.modal_worker import ModalWorker
 
-        self.worker = ModalWorker.for_snapshot(modal_runtime(), gpu_snapshot=GPU_SNAPSHOT)
+        self.worker = ModalWorker.for_snapshot(modal_runtime(), gpu_snapshot=GPU_SNAPSHOT, serves=self.serves)
 
     @modal.enter(snap=False)
     def after_restore(self):
@@ -241,6 +294,21 @@ class Worker:
     @modal.exit()
     def stop(self):
         self.worker.stop()
+
+
+@app.cls(**WORKER_OPTIONS)
+@modal.concurrent(max_inputs=1)  # one job at a time per GPU; autoscaling adds containers
+class Worker(GpuWorker):
+    """The GPU class on SDAPI_MODAL_GPU: every family's jobs that SDAPI_MODAL_FAMILY_GPUS sends nowhere else."""
+
+
+# the other GPU classes, each a module-level name (Modal finds a class in its container by its name here)
+for _gpu, _name in WORKER_CLASSES.items():
+    if _name != "Worker":
+        _families = ", ".join(family for family, gpu in FAMILY_GPUS.items() if gpu == _gpu)
+        _body = type(_name, (GpuWorker,), {"gpu": _gpu, "__module__": __name__, "__qualname__": _name,
+                                           "__doc__": f"The GPU class on {_gpu}: the jobs of {_families} models."})
+        globals()[_name] = app.cls(**{**WORKER_OPTIONS, "gpu": _gpu})(modal.concurrent(max_inputs=1)(_body))
 
 
 # --------------------------------------------------------------------------- CPU functions

@@ -1,28 +1,37 @@
-"""GPU speed of the engine against plain diffusers (issue 9): every variant in one run.
+"""GPU speed of the engine against plain diffusers (issues 9 and 19): every variant in one run.
 
-    python -m bench.gpu --out DIR [--only sd15-text2img,sd15-inpaint,sdxl] [--compile-modes reduce-overhead,...]
+    python -m bench.gpu --out DIR [--only sd15-text2img,sd15-inpaint,sdxl,flux-dev] [--compile-modes reduce-overhead,...]
+                        [--quantizations auto,int8]
     python -m bench.gpu --tiny          # the same on the CPU with the tiny configs: checks the script, no timings
 
 Models are built from the architecture configs in infra/engine/configs (sd15, sdxl; tiny-sd,
-tiny-sdxl with --tiny) with random weights drawn on the device (speed does not depend on weight
-values), saved as fp16 diffusers folders in a weights store under --work-dir, and loaded from there
-by both sides, so baseline and engine run the same weights. Nothing is downloaded: the tokenizers
-come from configs/clip-tokenizer.
+tiny-sdxl, tiny-flux with --tiny) and bench/configs/flux1-dev (Flux.1-dev's transformer, T5-XXL and
+VAE configs; its CLIP-L is sd15's text encoder) with random weights drawn on the device (speed does
+not depend on weight values), saved as fp16 (Flux: bf16) diffusers folders in a weights store under
+--work-dir, and loaded from there by both sides, so baseline and engine run the same weights.
+Nothing is downloaded: the tokenizers come from configs/clip-tokenizer (and tiny-flux's T5 one).
 
 Variants, for each case (SD 1.5: text2img and inpaint, 512x512, 30 steps, CFG 7.5, batch 1 and 4;
-SDXL: text2img 1024x1024, 30 steps, batch 1):
-- `baseline`: plain diffusers, `StableDiffusion(XL)(Inpaint)Pipeline.from_pretrained(fp16)` on the
-  GPU, SDPA attention, default settings, all images of the batch in one call;
+SDXL: text2img 1024x1024, 30 steps, batch 1; Flux.1-dev: text2img 1024x1024, 28 steps, guidance
+3.5, batch 1):
+- `baseline`: plain diffusers, `StableDiffusion(XL)(Inpaint)Pipeline.from_pretrained(fp16)` (Flux:
+  `FluxPipeline.from_pretrained(bf16)`) on the GPU, SDPA attention, default settings, all images of
+  the batch in one call;
 - `engine`: the project's Engine (`Engine.generate`, the code path jobs take) with default settings;
 - `fast[MODE]`: the Engine with SDAPI_FAST_PATH=true, SDAPI_COMPILE_MODE=MODE, SDAPI_BATCH_SAMPLES=true
   and a persistent compile cache (SDAPI_COMPILE_CACHE_DIR);
 - speed modes that change outputs, reported separately (SD 1.5 text2img only): `fast+tomesd`
-  (SDAPI_TOMESD_MODE=always, ratio 0.5) and `fast+cfg_cutoff` (SDAPI_CFG_CUTOFF=0.5).
+  (SDAPI_TOMESD_MODE=always, ratio 0.5) and `fast+cfg_cutoff` (SDAPI_CFG_CUTOFF=0.5);
+- Flux only: `engine+offload` (SDAPI_TEXT_ENCODER_OFFLOAD=offload: T5-XXL streamed from the CPU; its
+  peak memory is the point) and, reported separately as they change outputs, `fast[MODE]+quant[Q]`
+  for each --quantizations value Q (SDAPI_QUANTIZATION: auto = fp8 on Ada / Hopper, int8 below;
+  --tiny: int8 on the CPU, where torchao is installed). Each engine row carries the memory settings
+  the engine applied (`memory`: dtype, quantization, offloaded encoders).
 
 For each: seconds per image (median of --reps timed runs after a warm-up run, which for compiled
 variants includes the compilation: `first_s`), images per second, UNet calls per second (from the
 difference between runs of 30 and 10 steps, so text encoding, VAE and Python overhead cancel),
-achieved TFLOP/s (FLOPs of one UNet call counted with torch.utils.flop_counter.FlopCounterMode, over
+achieved TFLOP/s (FLOPs of one UNet / transformer call counted with torch.utils.flop_counter.FlopCounterMode, over
 the measured time of one call) against the card's measured bf16 matrix rate (an 8192^3 matmul),
 peak GPU memory (torch.cuda.max_memory_allocated), and the output difference against the baseline
 for the same seeds and latents (mean and max absolute difference in 0-255 pixel values, PSNR;
@@ -66,12 +75,18 @@ NEGATIVE = "blurry, low quality"
 GUIDANCE = 7.5
 SEED = 1234
 
+BENCH_CONFIGS = Path(__file__).resolve().parent / "configs"  # architectures not in infra/engine/configs (flux1-dev)
+FLUX_GUIDANCE = 3.5  # Flux.1-dev's distilled guidance (no classifier-free guidance batch)
+FLUX_TEXT_TOKENS = 512  # the T5 sequence FluxPipeline encodes (max_sequence_length)
+
 # stage -> (config folder, tiny config folder, task, batches, size, tiny size)
 STAGES = {
     "sd15-text2img": ("sd15", "tiny-sd", "text2img", (1, 4), 512, 128),
     "sd15-inpaint": ("sd15", "tiny-sd", "inpaint", (1, 4), 512, 128),
     "sdxl": ("sdxl", "tiny-sdxl", "text2img", (1,), 1024, 128),
+    "flux-dev": ("flux1-dev", "tiny-flux", "text2img", (1,), 1024, 64),
 }
+STAGE_STEPS = {"flux-dev": 28}  # the stage's steps when --steps is not given (default 30; 6 with --tiny)
 MODES_STAGE = "sd15-text2img"  # the stage whose batch-1 case also runs the output-changing speed modes
 WARM_STAGE = "sd15-text2img"  # the stage whose fast variant is followed by the warm-start process
 
@@ -152,6 +167,11 @@ def matmul_tflops(torch, device) -> dict:
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "tflops": round(2 * n**3 / seconds / 1e12, 1)}
 
 
+def quantization_available() -> bool:
+    """torchao (the `quant` extra) is importable: the quantized variants can run."""
+    return importlib.util.find_spec("torchao") is not None
+
+
 def sync(torch, device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -176,8 +196,17 @@ def build_random_pipeline(config_dir: Path, folder: Path, inpaint: bool, device,
         transformers_model_from_config,
     )
 
+    import transformers
+
     quiet_libraries()
     index = read_json(config_dir / "model_index.json")
+    sources = read_json(config_dir / "sources.json") if (config_dir / "sources.json").is_file() else {}
+
+    def folder_of(name: str) -> Path:  # a component's config folder: its own, or the shipped one it names
+        from infra.engine import CONFIGS_DIR
+
+        return CONFIGS_DIR / sources[name] if name in sources else config_dir / name
+
     pipeline_class = getattr(diffusers, INPAINT_PIPELINES[index["_class_name"]] if inpaint else index["_class_name"])
     components: dict = {}
     for name, value in index.items():
@@ -189,19 +218,29 @@ def build_random_pipeline(config_dir: Path, folder: Path, inpaint: bool, device,
             components[name] = None
     for name in ("tokenizer", "tokenizer_2"):
         if name in index:
-            components[name] = load_tokenizer(config_dir / name)
+            if index[name][1] == "CLIPTokenizer":
+                components[name] = load_tokenizer(folder_of(name))
+            else:  # (Flux's T5 tokenizer)
+                components[name] = getattr(transformers, index[name][1]).from_pretrained(folder_of(name))
     torch.manual_seed(seed)
-    with torch.device(device):
-        for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
-            if name not in index:
-                continue
-            if index[name][0] == "transformers":
-                model = transformers_model_from_config(config_dir / name)
-            elif name == "unet" and inpaint:
-                model = diffusers_model_from_config(config_dir / name, in_channels=INPAINT_IN_CHANNELS)
-            else:
-                model = diffusers_model_from_config(config_dir / name)
-            components[name] = model.to(device=device, dtype=dtype)
+    # a transformer family's models are drawn in their dtype (Flux.1-dev's 12B transformer would take 48 GB in fp32)
+    default_dtype = torch.get_default_dtype()
+    if "transformer" in index and dtype != torch.float32:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            for name in ("text_encoder", "text_encoder_2", "unet", "transformer", "vae"):
+                if name not in index:
+                    continue
+                if index[name][0] == "transformers":
+                    model = transformers_model_from_config(folder_of(name))
+                elif name == "unet" and inpaint:
+                    model = diffusers_model_from_config(folder_of(name), in_channels=INPAINT_IN_CHANNELS)
+                else:
+                    model = diffusers_model_from_config(folder_of(name))
+                components[name] = model.to(device=device, dtype=dtype)
+    finally:
+        torch.set_default_dtype(default_dtype)
     components["scheduler"] = scheduler_from_config(config_dir / "scheduler")
     pipeline = pipeline_class(**components)
     pipeline.save_pretrained(folder, safe_serialization=True)
@@ -220,8 +259,8 @@ def ensure_model(store, model_id: str, config_dir: Path, inpaint: bool, device, 
         return 0.0
     if entry is not None:
         store.delete(model_id)
-    family = "sdxl" if "xl" in config_dir.name else "sd"
-    category = "inpaint" if inpaint else "stable_diffusion_xl" if family == "sdxl" else "stable_diffusion"
+    family = "flux" if "flux" in config_dir.name else "sdxl" if "xl" in config_dir.name else "sd"
+    category = "inpaint" if inpaint else {"sdxl": "stable_diffusion_xl", "flux": "flux"}.get(family, "stable_diffusion")
     started = time.perf_counter()
     store.install(
         model_id, category, lambda folder: build_random_pipeline(config_dir, folder, inpaint, device, dtype),
@@ -255,9 +294,12 @@ def png(image) -> bytes:
 
 
 def unet_calls(scheduler_config: dict, steps: int) -> int:
-    """UNet calls one image makes at `steps` steps (PNDM makes one more than its steps)."""
+    """UNet (transformer) calls one image makes at `steps` steps (PNDM makes one more than its steps;
+    flow matching one per step)."""
     import diffusers
 
+    if scheduler_config["_class_name"].startswith("FlowMatch"):
+        return steps
     scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
     scheduler.set_timesteps(steps)
     return len(scheduler.timesteps)
@@ -281,6 +323,31 @@ def unet_flops(torch, unet, batch: int, size: int, device) -> int:
     timestep = torch.tensor(500, device=device)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         unet(sample, timestep, context, **extra)
+    return int(counter.get_total_flops())
+
+
+def transformer_flops(torch, transformer, batch: int, size: int, device) -> int:
+    """FLOPs of one Flux transformer call at `size` pixels (latents packed 2x2: (size/16)^2 tokens;
+    no classifier-free guidance batch) with FluxPipeline's 512 T5 tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config, dtype = transformer.config, transformer.dtype
+    tokens = (size // 16) ** 2
+    side = size // 16
+    img_ids = torch.zeros(side, side, 3, device=device, dtype=dtype)
+    img_ids[..., 1] += torch.arange(side, device=device)[:, None]
+    img_ids[..., 2] += torch.arange(side, device=device)[None, :]
+    kwargs = dict(
+        hidden_states=torch.randn(batch, tokens, config.in_channels, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, FLUX_TEXT_TOKENS, config.joint_attention_dim, device=device, dtype=dtype),
+        pooled_projections=torch.randn(batch, config.pooled_projection_dim, device=device, dtype=dtype),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=img_ids.reshape(tokens, 3), txt_ids=torch.zeros(FLUX_TEXT_TOKENS, 3, device=device, dtype=dtype),
+        guidance=torch.full((batch,), FLUX_GUIDANCE, device=device, dtype=dtype) if config.guidance_embeds else None,
+        return_dict=False,
+    )
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        transformer(**kwargs)
     return int(counter.get_total_flops())
 
 
@@ -369,6 +436,7 @@ class Bench:
         self.cache_dir = Path(args.cache_dir) if args.cache_dir else self.work / "compile-cache"
         self.reps = args.reps or (1 if args.tiny else 3)
         self.steps = args.steps or (6 if args.tiny else 30)
+        self.flux, self.stage_dtype = False, self.dtype  # (set per stage)
         self.rows: list[dict] = []
         self.report: dict = {"args": vars(args), "tolerance_mean_abs_diff": TOLERANCE, "rows": self.rows}
         self.name = "gpu-" + "_".join(args.only) + ("-tiny" if args.tiny else "")
@@ -428,11 +496,16 @@ class Bench:
         config, tiny_config, task, batches, size, tiny_size = STAGES[stage]
         from infra.engine import CONFIGS_DIR
 
-        config_dir = CONFIGS_DIR / (tiny_config if self.tiny else config)
+        name = tiny_config if self.tiny else config
+        config_dir = CONFIGS_DIR / name if (CONFIGS_DIR / name).is_dir() else BENCH_CONFIGS / name
         size = tiny_size if self.tiny else size
+        self.steps = self.args.steps or (6 if self.tiny else STAGE_STEPS.get(stage, 30))
+        self.flux = "flux" in config_dir.name
+        # the transformer families' baseline runs bf16 (diffusers' own advice for Flux; fp16 overflows)
+        self.stage_dtype = self.torch.bfloat16 if self.flux and not self.tiny else self.dtype
         inpaint = task == "inpaint"
         model_id = f"bench-{config_dir.name}" + ("-inpaint" if inpaint else "")
-        built = ensure_model(self.store, model_id, config_dir, inpaint, self.device, self.dtype)
+        built = ensure_model(self.store, model_id, config_dir, inpaint, self.device, self.stage_dtype)
         self.report.setdefault("build_s", {})[model_id] = round(built, 1)
         folder = self.store.folder(model_id)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -443,13 +516,16 @@ class Bench:
             scene, mask, scene_png, mask_png = inpaint_inputs(size)
             inputs = {"init_image": scene_png, "mask_image": mask_png}
         case = {"stage": stage, "task": task, "size": size, "steps": self.steps, "unet_calls": calls30,
-                "model": config_dir.name}
+                "model": config_dir.name, "dtype": str(self.stage_dtype).replace("torch.", "")}
 
         # baseline: plain diffusers
         baseline_images, baseline_speed, flops = {}, {}, {}
         pipe = self.baseline_pipeline(folder, inpaint)
         for batch in batches:
-            flops[batch] = unet_flops(self.torch, pipe.unet, batch, size, self.device)
+            if self.flux:
+                flops[batch] = transformer_flops(self.torch, pipe.transformer, batch, size, self.device)
+            else:
+                flops[batch] = unet_flops(self.torch, pipe.unet, batch, size, self.device)
             if self.over_budget():
                 self.add({**case, "batch": batch, "variant": "baseline", "error": "skipped: time budget"})
                 continue
@@ -478,13 +554,25 @@ class Bench:
             fast = {"fast_path": True, "compile_mode": mode, "batch_samples": True,
                     "compile_cache_dir": str(self.cache_dir)}
             variants.append((f"fast[{mode}]", fast))
+        extra: dict[str, dict] = {}
+        if self.flux:  # the text-encoder offload, and the quantized settings (they change outputs: reported apart)
+            base, base_overrides = variants[-1]
+            variants.insert(1, ("engine+offload", {"text_encoder_offload": "offload"}))
+            for quantization in self.args.quantizations:
+                quantization = "int8" if self.tiny and quantization == "auto" else quantization
+                name = f"{base}+quant[{quantization}]"
+                variants.append((name, {**base_overrides, "quantization": quantization}))
+                extra[name] = {"changes_outputs": True}
         for index, (variant, overrides) in enumerate(variants):
             if index > 1:
                 self.torch._dynamo.reset()  # another compile mode: compile afresh (the disk cache stays)
+            if overrides.get("quantization", "none") != "none" and not quantization_available():
+                self.add({**case, "batch": batches[0], "variant": variant, "error": "skipped: torchao not installed"})
+                continue
             engine = self.engine(overrides)
             for batch in batches:
                 self.engine_case(engine, case, variant, task, model_id, batch, size, inputs, calls30, calls10,
-                                 flops, baseline_images, baseline_speed)
+                                 flops, baseline_images, baseline_speed, extra.get(variant))
             if stage == MODES_STAGE and variant.startswith("fast"):
                 self.speed_modes(case, task, model_id, size, inputs, calls30, calls10, flops, baseline_images,
                                  baseline_speed, overrides)
@@ -505,7 +593,7 @@ class Bench:
         if inpaint and "Inpaint" not in name:
             name = INPAINT_PIPELINES[name]
         cls = getattr(diffusers, name)
-        pipe = cls.from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
+        pipe = cls.from_pretrained(folder, dtype=self.stage_dtype, local_files_only=True).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -517,6 +605,9 @@ class Bench:
             width=size, height=size, num_images_per_prompt=batch,
             generator=generators if batch > 1 else generators[0],
         )
+        if self.flux:  # distilled guidance, no negative prompt
+            del kwargs["negative_prompt"]
+            kwargs["guidance_scale"] = FLUX_GUIDANCE
         if scene is not None:
             kwargs.update(image=scene, mask_image=mask, strength=1.0)
         with torch.inference_mode():
@@ -525,9 +616,11 @@ class Bench:
     def vae_decode_share(self, pipe, batch: int, size: int) -> dict:
         """Seconds the baseline's VAE decode of one batch takes (its share of an image's time)."""
         torch = self.torch
-        latents = torch.randn(batch, 4, size // 8, size // 8, device=self.device, dtype=self.dtype)
         vae = pipe.vae
-        upcast = getattr(pipe, "text_encoder_2", None) is not None and vae.config.force_upcast and self.dtype == torch.float16
+        latents = torch.randn(batch, vae.config.latent_channels, size // 8, size // 8, device=self.device,
+                              dtype=self.stage_dtype)
+        upcast = (getattr(pipe, "unet", None) is not None and getattr(pipe, "text_encoder_2", None) is not None
+                  and vae.config.force_upcast and self.stage_dtype == torch.float16)  # SDXL's fp32 VAE
 
         def decode():
             with torch.inference_mode():
@@ -563,8 +656,9 @@ class Bench:
     def engine_params(self, model_id: str, task: str, batch: int, size: int, steps: int):
         return job_params(
             model_id, task=task, seeds=[SEED + i for i in range(batch)], size=size, steps=steps,
-            scheduler=self.store.default_scheduler(model_id), prompt=PROMPT, negative_prompt=NEGATIVE,
-            guidance_scale=GUIDANCE, strength=1.0,
+            scheduler=self.store.default_scheduler(model_id), prompt=PROMPT,
+            negative_prompt="" if self.flux else NEGATIVE, guidance_scale=FLUX_GUIDANCE if self.flux else GUIDANCE,
+            strength=1.0,
         )
 
     def engine_case(self, engine, case, variant, task, model_id, batch, size, inputs, calls30, calls10, flops,
@@ -587,9 +681,10 @@ class Bench:
             return
         loaded = engine.cache.models()
         if loaded:
-            from infra.engine.speed import is_compiled
+            from infra.engine.speed import denoiser, is_compiled, memory_report
 
-            result["compiled"] = is_compiled(loaded[0].pipeline.unet)
+            result["compiled"] = is_compiled(denoiser(loaded[0].pipeline))
+            result["memory"] = memory_report(loaded[0].pipeline)  # (None where the engine did not record it)
         if batch in baseline_speed:
             result["speedup"] = round(result["images_per_s"] / baseline_speed[batch], 3)
         self.add(self.finish({**row, **result}, flops.get(batch), images, baseline_images.get(batch)))
@@ -680,7 +775,9 @@ def warm_child(args) -> None:
         torch.cuda.synchronize()
     from infra.engine.speed import is_compiled
 
-    compiled = is_compiled(engine.cache.models()[0].pipeline.unet)
+    from infra.engine.speed import denoiser
+
+    compiled = is_compiled(denoiser(engine.cache.models()[0].pipeline))
     print("WARM " + json.dumps({**times, "second_image_s": round(time.perf_counter() - started, 4),
                                 "compiled": compiled}), flush=True)
 
@@ -723,6 +820,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--only", default=",".join(STAGES), help=f"comma list of stages: {', '.join(STAGES)}")
     parser.add_argument("--compile-modes", default="reduce-overhead",
                         help="comma list of SDAPI_COMPILE_MODE values, one fast variant each")
+    parser.add_argument("--quantizations", default="auto",
+                        help="comma list of SDAPI_QUANTIZATION values, one Flux variant each on the last fast one "
+                        "(auto: fp8 on Ada / Hopper, int8 below; int8 with --tiny)")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "out"))
     parser.add_argument("--work-dir", default="/tmp/sdapi-gpu-bench")
     parser.add_argument("--cache-dir", default=None, help="compile cache (default: WORK_DIR/compile-cache)")
@@ -736,6 +836,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
     args.compile_modes = [m for m in args.compile_modes.split(",") if m]
+    args.quantizations = [q for q in args.quantizations.split(",") if q and q != "none"]
     unknown = set(args.only) - set(STAGES)
     if unknown:
         parser.error(f"unknown stages: {', '.join(sorted(unknown))}")

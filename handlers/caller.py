@@ -14,6 +14,8 @@ class Caller:
     idempotency_key: str | None = None  # the request's Idempotency-Key (header or body field)
     body_digest: str = ""  # SHA-256 of the request as the idempotency key compares it (endpoint + body, no key)
     fetch_path: str = "/api/v1/enterprise/fetch"  # the fetch route of the API generation called (for fetch_result)
+    # an enterprise model-family route (`flux/text2img`, ...): the model category its server runs
+    model_category: str | None = None
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"

@@ -17,7 +17,7 @@ import httpx
 from handlers.caller import Caller
 from infra.catalog.known import BUILTIN_MODELS, CONTROLNET_11_IDS
 from infra.catalog.loader import source_kind
-from infra.catalog.weights import FAILED, LOADING, READY, LoadRequest, validate_model_id
+from infra.catalog.weights import FAILED, LOADING, PIPELINE_CATEGORIES, READY, LoadRequest, validate_model_id
 from infra.net import fetcher
 from infra.storage.links import archive_path
 from models.errors import BadInput, Conflict, NotFound
@@ -55,7 +55,8 @@ def load_model(req: LoadModelRequest, rt: Runtime, caller: Caller) -> MessageRes
         # a 400, not a field error: whether the id may be left out depends on the url (a rule no schema can say)
         raise BadInput("load_model needs a model_id: only a ControlNet 1.1 repo's id can be left out",
                        tip="Name the model: model_id.")
-    request = LoadRequest(model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
+    request = LoadRequest(model_id, req.url, category, req.revision, req.upcast_attention, req.webhook,
+                          _base_model(req.base_model, category, rt))
     return _start_load(request, rt, "model load started")
 
 
@@ -66,8 +67,29 @@ def load_model_v2(req: LoadModelV2Request, rt: Runtime, caller: Caller) -> Messa
         category = None if req.model_category == "stable_diffusion" else req.model_category
     else:
         category = MODEL_TYPE_CATEGORY[req.model_type]
-    request = LoadRequest(req.model_id, req.url, category, req.revision, req.upcast_attention, req.webhook)
+    request = LoadRequest(req.model_id, req.url, category, req.revision, req.upcast_attention, req.webhook,
+                          _base_model(req.base_model, category, rt))
     return _start_load(request, rt, "model load started")
+
+
+# a single file of these categories may lack the rest of its pipeline: it comes from a base model of the family
+BASE_FAMILIES = {"flux": "flux", "flux_kontext": "flux", "flux_fill": "flux", "sd3": "sd3"}
+
+
+def _base_model(requested: str | None, category: str | None, rt: Runtime) -> str | None:
+    """The model a Flux.1 / SD3 single file takes its text encoders, tokenizers, VAE and scheduler
+    from: the one named (a ready pipeline, checked now), else for a claimed Flux / SD3 category the
+    first loaded model of that family (None: the file must carry them, or its load fails saying so)."""
+    if requested:
+        entry = rt.weights.require(requested, PIPELINE_CATEGORIES, "base_model")
+        if category in BASE_FAMILIES and entry.family != BASE_FAMILIES[category]:
+            raise BadInput(f"base_model {requested} is not a {BASE_FAMILIES[category]} model (it is {entry.family or entry.category})",
+                           tip=f"Name a loaded {BASE_FAMILIES[category]} model, or leave base_model out.")
+        return requested
+    family = BASE_FAMILIES.get(category or "")
+    ready = sorted((e for e in rt.weights.list() if family and e.family == family and e.status == READY
+                    and e.category in PIPELINE_CATEGORIES), key=lambda e: e.loaded_at)
+    return ready[0].model_id if ready else None
 
 
 def load_vae(req: LoadVaeRequest, rt: Runtime, caller: Caller) -> MessageResponse:

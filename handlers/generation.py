@@ -69,11 +69,16 @@ def text2img(req: Text2ImgRequest, rt: Runtime, caller: Caller) -> JobResponse:
 
 
 def img2img(req: Img2ImgRequest, rt: Runtime, caller: Caller) -> JobResponse:
-    init = load_image(req.init_image, "init_image", rt, caller)
-    return _generate("img2img", req, rt, caller, images={"init_image": init})
+    images = {"init_image": load_image(req.init_image, "init_image", rt, caller)}
+    if req.init_image_2 is not None:
+        images["init_image_2"] = load_image(req.init_image_2, "init_image_2", rt, caller)
+    return _generate("img2img", req, rt, caller, images=images)
 
 
 def inpaint(req: InpaintRequest, rt: Runtime, caller: Caller) -> JobResponse:
+    if req.init_image_2 is not None:
+        raise BadInput("init_image_2 is for img2img with an editing model (Flux Kontext, Qwen-Image-Edit, Flux.2)",
+                       tip="Leave init_image_2 out.")
     init = load_image(req.init_image, "init_image", rt, caller)
     mask = load_image(req.mask_image, "mask_image", rt, caller)
     _check_mask(init, mask)
@@ -107,30 +112,51 @@ def controlnet(req: ControlnetRequest, rt: Runtime, caller: Caller) -> JobRespon
     return _generate("controlnet", req, rt, caller, images)
 
 
-FAMILY_PLURALS = {"flux": "Flux models", "sd3": "SD3 models"}
+FAMILY_PLURALS = {"flux": "Flux models", "sd3": "SD3 models", "qwen": "Qwen-Image models", "zimage": "Z-Image models",
+                  "flux2": "Flux.2 models", "flux2_klein": "Flux.2 Klein models"}
+# the model categories whose img2img edits the image as the prompt says (no strength), and which take
+# a second image (init_image_2, combined with the first)
+EDIT_CATEGORIES = ("flux_kontext", "qwen_edit", "flux2", "flux2_klein")
+# the families whose guidance is distilled into the model: they take no negative prompt
+NO_NEGATIVE_PROMPT = ("flux", "flux2", "flux2_klein")
+
+# the guidance a model category runs with when a request sends none (the wire's default, 7.5, is
+# classifier-free guidance for SD; Flux.1's is distilled guidance, 3.5 for dev as BFL publishes it,
+# 2.5 for Kontext, 30 for Fill, diffusers' defaults for those pipelines)
+# Qwen-Image's true CFG 4.0, Z-Image Turbo's 0 (no CFG: it is distilled), Flux.2's embedded 4.0)
+DEFAULT_GUIDANCE = {"flux": 3.5, "flux_kontext": 2.5, "flux_fill": 30.0, "sd3": 7.0, "qwen": 4.0, "qwen_edit": 4.0,
+                    "zimage": 0.0, "flux2": 4.0, "flux2_klein": 4.0}
+# the steps a category runs with when a request sends none (the wire's default is 20): Z-Image Turbo's 9
+DEFAULT_STEPS = {"zimage": 9}
 
 
 def _check_transformer_family(task: Task, req: GenerationRequest, model) -> list[str]:
-    """What a Flux.1 or SD3 model cannot do here (a 400 naming it), and the sent fields it does not
-    use (meta `notes`): Flux takes no negative prompt (its guidance is distilled); neither has
-    ToMe or Karras sigmas. clip_skip works on SD3 (diffusers' SD3 pipelines take it)."""
+    """What a flow-matching transformer model cannot do here (a 400 naming it), and the sent fields
+    it does not use (meta `notes`): Flux.1 and Flux.2 take no negative prompt (their guidance is
+    distilled); none has ToMe or Karras sigmas. clip_skip works on SD3 (diffusers' SD3 pipelines take it)."""
     family = FLOW_FAMILIES[model.family]
     if task == "controlnet":
-        raise BadInput(f"ControlNet is not available for Flux and SD3 models yet; {model.model_id} is {family}",
+        raise BadInput(f"ControlNet is not available for {FAMILY_PLURALS[model.family]} yet; {model.model_id} is {family}",
                        tip="Use text2img, img2img or inpaint with this model.")
-    unavailable = {"lora_model": "LoRA on Flux and SD3 is not available yet",
-                   "embeddings_model": "textual-inversion embeddings are for CLIP-only models",
+    if task == "inpaint" and model.family == "flux2":
+        raise BadInput(f"inpaint is not available for Flux.2 dev models (diffusers has no Flux.2 dev inpainting "
+                       f"pipeline); {model.model_id} is {family}", tip="Use a Flux.2 Klein, Flux.1 or Qwen-Image model.")
+    unavailable = {"embeddings_model": "textual-inversion embeddings are for CLIP-only models",
                    "vae": "a VAE override is for SD models"}
-    if model.family == "flux":
-        unavailable["clip_skip"] = "a CLIP layer setting; Flux's prompt goes through T5"
+    if model.family in ("flux2", "flux2_klein"):
+        unavailable["highres_fix"] = "its second pass is an img2img, for which diffusers has no Flux.2 pipeline"
+    if model.family != "sd3":
+        unavailable["clip_skip"] = "a CLIP layer setting; this model's prompt goes through its T5 / LLM text encoder"
     for field, why in unavailable.items():
         if getattr(req, field, None):
             raise BadInput(f"{field} does not apply to {FAMILY_PLURALS[model.family]} ({why}); {model.model_id} is {family}",
                            tip=f"Leave {field} out.")
     sent = req.model_fields_set
     ignored = {"tomesd": "token merging is for UNet models", "use_karras_sigmas": "flow-matching samplers have none"}
-    if model.family == "flux":
-        ignored["negative_prompt"] = "Flux models take no negative prompt (their guidance is distilled)"
+    if model.family in NO_NEGATIVE_PROMPT:
+        ignored["negative_prompt"] = f"{FAMILY_PLURALS[model.family]} take no negative prompt (their guidance is distilled)"
+    if model.category in EDIT_CATEGORIES and task == "img2img":
+        ignored["strength"] = "an editing model edits the image as the prompt says (no partial denoising)"
     return [f"{field} was not used: {why}" for field, why in ignored.items() if field in sent and getattr(req, field)]
 
 
@@ -152,7 +178,7 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     meta derived from them, and the job."""
     # 1. what the request asks for: available, on a model that suits the task
     _reject_unavailable(req)
-    resolved = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images)
+    resolved = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images, category=caller.model_category)
     # a default model still to be loaded (a fresh deployment): the checks that need its entry wait for the engine
     model = None if isinstance(resolved, ondemand.Pending) else resolved
     model_id = resolved.model_id
@@ -162,18 +188,30 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
                        f"{'SDXL' if model.family == 'sdxl' else FLOW_FAMILIES.get(model.family, model.family)}")
     transformer = model is not None and model.family in FLOW_FAMILIES
     notes = _check_transformer_family(task, req, model) if transformer else []
+    editing = model is not None and model.category in EDIT_CATEGORIES and task == "img2img"
+    if "init_image_2" in images and not editing:
+        raise BadInput(f"init_image_2 is for editing models (Flux Kontext, Qwen-Image-Edit, Flux.2: it is combined "
+                       f"with init_image); {model_id} is not one",
+                       tip="Leave init_image_2 out, or use a model_category flux_kontext model.")
     scheduler, algorithm = resolve_scheduler(req.scheduler, req.algorithm_type, model, rt)
     # 2. the effective values a request leaves open
     width, height = _output_size(req, images.get("init_image") or images.get("control_image_0"))
     if transformer:  # 2x2 latent patches of an 8x VAE: multiples of 16
         width, height = max(16, width // 16 * 16), max(16, height // 16 * 16)
+    if "init_image_2" in images:  # (the output's size stays the first image's)
+        images["init_image"] = side_by_side(images["init_image"], images.pop("init_image_2"))
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     prompt = req.prompt or ""
     if prompt and req.enhance_prompt:
         prompt = enhance_prompt(prompt, rt.settings.enhance_prompt_suffix)
     strength = getattr(req, "strength", None)
-    if task == "controlnet" and "init_image" not in images:
-        strength = None  # a hint only: there is no image to keep
+    if task == "controlnet" and "init_image" not in images or editing:
+        strength = None  # a hint only: there is no image to keep; an edit takes none
+    guidance, steps = req.guidance_scale, req.num_inference_steps
+    if model is not None and "guidance_scale" not in req.model_fields_set:
+        guidance = DEFAULT_GUIDANCE.get(model.category, guidance)
+    if model is not None and "num_inference_steps" not in req.model_fields_set:
+        steps = DEFAULT_STEPS.get(model.category, steps)
     # 3. adapters, ControlNets and the passes after the first, each checked against the model
     loras, embedding, vae = _adapters(req, model, rt)
     controlnets = _controlnets(req, model, rt) if task == "controlnet" else ()
@@ -189,8 +227,8 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         width=width,
         height=height,
         seeds=tuple((seed + i) % 2**32 for i in range(req.samples)),
-        steps=req.num_inference_steps,
-        guidance_scale=req.guidance_scale,
+        steps=steps,
+        guidance_scale=guidance,
         scheduler=scheduler,
         use_karras_sigmas=req.use_karras_sigmas,
         algorithm=algorithm,
@@ -216,7 +254,9 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     meta = generation_meta(params, req, file_prefix)
     if notes:
         meta["notes"] = notes
-    inputs = {name: encode_input(_fit(image, width, height)) for name, image in images.items()}
+    # (an editing model reads the image at its own size: the pipeline fits it to the resolutions it was trained at)
+    inputs = {name: encode_input(_within(image, MAX_SIZE) if editing else _fit(image, width, height))
+              for name, image in images.items()}
     return submit_job(task, params, meta, output_keys, inputs, req, rt, caller, pending)
 
 
@@ -256,6 +296,25 @@ def _check_fits(adapter: ModelEntry, field: str, model: ModelEntry | None) -> No
         )
 
 
+def _check_lora_family(lora: ModelEntry, model: ModelEntry | None) -> None:
+    """A UNet LoRA (SD 1.x / 2.x / XL) fits no transformer model and a transformer LoRA no UNet;
+    a Flux LoRA fits Flux models only, an SD3 one SD3 (the family read from its keys when it was
+    loaded: infra.engine.files.convert.lora_family; "transformer" is either, checked when it loads)."""
+    if model is None:
+        return
+    unet_model = "a Stable Diffusion model (a UNet)"
+    if lora.family in ("", "sdxl"):
+        fits, made_for = model.family not in FLOW_FAMILIES, unet_model
+    elif lora.family == "transformer":
+        fits, made_for = model.family in FLOW_FAMILIES, "a Flux or SD3 model"
+    else:
+        fits, made_for = lora.family == model.family, FLOW_FAMILIES.get(lora.family, lora.family)
+    if not fits:
+        raise BadInput(f"lora_model: {lora.model_id} was made for {made_for}; {model.model_id} is "
+                       f"{FLOW_FAMILIES.get(model.family, unet_model)}",
+                       tip="Use a LoRA trained for this model's family (get_all_models shows each model's family).")
+
+
 def _adapters(req: GenerationRequest, model: ModelEntry | None, rt: Runtime) -> tuple[tuple[Lora, ...], str | None, str | None]:
     """LoRAs with their strengths, the embedding and the VAE, each checked to fit the model."""
     loras = []
@@ -272,7 +331,9 @@ def _adapters(req: GenerationRequest, model: ModelEntry | None, rt: Runtime) -> 
         if len(strengths) == 1:
             strengths = strengths * len(lora_ids)
         for lora_id, strength in zip(lora_ids, strengths, strict=True):
-            _check_fits(rt.weights.require(lora_id, ("lora",), "lora_model"), "lora_model", model)
+            lora = rt.weights.require(lora_id, ("lora",), "lora_model")
+            _check_lora_family(lora, model)
+            _check_fits(lora, "lora_model", model)
             loras.append(Lora(model_id=lora_id, strength=strength))
     elif req.lora_strength:
         raise BadInput("lora_strength was given without lora_model", tip="Name the LoRAs in lora_model.")
@@ -355,6 +416,28 @@ def _output_size(req: GenerationRequest, init) -> tuple[int, int]:
     fitted_w = max(8, int(init.width * scale) // 8 * 8)
     fitted_h = max(8, int(init.height * scale) // 8 * 8)
     return req.width or fitted_w, req.height or fitted_h
+
+
+def side_by_side(first, second):
+    """Two images as one (Kontext's way of taking two): `second` scaled to `first`'s height, on its right."""
+    from PIL import Image
+
+    second = second.convert(first.mode).resize(
+        (max(1, round(second.width * first.height / second.height)), first.height), Image.Resampling.LANCZOS)
+    canvas = Image.new(first.mode, (first.width + second.width, first.height))
+    canvas.paste(first, (0, 0))
+    canvas.paste(second, (first.width, 0))
+    return canvas
+
+
+def _within(image, longest: int):
+    """The image scaled down (aspect kept) so its longer side is at most `longest`."""
+    from PIL import Image
+
+    scale = longest / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
 
 
 def _fit(image, width: int, height: int):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from handlers import ondemand
 from handlers.caller import Caller
-from infra.catalog.weights import PIPELINE_CATEGORIES, ModelEntry
+from infra.catalog.weights import CATEGORY_TITLES, INPAINT_ONLY_CATEGORIES, PIPELINE_CATEGORIES, READY, ModelEntry
 from infra.jobs.job import IDEMPOTENCY_SECONDS, Job
 from infra.jobs.params import JobParams
 from infra.jobs.progress import queued_snapshot, wire
@@ -55,12 +55,15 @@ def load_image(ref: str, field: str, rt: Runtime, caller: Caller) -> Image.Image
     return fetch_image(ref, field, rt.settings)
 
 
-def resolve_model(task: str, requested: str | None, rt: Runtime, inpainting: bool = False) -> ModelEntry | ondemand.Pending:
+def resolve_model(task: str, requested: str | None, rt: Runtime, inpainting: bool = False,
+                  category: str | None = None) -> ModelEntry | ondemand.Pending:
     """The pipeline model a request runs on (the default when it names none or a placeholder),
     checked once to exist, be ready and suit the task; or, for a default model with a source
     (settings default_model_source, default_inpaint_model_source) that is not loaded yet, the load
-    the job will wait for."""
+    the job will wait for. `category`: a model-family route's (`Caller.model_category`): its model."""
     settings = rt.settings
+    if category is not None:
+        return family_model(category, requested, rt)
     if requested is None or requested in settings.placeholder_model_ids:
         inpaint = task == "inpaint"
         requested = settings.default_inpaint_model_id if inpaint else settings.default_model_id
@@ -70,12 +73,34 @@ def resolve_model(task: str, requested: str | None, rt: Runtime, inpainting: boo
             if isinstance(needed, ondemand.Pending):
                 return needed
     entry = rt.weights.require(requested, PIPELINE_CATEGORIES)
-    if entry.category == "inpaint" and not inpainting:
+    if entry.category in INPAINT_ONLY_CATEGORIES and not inpainting:
         raise BadInput(
             f"Model {requested} is an inpainting model; use it with the inpaint endpoint (or controlnet with a mask_image)",
             tip=f"Pick a text-to-image model for {task} (get_all_models lists them).",
         )
     return entry
+
+
+def family_model(category: str, requested: str | None, rt: Runtime) -> ModelEntry:
+    """The model an enterprise model-family route (`flux/`, `qwen/`, ...) runs: the one it names (of
+    the route's category), else the setting family_model_ids' for the category, else the first
+    loaded ready model of the category."""
+    title = CATEGORY_TITLES.get(category, category)
+    if requested and requested not in rt.settings.placeholder_model_ids:
+        entry = rt.weights.require(requested, PIPELINE_CATEGORIES)
+        if entry.category != category:
+            raise BadInput(f"Model {requested} is a {CATEGORY_TITLES.get(entry.category, entry.category)} model; "
+                           f"this route runs {title} models", tip="Leave model_id out for the server's own.")
+        return entry
+    if chosen := rt.settings.family_model_ids.get(category):
+        return rt.weights.require(chosen, (category,))
+    ready = sorted((e for e in rt.weights.list() if e.category == category and e.status == READY),
+                   key=lambda e: e.loaded_at)
+    if not ready:
+        raise BadInput(f"No {title} model is loaded on this server, which this route runs",
+                       tip=f'Load one first: load_model_v2 with a hub repo id or a diffusers folder as url and '
+                       f'model_category "{category}".')
+    return ready[0]
 
 
 def resolve_scheduler(requested: str | None, algorithm_type: str, model: ModelEntry | None,

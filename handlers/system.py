@@ -32,7 +32,24 @@ def system_details(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> SystemDe
         memory_mb=_resident_mb(),
         storage=rt.storage.describe(),
         queue_by_priority=rt.dispatcher.queue_lengths(),
+        memory=_memory(rt),
     )
+
+
+def _memory(rt: Runtime) -> dict:
+    """The memory settings as configured, and per loaded model what the engine applied."""
+    settings = rt.settings
+    report = getattr(rt.dispatcher, "memory_report", None)
+    return {
+        "settings": {
+            "dtype": "on CUDA fp16 for SD / SDXL, bf16 for the transformer families (fp16 on a GPU without bf16); "
+                     "fp32 on the CPU",
+            "quantization": settings.quantization,
+            "text_encoder_offload": settings.text_encoder_offload,
+            "quantize_text_encoders": settings.quantize_text_encoders,
+        },
+        "models": report() if report is not None else {},
+    }
 
 
 def _resident_mb() -> float | None:

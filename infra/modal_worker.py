@@ -2,9 +2,10 @@
 and `download_model` function call, and that tests drive through the Modal stand-in.
 
 A Worker container's life, under Modal's memory snapshots (../shared/notes/modal-semantics.md):
-1. `for_snapshot` (the `snap=True` hook, once per deployment): imports and the default model's
-   weights in memory — on the GPU with Modal's GPU snapshot, else on the CPU in fp16, the dtype the
-   GPU runs, so a restore only copies it over.
+1. `for_snapshot` (the `snap=True` hook, once per deployment and GPU class): imports and the default
+   model's weights in memory — on the GPU with Modal's GPU snapshot, else on the CPU in the dtype the
+   GPU runs (fp16; bf16 for a transformer family), so a restore only copies it over. A GPU class that
+   does not run the default model's family (SDAPI_MODAL_FAMILY_GPUS) holds the imports only.
 2. `after_restore` (the `snap=False` hook, in every container, the first included): everything the
    snapshot froze that must be this container's own — the runtime (settings, keys, secrets and the
    stores, read from the environment as it is now), the restart generation of this container's
@@ -41,20 +42,25 @@ HAND_OUT_WAIT_SECONDS = 10  # a stopping GPU container lets its last hand-out of
 
 
 class ModalWorker:
-    def __init__(self, runtime: Runtime, device: str = "cpu", dtype: str | None = None):
+    def __init__(self, runtime: Runtime, device: str = "cpu", dtype: str | None = None,
+                 serves: Callable[[str], bool] | None = None):
+        """`serves(family)`: whether this GPU class runs that model family's jobs (default: every family)."""
         from infra.engine.engine import DiffusersEngine
 
         self.runtime = runtime
+        self.serves = serves or (lambda family: True)
         self.engine = DiffusersEngine(runtime.settings, runtime.weights, device=device, dtype=dtype)
         self.generation = runtime.config.generation()
         self._compile_cache = _folder_fingerprint(runtime.settings.compile_cache_dir)
         self._hand_outs: list[threading.Thread] = []  # hand-outs of the next job under way
 
     @classmethod
-    def for_snapshot(cls, runtime: Runtime, gpu_snapshot: bool) -> ModalWorker:
-        """Before the memory snapshot: the engine with the default model loaded, on the GPU with
-        Modal's GPU snapshot, else on the CPU in fp16 (what the GPU will run)."""
-        worker = cls(runtime, device="cuda" if gpu_snapshot else "cpu", dtype="fp16")
+    def for_snapshot(cls, runtime: Runtime, gpu_snapshot: bool,
+                     serves: Callable[[str], bool] | None = None) -> ModalWorker:
+        """Before the memory snapshot: the engine with the default model loaded (where this class
+        `serves` its family), on the GPU with Modal's GPU snapshot, else on the CPU in the GPU's
+        dtype (fp16 asked: the engine takes bf16 for a transformer family)."""
+        worker = cls(runtime, device="cuda" if gpu_snapshot else "cpu", dtype="fp16", serves=serves)
         worker.warm()
         return worker
 
@@ -73,8 +79,13 @@ class ModalWorker:
             self.warm()
 
     def warm(self) -> None:
-        """Load the default model (before the memory snapshot: into CPU memory)."""
+        """Load the default model (before the memory snapshot: into CPU memory), unless its family's
+        jobs go to another GPU class."""
         try:
+            entry = self.runtime.weights.get(self.runtime.settings.default_model_id)
+            if entry is not None and entry.family and not self.serves(entry.family):
+                log.info("the default model %s (%s) runs on another GPU class", entry.model_id, entry.family)
+                return
             self.engine.warm(self.runtime.settings.default_model_id)
         except Exception:  # no default model on the Volume yet: jobs load what they need
             log.warning("the default model is not loaded yet: %s", self.runtime.settings.default_model_id)

@@ -37,11 +37,11 @@ def make_engine(settings: Settings, weights: WeightsStore) -> Engine:
     return DiffusersEngine(settings, weights)
 
 
-def prepare_model(category: str | None, download, out, precision: str, upcast_attention: bool) -> dict:
+def prepare_model(category: str | None, download, out, precision: str, upcast_attention: bool, base=None) -> dict:
     """The engine side of a model load (`infra.catalog.loader.Prepare`), imported on first use."""
     from infra.engine.files.convert import prepare_model as prepare
 
-    return prepare(category, download, out, precision, upcast_attention)
+    return prepare(category, download, out, precision, upcast_attention, base)
 
 
 @dataclass

@@ -18,7 +18,8 @@ DEFAULT_ENHANCE_SUFFIX = "highly detailed, sharp focus, professional lighting, 8
 # compiled modules). update_server names them instead of applying them. Every other knob is read
 # where it is used, each time, so update_server applies it at once.
 RESTART_ONLY = ("host", "port", "data_dir", "models_dir", "workers", "device", "torch_threads", "build_tiny_models",
-                "fast_path", "compile_mode", "compile_cache_dir")
+                "fast_path", "compile_mode", "compile_cache_dir", "text_encoder_offload", "quantization",
+                "quantize_text_encoders")
 
 
 class Settings(BaseSettings):
@@ -93,6 +94,12 @@ class Settings(BaseSettings):
     default_inpaint_model_id: str = Field(
         "tiny-sd-inpaint", description="Model inpaint uses when a request names none."
     )
+    family_model_ids: dict[str, str] = Field(
+        default_factory=dict,
+        description="The model each enterprise model-family route runs (`flux/`, `flux_kontext_dev/`, `qwen/`, ...: "
+        "their requests name no model), by model category, e.g. {\"flux\": \"flux-dev\", \"flux_kontext\": "
+        "\"kontext-dev\"}. A category not named here runs the first loaded model of that category.",
+    )
     default_model_source: str | None = Field(
         None,
         description="Where the default model is loaded from (a hub repo id or a URL, as load_model's `url`) when it is "
@@ -125,9 +132,10 @@ class Settings(BaseSettings):
     # --- GPU speed (issue 9; bench/gpu.py measures each knob against plain diffusers)
     fast_path: bool = Field(
         False,
-        description="GPU fast path (CUDA only; nothing changes on the CPU): channels_last, fused QKV projections, "
-        "cuDNN autotuning, torch.compile of the UNet and VAE decoder (`compile_mode`). Outputs "
-        "equal the plain fp16 pipeline's up to floating-point noise. A model that loads a LoRA runs uncompiled.",
+        description="GPU fast path (CUDA only; nothing changes on the CPU): channels_last (UNets, VAEs), fused QKV "
+        "projections (UNets, VAEs, the Flux.1 / SD3 / Flux.2 transformers), cuDNN autotuning, torch.compile of the "
+        "UNet or transformer and the VAE decoder (`compile_mode`). Outputs equal the plain fp16 / bf16 pipeline's up "
+        "to floating-point noise. A model that loads a LoRA runs uncompiled.",
     )
     compile_mode: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "reduce-overhead",
@@ -157,6 +165,29 @@ class Settings(BaseSettings):
         le=1,
         description="Share of the steps (0..1] that run classifier-free guidance; the later ones run the "
         "conditional half only, about half their UNet work. 1 = all steps (off). Changes outputs.",
+    )
+
+    # --- memory on a GPU (issue 19; infra/engine/speed.py `prepare` applies them where a model lands)
+    text_encoder_offload: Literal["auto", "keep", "offload"] = Field(
+        "auto",
+        description="Where the big text encoders (T5-XXL of Flux.1 and SD3, the LLM encoders of Qwen-Image, Z-Image "
+        "and Flux.2: every text encoder that is not a CLIP) live on a GPU: keep (on the GPU) | offload (in CPU "
+        "memory, streamed to the GPU layer by layer while a prompt is encoded: less GPU memory, some 0.1-1 s more per "
+        "job) | auto (offload when the model's weights with them, plus activation headroom, exceed the card's memory). "
+        "CLIP encoders and the UNet families' encoders always stay on the GPU. Applied when a model is loaded.",
+    )
+    quantization: Literal["none", "fp8", "int8", "auto"] = Field(
+        "none",
+        description="Weight quantization of the transformer families' transformer (torchao; changes outputs a "
+        "little, bench/gpu.py measures how much): none | fp8 (float8 weights and activations, per row: GPUs of "
+        "compute capability 8.9+, i.e. L4, L40S, H100, H200, B200; elsewhere int8) | int8 (int8 weight-only: any "
+        "CUDA GPU, and the CPU; halves the transformer's memory) | auto (fp8 where the card has it, else int8 on "
+        "CUDA, none on the CPU). UNets (SD, SDXL) are never quantized. Needs the `quant` extra (torchao).",
+    )
+    quantize_text_encoders: bool = Field(
+        False,
+        description="Quantize the big text encoders kept on the GPU too, the way `quantization` says (T5-XXL in "
+        "int8: 4.8 GB instead of 9.5 GB). Off by default: prompt fidelity is worth more than the memory on most cards.",
     )
 
     # --- model catalog

@@ -154,6 +154,9 @@ class Text2ImgRequest(GenerationRequest):
 class Img2ImgRequest(GenerationRequest):
     init_image: Text = Field(description="URL, base64 string or data URI of the starting image.")
     strength: LooseFloat(0, 1) = 0.7
+    init_image_2: Text | None = Field(
+        None, description="Flux Kontext models: a second image to combine with init_image (the two are placed side by "
+        "side and edited as one picture, as the prompt says).")
 
 
 class InpaintRequest(Img2ImgRequest):
@@ -282,11 +285,15 @@ class LoadModelRequest(WireModel):
         "on a GPU machine, fp32 on a CPU-only one)."
     )
     upcast_attention: YesNo = Field(False, description="Compute attention in fp32 (SD 2.1 checkpoints).")
+    base_model: Text | None = Field(
+        None, description="Flux.1 / SD3 single files (a transformer-only .safetensors as BFL and CivitAI publish them): "
+        "the model_id of a loaded model of the same family whose text encoders, tokenizers, VAE and scheduler the file "
+        "lacks. Default: the first loaded model of that family.")
     webhook: Text | None = Field(None, description="Receives the outcome when the load ends.")
 
 
 ModelCategory = Literal[
-    "stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "sd3", "lora", "controlnet", "embeddings", "vae", "preprocessor",
+    "stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "flux_kontext", "flux_fill", "sd3", "qwen", "qwen_edit", "zimage", "flux2", "flux2_klein", "lora", "controlnet", "embeddings", "vae", "preprocessor",
     "upscaler", "face_restorer", "motion_adapter",
 ]
 
@@ -315,6 +322,10 @@ class LoadModelV2Request(WireModel):
         return self
     revision: Literal["fp16", "fp32"] | None = None  # None: the server's store_precision
     upcast_attention: YesNo = False
+    base_model: Text | None = Field(
+        None, description="Flux.1 / SD3 single files (a transformer-only .safetensors as BFL and CivitAI publish them): "
+        "the model_id of a loaded model of the same family whose text encoders, tokenizers, VAE and scheduler the file "
+        "lacks. Default: the first loaded model of that family.")
     webhook: Text | None = None
 
 

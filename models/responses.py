@@ -113,6 +113,12 @@ class SystemDetailsResponse(Envelope):
     storage: dict[str, Any] = Field(default_factory=dict, description="Where outputs go (no secrets).")
     queue_by_priority: dict[str, int] = Field(default_factory=dict, description="Jobs queued (not started) per "
                                               "priority: high, normal, low.")
+    memory: dict[str, Any] | None = Field(
+        None, description="Memory on the GPU: `settings` (dtype per family, quantization, text_encoder_offload, "
+        "quantize_text_encoders as configured) and `models`: per loaded model what the engine applied (dtype, "
+        "quantization, the text encoders offloaded to the CPU or kept on the device, fast path, fused QKV, compiled; "
+        "`planned_gb` / `card_gb` where it planned the memory), where this process can see them (on Modal the web "
+        "tier sees the settings only: the models are in the GPU containers).")
 
 
 class UploadImageResponse(Envelope):

@@ -60,20 +60,23 @@ def resolve_name(name: str) -> str:
                     f"Use one of: {', '.join(SUPPORTED)}"
                 )
             return known
-    raise SchedulerError(f"unknown scheduler {name!r}. Use one of: {', '.join(SUPPORTED)} (Flux models: "
+    raise SchedulerError(f"unknown scheduler {name!r}. Use one of: {', '.join(SUPPORTED)} (Flux, SD3, Qwen-Image, Z-Image: "
                          f"{', '.join(FLOW_MATCHING)})")
 
 
-FLOW_FAMILIES = {"flux": "a Flux model", "sd3": "an SD3 model"}  # the families of flow-matching transformers
+# the families of flow-matching transformers (the model's family -> how a message names such a model)
+FLOW_FAMILIES = {"flux": "a Flux model", "sd3": "an SD3 model", "qwen": "a Qwen-Image model", "zimage": "a Z-Image model",
+                 "flux2": "a Flux.2 model", "flux2_klein": "a Flux.2 Klein model"}
 
 
 def check_family(name: str, family: str, model_id: str) -> None:
-    """A scheduler the model's family can run: flow-matching ones for Flux and SD3, the others for SD."""
+    """A scheduler the model's family can run: flow-matching ones for the transformer families, the others for SD."""
     if family in FLOW_FAMILIES and name not in FLOW_MATCHING:
         raise FamilyMismatch(f"{model_id} is {FLOW_FAMILIES[family]}: it takes {', '.join(FLOW_MATCHING)} only, "
                              f"not {name}")
     if family not in FLOW_FAMILIES and name in FLOW_MATCHING:
-        raise FamilyMismatch(f"{name} is for Flux and SD3 models; {model_id} takes one of: {', '.join(SUPPORTED)}")
+        raise FamilyMismatch(f"{name} is for Flux, SD3 and the other flow-matching models; {model_id} takes one of: "
+                             f"{', '.join(SUPPORTED)}")
 
 
 class FamilyMismatch(ValueError):

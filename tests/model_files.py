@@ -295,6 +295,37 @@ def write_lora(pipeline_dir: Path, path: Path, fmt: str = "diffusers", seed: int
     raise ValueError(f"unknown LoRA format {fmt!r}: use 'diffusers' or 'kohya'")
 
 
+def write_transformer_lora(pipeline_dir: Path, path: Path, fmt: str = "diffusers", seed: int = 0) -> Path:
+    """A random LoRA file for the tiny Flux or SD3 pipeline in `pipeline_dir` (its transformer's
+    attention projections).
+
+    fmt "diffusers": peft + the pipeline's `save_lora_weights` (`transformer.*.lora_A/B` keys);
+    "kohya": Flux only, as sd-scripts writes it: `lora_unet_double_blocks_<i>_{img,txt}_attn_{qkv,proj}`
+    with lora_down / lora_up / alpha, the q, k and v projections as one fused `qkv` matrix."""
+    import diffusers
+
+    generator = _generator(seed)
+    index = read_json(pipeline_dir / "model_index.json")
+    transformer = getattr(diffusers, index["transformer"][1]).from_pretrained(pipeline_dir, subfolder="transformer")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "diffusers":
+        layers = _peft_lora_layers(transformer, UNET_LORA_TARGETS, generator)
+        getattr(diffusers, index["_class_name"]).save_lora_weights(
+            path.parent, weight_name=path.name, transformer_lora_layers=layers)
+        return path
+    if fmt != "kohya" or index["_class_name"] != "FluxPipeline":
+        raise ValueError("transformer LoRAs are written as 'diffusers' (Flux or SD3) or 'kohya' (Flux)")
+    state_dict = {}
+    for i, block in enumerate(transformer.transformer_blocks):
+        attn = block.attn
+        for stream, (q, out) in {"img": (attn.to_q, attn.to_out[0]), "txt": (attn.add_q_proj, attn.to_add_out)}.items():
+            fused = torch.nn.Linear(q.in_features, 3 * q.out_features)  # (shapes only: the weights are drawn below)
+            state_dict |= _kohya_pair(f"lora_unet_double_blocks_{i}_{stream}_attn_qkv", fused, generator)
+            state_dict |= _kohya_pair(f"lora_unet_double_blocks_{i}_{stream}_attn_proj", out, generator)
+    save_file(state_dict, path)
+    return path
+
+
 # --- textual inversion ---------------------------------------------------------------------------
 
 

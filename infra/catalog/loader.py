@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from infra.catalog.weights import LoadRequest, ModelEntry, WeightsStore
+from infra.catalog.weights import PIPELINE_CATEGORIES, LoadRequest, ModelEntry, WeightsStore
 from infra.net import fetcher
 from models.errors import BadInput
 
@@ -65,8 +65,9 @@ def store_precision(settings) -> str:
 
 # The engine side's step of a load: verify and convert the downloaded files into the store's format
 # (`infra.engine.files.convert.prepare_model`): (category or None, download, out folder, precision,
-# upcast_attention) -> the manifest facts. Passed in by whoever runs loads, so the catalog needs no torch.
-Prepare = Callable[[str | None, Path, Path, str, bool], dict]
+# upcast_attention, the base model's folder or None) -> the manifest facts. Passed in by whoever runs
+# loads, so the catalog needs no torch.
+Prepare = Callable[[str | None, Path, Path, str, bool, Path | None], dict]
 
 
 def run_load(request: LoadRequest, weights: WeightsStore, settings, notify, prepare: Prepare) -> ModelEntry:
@@ -79,7 +80,9 @@ def run_load(request: LoadRequest, weights: WeightsStore, settings, notify, prep
     scratch = weights.temp_dir(request.model_id)
     try:
         download = fetch_source(request.source, scratch / "download", settings)
-        facts = prepare(request.category, download, scratch / "built", request.precision, request.upcast_attention)
+        base = weights.folder(weights.require(request.base_model, PIPELINE_CATEGORIES, "base_model").model_id) \
+            if request.base_model else None
+        facts = prepare(request.category, download, scratch / "built", request.precision, request.upcast_attention, base)
         for key, value in facts.items():
             setattr(entry, key, value)
         entry = weights.finish(entry, scratch / "built", started)

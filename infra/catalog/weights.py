@@ -27,8 +27,17 @@ MANIFEST = "manifest.json"
 MODEL_WAIT_SECONDS = 3600  # longest a job waits for a model it needs to finish loading
 READY, LOADING, FAILED = "ready", "loading", "failed"
 
-# what a folder holds; the first three are full diffusers pipelines a generation can run on
-PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "sd3")
+# what a folder holds; these are full diffusers pipelines a generation can run on ("flux_kontext": a
+# Flux.1 Kontext instruction-editing model; "flux_fill": a Flux.1 Fill inpainting model; "qwen_edit":
+# a Qwen-Image-Edit model)
+PIPELINE_CATEGORIES = ("stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "flux_kontext", "flux_fill", "sd3",
+                       "qwen", "qwen_edit", "zimage", "flux2", "flux2_klein")
+# the pipelines that only repaint a masked area: the inpaint endpoint (or a masked ControlNet) only
+INPAINT_ONLY_CATEGORIES = ("inpaint", "flux_fill")
+CATEGORY_TITLES = {"stable_diffusion": "Stable Diffusion", "stable_diffusion_xl": "SDXL", "inpaint": "SD inpainting",
+                   "flux": "Flux.1", "flux_kontext": "Flux.1 Kontext", "flux_fill": "Flux.1 Fill", "sd3": "SD3 / SD3.5",
+                   "qwen": "Qwen-Image", "qwen_edit": "Qwen-Image-Edit", "zimage": "Z-Image", "flux2": "Flux.2 dev",
+                   "flux2_klein": "Flux.2 Klein"}
 ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
 # "preprocessor": a network that turns an image into a ControlNet hint (a depth estimator, ...)
 # "upscaler" / "face_restorer": super-resolution and face-restoration networks (spandrel);
@@ -55,7 +64,7 @@ class ModelEntry:
     source: str = ""
     format: str = "diffusers"
     precision: str = "fp32"
-    # "sd", "sdxl", "flux" or "sd3" for pipelines; the text-embedding width (cross-attention dim) the weights
+    # "sd", "sdxl", "flux", "sd3", "qwen", "zimage", "flux2" or "flux2_klein" for pipelines; the text-embedding width (cross-attention dim) the weights
     # were made for, so a LoRA / ControlNet / embedding is never applied to a model it cannot fit
     family: str = ""
     context_dim: int = 0
@@ -88,6 +97,7 @@ class LoadRequest:
     precision: str | None = None  # None: the setting store_precision
     upcast_attention: bool = False
     webhook: str | None = None
+    base_model: str | None = None  # a single transformer file's base model: the rest of its pipeline
 
     def entry(self) -> ModelEntry:
         """The manifest a load starts with; the format and family are filled in once verified."""

@@ -148,7 +148,7 @@ def _ensure_lora(model: LoadedModel, weights: WeightsStore, lora_id: str) -> str
             model.pipeline.delete_adapters(name)
         raise DoesNotFit(
             f"LoRA {lora_id} does not fit model {model.model_id}: {type(exc).__name__}: {str(exc)[:300]}",
-            tip="Use a LoRA trained for this base model (SD 1.x, SD 2.x or SDXL).",
+            tip="Use a LoRA trained for this base model (SD 1.x, SD 2.x, SDXL, Flux.1 or SD3; get_all_models shows its family).",
         ) from exc
     if name not in _adapter_names(model):
         raise DoesNotFit(f"LoRA {lora_id} has no weights that fit model {model.model_id}")

@@ -27,9 +27,20 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DiffusionPipeline,
+    Flux2KleinInpaintPipeline,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
+    FluxKontextInpaintPipeline,
+    FluxKontextPipeline,
     FluxPipeline,
+    QwenImageEditInpaintPipeline,
+    QwenImageEditPipeline,
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3InpaintPipeline,
     StableDiffusion3Pipeline,
@@ -47,6 +58,9 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    ZImageImg2ImgPipeline,
+    ZImageInpaintPipeline,
+    ZImagePipeline,
 )
 
 from infra.catalog.weights import PIPELINE_CATEGORIES, WeightsStore
@@ -77,15 +91,39 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
         "controlnet_img2img": StableDiffusionXLControlNetImg2ImgPipeline,
         "controlnet_inpaint": StableDiffusionXLControlNetInpaintPipeline,
     },
-    "flux": {  # Flux.1 (dev, schnell and their fine-tunes): a transformer, CLIP + T5, flow matching
+    "flux": {  # Flux.1 (dev, schnell, Kontext, Fill and their fine-tunes): a transformer, CLIP + T5, flow matching
         "text2img": FluxPipeline,
         "img2img": FluxImg2ImgPipeline,
         "inpaint": FluxInpaintPipeline,
+        "edit": FluxKontextPipeline,  # a Kontext model's img2img: the image edited as the prompt says
+        "edit_inpaint": FluxKontextInpaintPipeline,  # a Kontext model's inpaint
+        "fill": FluxFillPipeline,  # a Fill model's inpaint (its transformer reads the mask)
     },
     "sd3": {  # Stable Diffusion 3 / 3.5: an MMDiT transformer, two CLIPs + T5, flow matching
         "text2img": StableDiffusion3Pipeline,
         "img2img": StableDiffusion3Img2ImgPipeline,
         "inpaint": StableDiffusion3InpaintPipeline,
+    },
+    "qwen": {  # Qwen-Image (+ Edit): an MMDiT on a Qwen2.5-VL text encoder, true CFG, flow matching
+        "text2img": QwenImagePipeline,
+        "img2img": QwenImageImg2ImgPipeline,
+        "inpaint": QwenImageInpaintPipeline,
+        "edit": QwenImageEditPipeline,  # an Edit model's img2img
+        "edit_inpaint": QwenImageEditInpaintPipeline,  # an Edit model's inpaint
+    },
+    "zimage": {  # Z-Image (Turbo): a single-stream DiT on a Qwen3 text encoder
+        "text2img": ZImagePipeline,
+        "img2img": ZImageImg2ImgPipeline,
+        "inpaint": ZImageInpaintPipeline,
+    },
+    "flux2": {  # Flux.2 dev: a Mistral 3 text encoder; reference images are its input (no strength, no inpaint)
+        "text2img": Flux2Pipeline,
+        "edit": Flux2Pipeline,
+    },
+    "flux2_klein": {  # Flux.2 Klein: a Qwen3 text encoder
+        "text2img": Flux2KleinPipeline,
+        "edit": Flux2KleinPipeline,
+        "edit_inpaint": Flux2KleinInpaintPipeline,
     },
 }
 # the families whose text encoders are CLIP only: A1111's prompt syntax, clip_skip, embeddings,
@@ -93,14 +131,25 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
 CLIP_FAMILIES = ("sd", "sdxl")
 
 
+# pipeline class name prefix -> family, the first that matches (Flux2Klein before Flux2 before Flux)
+_FAMILY_PREFIXES = (("Flux2Klein", "flux2_klein"), ("Flux2", "flux2"), ("Flux", "flux"), ("StableDiffusion3", "sd3"),
+                    ("QwenImage", "qwen"), ("ZImage", "zimage"))
+
+
 def pipeline_family(pipeline) -> str:
-    """"flux" for a Flux.1 pipeline, "sd3" for SD3 / 3.5, "sdxl" for a two-CLIP UNet pipeline, else "sd"."""
+    """The family of a loaded pipeline (VARIANTS' keys): from its class name for the transformer
+    families; "sdxl" for a two-CLIP UNet pipeline, else "sd"."""
     name = type(pipeline).__name__
-    if name.startswith("Flux"):
-        return "flux"
-    if name.startswith("StableDiffusion3"):
-        return "sd3"
+    for prefix, family in _FAMILY_PREFIXES:
+        if name.startswith(prefix):
+            return family
     return "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
+
+
+# the pipeline classes of a family's special-purpose models -> the model's `kind` (LoadedModel.kind)
+# ("edit": img2img edits the image as the prompt says; inpaint runs the family's "edit_inpaint")
+PIPELINE_KINDS = {"FluxKontextPipeline": "edit", "FluxFillPipeline": "fill", "QwenImageEditPipeline": "edit",
+                  "QwenImageEditPlusPipeline": "edit", "Flux2Pipeline": "edit", "Flux2KleinPipeline": "edit"}
 COMPONENTS = {"vae": AutoencoderKL, "controlnet": ControlNetModel}
 
 
@@ -231,7 +280,8 @@ class ModelCache:
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         family = pipeline_family(pipeline)
         size = module_bytes(*pipeline.components.values())
-        return LoadedModel(entry.model_id, entry.version, pipeline, scheduler_config, family, size)
+        kind = PIPELINE_KINDS.get(type(pipeline).__name__, "")
+        return LoadedModel(entry.model_id, entry.version, pipeline, scheduler_config, family, size, kind)
 
     def _load_options(self) -> dict:
         """Weights read from the store's safetensors into modules built on the meta device (no random

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+KONTEXT_RESIZE_PIXELS = 512 * 512
+
+
 def _dtype_for(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
@@ -226,7 +229,7 @@ class DiffusersEngine:
         parts = {}
         if params.vae:
             parts["vae"] = vae_for(model, self.cache.component(params.vae, "vae"))
-        variant, call = self._variant_and_inputs(params, init, mask, inputs, parts)
+        variant, call = self._variant_and_inputs(params, model, init, mask, inputs, parts)
         pipeline = self.cache.pipeline(
             model, variant, scheduler_of(model, params), params.use_karras_sigmas, params.algorithm, **parts
         )
@@ -234,10 +237,10 @@ class DiffusersEngine:
         call.update(
             negative_prompt=negative_prompt(model, params),
             num_inference_steps=params.steps,
-            guidance_scale=params.guidance_scale,
             width=params.width,
             height=params.height,
             clip_skip=self._clip_skip(model, params.clip_skip),
+            **guidance_call(model, params.guidance_scale),
         )
         accepted = call_parameters(type(pipeline))
         call = {k: v for k, v in call.items() if k in accepted}  # img2img variants take the image's size
@@ -272,6 +275,8 @@ class DiffusersEngine:
                 for seed, image in zip(batch, output):
                     progress.image(len(images))
                     progress.stage("postprocessing")
+                    if image.size != (params.width, params.height):  # (Qwen-Image-Edit's inpaint answers at 1 MP)
+                        image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
                     if mask is not None:
                         image = composite_inpaint(image, init, mask)
                     if refine is not None:
@@ -294,7 +299,7 @@ class DiffusersEngine:
         size = (highres.width, highres.height)
         if int(params.steps * highres.strength) < 1:  # no denoising step: enlarging is all it does
             return lambda image, seed: image.resize(size, Image.Resampling.LANCZOS)
-        variant = "inpaint" if mask is not None else "img2img"
+        variant = ("fill" if model.kind == "fill" else "inpaint") if mask is not None else "img2img"
         vae = {"vae": parts["vae"]} if "vae" in parts else {}
         pipeline = self.cache.pipeline(
             model, variant, scheduler_of(model, params), params.use_karras_sigmas, params.algorithm, **vae
@@ -304,7 +309,7 @@ class DiffusersEngine:
         call = {
             "negative_prompt": negative_prompt(model, params),
             "num_inference_steps": params.steps,
-            "guidance_scale": params.guidance_scale,
+            **guidance_call(model, params.guidance_scale),
             "strength": highres.strength,
             "width": size[0],
             "height": size[1],
@@ -329,15 +334,20 @@ class DiffusersEngine:
 
         return refine
 
-    def _variant_and_inputs(self, params: GenerationParams, init, mask, inputs, parts) -> tuple[str, dict]:
+    def _variant_and_inputs(self, params: GenerationParams, model: LoadedModel, init, mask, inputs,
+                            parts) -> tuple[str, dict]:
         task = params.task
         if task == "text2img":
             variant = "panorama" if params.panorama else "self_attention" if params.self_attention else task
             return variant, {}
+        if task == "img2img" and model.kind == "edit":  # Kontext: no strength, the prompt says what changes
+            return "edit", {"image": init, **self._kontext_size(params)}
         if task == "img2img":
             return task, {"image": init, "strength": params.strength}
-        if task == "inpaint":
-            return task, {"image": init, "mask_image": mask, "strength": params.strength}
+        if task == "inpaint":  # a Fill or Kontext model inpaints with its own pipeline
+            variant = {"fill": "fill", "edit": "edit_inpaint"}.get(model.kind, task)
+            call = {"image": init, "mask_image": mask, "strength": params.strength}
+            return variant, {**call, **self._kontext_size(params)} if model.kind == "edit" else call
         # controlnet: one hint per ControlNet, from its own control image or the shared one
         nets = [self.cache.component(net.model_id, "controlnet") for net in params.controlnets]
         parts["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
@@ -363,7 +373,18 @@ class DiffusersEngine:
         return "controlnet_img2img", call
 
     @staticmethod
+    def _kontext_size(params: GenerationParams) -> dict:
+        """A Kontext pipeline's size arguments: the output at the job's size (`max_area` would
+        otherwise rescale it to 1 MP), and the image read at the resolution of its training set
+        closest in aspect (~1 MP, diffusers' `_auto_resize`) for outputs of at least
+        KONTEXT_RESIZE_PIXELS; a smaller output reads it as it was sent (at most 1024 on its longer side)."""
+        return {"max_area": params.width * params.height,
+                "_auto_resize": params.width * params.height >= KONTEXT_RESIZE_PIXELS}
+
+    @staticmethod
     def _clip_skip(model: LoadedModel, wire_value: int | None) -> int | None:
+        if model.family not in (*CLIP_FAMILIES, "sd3"):  # (an LLM text encoder: the handler refused clip_skip)
+            return None
         skip = diffusers_clip_skip(wire_value)
         layers = model.pipeline.text_encoder.config.num_hidden_layers
         if skip is not None and skip >= layers:
@@ -459,16 +480,30 @@ _SD_LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350
 
 def prompt_call(model: LoadedModel, pipeline, prompt: str, call: dict) -> dict:
     """The prompt into the call: through A1111's prompt syntax and long-prompt chunking on the CLIP
-    families (prompts.py); as written for Flux and SD3, whose T5 encoder reads the text itself (and
-    whose CLIP encoders get it cut at 77 tokens, as diffusers does)."""
+    families (prompts.py); as written for the transformer families, whose T5 / LLM encoder reads the
+    text itself (and whose CLIP encoders, where they have them, get it cut at 77 tokens, as diffusers does)."""
     if model.family in CLIP_FAMILIES:
         return text_call(pipeline, prompt, call)
     return {**call, "prompt": prompt}
 
 
 def negative_prompt(model: LoadedModel, params) -> str | None:
-    """The job's negative prompt, None for none; Flux.1 takes none (its guidance is distilled)."""
-    return None if model.family == "flux" else params.negative_prompt or None
+    """The job's negative prompt, None for none; Flux.1 and Flux.2 take none (their guidance is
+    distilled); Qwen-Image runs its true CFG only with one, so an empty one is a blank."""
+    if model.family in ("flux", "flux2", "flux2_klein"):
+        return None
+    if model.family == "qwen":
+        return params.negative_prompt or " "
+    return params.negative_prompt or None
+
+
+def guidance_call(model: LoadedModel, guidance_scale: float) -> dict:
+    """The job's guidance as the family's pipelines take it: Qwen-Image's is true CFG
+    (`true_cfg_scale`; its `guidance_scale` is for guidance-distilled checkpoints only), the others'
+    `guidance_scale` (classifier-free for SD, SD3 and Z-Image; distilled for Flux.1 and Flux.2)."""
+    if model.family == "qwen":
+        return {"true_cfg_scale": guidance_scale}
+    return {"guidance_scale": guidance_scale}
 
 
 def scheduler_of(model: LoadedModel, params) -> str:

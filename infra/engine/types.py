@@ -19,8 +19,9 @@ class LoadedModel:
     version: tuple
     pipeline: DiffusionPipeline
     scheduler_config: dict[str, Any]  # pristine, as saved with the model
-    family: str  # "sd" | "sdxl" | "flux" | "sd3"
+    family: str  # "sd" | "sdxl" | "flux" | "sd3" | "qwen" | "zimage" | "flux2" | "flux2_klein" (cache.VARIANTS)
     size_bytes: int
+    kind: str = ""  # "edit" (Kontext, Qwen-Image-Edit, Flux.2), "fill" (Flux.1 Fill), "" (the family's plain pipeline)
     # held for a whole job: LoRA / embedding / ToMe state lives in the shared modules
     lock: threading.RLock = field(default_factory=threading.RLock)
     loras: OrderedDict = field(default_factory=OrderedDict)  # lora id -> (version, adapter name)

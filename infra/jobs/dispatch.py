@@ -51,6 +51,10 @@ class Dispatcher(Protocol):
     def loaded_models(self) -> list[str]:
         """Models in the engines' memory, where this process can see them."""
 
+    def memory_report(self) -> dict[str, dict]:
+        """Per loaded model, the memory settings its engine applied (dtype, quantization, offloaded
+        text encoders: `infra.engine.speed.memory_report`), where this process can see them."""
+
     def unload_models(self) -> list[str]:
         """Drop every loaded model from memory."""
 
@@ -318,6 +322,11 @@ class LocalDispatcher:
         """Ids of the models (and components) in the engine's memory, least recently used first."""
         engine = self._engine
         return engine.loaded() if engine is not None else []
+
+    def memory_report(self) -> dict[str, dict]:
+        """What the engine applied per loaded model (an engine without `memory_report`: nothing)."""
+        report = getattr(self._engine, "memory_report", None)
+        return report() if report is not None else {}
 
     def unload_models(self) -> list[str]:
         """Drop every loaded model from memory (they load again on their next job)."""

@@ -23,6 +23,9 @@ What Modal's semantics ask of it (../shared/notes/modal-semantics.md):
   at once never exceed the slots nor spawn a job twice. Nothing held is lost: any container's next
   `fill`, at the latest the recovery pass (every few minutes, which also frees a slot a dead
   container left taken), hands it out.
+- GPU classes per family: a job whose model's family has a GPU class of its own (`spawn_job_for_family`,
+  from SDAPI_MODAL_FAMILY_GPUS) is spawned there, every other job to the default class. The slots are
+  one pool across the classes (the burst ceiling is the deployment's, whatever the cards).
 - The web tier cannot see the workers' memory: `loaded_models()` is empty, and evict /
   unload_models / restart bump the config generation (workers finish their input, then stop taking
   new ones; fresh containers load models again on demand).
@@ -34,7 +37,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from infra.catalog.weights import FAILED, READY, LoadRequest
@@ -75,6 +78,8 @@ class ModalHandles:
     reload_outputs: Callable[[], None] | None = None
     commit_weights: Callable[[], None] | None = None
     reload_weights: Callable[[], None] | None = None
+    # model family -> spawn on that family's GPU class (SDAPI_MODAL_FAMILY_GPUS); other families: spawn_job
+    spawn_job_for_family: dict[str, Callable[[int], str | None]] = field(default_factory=dict)
 
 
 def load_key(model_id: str) -> str:
@@ -290,6 +295,9 @@ class ModalDispatcher:
     def loaded_models(self) -> list[str]:
         return []  # in the GPU containers' memory, not visible from here
 
+    def memory_report(self) -> dict[str, dict]:
+        return {}  # (the same)
+
     def unload_models(self) -> list[str]:
         self.config.bump_generation()
         return []
@@ -311,10 +319,25 @@ class ModalDispatcher:
             if slot is not None:
                 self.jobs.release_slot(slot, job_id)
             return False
-        call_id = self.handles.spawn_job(job_id)
+        call_id = self._spawner(job_id)(job_id)
         if call_id:
             self.jobs.set_call(job_id, call_id)
         return True
+
+    def _spawner(self, job_id: int) -> Callable[[int], str | None]:
+        """The GPU class a job goes to: its model's family's, where SDAPI_MODAL_FAMILY_GPUS gives that
+        family one (one more read of the job record), else the default class."""
+        routes = self.handles.spawn_job_for_family
+        if routes:
+            job = self.jobs.get(job_id)
+            model_id = getattr(getattr(job, "params", None), "model_id", None)
+            try:
+                entry = self.weights.get(model_id) if model_id else None
+            except Exception:  # (an id the catalog refuses: the default class, whose run fails the job with why)
+                entry = None
+            if entry is not None and entry.family in routes:
+                return routes[entry.family]
+        return self.handles.spawn_job
 
     def _expire(self, job_id: int) -> None:
         """A held job whose deadline passed ends as if cancelled (no GPU starts for it)."""

@@ -242,7 +242,7 @@ def _add_route(app: FastAPI, path: str, name: str, endpoint: Endpoint, runtime: 
             data = {**data, "request_id": request.path_params["request_id"]}
         try:
             if face is not None:
-                caller = replace(caller, fetch_path=face.fetch)
+                caller = replace(caller, fetch_path=face.fetch, model_category=face.category_of(data))
                 if face.request is not None:  # the fields of its own (v7's), then v1's
                     face.request.model_validate(data)
                 if face.translate is not None:

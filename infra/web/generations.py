@@ -14,6 +14,13 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
   `image_editing/inpainting`. What a family documents but this server does not run yet
   (`video/img2video`, outpaint, removebg_mask, ...) answers a 400 saying so.
+- **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
+  `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no
+  model: each runs a model category (`MODEL_FAMILY_SERVERS`; `flux/` with `deploy_type: flux_2_dev`
+  runs Flux.2 dev), on the model the setting family_model_ids names for it, else the first loaded
+  one (a 400 saying what to load when there is none; a `model_id` of another category is a 400).
+  `init_image` may be a list of one or two reference images (Flux.2, Klein); a second one is
+  `init_image_2`, which a Kontext model combines with the first.
 - **v6** (`/api/v6/images/...`, `/api/v6/image_editing/...`, `/api/v6/video/...`, §3, §4,
   §10.4): the same field names as v1; `fetch` with `request_id`, `fetch/{id}` by POST or GET;
   `model_reload` answers as verify_model (models are never dropped for idleness here).
@@ -65,6 +72,21 @@ class Route:
     summary: str = ""
     query_params: bool = False  # v3: the parameters may come as the query string
     request: type | None = None  # the body's own wire model, when it has fields v1's lacks (v7): validated first
+    # an enterprise model-family server's route (flux/, qwen/, ...): the model category it runs, and
+    # for flux/ the body's `deploy_type` values that choose another (flux_2_dev: Flux.2 dev)
+    model_category: str | None = None
+    deploy_types: dict[str, str] | None = None
+
+    def category_of(self, data: dict) -> str | None:
+        """The model category this call runs on (None: the request's model_id, or the default model)."""
+        value = data.get("deploy_type")
+        if self.deploy_types is None or is_unset(value):
+            return self.model_category
+        chosen = strip_blanks(str(value)).lower()
+        if chosen not in self.deploy_types:
+            raise BadInput(f"deploy_type {value!r} is not one this route serves",
+                           tip=f"Send one of: {', '.join(self.deploy_types)}.")
+        return self.deploy_types[chosen]
 
 
 # --------------------------------------------------------------------------- translations
@@ -141,6 +163,21 @@ def duration(data: dict) -> dict:
 
 
 
+def reference_images(data: dict) -> dict:
+    """Flux.2 and Klein send `init_image` as a list of reference images: the first is the image, a
+    second is `init_image_2` (combined with it); more are refused."""
+    value = data.get("init_image")
+    if not isinstance(value, list):
+        return data
+    if len(value) > 2:
+        raise BadInput(f"init_image has {len(value)} images; this server combines at most two",
+                       tip="Send one or two reference images.")
+    out = {**data, "init_image": value[0] if value else None}
+    if len(value) == 2:
+        out["init_image_2"] = value[1]
+    return out
+
+
 def not_run(what: str, issue: str) -> Translate:
     def translate(data: dict) -> dict:
         raise NotAvailable(f"{what} is not available on this server yet", tip=issue)
@@ -162,13 +199,38 @@ def _family_routes() -> list[Route]:
         "super_resolution": {"make": ("super_resolution", renamed(init_image="url"))},
     }
     for family, own in families.items():
+        routes += _admin_routes(family)
         fetch = f"{V1}/{family}/fetch"
-        for name in FAMILY_ADMIN:
-            routes.append(Route(f"{V1}/{family}/{name}", name, "Enterprise v1 families", fetch))
-        routes.append(Route(f"{V1}/{family}/update", "update_server", "Enterprise v1 families", fetch))
-        routes.append(Route(f"{V1}/{family}/fetch/{{request_id}}", "fetch", "Enterprise v1 families", fetch))
         for name, (endpoint, translate) in own.items():
             routes.append(Route(f"{V1}/{family}/{name}", endpoint, "Enterprise v1 families", fetch, translate))
+    # the model-family servers (§6): their generation routes name no model; each runs a model category
+    for family, (category, names) in MODEL_FAMILY_SERVERS.items():
+        routes += _admin_routes(family)
+        deploy_types = {"flux": "flux", "flux_2_dev": "flux2"} if family == "flux" else None
+        for name in names:
+            routes.append(Route(f"{V1}/{family}/{name}", name, "Enterprise v1 families", f"{V1}/{family}/fetch",
+                                reference_images if name == "img2img" else None, model_category=category,
+                                deploy_types=deploy_types))
+    return routes
+
+
+# prefix -> (the model category its generation routes run, those routes); the model is the setting
+# family_model_ids' for the category, else the first loaded of it (handlers.submit.family_model)
+MODEL_FAMILY_SERVERS = {
+    "flux": ("flux", ("text2img", "img2img")),  # with deploy_type flux_2_dev: Flux.2 dev
+    "flux_klein": ("flux2_klein", ("text2img", "img2img")),
+    "flux_kontext_dev": ("flux_kontext", ("img2img",)),
+    "qwen": ("qwen", ("text2img", "img2img", "inpaint")),
+    "z_image_turbo": ("zimage", ("text2img", "img2img")),
+}
+
+
+def _admin_routes(family: str) -> list[Route]:
+    """The admin routes every enterprise family documents (§5.1), and `update`, under its prefix."""
+    fetch = f"{V1}/{family}/fetch"
+    routes = [Route(f"{V1}/{family}/{name}", name, "Enterprise v1 families", fetch) for name in FAMILY_ADMIN]
+    routes.append(Route(f"{V1}/{family}/update", "update_server", "Enterprise v1 families", fetch))
+    routes.append(Route(f"{V1}/{family}/fetch/{{request_id}}", "fetch", "Enterprise v1 families", fetch))
     return routes
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from infra.engine import LOAD_LOCK
 from infra.engine.files.tiny import build_tiny_flux, build_tiny_sd3
 from tests.catalog.test_catalog import call, load
-from tests.conftest import centre_mask, open_client, png_bytes, scene
+from tests.conftest import KEY, centre_mask, open_client, png_bytes, scene
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "samples": 1}
 FAMILIES = {"flux": ("flux-tiny", build_tiny_flux), "sd3": ("sd3-tiny", build_tiny_sd3)}
@@ -114,7 +114,6 @@ def test_sizes_are_multiples_of_16_and_what_a_family_does_not_use_is_noted(app):
     ("flux-tiny", {"scheduler": "DDIMScheduler"}, "takes FlowMatchEulerDiscreteScheduler only"),
     ("sd3-tiny", {"scheduler": "EulerDiscreteScheduler"}, "takes FlowMatchEulerDiscreteScheduler only"),
     ("flux-tiny", {"clip_skip": 2}, "clip_skip does not apply to Flux models"),
-    ("flux-tiny", {"lora_model": "some-lora"}, "lora_model does not apply to Flux models"),
     ("sd3-tiny", {"embeddings_model": "easyneg"}, "embeddings_model does not apply to SD3 models"),
     ("sd3-tiny", {"panorama": "yes"}, "panorama is available for SD 1.x/2.x models only"),
 ])
@@ -127,11 +126,179 @@ def test_what_a_family_cannot_do_is_a_400_naming_it(app, model_id, body, says):
 def test_flow_matching_schedulers_are_refused_on_sd_models_and_controlnet_and_video_on_the_families(app):
     client, _ = app
     sd = call(client, "text2img", model_id="tiny-sd", prompt="x", scheduler="FlowMatchEulerDiscreteScheduler", **SMALL)
-    assert sd["http"] == 400 and "is for Flux and SD3 models" in sd["message"], sd
+    assert sd["http"] == 400 and "is for Flux, SD3 and the other flow-matching models" in sd["message"], sd
     net = call(client, "controlnet", model_id="flux-tiny", prompt="x", controlnet_model="canny",
                control_image=data_uri(scene(64, 64)), **SMALL)
-    assert net["http"] == 400 and "ControlNet is not available for Flux and SD3 models" in net["message"], net
+    assert net["http"] == 400 and "ControlNet is not available for Flux models" in net["message"], net
     video = call(client, "text2video", model_id="sd3-tiny", prompt="x", num_frames=2, width=64, height=64)
     assert video["http"] == 400 and "AnimateDiff on SD 1.x" in video["message"], video
     clip_skip = call(client, "text2img", model_id="sd3-tiny", prompt="x", clip_skip=2, **SMALL)
     assert clip_skip["status"] == "success", clip_skip  # diffusers' SD3 pipelines take it
+
+
+def test_loras_on_flux_and_sd3_change_the_image_leave_no_trace_and_fit_their_family_only(app):
+    """LoRAs in diffusers' format (Flux, SD3) and kohya's (Flux: fused qkv, lora_down/up, alpha) apply
+    per request; a LoRA of another family is a 400 before any job exists."""
+    from infra.engine.files.tiny import build_tiny_pipeline
+    from tests.model_files import write_lora, write_transformer_lora
+
+    client, root = app
+    with LOAD_LOCK:
+        build_tiny_pipeline(root / "sd")
+        write_lora(root / "sd", root / "sd-lora.safetensors", seed=1)
+        for name, family, fmt in (("flux-lora", "flux", "diffusers"), ("flux-kohya", "flux", "kohya"),
+                                  ("sd3-lora", "sd3", "diffusers")):
+            write_transformer_lora(root / family, root / f"{name}.safetensors", fmt, seed=len(name))
+    for name in ("sd-lora", "flux-lora", "flux-kohya", "sd3-lora"):
+        answer = load(client, "load_model_v2", url=str(root / f"{name}.safetensors"), model_id=name, model_category="lora")
+        assert answer["status"] == "success", answer
+    for family, loras in (("flux", ("flux-lora", "flux-kohya")), ("sd3", ("sd3-lora",))):
+        body = {"model_id": FAMILIES[family][0], "prompt": "a red cube", "seed": 5, **SMALL}
+        base = pixels(client, call(client, "text2img", **body))
+        for lora_id in loras:
+            assert not np.array_equal(pixels(client, call(client, "text2img", **body, lora_model=lora_id)), base), lora_id
+        assert np.array_equal(pixels(client, call(client, "text2img", **body)), base)  # nothing left behind
+    for model_id, lora_id, says in (("flux-tiny", "sd-lora", "was made for a Stable Diffusion model"),
+                                    ("sd3-tiny", "flux-kohya", "was made for a Flux model"),
+                                    ("tiny-sd", "sd3-lora", "was made for a Flux or SD3 model")):
+        answer = call(client, "text2img", model_id=model_id, prompt="x", lora_model=lora_id, **SMALL)
+        assert answer["http"] == 400 and says in answer["message"], answer
+
+
+def family_route(client, path: str, **body) -> dict:
+    response = client.post(f"/api/v1/enterprise/{path}", json={"key": KEY, **body})
+    return {"http": response.status_code, **response.json()}
+
+
+def test_kontext_edits_fill_inpaints_and_the_model_family_routes_run_them(app):
+    """A Kontext model edits on img2img (one image, or two side by side; strength is not used); a Fill
+    model inpaints keeping the unmasked pixels and is refused elsewhere; the enterprise family routes
+    (flux/, flux_kontext_dev/, ...) name no model: they run the first loaded model of their category."""
+    client, root = app
+    with LOAD_LOCK:
+        build_tiny_flux(root / "kontext", kontext=True)
+        build_tiny_flux(root / "fill", fill=True)
+    for name, category in (("kontext", "flux_kontext"), ("fill", "flux_fill")):  # claiming the family is enough
+        answer = load(client, "load_model_v2", url=str(root / name), model_id=f"{name}-tiny", model_category="flux")
+        assert answer["status"] == "success" and answer["category"] == category, answer
+    one, two = data_uri(scene(64, 64)), data_uri(scene(32, 64).rotate(180))
+    edit = {"prompt": "the bench in red", "init_image": one, "seed": 2, **SMALL}
+    alone = family_route(client, "flux_kontext_dev/img2img", **edit, strength=0.5)
+    assert alone["meta"]["model_id"] == "kontext-tiny" and "strength was not used" in " ".join(alone["meta"]["notes"])
+    combined = family_route(client, "flux_kontext_dev/img2img", **edit, init_image_2=two)
+    a, b = pixels(client, alone), pixels(client, combined)
+    assert a.shape == b.shape == (64, 64, 3) and not np.array_equal(a, b)  # the output keeps the first image's size
+    assert np.array_equal(pixels(client, family_route(client, "flux_kontext_dev/img2img", **edit)), a)
+    refused = call(client, "img2img", model_id="flux-tiny", init_image_2=two, **edit)
+    assert refused["http"] == 400 and "init_image_2 is for editing models" in refused["message"], refused
+
+    init, mask = scene(64, 64), centre_mask(64, 64)
+    painted = pixels(client, call(client, "inpaint", model_id="fill-tiny", prompt="a cat", init_image=data_uri(init),
+                                  mask_image=data_uri(mask), **SMALL))
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(painted[keep], np.asarray(init, dtype=np.int16)[keep])
+    assert not np.array_equal(painted[~keep], np.asarray(init, dtype=np.int16)[~keep])
+    fill_t2i = call(client, "text2img", model_id="fill-tiny", prompt="x", **SMALL)
+    assert fill_t2i["http"] == 400 and "inpainting model" in fill_t2i["message"], fill_t2i
+
+    text = family_route(client, "flux/text2img", prompt="a red cube", **SMALL)
+    assert text["status"] == "success" and text["meta"]["model_id"] == "flux-tiny", text
+    wrong = family_route(client, "flux_kontext_dev/img2img", **edit, model_id="flux-tiny")
+    assert wrong["http"] == 400 and "this route runs Flux.1 Kontext models" in wrong["message"], wrong
+    bad_type = family_route(client, "flux/text2img", prompt="x", deploy_type="flux_3", **SMALL)
+    assert bad_type["http"] == 400 and "flux_2_dev" in bad_type["tip"], bad_type
+
+
+def test_a_flux_transformer_file_loads_over_http_on_a_loaded_base_model(app):
+    """A transformer-only Flux file (BFL's keys) takes the rest of its pipeline from a loaded Flux
+    model: the one named in base_model, else the first loaded; a base of another family is a 400."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.catalog.test_family_single_files import flux_to_bfl
+
+    client, root = app
+    with LOAD_LOCK:
+        build_tiny_flux(root / "flux-b", seed=9)
+    state = load_file(root / "flux-b" / "transformer" / "diffusion_pytorch_model.safetensors")
+    save_file(flux_to_bfl(state), root / "flux1-tiny.safetensors")
+    answer = load(client, "load_model_v2", url=str(root / "flux1-tiny.safetensors"), model_id="flux-file",
+                  model_category="flux")
+    assert answer["status"] == "success" and answer["category"] == "flux", answer
+    body = {"prompt": "a red cube", "seed": 3, **SMALL}
+    from_file = pixels(client, call(client, "text2img", model_id="flux-file", **body))
+    assert not np.array_equal(from_file, pixels(client, call(client, "text2img", model_id="flux-tiny", **body)))
+    wrong = call(client, "load_model_v2", url=str(root / "flux1-tiny.safetensors"), model_id="flux-file-2",
+                 model_category="flux", base_model="sd3-tiny")
+    assert wrong["http"] == 400 and "base_model sd3-tiny is not a flux model" in wrong["message"], wrong
+
+
+# --------------------------------------------------------------------------- Qwen-Image, Z-Image, Flux.2
+
+NEWER = {  # model id -> (builder, its keyword arguments, the category detected from the weights)
+    "qwen-tiny": ("build_tiny_qwen_image", {}, "qwen"),
+    "qwen-edit-tiny": ("build_tiny_qwen_image", {"edit": True}, "qwen_edit"),
+    "zimage-tiny": ("build_tiny_z_image", {}, "zimage"),
+    "flux2-tiny": ("build_tiny_flux2", {}, "flux2"),
+    "klein-tiny": ("build_tiny_flux2_klein", {}, "flux2_klein"),
+}
+
+
+@pytest.fixture(scope="module")
+def newer(app):
+    from infra.engine.files import tiny
+
+    client, root = app
+    for model_id, (builder, options, category) in NEWER.items():
+        with LOAD_LOCK:
+            getattr(tiny, builder)(root / model_id, **options)
+        answer = load(client, "load_model", url=str(root / model_id), model_id=model_id)  # family from the weights
+        assert answer["status"] == "success" and answer["category"] == category, answer
+    return client
+
+
+@pytest.mark.parametrize(("model_id", "tasks"), [
+    ("qwen-tiny", ("text2img", "img2img", "inpaint")),
+    ("qwen-edit-tiny", ("edit", "inpaint")),
+    ("zimage-tiny", ("text2img", "img2img", "inpaint")),
+    ("flux2-tiny", ("text2img", "edit")),
+    ("klein-tiny", ("text2img", "edit", "inpaint")),
+])
+def test_qwen_image_z_image_and_flux2_run_every_endpoint_their_pipelines_have(newer, model_id, tasks):
+    client = newer
+    init, mask = scene(64, 64), centre_mask(64, 64)
+    body = {"model_id": model_id, "prompt": "a red cube", "seed": 4, **SMALL}
+    for task in tasks:
+        if task == "text2img":
+            first, again = (pixels(client, call(client, "text2img", **body)) for _ in range(2))
+            assert first.shape == (64, 64, 3) and np.array_equal(first, again)
+            assert not np.array_equal(first, pixels(client, call(client, "text2img", **{**body, "seed": 5})))
+        elif task in ("img2img", "edit"):
+            result = call(client, "img2img", **body, init_image=data_uri(init), strength=0.8)
+            assert pixels(client, result).shape == (64, 64, 3)
+            assert ("strength was not used" in " ".join(result["meta"].get("notes", []))) == (task == "edit")
+        else:
+            painted = pixels(client, call(client, "inpaint", **body, init_image=data_uri(init), mask_image=data_uri(mask)))
+            keep = np.asarray(mask) == 0
+            assert np.array_equal(painted[keep], np.asarray(init, dtype=np.int16)[keep])
+
+
+def test_the_newer_families_routes_defaults_and_refusals(newer):
+    client = newer
+    init = data_uri(scene(64, 64))
+    qwen = family_route(client, "qwen/text2img", prompt="a red cube", **SMALL)
+    assert qwen["meta"]["model_id"] == "qwen-tiny" and qwen["meta"]["guidance_scale"] == 4.0, qwen
+    turbo = family_route(client, "z_image_turbo/text2img", prompt="a red cube", width=64, height=64)
+    assert turbo["status"] == "success" and (turbo["meta"]["steps"], turbo["meta"]["guidance_scale"]) == (9, 0.0), turbo
+    dev = family_route(client, "flux/img2img", deploy_type="flux_2_dev", prompt="the cube in blue",
+                       init_image=[init, data_uri(scene(32, 64))], **SMALL)
+    assert dev["status"] == "success" and dev["meta"]["model_id"] == "flux2-tiny", dev
+    klein = family_route(client, "flux_klein/img2img", prompt="the cube in blue", init_image=[init], **SMALL)
+    assert klein["status"] == "success" and klein["meta"]["model_id"] == "klein-tiny", klein
+    too_many = family_route(client, "flux_klein/img2img", prompt="x", init_image=[init] * 3, **SMALL)
+    assert too_many["http"] == 400 and "at most two" in too_many["message"], too_many
+    no_inpaint = call(client, "inpaint", model_id="flux2-tiny", prompt="x", init_image=init,
+                      mask_image=data_uri(centre_mask(64, 64)), **SMALL)
+    assert no_inpaint["http"] == 400 and "no Flux.2 dev inpainting" in no_inpaint["message"], no_inpaint
+    for model_id in ("qwen-tiny", "zimage-tiny", "klein-tiny"):
+        refused = call(client, "text2img", model_id=model_id, prompt="x", clip_skip=2, **SMALL)
+        assert refused["http"] == 400 and "clip_skip does not apply" in refused["message"], refused

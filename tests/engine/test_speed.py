@@ -1,7 +1,11 @@
 """The GPU fast path and the speed modes (issue 9), checked on the CPU: the settings, the fast path
 being a no-op on the CPU, its code (channels_last, fused QKV, compiled UNet / VAE decoder) giving
 the plain pipeline's images when it is forced on the CPU, a LoRA taking the UNet off it, and the
-batched samples, ToMe and cfg_cutoff settings. No timings are asserted (bench/gpu.py measures)."""
+batched samples, ToMe and cfg_cutoff settings. Then the transformer families (issue 19): the fast
+path on the tiny Flux.1 pipeline (fused QKV, compiled transformer, the LoRA rule), and the memory
+settings (bf16 per family, quantization per card, text-encoder offload): the choices as pure
+functions, offload and int8 (torchao, where installed) run on the CPU. No timings are asserted
+(bench/gpu.py measures)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from infra.engine.engine import DiffusersEngine
 from infra.jobs.params import GenerationParams, Lora
 from infra.settings import Settings
 from tests.conftest import generation_params
-from tests.model_files import write_lora
+from tests.model_files import write_lora, write_transformer_lora
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,6 +32,9 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def store(models_dir, tmp_path_factory) -> WeightsStore:
+    from infra.engine import LOAD_LOCK
+    from infra.engine.files.tiny import build_tiny_flux
+
     root = tmp_path_factory.mktemp("speed") / "models"
     shutil.copytree(models_dir, root)
     weights = WeightsStore(root)
@@ -35,6 +42,10 @@ def store(models_dir, tmp_path_factory) -> WeightsStore:
         "style", "lora", lambda folder: write_lora(weights.folder("tiny-sd"), folder / "lora.safetensors"),
         file="lora.safetensors", family="sd",
     )
+    with LOAD_LOCK:
+        weights.install("tiny-flux", "flux", build_tiny_flux, family="flux")
+        weights.install("flux-style", "lora", lambda folder: write_transformer_lora(
+            weights.folder("tiny-flux"), folder / "lora.safetensors"), file="lora.safetensors", family="flux")
     return weights
 
 
@@ -220,3 +231,146 @@ def test_the_modal_worker_turns_the_fast_path_on_and_keeps_the_compile_cache(tmp
     (tmp_path / "cc").mkdir()
     (tmp_path / "cc" / "kernel.bin").write_bytes(b"x" * 10)
     assert worker.compile_cache_grew() and not worker.compile_cache_grew()
+
+
+# --------------------------------------------------------------------------- the transformer families (issue 19)
+
+
+def flux_params(**overrides) -> GenerationParams:
+    fields = dict(model_id="tiny-flux", prompt="a red bicycle", steps=3, width=SIZE, height=SIZE, seeds=(7,),
+                  guidance_scale=3.5, scheduler="FlowMatchEulerDiscreteScheduler")
+    return generation_params(**{**fields, **overrides})
+
+
+def test_the_fast_path_on_a_flux_transformer_keeps_the_images_and_a_lora_takes_it_off(store):
+    """Fused QKV projections in the transformer (diffusers' Flux processor computes through them),
+    the transformer and the VAE decoder compiled; a Flux LoRA unfuses and uncompiles it for good."""
+    plain = engine(store)
+    fast = engine(store, forced=True, fast_path=True, compile_mode="default")
+    transformer = fast.cache.model("tiny-flux").pipeline.transformer
+    assert speed.is_compiled(transformer) and speed.is_compiled(fast.cache.model("tiny-flux").pipeline.vae.decoder)
+    assert all(block.attn.fused_projections for block in transformer.transformer_blocks)
+    assert mean_diff(plain.generate(flux_params(), {}), fast.generate(flux_params(), {})) < 1.0
+    with_lora = flux_params(loras=(Lora(model_id="flux-style", strength=1.0),))
+    a, b = plain.generate(with_lora, {}), fast.generate(with_lora, {})
+    assert not speed.is_compiled(transformer) and getattr(transformer, speed.EAGER_FOR_GOOD)
+    assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())
+    assert mean_diff(a, b) < 1.0  # the LoRA acts as without the fast path
+
+
+def test_memory_settings_parse_and_choose_per_family_and_card(monkeypatch):
+    monkeypatch.setenv("SDAPI_TEXT_ENCODER_OFFLOAD", "offload")
+    monkeypatch.setenv("SDAPI_QUANTIZATION", "auto")
+    memory = speed.MemorySettings.from_settings(Settings(_env_file=None))
+    assert memory == speed.MemorySettings("offload", "auto", False)
+    defaults = Settings(_env_file=None, **{"text_encoder_offload": "auto", "quantization": "none"})
+    assert speed.MemorySettings.from_settings(defaults) == speed.MemorySettings("auto", "none", False)
+    for bad in ({"quantization": "int4"}, {"text_encoder_offload": "sometimes"}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, **bad)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    # bf16 for the transformer families wherever the UNets run fp16 (not on a card without bf16)
+    assert speed.family_dtype("sd", "cuda", capability=(9, 0)) == fp16
+    assert speed.family_dtype("sdxl", "cuda", capability=(9, 0)) == fp16
+    assert speed.family_dtype("flux", "cuda", capability=(8, 0)) == bf16
+    assert speed.family_dtype("qwen", "cuda", capability=(9, 0)) == bf16
+    assert speed.family_dtype("flux", "cuda", capability=(7, 5)) == fp16  # T4
+    assert speed.family_dtype("flux", "cpu") == fp32 and speed.family_dtype("sd", "cpu") == fp32
+    assert speed.family_dtype("sd3", "cpu", fp16) == bf16  # a Modal worker's CPU load before its snapshot
+    assert speed.family_dtype("sd", "cpu", fp16) == fp16
+    # quantization: auto = fp8 from compute capability 8.9, int8 below, nothing on the CPU
+    choose = speed.resolve_quantization
+    assert choose("auto", "cuda", (9, 0))[0] == choose("auto", "cuda", (8, 9))[0] == "fp8"
+    assert choose("auto", "cuda", (8, 0))[0] == choose("auto", "cuda", (8, 6))[0] == "int8"
+    assert choose("auto", "cpu") == ("none", "auto: no quantization on the CPU")
+    kind, note = choose("fp8", "cuda", (8, 0))
+    assert kind == "int8" and "8.9" in note  # an A100 has no fp8: int8 instead, and the report says why
+    assert choose("int8", "cpu", None, fp32) == ("int8", "")
+    assert choose("int8", "cpu", None, fp16)[0] == "none"  # held on the CPU for a snapshot: on the GPU later
+    assert choose("none", "cuda", (9, 0)) == ("none", "")
+    # offload: auto when the model does not fit the card
+    gb = 10**9
+    assert speed.needs_offload("auto", 39 * gb, 80 * gb) is False  # Flux.1-dev bf16 + T5-XXL on an A100 80 GB
+    assert speed.needs_offload("auto", 39 * gb, 24 * gb) is True  # ... on an L4
+    assert speed.needs_offload("auto", 39 * gb, None) is False  # the CPU
+    assert speed.needs_offload("keep", 39 * gb, 24 * gb) is False and speed.needs_offload("offload", 1, 80 * gb)
+
+
+def _tiny_flux(store):
+    from diffusers import DiffusionPipeline
+
+    from infra.engine import LOAD_LOCK
+
+    with LOAD_LOCK:
+        pipeline = DiffusionPipeline.from_pretrained(store.folder("tiny-flux"), local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _flux_images(pipeline):
+    generator = torch.Generator("cpu").manual_seed(1)
+    return pipeline(prompt="a cat", num_inference_steps=2, width=SIZE, height=SIZE, generator=generator,
+                    output_type="np").images
+
+
+def test_text_encoder_offload_keeps_the_t5_on_the_cpu_across_variants(store):
+    """The T5 (not the CLIP) goes to diffusers' group offloading; the images stay the same, a from_pipe
+    variant shares the hooks, `pipeline.to()` leaves the encoder alone, and a second landing changes nothing."""
+    from diffusers import FluxImg2ImgPipeline
+
+    reference = _flux_images(_tiny_flux(store))
+    pipeline = _tiny_flux(store)
+    assert speed.big_text_encoders(pipeline) == ["text_encoder_2"]
+    report = speed.prepare(pipeline, "cpu", torch.float32, None, speed.MemorySettings(text_encoder_offload="offload"))
+    assert report["text_encoders_offloaded"] == ["text_encoder_2"] and report["quantization"] == "none"
+    assert speed._is_offloaded(pipeline.text_encoder_2) and not speed._is_offloaded(pipeline.text_encoder)
+    assert (_flux_images(pipeline) == reference).all()
+    variant = FluxImg2ImgPipeline.from_pipe(pipeline, dtype=pipeline.dtype)
+    assert variant.text_encoder_2 is pipeline.text_encoder_2 and speed.memory_report(variant) == report
+    pipeline.to("cpu", torch.float32)
+    assert speed.prepare(pipeline, "cpu", torch.float32, None, speed.MemorySettings("offload")) == report
+    assert (_flux_images(pipeline) == reference).all()
+    kept = speed.prepare(_tiny_flux(store), "cpu", torch.float32, None, speed.MemorySettings("keep"))
+    assert kept["text_encoders_offloaded"] == [] and kept["text_encoders_on_device"] == ["text_encoder_2"]
+    # what a load plans from the stored files' headers alone: the bytes the loaded modules hold
+    folder = store.folder("tiny-flux")
+    for name in ("transformer", "text_encoder_2", "vae"):
+        stored = speed.bytes_on_disk(folder / name, torch.float32)
+        assert stored == speed.module_bytes(getattr(pipeline, name)), name
+        assert speed.bytes_on_disk(folder / name, torch.bfloat16) == stored // 2
+    bf16 = speed.bytes_on_disk(folder / "transformer", torch.bfloat16)
+    assert bf16 * 0.5 < speed.bytes_on_disk(folder / "transformer", torch.bfloat16, "int8") < bf16 * 0.7
+    assert speed.load_offloaded(folder, "flux", "cpu", torch.float32, speed.MemorySettings("offload")) == {}  # a GPU's
+
+
+def test_quantization_asks_for_torchao_where_it_is_missing(store, monkeypatch):
+    import sys
+
+    from infra.engine.protocol import Unsupported
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(Unsupported, match=r"needs torchao.*quant.*SDAPI_QUANTIZATION=none"):
+        speed.prepare(_tiny_flux(store), "cpu", torch.float32, None, speed.MemorySettings(quantization="int8"))
+    # (a UNet is never quantized: nothing to import)
+    from diffusers import DiffusionPipeline
+
+    sd = DiffusionPipeline.from_pretrained(store.folder("tiny-sd"), local_files_only=True)
+    assert speed.prepare(sd, "cpu", torch.float32, None, speed.MemorySettings(quantization="int8"))["quantization"] == "none"
+
+
+def test_int8_quantization_of_the_flux_transformer_on_the_cpu(store):
+    """torchao's int8 weight-only quantization (the `quant` extra): the transformer's linear weights
+    in one byte, the image close to the unquantized one, a LoRA still applies through peft."""
+    pytest.importorskip("torchao")
+    reference = _flux_images(_tiny_flux(store))
+    pipeline = _tiny_flux(store)
+    plain_bytes = speed.module_bytes(pipeline.transformer)
+    report = speed.prepare(pipeline, "cpu", torch.float32, None, speed.MemorySettings(quantization="int8"))
+    assert report["quantization"] == "int8" and getattr(pipeline.transformer, speed.QUANTIZED) == "int8"
+    weight = pipeline.transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__name__ != "Parameter" and speed.tensor_bytes(weight) < weight.numel() * 2
+    assert speed.module_bytes(pipeline.transformer) < 0.5 * plain_bytes
+    images = _flux_images(pipeline)
+    assert np.abs(images - reference).mean() < 0.01 and np.abs(images - reference).max() < 0.05  # (0..1 floats)
+    assert speed.prepare(pipeline, "cpu", torch.float32, None, speed.MemorySettings(quantization="int8")) == report

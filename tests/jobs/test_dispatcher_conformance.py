@@ -51,7 +51,7 @@ class Outputs(LocalStorage):
         super().put(key, data, content_type, expires_at=expires_at)
 
 
-def prepare(category, download, out, precision, upcast_attention) -> dict:
+def prepare(category, download, out, precision, upcast_attention, base=None) -> dict:
     """The engine side of a load, standing in for infra.engine.files.convert: the file, as is."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "lora.safetensors").write_bytes(download.read_bytes())
@@ -215,7 +215,7 @@ def test_a_spawned_load_carries_primitive_fields_only(tmp_path):
     request = LoadRequest("my-model", "https://example.com/m.safetensors", None, webhook="https://hook")
     dispatcher.load(request)
     assert spawned == [{"model_id": "my-model", "source": "https://example.com/m.safetensors", "category": None,
-                        "precision": None, "upcast_attention": False, "webhook": "https://hook"}]
+                        "precision": None, "upcast_attention": False, "webhook": "https://hook", "base_model": None}]
     assert LoadRequest(**spawned[0]) == request
 
 

@@ -32,7 +32,9 @@ lines: ../shared/notes/modal-semantics.md). No account, no network.
 - **Snapshots**: for a class with `enable_memory_snapshot`, the `snap=True` hooks run once, in the
   first container; every container after it starts from the object they left (restored: its
   attributes copied, what they hold shared, as one memory image) and runs only the `snap=False`
-  hooks. A restore refreshes the environment and nothing else.
+  hooks. A restore refreshes the environment and nothing else. Each GPU class (`Worker`, and one per
+  GPU type SDAPI_MODAL_FAMILY_GPUS routes a family to) has its own snapshot, containers and backlog;
+  `cloud.gpus` says which GPU type each asks for.
 - **Autoscaling**: at most `max_containers` containers of the class, each taking `max_inputs` (1)
   input at a time; inputs wait in the backlog for a free container.
 - **Web** (`web_request` / `web_burst`): the ASGI app built in a web container (its lifespan run),
@@ -528,6 +530,7 @@ class Cloud:
         self.web_timeout = WEB_TIMEOUT
         self.schedules: dict[str, float] = {}  # scheduled function -> seconds between its runs
         self.device_requests: list[str] = []  # the devices the engine was asked for, in order
+        self.gpus: dict[str, Any] = {}  # GPU class -> the GPU type it asks Modal for
         self.on_snapshot: Callable[[Any], None] | None = None  # called with the object a snapshot holds
 
     # --- building
@@ -556,10 +559,10 @@ class Cloud:
         inner = synchronizer._translate_in
         gpu_image = inner(modal_app.gpu_image)
         volume_names = {id(inner(value)): name for name, value in vars(modal_app).items() if isinstance(value, modal.Volume)}
-        worker_fn = modal_app.Worker._get_class_service_function()
-        user_cls = modal_app.Worker._get_user_cls()
-        concurrency = worker_fn.info().concurrency_info
-        assert concurrency is None or concurrency.max_inputs == 1, "the stand-in runs one input per class container"
+        classes = {name: value for name, value in vars(modal_app).items() if isinstance(value, modal.Cls)}
+        for value in classes.values():
+            concurrency = value._get_class_service_function().info().concurrency_info
+            assert concurrency is None or concurrency.max_inputs == 1, "the stand-in runs one input per class container"
         functions = {name: value for name, value in vars(modal_app).items()
                      if isinstance(value, modal.Function) and value._get_source_info().raw_f is not None}
 
@@ -582,23 +585,24 @@ class Cloud:
                 env["SDAPI_MODAL_MAX_CONTAINERS"] = str(max_containers)
             return env
 
-        # the GPU class: its lifecycle hooks as the container runtime finds them
+        # the GPU classes (`Worker`, and one per GPU type a family is routed to): their lifecycle hooks as the
+        # container runtime finds them, a memory snapshot of each
         options = modal_app.WORKER_OPTIONS
         snapshot = bool(options.get("enable_memory_snapshot"))
 
         def hooks(obj, flag) -> list[Callable]:
             return list(_find_callables_for_obj(obj, flag).values())
 
-        def start_worker(container: Container) -> None:
-            if snapshot and "Worker" in cloud.snapshots:  # restored from the snapshot: snap=False hooks only
-                obj = restore_copy(cloud.snapshots["Worker"], own=("infra.", modal_app.__name__))
+        def start_worker(container: Container, name: str, user_cls: type) -> None:
+            if snapshot and name in cloud.snapshots:  # restored from the snapshot: snap=False hooks only
+                obj = restore_copy(cloud.snapshots[name], own=("infra.", modal_app.__name__))
                 container.restored = True
             else:
                 obj = user_cls()
                 for hook in hooks(obj, _PartialFunctionFlags.ENTER_PRE_SNAPSHOT):
                     hook()
                 if snapshot:  # the memory image as the hooks left it, before any input
-                    cloud.snapshots["Worker"] = restore_copy(obj, own=("infra.", modal_app.__name__))
+                    cloud.snapshots[name] = restore_copy(obj, own=("infra.", modal_app.__name__))
                     if cloud.on_snapshot is not None:
                         cloud.on_snapshot(obj)
             for hook in hooks(obj, _PartialFunctionFlags.ENTER_POST_SNAPSHOT):
@@ -613,11 +617,15 @@ class Cloud:
             method, *args = item.args
             return _find_callables_for_obj(container.state, _PartialFunctionFlags.CALLABLE_INTERFACE)[method](*args)
 
-        cloud.services["Worker"] = Service(
-            cloud, "Worker", env_of(worker_fn._spec_), mounts_of(worker_fn._spec_),
-            max_containers or options["max_containers"], run_method, start_worker, stop_worker,
-        )
-        replace("Worker", _ClsHandle(cloud.services["Worker"], worker_fn.info().method_names))
+        for name, value in classes.items():
+            class_fn, user_cls = value._get_class_service_function(), value._get_user_cls()
+            cloud.gpus[name] = class_fn._spec_.gpus
+            cloud.services[name] = Service(
+                cloud, name, env_of(class_fn._spec_), mounts_of(class_fn._spec_),
+                max_containers or options["max_containers"], run_method,
+                lambda container, name=name, user_cls=user_cls: start_worker(container, name, user_cls), stop_worker,
+            )
+            replace(name, _ClsHandle(cloud.services[name], class_fn.info().method_names))
         # the functions: every one but the web one runs its raw body in a container per input
         for name, function in functions.items():
             raw = function._get_source_info().raw_f

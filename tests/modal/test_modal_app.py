@@ -142,3 +142,80 @@ def test_model_loads_on_modal_go_to_the_download_function(cloud, tmp_path):
     assert cloud.volumes["weights"].commits  # committed for every other container to see
     listed = post(cloud, "get_all_models")
     assert "x2" in json.dumps(listed)
+
+
+# --------------------------------------------------------------------------- a GPU class per model family
+
+
+def _classes_shape(**env) -> subprocess.CompletedProcess:
+    script = """
+import json, modal, modal_app
+classes = {name: value for name, value in vars(modal_app).items() if isinstance(value, modal.Cls)}
+print(json.dumps({name: {"gpus": c._get_class_service_function().info().gpus,
+                         "methods": c._get_class_service_function().info().method_names} for name, c in classes.items()}
+                 | {"label": modal_app.DEVICE_LABEL, "routes": modal_app.FAMILY_GPUS}))
+"""
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("MODAL_", "SDAPI_"))}
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**clean_env, **env, "HOME": "/nonexistent"},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_gpu_class_per_distinct_gpu_type_of_the_family_routes():
+    done = _classes_shape(SDAPI_MODAL_FAMILY_GPUS="flux=H100, flux2=H100,qwen=H100,sd3=L40S,sd=A100-80GB")
+    assert done.returncode == 0, done.stderr
+    shape = json.loads(done.stdout.strip().splitlines()[-1])
+    assert shape.pop("routes") == {"flux": "H100", "flux2": "H100", "qwen": "H100", "sd3": "L40S"}  # sd: the default
+    assert shape.pop("label") == "modal: A100-80GB (flux: H100, flux2: H100, qwen: H100, sd3: L40S)"
+    assert shape == {"Worker": {"gpus": [["A100-80GB", 1]], "methods": ["run"]},
+                     "Worker_H100": {"gpus": [["H100", 1]], "methods": ["run"]},
+                     "Worker_L40S": {"gpus": [["L40S", 1]], "methods": ["run"]}}
+    default = json.loads(_classes_shape().stdout.strip().splitlines()[-1])
+    assert set(default) == {"Worker", "label", "routes"} and default["routes"] == {}  # no routes: one class
+    for bad in ("flux", "fluxx=H100", "flux="):
+        refused = _classes_shape(SDAPI_MODAL_FAMILY_GPUS=bad)
+        assert refused.returncode != 0 and "SDAPI_MODAL_FAMILY_GPUS" in refused.stderr, bad
+
+
+@pytest.fixture
+def family_cloud(models_dir, tmp_path, monkeypatch):
+    """The deployment with Flux on H100 and SD3 on L40S (modal_app imported afresh with that setting, as a
+    `modal deploy` with it would), its weights Volume holding the tiny models and a tiny Flux."""
+    import importlib.util
+
+    from infra.catalog.weights import WeightsStore
+    from infra.engine import LOAD_LOCK
+    from infra.engine.files.tiny import build_tiny_flux
+    from tests.modal.cloud import Cloud
+    from tests.modal.conftest import SECRET
+
+    monkeypatch.setenv("SDAPI_MODAL_FAMILY_GPUS", "flux=H100,sd3=L40S")
+    spec = importlib.util.spec_from_file_location("modal_app_families", ROOT / "modal_app.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    with LOAD_LOCK:
+        WeightsStore(tmp_path / "flux").install("flux-tiny", "flux", build_tiny_flux, family="flux")
+    cloud = Cloud.deploy(module, tmp_path / "cloud", monkeypatch, SECRET)
+    cloud.volumes["weights"].seed(models_dir)
+    cloud.volumes["weights"].seed(tmp_path / "flux")
+    yield cloud
+    cloud.close()
+
+
+def test_a_flux_job_runs_on_the_flux_gpu_class_and_an_sd_job_on_the_default_one(family_cloud):
+    cloud = family_cloud
+    assert cloud.gpus == {"Worker": "A100-80GB", "Worker_H100": "H100", "Worker_L40S": "L40S"}
+    flux = post(cloud, "text2img", **t2i(model_id="flux-tiny"))
+    assert flux["status"] == "success", flux
+    assert len(cloud.containers("Worker_H100")) == 1 and not cloud.containers("Worker")
+    sd = post(cloud, "text2img", **t2i())
+    assert sd["status"] == "success", sd
+    (h100,), (default,) = cloud.containers("Worker_H100"), cloud.containers("Worker")
+    assert len(h100.inputs) == 1 and len(default.inputs) == 1 and not cloud.containers("Worker_L40S")
+    # each class's snapshot holds the default model (tiny-sd) only where its family runs
+    assert h100.state.worker.engine.loaded() == ["flux-tiny"]
+    assert "tiny-sd" in default.state.worker.engine.loaded()
+    details = post(cloud, "system_details")
+    assert details["device"] == "modal: A100-80GB (flux: H100, sd3: L40S)"
+    assert details["memory"]["settings"]["text_encoder_offload"] == "auto"  # baked into every image
+    assert details["memory"]["settings"]["quantization"] == "none" and details["memory"]["models"] == {}

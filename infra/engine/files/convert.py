@@ -15,27 +15,31 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 from safetensors.torch import save_file
 
-from infra.catalog.weights import PIPELINE_CATEGORIES
+from infra.catalog.weights import CATEGORY_TITLES, PIPELINE_CATEGORIES
 from infra.engine import LOAD_LOCK, quiet_libraries
 from infra.engine.files.checkpoints import CheckpointError, load_component_file, load_pipeline_file, read_state_dict
+from infra.engine.files.family_files import detect_family_file, load_family_file, read_keys
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")
 LORA_FILE, EMBEDDING_FILE = "lora.safetensors", "embedding.safetensors"
 
 
-def prepare_model(category: str | None, download: Path, out: Path, precision: str, upcast_attention: bool) -> dict:
+def prepare_model(category: str | None, download: Path, out: Path, precision: str, upcast_attention: bool,
+                  base: Path | None = None) -> dict:
     """Verify `download` (a file or folder) as `category` and write the store payload into `out`.
-    category None = a pipeline of any family, detected. Returns the manifest facts."""
+    category None = a pipeline of any family, detected. `base`: the folder of the model a single
+    Flux.1 / SD3 file takes the rest of its pipeline from (family_files). Returns the manifest facts."""
     quiet_libraries()
     with LOAD_LOCK:
-        return _prepare(category, _single_entry(download), out, precision, upcast_attention)
+        return _prepare(category, _single_entry(download), out, precision, upcast_attention, base)
 
 
-def _prepare(category: str | None, source: Path, out: Path, precision: str, upcast_attention: bool) -> dict:
+def _prepare(category: str | None, source: Path, out: Path, precision: str, upcast_attention: bool,
+             base: Path | None) -> dict:
     dtype = torch.float16 if precision == "fp16" else torch.float32
     if category is None or category in PIPELINE_CATEGORIES:
-        return _prepare_pipeline(category, source, out, dtype, upcast_attention)
+        return _prepare_pipeline(category, source, out, dtype, upcast_attention, base)
     if category == "lora":
         return _prepare_lora(_weights_file(source, "LoRA"), out)
     if category == "embeddings":
@@ -58,21 +62,26 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
 # --------------------------------------------------------------------------- pipelines
 
 
-def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcast_attention: bool) -> dict:
+def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcast_attention: bool,
+                      base: Path | None) -> dict:
     if source.is_dir():
         if not (source / "model_index.json").is_file():
             raise CheckpointError("the folder is not a diffusers pipeline (no model_index.json)")
         pipeline = _load_pipeline_folder(source, dtype)
         fmt = "diffusers"
-    else:
-        pipeline = load_pipeline_file(source, dtype=dtype)
+    else:  # a single file: a Flux.1 / SD3 one (read from its keys: a header), else an SD one
+        if source.suffix == ".safetensors" and detect_family_file(read_keys(source)) is not None:
+            pipeline = load_family_file(source, base, dtype=dtype, category=claimed)
+        else:
+            pipeline = load_pipeline_file(source, dtype=dtype)
         fmt = source.suffix.lstrip(".")
-    family = TRANSFORMER_FAMILIES.get(type(pipeline).__name__)
-    if family is not None:
-        return _prepare_transformer_family(claimed, family, pipeline, out, fmt)
+    kind = TRANSFORMER_FAMILIES.get(type(pipeline).__name__)
+    if kind is not None:
+        return _prepare_transformer_family(claimed, kind, pipeline, out, fmt)
     if getattr(pipeline, "unet", None) is None:
-        raise CheckpointError(f"{type(pipeline).__name__} is not a pipeline this server runs (SD 1.x/2.x, SDXL, SD3, Flux.1)")
-    if claimed in TRANSFORMER_FAMILIES.values():
+        raise CheckpointError(f"{type(pipeline).__name__} is not a pipeline this server runs (SD 1.x/2.x, SDXL, SD3, "
+                              "Flux.1, Flux.2, Qwen-Image, Z-Image)")
+    if claimed in (category for _, category in TRANSFORMER_FAMILIES.values()):
         raise CheckpointError(f"{claimed} was claimed but the weights are a Stable Diffusion 1.x/2.x/XL model (a UNet)")
     sdxl = getattr(pipeline, "text_encoder_2", None) is not None
     family = "sdxl" if sdxl else "sd"
@@ -92,19 +101,31 @@ def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcas
     return {"category": category, "family": family, "format": fmt, "context_dim": pipeline.unet.config.cross_attention_dim}
 
 
-# the transformer (flow-matching) families: pipeline class -> family, which is also the category
-TRANSFORMER_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
-FAMILY_TITLES = {"flux": "Flux.1", "sd3": "SD3 / SD3.5"}
+# the transformer (flow-matching) families: pipeline class -> (family, category)
+TRANSFORMER_FAMILIES = {
+    "FluxPipeline": ("flux", "flux"),
+    "FluxKontextPipeline": ("flux", "flux_kontext"),  # instruction editing (an image + what to change)
+    "FluxFillPipeline": ("flux", "flux_fill"),  # inpainting: a transformer that reads the mask
+    "StableDiffusion3Pipeline": ("sd3", "sd3"),
+    "QwenImagePipeline": ("qwen", "qwen"),  # Qwen-Image: a Qwen2.5-VL text encoder
+    "QwenImageEditPipeline": ("qwen", "qwen_edit"),  # Qwen-Image-Edit (and 2509's Plus): instruction editing
+    "QwenImageEditPlusPipeline": ("qwen", "qwen_edit"),
+    "ZImagePipeline": ("zimage", "zimage"),  # Z-Image (Turbo): a Qwen3 text encoder
+    "Flux2Pipeline": ("flux2", "flux2"),  # Flux.2 dev: a Mistral 3 text encoder; reference images as its input
+    "Flux2KleinPipeline": ("flux2_klein", "flux2_klein"),  # Flux.2 Klein: a Qwen3 text encoder
+}
 
 
-def _prepare_transformer_family(claimed: str | None, family: str, pipeline, out: Path, fmt: str) -> dict:
-    """A Flux.1 (dev, schnell, fine-tunes) or SD3 / SD3.5 pipeline: stored as it is."""
-    if claimed not in (None, family):
-        raise CheckpointError(f"{claimed} was claimed but the weights are a {FAMILY_TITLES[family]} model; "
-                              f"use model_category {family}")
+def _prepare_transformer_family(claimed: str | None, kind: tuple[str, str], pipeline, out: Path, fmt: str) -> dict:
+    """A Flux.1 (dev, schnell, Kontext, Fill, fine-tunes) or SD3 / SD3.5 pipeline: stored as it is.
+    Claiming the family ("flux") is enough for any Flux.1 kind; the category says which it is."""
+    family, category = kind
+    if claimed not in (None, family, category):
+        raise CheckpointError(f"{claimed} was claimed but the weights are a {CATEGORY_TITLES[category]} model; "
+                              f"use model_category {category}")
     pipeline.save_pretrained(out, safe_serialization=True)
-    return {"category": family, "family": family, "format": fmt,
-            "context_dim": pipeline.transformer.config.joint_attention_dim}
+    return {"category": category, "family": family, "format": fmt,
+            "context_dim": getattr(pipeline.transformer.config, "joint_attention_dim", 0) or 0}
 
 
 def _load_pipeline_folder(folder: Path, dtype):
@@ -163,9 +184,30 @@ def _prepare_lora(path: Path, out: Path) -> dict:
         raise CheckpointError("the file is not a LoRA: none of its keys are LoRA weights (lora_up/lora_down/lora_A/...)")
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}, out / LORA_FILE)
-    sdxl = any(("lora_te2_" in k) or k.startswith("text_encoder_2.") for k in state)
-    return {"category": "lora", "format": path.suffix.lstrip("."), "family": "sdxl" if sdxl else "", "file": LORA_FILE,
+    return {"category": "lora", "format": path.suffix.lstrip("."), "family": lora_family(state), "file": LORA_FILE,
             "context_dim": _lora_context_dim(state)}
+
+
+# key fragments that name the denoiser a LoRA was trained on, in every format diffusers loads
+# (diffusers/peft `transformer.single_transformer_blocks.*`, kohya `lora_unet_double_blocks_*`,
+# BFL / ai-toolkit `diffusion_model.double_blocks.*`; SAI's SD3 `joint_blocks`)
+_FLUX_LORA_KEYS = ("double_blocks", "single_blocks", "single_transformer_blocks")
+_SD3_LORA_KEYS = ("joint_blocks",)
+
+
+def lora_family(state: dict) -> str:
+    """The family a LoRA's keys were trained for: "flux", "sd3", "transformer" (a diffusers-format
+    transformer LoRA without Flux's single blocks: Flux or SD3, told apart when it loads), "sdxl"
+    (a second text encoder), or "" (a UNet LoRA: SD 1.x / 2.x or SDXL, told apart by the width of
+    its cross-attention keys, `context_dim`)."""
+    keys = list(state)
+    if any(part in key for key in keys for part in _FLUX_LORA_KEYS):
+        return "flux"
+    if any(part in key for key in keys for part in _SD3_LORA_KEYS):
+        return "sd3"
+    if any(key.startswith("transformer.") for key in keys):
+        return "transformer"
+    return "sdxl" if any(("lora_te2_" in k) or k.startswith("text_encoder_2.") for k in keys) else ""
 
 
 def _lora_context_dim(state: dict) -> int:
