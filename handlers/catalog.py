@@ -87,9 +87,8 @@ def _base_model(requested: str | None, category: str | None, rt: Runtime) -> str
                            tip=f"Name a loaded {BASE_FAMILIES[category]} model, or leave base_model out.")
         return requested
     family = BASE_FAMILIES.get(category or "")
-    ready = sorted((e for e in rt.weights.list() if family and e.family == family and e.status == READY
-                    and e.category in PIPELINE_CATEGORIES), key=lambda e: e.loaded_at)
-    return ready[0].model_id if ready else None
+    base = rt.weights.first_ready(PIPELINE_CATEGORIES, family) if family else None
+    return base.model_id if base else None
 
 
 def load_vae(req: LoadVaeRequest, rt: Runtime, caller: Caller) -> MessageResponse:

@@ -38,7 +38,7 @@ from models.requests import (
     Text2ImgRequest,
 )
 from models.responses import JobResponse
-from models.schedulers import FLOW_FAMILIES
+from models.schedulers import DISTILLED_FAMILIES, FLOW_FAMILIES
 
 if TYPE_CHECKING:
     from infra.runtime import Runtime
@@ -117,13 +117,11 @@ FAMILY_PLURALS = {"flux": "Flux models", "sd3": "SD3 models", "qwen": "Qwen-Imag
 # the model categories whose img2img edits the image as the prompt says (no strength), and which take
 # a second image (init_image_2, combined with the first)
 EDIT_CATEGORIES = ("flux_kontext", "qwen_edit", "flux2", "flux2_klein")
-# the families whose guidance is distilled into the model: they take no negative prompt
-NO_NEGATIVE_PROMPT = ("flux", "flux2", "flux2_klein")
 
 # the guidance a model category runs with when a request sends none (the wire's default, 7.5, is
-# classifier-free guidance for SD; Flux.1's is distilled guidance, 3.5 for dev as BFL publishes it,
-# 2.5 for Kontext, 30 for Fill, diffusers' defaults for those pipelines)
-# Qwen-Image's true CFG 4.0, Z-Image Turbo's 0 (no CFG: it is distilled), Flux.2's embedded 4.0)
+# classifier-free guidance for SD): Flux.1's distilled guidance 3.5 as BFL publishes it for dev, 2.5
+# for Kontext, 30 for Fill (diffusers' defaults for those pipelines); Qwen-Image's true CFG 4.0;
+# Z-Image Turbo's 0 (no CFG: it is distilled); Flux.2's embedded 4.0
 DEFAULT_GUIDANCE = {"flux": 3.5, "flux_kontext": 2.5, "flux_fill": 30.0, "sd3": 7.0, "qwen": 4.0, "qwen_edit": 4.0,
                     "zimage": 0.0, "flux2": 4.0, "flux2_klein": 4.0}
 # the steps a category runs with when a request sends none (the wire's default is 20): Z-Image Turbo's 9
@@ -153,7 +151,7 @@ def _check_transformer_family(task: Task, req: GenerationRequest, model) -> list
                            tip=f"Leave {field} out.")
     sent = req.model_fields_set
     ignored = {"tomesd": "token merging is for UNet models", "use_karras_sigmas": "flow-matching samplers have none"}
-    if model.family in NO_NEGATIVE_PROMPT:
+    if model.family in DISTILLED_FAMILIES:
         ignored["negative_prompt"] = f"{FAMILY_PLURALS[model.family]} take no negative prompt (their guidance is distilled)"
     if model.category in EDIT_CATEGORIES and task == "img2img":
         ignored["strength"] = "an editing model edits the image as the prompt says (no partial denoising)"

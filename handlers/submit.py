@@ -23,7 +23,7 @@ from PIL import Image
 
 from handlers import ondemand
 from handlers.caller import Caller
-from infra.catalog.weights import CATEGORY_TITLES, INPAINT_ONLY_CATEGORIES, PIPELINE_CATEGORIES, READY, ModelEntry
+from infra.catalog.weights import CATEGORY_TITLES, INPAINT_ONLY_CATEGORIES, PIPELINE_CATEGORIES, ModelEntry
 from infra.jobs.job import IDEMPOTENCY_SECONDS, Job
 from infra.jobs.params import JobParams
 from infra.jobs.progress import queued_snapshot, wire
@@ -94,13 +94,12 @@ def family_model(category: str, requested: str | None, rt: Runtime) -> ModelEntr
         return entry
     if chosen := rt.settings.family_model_ids.get(category):
         return rt.weights.require(chosen, (category,))
-    ready = sorted((e for e in rt.weights.list() if e.category == category and e.status == READY),
-                   key=lambda e: e.loaded_at)
-    if not ready:
+    entry = rt.weights.first_ready((category,))
+    if entry is None:
         raise BadInput(f"No {title} model is loaded on this server, which this route runs",
                        tip=f'Load one first: load_model_v2 with a hub repo id or a diffusers folder as url and '
                        f'model_category "{category}".')
-    return ready[0]
+    return entry
 
 
 def resolve_scheduler(requested: str | None, algorithm_type: str, model: ModelEntry | None,

@@ -67,6 +67,8 @@ def resolve_name(name: str) -> str:
 # the families of flow-matching transformers (the model's family -> how a message names such a model)
 FLOW_FAMILIES = {"flux": "a Flux model", "sd3": "an SD3 model", "qwen": "a Qwen-Image model", "zimage": "a Z-Image model",
                  "flux2": "a Flux.2 model", "flux2_klein": "a Flux.2 Klein model"}
+# the families whose guidance is distilled into the model: they take no negative prompt
+DISTILLED_FAMILIES = ("flux", "flux2", "flux2_klein")
 
 
 def check_family(name: str, family: str, model_id: str) -> None:

@@ -174,6 +174,13 @@ class WeightsStore:
                 continue  # a foreign or damaged folder is not a model
         return entries
 
+    def first_ready(self, categories: tuple[str, ...], family: str | None = None) -> ModelEntry | None:
+        """The earliest loaded ready model of these categories (and family, when given): what a
+        model-family route runs, and where a single Flux / SD3 file takes the rest of its pipeline."""
+        ready = [e for e in self.list() if e.status == READY and e.category in categories
+                 and (family is None or e.family == family)]
+        return min(ready, key=lambda e: e.loaded_at, default=None)
+
     # --- loading in steps: begin -> (build in a temp folder) -> finish | fail
 
     def begin(self, entry: ModelEntry) -> ModelEntry:

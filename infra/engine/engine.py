@@ -44,6 +44,7 @@ from infra.engine.types import LoadedModel
 from infra.media import encode_image, encode_video
 from infra.safety import detector
 from infra.settings import Settings
+from models.schedulers import DISTILLED_FAMILIES
 
 if TYPE_CHECKING:
     from infra.jobs.params import GenerationParams, JobParams, UpscaleParams, VideoParams
@@ -490,7 +491,7 @@ def prompt_call(model: LoadedModel, pipeline, prompt: str, call: dict) -> dict:
 def negative_prompt(model: LoadedModel, params) -> str | None:
     """The job's negative prompt, None for none; Flux.1 and Flux.2 take none (their guidance is
     distilled); Qwen-Image runs its true CFG only with one, so an empty one is a blank."""
-    if model.family in ("flux", "flux2", "flux2_klein"):
+    if model.family in DISTILLED_FAMILIES:
         return None
     if model.family == "qwen":
         return params.negative_prompt or " "
