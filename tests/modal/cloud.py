@@ -389,6 +389,9 @@ class Service:
 
     def _container_loop(self) -> None:
         container = self._new_container()
+        # a started container moves from `_starting` to `_waiting` under one hold of the lock: in between,
+        # `_scale` would count it as neither and start a container too many for a waiting input
+        counted = False
         try:
             try:
                 with container.active():
@@ -396,15 +399,17 @@ class Service:
             except Exception as exc:  # a failing @enter: the container dies, the input it was for fails
                 container.alive = False
                 with self._cond:
+                    self._starting -= 1
+                    counted = True
                     item = self._backlog.pop(0) if self._backlog else None
                 if item is not None:
                     item.call._finish(error=exc)
                 return
-            finally:
-                with self._cond:
-                    self._starting -= 1
             while container.alive:
                 with self._cond:
+                    if not counted:
+                        self._starting -= 1
+                        counted = True
                     self._waiting += 1
                     try:
                         while not self._backlog:
@@ -422,6 +427,8 @@ class Service:
         finally:
             self._retire(container)
             with self._cond:
+                if not counted:
+                    self._starting -= 1
                 self._alive -= 1
                 self._scale()  # inputs left waiting for a container
 
