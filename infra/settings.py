@@ -167,7 +167,8 @@ class Settings(BaseSettings):
         "conditional half only, about half their UNet work. 1 = all steps (off). Changes outputs.",
     )
 
-    # --- memory on a GPU (issue 19; infra/engine/speed.py `prepare` applies them where a model lands)
+    # --- memory on a GPU (issue 19; infra/engine/speed.py `prepare` applies them, but the model cache does not
+    # call it yet: until it does, these three are read by nothing but bench/gpu.py)
     text_encoder_offload: Literal["auto", "keep", "offload"] = Field(
         "auto",
         description="Where the big text encoders (T5-XXL of Flux.1 and SD3, the LLM encoders of Qwen-Image, Z-Image "
