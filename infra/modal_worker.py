@@ -21,6 +21,7 @@ A Worker container's life, under Modal's memory snapshots (../shared/notes/modal
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 from infra.catalog.loader import run_load
 from infra.catalog.weights import LOADING, READY, LoadRequest
 from infra.jobs.dispatch import execute_job
+from infra.jobs.modal_dispatch import MEMORY_REPORT
 from infra.storage.base import reload_volume
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ class ModalWorker:
         self.generation = runtime.config.generation()
         self._compile_cache = _folder_fingerprint(runtime.settings.compile_cache_dir)
         self._hand_outs: list[threading.Thread] = []  # hand-outs of the next job under way
+        self._reported: dict = {}  # the memory report this container last wrote
 
     @classmethod
     def for_snapshot(cls, runtime: Runtime, gpu_snapshot: bool,
@@ -120,7 +123,31 @@ class ModalWorker:
         finished = execute_job(job_id, runtime.jobs, runtime.storage, lambda: self.engine, runtime.webhooks,
                                runtime.weights, runtime.usage, runner=input_id, max_attempts=runtime.settings.job_attempts,
                                settings=runtime.settings)
+        self._report_memory()
         return finished.status if finished else "missing"
+
+    def _report_memory(self) -> None:
+        """What this container's engine applied per loaded model (dtype, quantization, offloaded
+        text encoders, fast path: `DiffusersEngine.memory_report`) into the config store, where the
+        web tier's system_details reads it (`ModalDispatcher.memory_report`). Merged with what the
+        other containers of this generation wrote (a report of an older generation is dropped:
+        restart_server, delete_model); written only when it changed. A failure here fails no job."""
+        try:
+            mine = {model_id: {**report, "device": self.engine.device_name}
+                    for model_id, report in self.engine.memory_report().items()}
+            if not mine or mine == self._reported:
+                return
+            config = self.runtime.config
+            known = json.loads(config.get(MEMORY_REPORT) or "{}")
+            if known.get("generation", -1) > self.generation:
+                return  # this container is outdated: it stops taking inputs
+            if known.get("generation") != self.generation:
+                known = {"generation": self.generation, "models": {}}
+            known["models"].update(mine)
+            config.put(MEMORY_REPORT, json.dumps(known))
+            self._reported = mine
+        except Exception:
+            log.warning("could not write the memory report", exc_info=True)
 
     def _hand_out_next(self) -> None:
         """This input's slot is free: the next job in the fair order is spawned (it then usually runs

@@ -6,11 +6,11 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=".venv/.setup-stamp"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: the CPU build (an unpinned torch would pull a multi-GB CUDA build)
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[engine,torch,dev]"
+  .venv/bin/python -m pip install -q -e ".[engine,torch,dev,quant]"
   echo "$want" > "$stamp"
 fi

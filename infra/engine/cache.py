@@ -66,7 +66,7 @@ from diffusers import (
 from infra.catalog.weights import PIPELINE_CATEGORIES, WeightsStore
 from infra.engine import LOAD_LOCK
 from infra.engine.protocol import Unsupported
-from infra.engine.speed import FastPath, apply_fast_path
+from infra.engine.speed import FastPath, MemorySettings, family_dtype, load_offloaded, prepare
 from infra.engine.types import LoadedComponent, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,19 @@ _FAMILY_PREFIXES = (("Flux2Klein", "flux2_klein"), ("Flux2", "flux2"), ("Flux", 
 def pipeline_family(pipeline) -> str:
     """The family of a loaded pipeline (VARIANTS' keys): from its class name for the transformer
     families; "sdxl" for a two-CLIP UNet pipeline, else "sd"."""
-    name = type(pipeline).__name__
-    for prefix, family in _FAMILY_PREFIXES:
-        if name.startswith(prefix):
-            return family
+    family = class_family(type(pipeline).__name__)
+    if family:
+        return family
     return "sdxl" if getattr(pipeline, "text_encoder_2", None) is not None else "sd"
+
+
+def class_family(class_name: str) -> str:
+    """The transformer family of a pipeline class name (a stored model_index.json's `_class_name`,
+    read before loading: it decides the dtype); "" for the UNet families."""
+    for prefix, family in _FAMILY_PREFIXES:
+        if class_name.startswith(prefix):
+            return family
+    return ""
 
 
 # the pipeline classes of a family's special-purpose models -> the model's `kind` (LoadedModel.kind)
@@ -163,11 +171,14 @@ def module_bytes(*modules) -> int:
 
 class ModelCache:
     def __init__(self, weights: WeightsStore, device: torch.device, dtype: torch.dtype,
-                 max_bytes: int | Callable[[], int], fast: FastPath | None = None):
+                 max_bytes: int | Callable[[], int], fast: FastPath | None = None,
+                 memory: MemorySettings | None = None):
         """`max_bytes`: the memory budget, or a function read at every load (the setting
-        model_cache_mb, which update_server may change)."""
+        model_cache_mb, which update_server may change). `dtype`: the UNet families' (fp16 on CUDA,
+        fp32 on the CPU); a transformer family runs in `speed.family_dtype` (bf16 for fp16)."""
         self.weights = weights
         self.fast = fast  # the GPU fast path (speed.py), applied wherever a pipeline lands on the GPU
+        self.memory = memory  # the memory settings (speed.py), applied there too
         self.device = device
         self.dtype = dtype
         self.max_bytes = max_bytes
@@ -212,8 +223,7 @@ class ModelCache:
             self.device, self.dtype = device, dtype
             for entry in self._entries.values():
                 if isinstance(entry, LoadedModel):
-                    entry.pipeline.to(device, dtype)
-                    apply_fast_path(entry.pipeline, device, self.fast)
+                    prepare(entry.pipeline, device, family_dtype(entry.family, device, dtype), self.fast, self.memory)
                 elif isinstance(entry.module, torch.nn.Module):
                     entry.module.to(device=device, dtype=dtype)
                 elif hasattr(entry.module, "to"):  # spandrel descriptors, transformers pipelines
@@ -274,9 +284,15 @@ class ModelCache:
 
     def _load_pipeline(self, entry) -> LoadedModel:
         folder = self.weights.folder(entry.model_id)
+        # 1. the dtype and the big text encoders kept in CPU memory, decided from the stored files
+        index = json.loads((folder / "model_index.json").read_text())
+        family = class_family(str(index.get("_class_name", "")))
+        dtype = family_dtype(family, self.device, self.dtype)
         with LOAD_LOCK:
-            pipeline = DiffusionPipeline.from_pretrained(folder, dtype=self.dtype, **self._load_options()).to(self.device)
-            apply_fast_path(pipeline, self.device, self.fast)
+            offloaded = load_offloaded(folder, family, self.device, dtype, self.memory)
+            # 2. the weights, straight onto the device; 3. moved, quantized, offloaded, compiled (speed.prepare)
+            pipeline = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **self._load_options(), **offloaded)
+            prepare(pipeline, self.device, dtype, self.fast, self.memory)
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         family = pipeline_family(pipeline)
         size = module_bytes(*pipeline.components.values())

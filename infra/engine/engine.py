@@ -39,7 +39,7 @@ from infra.engine.hints import make_hint
 from infra.engine.postprocess import composite_inpaint, treat_flagged
 from infra.engine.prompts import text_call
 from infra.engine.protocol import DoesNotFit, EngineResult, Progress
-from infra.engine.speed import FastPath, cfg_cutoff_call
+from infra.engine.speed import FastPath, MemorySettings, cfg_cutoff_call, memory_report
 from infra.engine.types import LoadedModel
 from infra.media import encode_image, encode_video
 from infra.safety import detector
@@ -80,7 +80,8 @@ class DiffusersEngine:
         self.device = resolve_device(device or settings.device)
         chosen = {"fp16": torch.float16, "fp32": torch.float32}.get(dtype or "")
         self.cache = ModelCache(
-            weights, self.device, chosen or _dtype_for(self.device), self._cache_budget, FastPath.from_settings(settings)
+            weights, self.device, chosen or _dtype_for(self.device), self._cache_budget, FastPath.from_settings(settings),
+            MemorySettings.from_settings(settings),
         )
 
     def _cache_budget(self) -> int:
@@ -109,6 +110,16 @@ class DiffusersEngine:
 
     def loaded(self) -> list[str]:
         return self.cache.loaded
+
+    def memory_report(self) -> dict[str, dict]:
+        """Per loaded model, what `speed.prepare` applied (dtype, quantization, offloaded text
+        encoders, fast path) for system_details."""
+        reports = {}
+        for loaded in self.cache.models():
+            report = memory_report(loaded.pipeline)
+            if report is not None:
+                reports[loaded.model_id] = report
+        return reports
 
     def unload_all(self) -> list[str]:
         """Drop every cached model, component and video pipeline; their ids."""

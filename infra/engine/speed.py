@@ -182,21 +182,6 @@ def is_compiled(module) -> bool:
 # --------------------------------------------------------------------------- the fast path
 
 
-def apply_fast_path(pipeline, device: torch.device, options: FastPath | None) -> bool:
-    """Put a loaded pipeline on the fast path (once), where it is: no move, no memory settings
-    (`prepare` does all of it). False where it does not apply (off, or not on a GPU). Everything it
-    changes survives `pipeline.to()` and `from_pipe`, which share the modules (and cast them to the
-    model's dtype in place)."""
-    if options is None or not options.active_on(torch.device(device)):
-        return False
-    net, vae = denoiser(pipeline), getattr(pipeline, "vae", None)
-    if net is None or vae is None:
-        return False
-    _fuse(pipeline, options)
-    _compile(pipeline, options)
-    return True
-
-
 def _fuse(pipeline, options: FastPath) -> bool:
     """The fast path's first half, before any quantization: channels_last, fused QKV projections."""
     net, vae = denoiser(pipeline), pipeline.vae

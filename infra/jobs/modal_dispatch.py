@@ -33,6 +33,7 @@ What Modal's semantics ask of it (../shared/notes/modal-semantics.md):
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# config store name: per model, what the GPU containers' engines applied (ModalWorker._report_memory)
+MEMORY_REPORT = "memory_report"
 LOST_SPAWN_SECONDS = 60.0  # a queued job with no call for this long lost its spawn
 PENDING, DONE = "pending", "done"
 
@@ -296,7 +299,14 @@ class ModalDispatcher:
         return []  # in the GPU containers' memory, not visible from here
 
     def memory_report(self) -> dict[str, dict]:
-        return {}  # (the same)
+        """As the GPU containers of the current generation last reported it (`MEMORY_REPORT`)."""
+        try:
+            known = json.loads(self.config.get(MEMORY_REPORT) or "{}")
+        except ValueError:
+            return {}
+        if known.get("generation") != self.config.generation():
+            return {}
+        return known.get("models", {})
 
     def unload_models(self) -> list[str]:
         self.config.bump_generation()

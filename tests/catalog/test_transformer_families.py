@@ -232,6 +232,36 @@ def test_a_flux_transformer_file_loads_over_http_on_a_loaded_base_model(app):
     assert wrong["http"] == 400 and "base_model sd3-tiny is not a flux model" in wrong["message"], wrong
 
 
+def test_the_memory_settings_apply_where_a_model_loads_and_system_details_reports_them(app, models_dir, tmp_path):
+    """SDAPI_TEXT_ENCODER_OFFLOAD=offload streams Flux's T5 from CPU memory (the same image as kept),
+    SDAPI_QUANTIZATION=int8 quantizes its transformer through torchao (an image close to the plain
+    one); system_details says per loaded model what was applied, and an SD model gets neither."""
+    client, root = app
+    body = {"model_id": "flux-tiny", "prompt": "a red cube", "seed": 3, **SMALL}
+    plain = pixels(client, call(client, "text2img", **body))
+    for settings in ({"text_encoder_offload": "offload"}, {"text_encoder_offload": "offload", "quantization": "int8"}):
+        models = tmp_path / "-".join(settings.values())
+        shutil.copytree(models_dir, models)
+        other = open_client(models.with_suffix(".data"), models, **settings)
+        try:
+            assert load(other, "load_model_v2", url=str(root / "flux"), model_id="flux-tiny", model_category="flux",
+                        model_format="diffusers")["status"] == "success"
+            image = pixels(other, call(other, "text2img", **body))
+            assert pixels(other, call(other, "text2img", **{**body, "model_id": "tiny-sd"})).shape == (64, 64, 3)
+            memory = call(other, "system_details")["memory"]
+        finally:
+            other.__exit__(None, None, None)
+        assert memory["settings"]["text_encoder_offload"] == "offload"
+        report, sd = memory["models"]["flux-tiny"], memory["models"]["tiny-sd"]
+        assert report["text_encoders_offloaded"] == ["text_encoder_2"] and report["dtype"] == "float32", report
+        assert sd["text_encoders_offloaded"] == [] and sd["quantization"] == "none", sd
+        if "quantization" in settings:
+            assert report["quantization"] == "int8", report
+            assert 0 < np.abs(image - plain).mean() < 4, np.abs(image - plain).mean()  # (0..255)
+        else:
+            assert report["quantization"] == "none" and np.array_equal(image, plain)
+
+
 # --------------------------------------------------------------------------- Qwen-Image, Z-Image, Flux.2
 
 NEWER = {  # model id -> (builder, its keyword arguments, the category detected from the weights)

@@ -218,4 +218,11 @@ def test_a_flux_job_runs_on_the_flux_gpu_class_and_an_sd_job_on_the_default_one(
     details = post(cloud, "system_details")
     assert details["device"] == "modal: A100-80GB (flux: H100, sd3: L40S)"
     assert details["memory"]["settings"]["text_encoder_offload"] == "auto"  # baked into every image
-    assert details["memory"]["settings"]["quantization"] == "none" and details["memory"]["models"] == {}
+    assert details["memory"]["settings"]["quantization"] == "none"
+    # what each container's engine applied, as the GPU containers reported it
+    reported = details["memory"]["models"]
+    assert set(reported) == {"flux-tiny", "tiny-sd"}, reported
+    assert reported["flux-tiny"]["text_encoders_on_device"] == ["text_encoder_2"]
+    assert reported["tiny-sd"]["quantization"] == "none" and reported["tiny-sd"]["device"].startswith("cpu")
+    assert post(cloud, "restart_server")["status"] == "success"
+    assert post(cloud, "system_details")["memory"]["models"] == {}  # (reported again by the fresh containers)
