@@ -136,6 +136,8 @@ def get_all_models(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> ModelLis
             "category": entry.category,
             "status": entry.status,
         }
+        if entry.family:  # the model family a pipeline is, or a LoRA / ControlNet was made for
+            item["family"] = entry.family
         if entry.status == FAILED:
             item["message"] = entry.message
         models.append(item)

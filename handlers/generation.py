@@ -25,7 +25,7 @@ from handlers.submit import (
     submit_job,
 )
 from infra.catalog.known import CONTROLNET_11_IDS
-from infra.catalog.weights import READY, ModelEntry
+from infra.catalog.weights import CATEGORY_TITLES, READY, ModelEntry
 from infra.jobs.params import ControlNetSpec, GenerationParams, HighresFix, Lora, SafetyCheck, Task, Upscale
 from infra.net.inputs import encode_input
 from models.errors import ApiError, BadInput, NotAvailable, NotFound
@@ -134,8 +134,7 @@ def _check_transformer_family(task: Task, req: GenerationRequest, model) -> list
     distilled); none has ToMe or Karras sigmas. clip_skip works on SD3 (diffusers' SD3 pipelines take it)."""
     family = FLOW_FAMILIES[model.family]
     if task == "controlnet":
-        raise BadInput(f"ControlNet is not available for {FAMILY_PLURALS[model.family]} yet; {model.model_id} is {family}",
-                       tip="Use text2img, img2img or inpaint with this model.")
+        _check_transformer_controlnet(req, model)
     if task == "inpaint" and model.family == "flux2":
         raise BadInput(f"inpaint is not available for Flux.2 dev models (diffusers has no Flux.2 dev inpainting "
                        f"pipeline); {model.model_id} is {family}", tip="Use a Flux.2 Klein, Flux.1 or Qwen-Image model.")
@@ -150,12 +149,54 @@ def _check_transformer_family(task: Task, req: GenerationRequest, model) -> list
             raise BadInput(f"{field} does not apply to {FAMILY_PLURALS[model.family]} ({why}); {model.model_id} is {family}",
                            tip=f"Leave {field} out.")
     sent = req.model_fields_set
-    ignored = {"tomesd": "token merging is for UNet models", "use_karras_sigmas": "flow-matching samplers have none"}
+    ignored = {"tomesd": "token merging is for UNet models", "use_karras_sigmas": "flow-matching samplers have none",
+               "guess_mode": "a mode of UNet ControlNets"}
     if model.family in DISTILLED_FAMILIES:
         ignored["negative_prompt"] = f"{FAMILY_PLURALS[model.family]} take no negative prompt (their guidance is distilled)"
     if model.category in EDIT_CATEGORIES and task == "img2img":
         ignored["strength"] = "an editing model edits the image as the prompt says (no partial denoising)"
     return [f"{field} was not used: {why}" for field, why in ignored.items() if field in sent and getattr(req, field)]
+
+
+# the transformer families' ControlNet pipelines in diffusers (the catalog's ControlNet family must match the
+# model's): what each runs besides text2img with a hint
+CONTROLNET_TASKS = {"flux": ("img2img", "inpaint"), "sd3": (), "qwen": (), "zimage": ("inpaint",)}
+SINGLE_CONTROLNET_FAMILIES = ("zimage",)  # (no multi-ControlNet model in diffusers)
+
+
+def _check_transformer_controlnet(req: ControlnetRequest, model: ModelEntry) -> None:
+    """What a transformer family's ControlNet pipelines can do (`CONTROLNET_TASKS`): a base model of
+    the family only (not Kontext / Fill / Edit ones), with init_image (img2img) and mask_image
+    (inpaint) where diffusers has the pipeline, and one ControlNet on Z-Image."""
+    title = FLOW_FAMILIES[model.family]
+    if model.family not in CONTROLNET_TASKS or model.category in EDIT_CATEGORIES or model.category == "flux_fill":
+        with_nets = ", ".join(FAMILY_PLURALS[f] for f in CONTROLNET_TASKS)
+        raise BadInput(f"ControlNet is not available for {model.model_id} ({CATEGORY_TITLES[model.category]}): diffusers "
+                       f"has ControlNet pipelines for base {with_nets} models", tip="Use text2img, img2img or inpaint.")
+    task = "inpaint" if req.mask_image is not None else "img2img" if req.init_image is not None else None
+    if task is not None and task not in CONTROLNET_TASKS[model.family]:
+        field = "mask_image" if task == "inpaint" else "init_image"
+        can = [f for f, tasks in CONTROLNET_TASKS.items() if task in tasks]
+        raise BadInput(f"ControlNet {task} is available for {' and '.join(FAMILY_PLURALS[f] for f in can)}; "
+                       f"{model.model_id} is {title} (its ControlNet pipeline takes a control_image only)",
+                       tip=f"Leave {field} out and send the hint as control_image.")
+    if model.family in SINGLE_CONTROLNET_FAMILIES and len(req.controlnet_model) > 1:
+        raise BadInput(f"{FAMILY_PLURALS[model.family]} take one ControlNet at a time; {len(req.controlnet_model)} were sent",
+                       tip="Send one controlnet_model.")
+
+
+def _check_controlnet_family(net: ModelEntry, model: ModelEntry | None) -> None:
+    """A UNet ControlNet (SD / SDXL) fits no transformer model, a transformer family's ControlNet only
+    models of its family (the family read from its class when it was loaded)."""
+    if model is None:
+        return
+    unet_model = model.family not in FLOW_FAMILIES
+    if (not net.family and unet_model) or net.family == model.family:
+        return
+    made_for = FLOW_FAMILIES.get(net.family, "a Stable Diffusion model (a UNet)")
+    raise BadInput(f"controlnet_model: {net.model_id} was made for {made_for}; {model.model_id} is "
+                   f"{FLOW_FAMILIES.get(model.family, 'a Stable Diffusion model (a UNet)')}",
+                   tip="Use a ControlNet made for this model's family (get_all_models shows each model's family).")
 
 
 def _check_mask(init, mask) -> None:
@@ -355,7 +396,9 @@ def _controlnets(req: ControlnetRequest, model: ModelEntry | None, rt: Runtime) 
     scales = scales * len(ids) if len(scales) == 1 else scales
     nets = []
     for net_id, kind, scale in zip(ids, types, scales, strict=True):
-        _check_fits(_controlnet_entry(net_id, rt), "controlnet_model", model)
+        entry = _controlnet_entry(net_id, rt)
+        _check_controlnet_family(entry, model)
+        _check_fits(entry, "controlnet_model", model)
         preprocessor = None
         if req.auto_hint and kind in PREPROCESSOR_IDS:
             preprocessor = _preprocessor(kind, rt)

@@ -85,7 +85,9 @@ class MessageResponse(Envelope):
 class ModelListResponse(Envelope):
     status: Literal["success"] = "success"
     models: list[dict[str, Any]] = Field(
-        description="`model_id`, `load_data` (MM/DD/YYYY HH:MM:SS, UTC), plus our `category` and `status`."
+        description="`model_id`, `load_data` (MM/DD/YYYY HH:MM:SS, UTC), plus our `category`, `status` and, where "
+        "known, `family` (sd, sdxl, flux, sd3, qwen, zimage, flux2, flux2_klein: the family a model is, or a LoRA / "
+        "ControlNet was made for)."
     )
 
 

@@ -9,6 +9,7 @@ from a private `torch.Generator`; where a model's own initialiser draws weights,
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from pathlib import Path
@@ -420,6 +421,57 @@ def write_controlnet(pipeline_dir: Path, path: Path, layout: str = "diffusers_fo
         save_file(controlnet.state_dict(), path)
     else:
         raise ValueError(f"unknown ControlNet layout {layout!r}: use 'diffusers_folder' or 'single_file'")
+    return path
+
+
+def write_transformer_controlnet(pipeline_dir: Path, path: Path, seed: int = 0, **config) -> Path:
+    """A tiny ControlNet for the tiny transformer pipeline in `pipeline_dir` (Flux.1, SD3, Qwen-Image
+    or Z-Image: the class its family's ControlNet pipelines take), saved as a diffusers folder at
+    `path`. One block, built from the transformer as diffusers does (`from_transformer`; Z-Image's
+    from its config: the pipeline shares the transformer's embedders with it), then every
+    zero-initialised tensor (output projections, the hint embedder) redrawn from N(0, 0.1) so the
+    ControlNet and its hint change the output. `config`: extra ControlNet config (a Flux union's
+    `num_mode`; Z-Image's `control_in_dim`: the latent channels for a hint only, as Z-Image-Turbo-Fun-
+    Controlnet-Union 1.0; 2 x latent + 1 for hint, masked image and mask, as Union 2.0, which inpaints)."""
+    import diffusers
+
+    transformer_config = read_json(pipeline_dir / "transformer" / "config.json")
+    transformer_class = transformer_config["_class_name"]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if transformer_class == "ZImageTransformer2DModel":
+            controlnet = diffusers.ZImageControlNetModel(**{
+                "control_layers_places": [0], "control_refiner_layers_places": [0],
+                "control_in_dim": transformer_config["in_channels"], "dim": transformer_config["dim"],
+                "n_refiner_layers": 1, "n_heads": transformer_config["n_heads"], "n_kv_heads": transformer_config["n_kv_heads"],
+                "all_patch_size": transformer_config["all_patch_size"],
+                "all_f_patch_size": transformer_config["all_f_patch_size"], "qk_norm": transformer_config["qk_norm"], **config})
+        else:
+            transformer = getattr(diffusers, transformer_class).from_pretrained(pipeline_dir, subfolder="transformer")
+            if transformer_class == "FluxTransformer2DModel":
+                controlnet = diffusers.FluxControlNetModel.from_transformer(
+                    transformer, num_layers=1, num_single_layers=1, num_attention_heads=transformer_config["num_attention_heads"],
+                    attention_head_dim=transformer_config["attention_head_dim"])
+                if config:  # (from_transformer takes no config of its own; the weights are redrawn as its own)
+                    accepted = inspect.signature(diffusers.FluxControlNetModel.__init__).parameters
+                    own = {key: value for key, value in controlnet.config.items() if key in accepted}
+                    controlnet = diffusers.FluxControlNetModel(**{**own, **config})
+            elif transformer_class == "SD3Transformer2DModel":
+                # (not the tiny transformer's weights: its one block is the last, context-only one)
+                controlnet = diffusers.SD3ControlNetModel.from_transformer(
+                    transformer, num_layers=1, num_extra_conditioning_channels=0, load_weights_from_transformer=False)
+            elif transformer_class == "QwenImageTransformer2DModel":
+                controlnet = diffusers.QwenImageControlNetModel.from_transformer(
+                    transformer, num_layers=1, num_attention_heads=transformer_config["num_attention_heads"],
+                    attention_head_dim=transformer_config["attention_head_dim"])
+            else:
+                raise ValueError(f"no tiny ControlNet for a {transformer_class}")
+    generator = _generator(seed)
+    with torch.no_grad():
+        for param in controlnet.parameters():
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    controlnet.save_pretrained(path)
     return path
 
 

@@ -39,6 +39,10 @@ CATEGORY_TITLES = {"stable_diffusion": "Stable Diffusion", "stable_diffusion_xl"
                    "qwen": "Qwen-Image", "qwen_edit": "Qwen-Image-Edit", "zimage": "Z-Image", "flux2": "Flux.2 dev",
                    "flux2_klein": "Flux.2 Klein"}
 ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
+# the ControlNet classes a diffusers folder may hold -> the model family it fits ("": a UNet ControlNet
+# for SD 1.x / 2.x or SDXL, told apart by its cross-attention width)
+CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD3ControlNetModel": "sd3",
+                       "QwenImageControlNetModel": "qwen", "ZImageControlNetModel": "zimage"}
 # "preprocessor": a network that turns an image into a ControlNet hint (a depth estimator, ...)
 # "upscaler" / "face_restorer": super-resolution and face-restoration networks (spandrel);
 # "motion_adapter": an AnimateDiff motion module for text2video

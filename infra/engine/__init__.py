@@ -7,6 +7,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -19,6 +20,14 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 # a model constructed on another thread meanwhile gets `meta` tensors. Every load in this process
 # (pipelines, components, LoRAs, conversions) takes this lock.
 LOAD_LOCK = threading.RLock()
+
+
+# torchao (the `quant` extra), which diffusers imports whenever it is installed, logs at import that its
+# CUDA kernel libraries do not load on this machine (a CPU torch, a card they were not built for) and
+# that Triton is missing, and torch logs a deprecation of how torchao registers its enums: noise in every
+# process that imports diffusers. torchao's own errors still show, and quantizing raises where it cannot.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def quiet_libraries() -> None:

@@ -22,6 +22,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -30,17 +31,22 @@ from diffusers import (
     Flux2KleinInpaintPipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
+    FluxControlNetPipeline,
     FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxKontextInpaintPipeline,
     FluxKontextPipeline,
     FluxPipeline,
+    QwenImageControlNetPipeline,
     QwenImageEditInpaintPipeline,
     QwenImageEditPipeline,
     QwenImageImg2ImgPipeline,
     QwenImageInpaintPipeline,
     QwenImagePipeline,
+    StableDiffusion3ControlNetPipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3InpaintPipeline,
     StableDiffusion3Pipeline,
@@ -58,12 +64,14 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    ZImageControlNetInpaintPipeline,
+    ZImageControlNetPipeline,
     ZImageImg2ImgPipeline,
     ZImageInpaintPipeline,
     ZImagePipeline,
 )
 
-from infra.catalog.weights import PIPELINE_CATEGORIES, WeightsStore
+from infra.catalog.weights import CONTROLNET_FAMILIES, PIPELINE_CATEGORIES, WeightsStore
 from infra.engine import LOAD_LOCK
 from infra.engine.protocol import Unsupported
 from infra.engine.speed import FastPath, MemorySettings, family_dtype, load_offloaded, prepare
@@ -98,11 +106,15 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
         "edit": FluxKontextPipeline,  # a Kontext model's img2img: the image edited as the prompt says
         "edit_inpaint": FluxKontextInpaintPipeline,  # a Kontext model's inpaint
         "fill": FluxFillPipeline,  # a Fill model's inpaint (its transformer reads the mask)
+        "controlnet": FluxControlNetPipeline,  # (a base Flux.1 model's, with a FluxControlNetModel)
+        "controlnet_img2img": FluxControlNetImg2ImgPipeline,
+        "controlnet_inpaint": FluxControlNetInpaintPipeline,
     },
     "sd3": {  # Stable Diffusion 3 / 3.5: an MMDiT transformer, two CLIPs + T5, flow matching
         "text2img": StableDiffusion3Pipeline,
         "img2img": StableDiffusion3Img2ImgPipeline,
         "inpaint": StableDiffusion3InpaintPipeline,
+        "controlnet": StableDiffusion3ControlNetPipeline,  # (text2img only: no SD3 ControlNet img2img in diffusers)
     },
     "qwen": {  # Qwen-Image (+ Edit): an MMDiT on a Qwen2.5-VL text encoder, true CFG, flow matching
         "text2img": QwenImagePipeline,
@@ -110,11 +122,14 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
         "inpaint": QwenImageInpaintPipeline,
         "edit": QwenImageEditPipeline,  # an Edit model's img2img
         "edit_inpaint": QwenImageEditInpaintPipeline,  # an Edit model's inpaint
+        "controlnet": QwenImageControlNetPipeline,  # (text2img only)
     },
     "zimage": {  # Z-Image (Turbo): a single-stream DiT on a Qwen3 text encoder
         "text2img": ZImagePipeline,
         "img2img": ZImageImg2ImgPipeline,
         "inpaint": ZImageInpaintPipeline,
+        "controlnet": ZImageControlNetPipeline,
+        "controlnet_inpaint": ZImageControlNetInpaintPipeline,
     },
     "flux2": {  # Flux.2 dev: a Mistral 3 text encoder; reference images are its input (no strength, no inpaint)
         "text2img": Flux2Pipeline,
@@ -328,8 +343,13 @@ class ModelCache:
             with LOAD_LOCK:
                 adapter = load_motion_adapter(folder, self.device, self.dtype)
             return LoadedComponent(entry.model_id, entry.version, adapter, module_bytes(adapter))
+        cls, dtype = COMPONENTS[kind], self.dtype
+        if kind == "controlnet":  # a UNet's or a transformer family's (the manifest's family), in its dtype
+            name = json.loads((folder / "config.json").read_text()).get("_class_name")
+            cls = getattr(diffusers, name if name in CONTROLNET_FAMILIES else "ControlNetModel")
+            dtype = family_dtype(entry.family, self.device, self.dtype)
         with LOAD_LOCK:
-            module = COMPONENTS[kind].from_pretrained(folder, dtype=self.dtype, local_files_only=True).to(self.device)
+            module = cls.from_pretrained(folder, dtype=dtype, local_files_only=True).to(self.device)
         return LoadedComponent(entry.model_id, entry.version, module.eval(), module_bytes(module))
 
 

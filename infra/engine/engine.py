@@ -18,6 +18,7 @@ embeddings (`infra.engine.prompts`); a plain prompt that fits goes to the pipeli
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -27,6 +28,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers import FluxMultiControlNetModel, QwenImageMultiControlNetModel, SD3MultiControlNetModel
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models import MultiControlNetModel
 from PIL import Image
@@ -38,7 +40,7 @@ from infra.engine.cache import CLIP_FAMILIES, ModelCache, build_scheduler
 from infra.engine.hints import make_hint
 from infra.engine.postprocess import composite_inpaint, treat_flagged
 from infra.engine.prompts import text_call
-from infra.engine.protocol import DoesNotFit, EngineResult, Progress
+from infra.engine.protocol import DoesNotFit, EngineResult, Progress, Unsupported
 from infra.engine.speed import FastPath, MemorySettings, cfg_cutoff_call, memory_report
 from infra.engine.types import LoadedModel
 from infra.media import encode_image, encode_video
@@ -53,6 +55,53 @@ log = logging.getLogger(__name__)
 
 
 KONTEXT_RESIZE_PIXELS = 512 * 512
+
+
+# a family's ControlNets combined, where its pipelines take several (Z-Image's take one)
+MULTI_CONTROLNETS = {"sd": MultiControlNetModel, "sdxl": MultiControlNetModel, "flux": FluxMultiControlNetModel,
+                     "sd3": SD3MultiControlNetModel, "qwen": QwenImageMultiControlNetModel}
+# a Flux union ControlNet's modes (InstantX / Shakker-Labs FLUX.1-dev-ControlNet-Union): controlnet_type -> control_mode
+UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "openpose": 4, "pose": 4, "gray": 5, "lq": 6}
+
+
+def union_mode(net, controlnet_type: str) -> int | None:
+    """The `control_mode` a Flux union ControlNet (one with `num_mode` in its config) runs the hint
+    `controlnet_type` as; None for a ControlNet of one kind."""
+    if not getattr(net.config, "num_mode", None):
+        return None
+    if controlnet_type not in UNION_MODES:
+        raise Unsupported(f"controlnet_type {controlnet_type} is not a mode of the union ControlNet "
+                          f"(its modes: {', '.join(UNION_MODES)})")
+    return UNION_MODES[controlnet_type]
+
+
+# pipelines that draw from torch's global generator besides the job's: diffusers 0.42.1's SD3 ControlNet
+# pipeline samples the hint's VAE latents with `latent_dist.sample()` and no generator
+GLOBAL_RNG_PIPELINES = ("StableDiffusion3ControlNetPipeline",)
+
+
+@contextlib.contextmanager
+def global_rng_seeded(pipeline, seed: int):
+    """For a pipeline of GLOBAL_RNG_PIPELINES: the global CPU generator seeded from the job's seed for
+    the call (and put back after), so the same request gives the same image. (Two such jobs at once in
+    one process would share it: on a GPU worker a container runs one job at a time.)"""
+    if type(pipeline).__name__ not in GLOBAL_RNG_PIPELINES:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _check_z_image_inpaint(net, net_id: str, model: LoadedModel) -> None:
+    """Z-Image's ControlNet inpainting reads the hint, masked-image and mask latents: a ControlNet made
+    for it (control_in_dim 2 x latent channels + 1, as Z-Image-Turbo-Fun-Controlnet-Union-2.0), not one
+    that reads the hint only (control_in_dim = the latent channels, as Union 1.0)."""
+    if net.config.control_in_dim == model.pipeline.transformer.in_channels:
+        raise Unsupported(f"ControlNet {net_id} reads a hint only: Z-Image ControlNet inpainting needs one made for "
+                          "inpainting (like alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0); use it for "
+                          "text2img, or inpaint without a ControlNet")
 
 
 def _dtype_for(device: torch.device) -> torch.dtype:
@@ -279,7 +328,7 @@ class DiffusersEngine:
                 many = {"num_images_per_prompt": len(batch)} if len(batch) > 1 else {}
                 progress.image(len(images))
                 progress.stage("denoising")
-                with torch.inference_mode():
+                with torch.inference_mode(), global_rng_seeded(pipeline, batch[0]):
                     output = pipeline(
                         generator=generators if many else generators[0], **many,
                         **reporting(pipeline, call, progress, params.first_pass_steps(), len(batch)),
@@ -362,7 +411,9 @@ class DiffusersEngine:
             return variant, {**call, **self._kontext_size(params)} if model.kind == "edit" else call
         # controlnet: one hint per ControlNet, from its own control image or the shared one
         nets = [self.cache.component(net.model_id, "controlnet") for net in params.controlnets]
-        parts["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+        if len(nets) > 1 and model.family not in MULTI_CONTROLNETS:
+            raise Unsupported(f"{model.family} models take one ControlNet at a time")
+        parts["controlnet"] = nets[0] if len(nets) == 1 else MULTI_CONTROLNETS[model.family](nets)
         hints = []
         for i, net in enumerate(params.controlnets):
             source = inputs.get(f"control_image_{i}") or inputs.get("control_image_0") or inputs.get("init_image")
@@ -377,6 +428,19 @@ class DiffusersEngine:
             "guess_mode": params.guess_mode,
         }
         hint_arg = hints[0] if len(nets) == 1 else hints
+        if model.family not in CLIP_FAMILIES:  # the transformer families' pipelines: the hint is control_image
+            call["control_image"] = hint_arg
+            modes = [union_mode(net, spec.type) for net, spec in zip(nets, params.controlnets, strict=True)]
+            if any(mode is not None for mode in modes):
+                call["control_mode"] = modes[0] if len(nets) == 1 else modes
+            if init is None:
+                return "controlnet", call
+            call.update(image=init, strength=params.strength)
+            if mask is not None:
+                if model.family == "zimage":
+                    _check_z_image_inpaint(nets[0], params.controlnets[0].model_id, model)
+                return "controlnet_inpaint", {**call, "mask_image": mask}
+            return "controlnet_img2img", call
         if init is None:
             return "controlnet", {**call, "image": hint_arg}
         call.update(image=init, control_image=hint_arg, strength=params.strength)

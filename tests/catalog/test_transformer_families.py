@@ -123,13 +123,11 @@ def test_what_a_family_cannot_do_is_a_400_naming_it(app, model_id, body, says):
     assert answer["http"] == 400 and says in answer["message"], answer
 
 
-def test_flow_matching_schedulers_are_refused_on_sd_models_and_controlnet_and_video_on_the_families(app):
+def test_flow_matching_schedulers_are_refused_on_sd_models_and_video_on_the_families(app):
+    """(ControlNet on the families: tests/catalog/test_family_controlnets.py)"""
     client, _ = app
     sd = call(client, "text2img", model_id="tiny-sd", prompt="x", scheduler="FlowMatchEulerDiscreteScheduler", **SMALL)
     assert sd["http"] == 400 and "is for Flux, SD3 and the other flow-matching models" in sd["message"], sd
-    net = call(client, "controlnet", model_id="flux-tiny", prompt="x", controlnet_model="canny",
-               control_image=data_uri(scene(64, 64)), **SMALL)
-    assert net["http"] == 400 and "ControlNet is not available for Flux models" in net["message"], net
     video = call(client, "text2video", model_id="sd3-tiny", prompt="x", num_frames=2, width=64, height=64)
     assert video["http"] == 400 and "AnimateDiff on SD 1.x" in video["message"], video
     clip_skip = call(client, "text2img", model_id="sd3-tiny", prompt="x", clip_skip=2, **SMALL)
@@ -329,6 +327,9 @@ def test_the_newer_families_routes_defaults_and_refusals(newer):
     no_inpaint = call(client, "inpaint", model_id="flux2-tiny", prompt="x", init_image=init,
                       mask_image=data_uri(centre_mask(64, 64)), **SMALL)
     assert no_inpaint["http"] == 400 and "no Flux.2 dev inpainting" in no_inpaint["message"], no_inpaint
+    for model_id in ("flux2-tiny", "qwen-edit-tiny"):  # (diffusers has no ControlNet pipeline for them)
+        net = call(client, "controlnet", model_id=model_id, prompt="x", controlnet_model="canny", control_image=init, **SMALL)
+        assert net["http"] == 400 and f"ControlNet is not available for {model_id}" in net["message"], net
     for model_id in ("qwen-tiny", "zimage-tiny", "klein-tiny"):
         refused = call(client, "text2img", model_id=model_id, prompt="x", clip_skip=2, **SMALL)
         assert refused["http"] == 400 and "clip_skip does not apply" in refused["message"], refused

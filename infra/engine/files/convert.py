@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 from safetensors.torch import save_file
 
-from infra.catalog.weights import CATEGORY_TITLES, PIPELINE_CATEGORIES
+from infra.catalog.weights import CATEGORY_TITLES, CONTROLNET_FAMILIES, PIPELINE_CATEGORIES
 from infra.engine import LOAD_LOCK, quiet_libraries
 from infra.engine.files.checkpoints import CheckpointError, load_component_file, load_pipeline_file, read_state_dict
 from infra.engine.files.family_files import detect_family_file, load_family_file, read_keys
@@ -143,11 +143,17 @@ def _load_pipeline_folder(folder: Path, dtype):
 
 
 def _prepare_component(kind: str, source: Path, out: Path, dtype) -> dict:
+    """A VAE or ControlNet: a diffusers folder, or a single file of an SD / SDXL one. A ControlNet
+    folder may hold any class of `CONTROLNET_FAMILIES` (Flux.1, SD3, Qwen-Image, Z-Image ones: folders
+    only); the family it fits goes into the manifest."""
     cls = AutoencoderKL if kind == "vae" else ControlNetModel
+    family = ""
     if source.is_dir():
         folder = source / kind if (source / kind / "config.json").is_file() else source
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"the folder has no config.json: it is not a diffusers {kind}")
+        if kind == "controlnet":
+            cls, family = _controlnet_class(folder)
         try:
             model = cls.from_pretrained(folder, dtype=dtype, local_files_only=True)
         except Exception as exc:
@@ -157,8 +163,19 @@ def _prepare_component(kind: str, source: Path, out: Path, dtype) -> dict:
         model = load_component_file(kind, source, dtype=dtype)
         fmt = source.suffix.lstrip(".")
     model.save_pretrained(out, safe_serialization=True)
-    context_dim = model.config.cross_attention_dim if kind == "controlnet" else 0
-    return {"category": kind, "format": fmt, "context_dim": context_dim}
+    context_dim = (model.config.get("cross_attention_dim") or 0) if kind == "controlnet" else 0
+    return {"category": kind, "format": fmt, "context_dim": context_dim, "family": family}
+
+
+def _controlnet_class(folder: Path):
+    """The diffusers class of a ControlNet folder (its config's `_class_name`) and the family it fits."""
+    import diffusers
+
+    name = str(json.loads((folder / "config.json").read_text()).get("_class_name", ""))
+    if name not in CONTROLNET_FAMILIES:
+        raise CheckpointError(f"the folder holds a {name or 'model without _class_name'}, not a ControlNet "
+                              f"(this server runs {', '.join(CONTROLNET_FAMILIES)})")
+    return getattr(diffusers, name), CONTROLNET_FAMILIES[name]
 
 
 def _prepare_preprocessor(source: Path, out: Path) -> dict:
