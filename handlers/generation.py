@@ -72,13 +72,16 @@ def img2img(req: Img2ImgRequest, rt: Runtime, caller: Caller) -> JobResponse:
     images = {"init_image": load_image(req.init_image, "init_image", rt, caller)}
     if req.init_image_2 is not None:
         images["init_image_2"] = load_image(req.init_image_2, "init_image_2", rt, caller)
+    for i, reference in enumerate(req.reference_images or ()):
+        images[f"{REFERENCE}{i}"] = load_image(reference, "reference_images", rt, caller)
     return _generate("img2img", req, rt, caller, images=images)
 
 
 def inpaint(req: InpaintRequest, rt: Runtime, caller: Caller) -> JobResponse:
-    if req.init_image_2 is not None:
-        raise BadInput("init_image_2 is for img2img with an editing model (Flux Kontext, Qwen-Image-Edit, Flux.2)",
-                       tip="Leave init_image_2 out.")
+    for field in ("init_image_2", "reference_images"):
+        if getattr(req, field):
+            raise BadInput(f"{field} is for img2img with an editing model (Flux Kontext, Qwen-Image-Edit, Flux.2)",
+                           tip=f"Leave {field} out.")
     init = load_image(req.init_image, "init_image", rt, caller)
     mask = load_image(req.mask_image, "mask_image", rt, caller)
     _check_mask(init, mask)
@@ -199,6 +202,37 @@ def _check_controlnet_family(net: ModelEntry, model: ModelEntry | None) -> None:
                    tip="Use a ControlNet made for this model's family (get_all_models shows each model's family).")
 
 
+REFERENCE = "reference_"  # the input names of a Flux.2 job's reference images after the first: reference_0, ...
+# the images a Flux.2 model takes in all (BFL's limits, as ModelsLab's docs give them)
+REFERENCE_LIMITS = {"flux2": 10, "flux2_klein": 4}
+FLUX2_MIN_SIDE = 64
+
+
+def _reference_images(model: ModelEntry, images: dict) -> None:
+    """An editing model's images: Flux.2 takes init_image, init_image_2 and reference_images as one
+    list of references, in that order (`reference_0`, ... after init_image), up to its limit; the
+    others (Kontext, Qwen-Image-Edit) take one picture (init_image_2 is combined with it later)."""
+    references = [images.pop(name) for name in sorted((n for n in images if n.startswith(REFERENCE)),
+                                                          key=lambda n: int(n.removeprefix(REFERENCE)))]
+    limit = REFERENCE_LIMITS.get(model.family)
+    if limit is None:
+        if references:
+            raise BadInput(f"reference_images are for Flux.2 models; {model.model_id} is "
+                           f"{CATEGORY_TITLES[model.category]} (it takes init_image, and init_image_2 beside it)",
+                           tip="Send init_image (and init_image_2).")
+        return
+    if "init_image_2" in images:
+        references.insert(0, images.pop("init_image_2"))
+    for field, image in (("init_image", images["init_image"]), *(("reference_images", r) for r in references)):
+        if min(image.size) < FLUX2_MIN_SIDE:  # (its pipeline refuses them)
+            raise BadInput(f"{field}: an image of {image.width}x{image.height}; Flux.2 models take reference images of at "
+                           f"least {FLUX2_MIN_SIDE}x{FLUX2_MIN_SIDE}", tip="Send larger reference images.")
+    if 1 + len(references) > limit:
+        raise BadInput(f"{1 + len(references)} reference images were sent; {CATEGORY_TITLES[model.category]} models take "
+                       f"at most {limit}", tip=f"Send at most {limit} images (init_image and reference_images).")
+    images.update({f"{REFERENCE}{i}": image for i, image in enumerate(references)})
+
+
 def _check_mask(init, mask) -> None:
     init_ratio, mask_ratio = init.width / init.height, mask.width / mask.height
     if abs(mask_ratio - init_ratio) > MASK_ASPECT_TOLERANCE * init_ratio:
@@ -232,6 +266,10 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         raise BadInput(f"init_image_2 is for editing models (Flux Kontext, Qwen-Image-Edit, Flux.2: it is combined "
                        f"with init_image); {model_id} is not one",
                        tip="Leave init_image_2 out, or use a model_category flux_kontext model.")
+    if editing:
+        _reference_images(model, images)
+    elif any(name.startswith(REFERENCE) for name in images):
+        raise BadInput(f"reference_images are for Flux.2 models; {model_id} is not one", tip="Leave reference_images out.")
     scheduler, algorithm = resolve_scheduler(req.scheduler, req.algorithm_type, model, rt)
     # 2. the effective values a request leaves open
     width, height = _output_size(req, images.get("init_image") or images.get("control_image_0"))

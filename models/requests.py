@@ -157,6 +157,10 @@ class Img2ImgRequest(GenerationRequest):
     init_image_2: Text | None = Field(
         None, description="Flux Kontext models: a second image to combine with init_image (the two are placed side by "
         "side and edited as one picture, as the prompt says).")
+    reference_images: ImageList | None = Field(
+        None, description="Flux.2 models: more reference images after init_image (and init_image_2), each a URL, "
+        "base64 string or data URI; Flux.2 dev takes 10 images in all, Klein 4. The family routes send them as "
+        "an `init_image` list.")
 
 
 class InpaintRequest(Img2ImgRequest):

@@ -402,7 +402,9 @@ class DiffusersEngine:
             variant = "panorama" if params.panorama else "self_attention" if params.self_attention else task
             return variant, {}
         if task == "img2img" and model.kind == "edit":  # Kontext: no strength, the prompt says what changes
-            return "edit", {"image": init, **self._kontext_size(params)}
+            # (Flux.2: the reference images after the first, reference_0, ..., as one list with it)
+            references = [_open(inputs[f"reference_{i}"]) for i in range(len(inputs)) if f"reference_{i}" in inputs]
+            return "edit", {"image": [init, *references] if references else init, **self._kontext_size(params)}
         if task == "img2img":
             return task, {"image": init, "strength": params.strength}
         if task == "inpaint":  # a Fill or Kontext model inpaints with its own pipeline

@@ -19,8 +19,8 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   model: each runs a model category (`MODEL_FAMILY_SERVERS`; `flux/` with `deploy_type: flux_2_dev`
   runs Flux.2 dev), on the model the setting family_model_ids names for it, else the first loaded
   one (a 400 saying what to load when there is none; a `model_id` of another category is a 400).
-  `init_image` may be a list of one or two reference images (Flux.2, Klein); a second one is
-  `init_image_2`, which a Kontext model combines with the first.
+  `init_image` may be a list of reference images (Flux.2 dev: 10, Klein: 4): the first is
+  `init_image`, the others `reference_images`.
 - **v6** (`/api/v6/images/...`, `/api/v6/image_editing/...`, `/api/v6/video/...`, §3, §4,
   §10.4): the same field names as v1; `fetch` with `request_id`, `fetch/{id}` by POST or GET;
   `model_reload` answers as verify_model (models are never dropped for idleness here).
@@ -164,17 +164,14 @@ def duration(data: dict) -> dict:
 
 
 def reference_images(data: dict) -> dict:
-    """Flux.2 and Klein send `init_image` as a list of reference images: the first is the image, a
-    second is `init_image_2` (combined with it); more are refused."""
+    """Flux.2 and Klein send `init_image` as a list of reference images: the first is the image, the
+    others `reference_images` (Kontext's second image, `init_image_2`, is its own field)."""
     value = data.get("init_image")
     if not isinstance(value, list):
         return data
-    if len(value) > 2:
-        raise BadInput(f"init_image has {len(value)} images; this server combines at most two",
-                       tip="Send one or two reference images.")
     out = {**data, "init_image": value[0] if value else None}
-    if len(value) == 2:
-        out["init_image_2"] = value[1]
+    if len(value) > 1:
+        out["reference_images"] = value[1:]
     return out
 
 

@@ -318,12 +318,21 @@ def test_the_newer_families_routes_defaults_and_refusals(newer):
     turbo = family_route(client, "z_image_turbo/text2img", prompt="a red cube", width=64, height=64)
     assert turbo["status"] == "success" and (turbo["meta"]["steps"], turbo["meta"]["guidance_scale"]) == (9, 0.0), turbo
     dev = family_route(client, "flux/img2img", deploy_type="flux_2_dev", prompt="the cube in blue",
-                       init_image=[init, data_uri(scene(32, 64))], **SMALL)
+                       init_image=[init, data_uri(scene(64, 96))], **SMALL)
     assert dev["status"] == "success" and dev["meta"]["model_id"] == "flux2-tiny", dev
+    small = family_route(client, "flux/img2img", deploy_type="flux_2_dev", prompt="x",
+                         init_image=[init, data_uri(scene(32, 64))], **SMALL)
+    assert small["http"] == 400 and "at least 64x64" in small["message"], small
     klein = family_route(client, "flux_klein/img2img", prompt="the cube in blue", init_image=[init], **SMALL)
     assert klein["status"] == "success" and klein["meta"]["model_id"] == "klein-tiny", klein
-    too_many = family_route(client, "flux_klein/img2img", prompt="x", init_image=[init] * 3, **SMALL)
-    assert too_many["http"] == 400 and "at most two" in too_many["message"], too_many
+    too_many = family_route(client, "flux_klein/img2img", prompt="x", init_image=[init] * 5, **SMALL)
+    assert too_many["http"] == 400 and "Flux.2 Klein models take at most 4" in too_many["message"], too_many
+    dev_too_many = family_route(client, "flux/img2img", deploy_type="flux_2_dev", prompt="x", init_image=[init] * 11,
+                                **SMALL)
+    assert dev_too_many["http"] == 400 and "Flux.2 dev models take at most 10" in dev_too_many["message"], dev_too_many
+    kontext_many = call(client, "img2img", model_id="qwen-edit-tiny", prompt="x", init_image=init,
+                        reference_images=[init], **SMALL)
+    assert kontext_many["http"] == 400 and "reference_images are for Flux.2 models" in kontext_many["message"]
     no_inpaint = call(client, "inpaint", model_id="flux2-tiny", prompt="x", init_image=init,
                       mask_image=data_uri(centre_mask(64, 64)), **SMALL)
     assert no_inpaint["http"] == 400 and "no Flux.2 dev inpainting" in no_inpaint["message"], no_inpaint
@@ -333,3 +342,24 @@ def test_the_newer_families_routes_defaults_and_refusals(newer):
     for model_id in ("qwen-tiny", "zimage-tiny", "klein-tiny"):
         refused = call(client, "text2img", model_id=model_id, prompt="x", clip_skip=2, **SMALL)
         assert refused["http"] == 400 and "clip_skip does not apply" in refused["message"], refused
+
+
+def test_flux2_takes_every_reference_image_as_its_own(newer):
+    """Flux.2's reference images go to its pipeline as a list (not combined into one picture): each
+    one changes the edit, in the order sent, on the family route and on img2img alike."""
+    client = newer
+    refs = [data_uri(scene(64, 64)), data_uri(scene(96, 64)), data_uri(Image.new("RGB", (64, 64), "red")),
+            data_uri(Image.new("RGB", (64, 80), "blue"))]
+    body = {"prompt": "the cube in blue", **SMALL, "seed": 2}
+    images = {}
+    for count in (1, 2, 3, 4):
+        result = call(client, "img2img", model_id="klein-tiny", init_image=refs[0], reference_images=refs[1:count], **body)
+        images[count] = pixels(client, result)
+        assert images[count].shape == (64, 64, 3)
+    assert all(not np.array_equal(images[a], images[b]) for a, b in ((1, 2), (2, 3), (3, 4)))
+    routed = family_route(client, "flux_klein/img2img", init_image=refs[:3], **body)
+    assert np.array_equal(pixels(client, routed), images[3])
+    swapped = call(client, "img2img", model_id="klein-tiny", init_image=refs[0], reference_images=[refs[2], refs[1]], **body)
+    assert not np.array_equal(pixels(client, swapped), images[3])
+    dev = call(client, "img2img", model_id="flux2-tiny", init_image=refs[0], reference_images=refs[1:], **body)
+    assert dev["status"] == "success", dev
