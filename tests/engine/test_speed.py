@@ -374,3 +374,32 @@ def test_int8_quantization_of_the_flux_transformer_on_the_cpu(store):
     images = _flux_images(pipeline)
     assert np.abs(images - reference).mean() < 0.01 and np.abs(images - reference).max() < 0.05  # (0..1 floats)
     assert speed.prepare(pipeline, "cpu", torch.float32, None, speed.MemorySettings(quantization="int8")) == report
+
+
+def test_an_80_gb_card_keeps_flux1_dev_with_its_t5_and_a_24_gb_card_offloads_the_t5():
+    """The README's memory claims, planned as `prepare` plans them on the full-size architectures
+    (built on the meta device: no memory, no weights): Flux.1 dev's transformer (guidance embedding)
+    with T5-XXL and CLIP-L is about 34 GB in bf16, which an A100 / H100 80 GB holds with headroom and
+    a 24 GB card (L4, A10G) does not (auto offloads the T5); fp8 / int8 weights bring the transformer
+    down to about 12 GB."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    bf16, gb = torch.bfloat16, 10**9
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)  # (the defaults are Flux.1's sizes)
+        t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                                     feed_forward_proj="gated-gelu"))
+        clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                            num_attention_heads=12, projection_dim=768))
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2)
+    parts = {"transformer": speed.planned_bytes(transformer, bf16), "t5": speed.planned_bytes(t5, bf16),
+             "others": speed.planned_bytes(clip, bf16) + speed.planned_bytes(vae, bf16)}
+    assert 23 * gb < parts["transformer"] < 24.5 * gb and 9 * gb < parts["t5"] < 10 * gb, parts
+    need = sum(parts.values())
+    need += max(speed.HEADROOM_MIN, int(speed.HEADROOM_SHARE * need))
+    assert 38 * gb < need < 41 * gb
+    assert speed.needs_offload("auto", need, 80 * gb) is False and speed.needs_offload("auto", need, 24 * gb) is True
+    assert speed.planned_bytes(transformer, bf16, "fp8") < 12.5 * gb
