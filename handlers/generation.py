@@ -136,8 +136,7 @@ def _check_transformer_family(task: Task, req: GenerationRequest, model) -> list
     it does not use (meta `notes`): Flux.1 and Flux.2 take no negative prompt (their guidance is
     distilled); none has ToMe or Karras sigmas. clip_skip works on SD3 (diffusers' SD3 pipelines take it)."""
     family = FLOW_FAMILIES[model.family]
-    if task == "controlnet":
-        _check_transformer_controlnet(req, model)
+    notes = _check_transformer_controlnet(req, model) if task == "controlnet" else []
     if task == "inpaint" and model.family == "flux2":
         raise BadInput(f"inpaint is not available for Flux.2 dev models (diffusers has no Flux.2 dev inpainting "
                        f"pipeline); {model.model_id} is {family}", tip="Use a Flux.2 Klein, Flux.1 or Qwen-Image model.")
@@ -158,19 +157,24 @@ def _check_transformer_family(task: Task, req: GenerationRequest, model) -> list
         ignored["negative_prompt"] = f"{FAMILY_PLURALS[model.family]} take no negative prompt (their guidance is distilled)"
     if model.category in EDIT_CATEGORIES and task == "img2img":
         ignored["strength"] = "an editing model edits the image as the prompt says (no partial denoising)"
-    return [f"{field} was not used: {why}" for field, why in ignored.items() if field in sent and getattr(req, field)]
+    return notes + [f"{field} was not used: {why}" for field, why in ignored.items() if field in sent and getattr(req, field)]
 
 
 # the transformer families' ControlNet pipelines in diffusers (the catalog's ControlNet family must match the
 # model's): what each runs besides text2img with a hint
-CONTROLNET_TASKS = {"flux": ("img2img", "inpaint"), "sd3": (), "qwen": (), "zimage": ("inpaint",)}
+CONTROLNET_TASKS = {"flux": ("img2img", "inpaint"), "sd3": ("inpaint",), "qwen": ("inpaint",), "zimage": ("inpaint",)}
 SINGLE_CONTROLNET_FAMILIES = ("zimage",)  # (no multi-ControlNet model in diffusers)
+# the families whose ControlNet inpainting takes one inpainting ControlNet, which reads init_image and mask_image
+MASKED_IMAGE_CONTROLNET_FAMILIES = ("sd3", "qwen")
 
 
-def _check_transformer_controlnet(req: ControlnetRequest, model: ModelEntry) -> None:
+def _check_transformer_controlnet(req: ControlnetRequest, model: ModelEntry) -> list[str]:
     """What a transformer family's ControlNet pipelines can do (`CONTROLNET_TASKS`): a base model of
     the family only (not Kontext / Fill / Edit ones), with init_image (img2img) and mask_image
-    (inpaint) where diffusers has the pipeline, and one ControlNet on Z-Image."""
+    (inpaint) where diffusers has the pipeline (inpainting on SD3, Qwen-Image and Z-Image needs a
+    ControlNet made for it: the engine checks its config), and one ControlNet on Z-Image and for
+    SD3 / Qwen-Image inpainting. Returns the notes: SD3 / Qwen-Image inpainting ControlNets read
+    init_image and mask_image, not control_image."""
     title = FLOW_FAMILIES[model.family]
     if model.family not in CONTROLNET_TASKS or model.category in EDIT_CATEGORIES or model.category == "flux_fill":
         with_nets = ", ".join(FAMILY_PLURALS[f] for f in CONTROLNET_TASKS)
@@ -183,9 +187,15 @@ def _check_transformer_controlnet(req: ControlnetRequest, model: ModelEntry) -> 
         raise BadInput(f"ControlNet {task} is available for {' and '.join(FAMILY_PLURALS[f] for f in can)}; "
                        f"{model.model_id} is {title} (its ControlNet pipeline takes a control_image only)",
                        tip=f"Leave {field} out and send the hint as control_image.")
-    if model.family in SINGLE_CONTROLNET_FAMILIES and len(req.controlnet_model) > 1:
-        raise BadInput(f"{FAMILY_PLURALS[model.family]} take one ControlNet at a time; {len(req.controlnet_model)} were sent",
+    masked = task == "inpaint" and model.family in MASKED_IMAGE_CONTROLNET_FAMILIES
+    if (model.family in SINGLE_CONTROLNET_FAMILIES or masked) and len(req.controlnet_model) > 1:
+        what = f"{FAMILY_PLURALS[model.family]} take" + (" (to inpaint)" if masked else "")
+        raise BadInput(f"{what} one ControlNet at a time; {len(req.controlnet_model)} were sent",
                        tip="Send one controlnet_model.")
+    if masked and req.control_image:
+        return [(f"control_image was not used: a {CATEGORY_TITLES[model.category]} inpainting ControlNet reads "
+                 "init_image and mask_image")]
+    return []
 
 
 def _check_controlnet_family(net: ModelEntry, model: ModelEntry | None) -> None:

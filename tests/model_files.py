@@ -424,15 +424,17 @@ def write_controlnet(pipeline_dir: Path, path: Path, layout: str = "diffusers_fo
     return path
 
 
-def write_transformer_controlnet(pipeline_dir: Path, path: Path, seed: int = 0, **config) -> Path:
+def write_transformer_controlnet(pipeline_dir: Path, path: Path, seed: int = 0, inpainting: bool = False,
+                                 **config) -> Path:
     """A tiny ControlNet for the tiny transformer pipeline in `pipeline_dir` (Flux.1, SD3, Qwen-Image
     or Z-Image: the class its family's ControlNet pipelines take), saved as a diffusers folder at
     `path`. One block, built from the transformer as diffusers does (`from_transformer`; Z-Image's
     from its config: the pipeline shares the transformer's embedders with it), then every
     zero-initialised tensor (output projections, the hint embedder) redrawn from N(0, 0.1) so the
-    ControlNet and its hint change the output. `config`: extra ControlNet config (a Flux union's
-    `num_mode`; Z-Image's `control_in_dim`: the latent channels for a hint only, as Z-Image-Turbo-Fun-
-    Controlnet-Union 1.0; 2 x latent + 1 for hint, masked image and mask, as Union 2.0, which inpaints)."""
+    ControlNet and its hint change the output. `inpainting`: a ControlNet that reads the masked image
+    and mask (SD3: one extra conditioning channel, as Alimama's; Qwen-Image: the mask's packed
+    channels, as InstantX's; Z-Image: control_in_dim 2 x latent + 1, as Union 2.0, where Union 1.0
+    reads the latent channels of a hint only). `config`: extra ControlNet config (a Flux union's `num_mode`)."""
     import diffusers
 
     transformer_config = read_json(pipeline_dir / "transformer" / "config.json")
@@ -440,9 +442,11 @@ def write_transformer_controlnet(pipeline_dir: Path, path: Path, seed: int = 0, 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if transformer_class == "ZImageTransformer2DModel":
+            latent = transformer_config["in_channels"]
             controlnet = diffusers.ZImageControlNetModel(**{
                 "control_layers_places": [0], "control_refiner_layers_places": [0],
-                "control_in_dim": transformer_config["in_channels"], "dim": transformer_config["dim"],
+                "control_in_dim": 2 * latent + 1 if inpainting else latent,
+                "dim": transformer_config["dim"],
                 "n_refiner_layers": 1, "n_heads": transformer_config["n_heads"], "n_kv_heads": transformer_config["n_kv_heads"],
                 "all_patch_size": transformer_config["all_patch_size"],
                 "all_f_patch_size": transformer_config["all_f_patch_size"], "qk_norm": transformer_config["qk_norm"], **config})
@@ -459,11 +463,13 @@ def write_transformer_controlnet(pipeline_dir: Path, path: Path, seed: int = 0, 
             elif transformer_class == "SD3Transformer2DModel":
                 # (not the tiny transformer's weights: its one block is the last, context-only one)
                 controlnet = diffusers.SD3ControlNetModel.from_transformer(
-                    transformer, num_layers=1, num_extra_conditioning_channels=0, load_weights_from_transformer=False)
+                    transformer, num_layers=1, num_extra_conditioning_channels=int(inpainting),
+                    load_weights_from_transformer=False)
             elif transformer_class == "QwenImageTransformer2DModel":
                 controlnet = diffusers.QwenImageControlNetModel.from_transformer(
                     transformer, num_layers=1, num_attention_heads=transformer_config["num_attention_heads"],
-                    attention_head_dim=transformer_config["attention_head_dim"])
+                    attention_head_dim=transformer_config["attention_head_dim"],
+                    extra_condition_channels=transformer_config["patch_size"] ** 2 if inpainting else 0)
             else:
                 raise ValueError(f"no tiny ControlNet for a {transformer_class}")
     generator = _generator(seed)

@@ -40,12 +40,14 @@ from diffusers import (
     FluxKontextInpaintPipeline,
     FluxKontextPipeline,
     FluxPipeline,
+    QwenImageControlNetInpaintPipeline,
     QwenImageControlNetPipeline,
     QwenImageEditInpaintPipeline,
     QwenImageEditPipeline,
     QwenImageImg2ImgPipeline,
     QwenImageInpaintPipeline,
     QwenImagePipeline,
+    StableDiffusion3ControlNetInpaintingPipeline,
     StableDiffusion3ControlNetPipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3InpaintPipeline,
@@ -114,7 +116,8 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
         "text2img": StableDiffusion3Pipeline,
         "img2img": StableDiffusion3Img2ImgPipeline,
         "inpaint": StableDiffusion3InpaintPipeline,
-        "controlnet": StableDiffusion3ControlNetPipeline,  # (text2img only: no SD3 ControlNet img2img in diffusers)
+        "controlnet": StableDiffusion3ControlNetPipeline,  # (no SD3 ControlNet img2img in diffusers)
+        "controlnet_inpaint": StableDiffusion3ControlNetInpaintingPipeline,  # (an inpainting ControlNet's)
     },
     "qwen": {  # Qwen-Image (+ Edit): an MMDiT on a Qwen2.5-VL text encoder, true CFG, flow matching
         "text2img": QwenImagePipeline,
@@ -122,7 +125,8 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
         "inpaint": QwenImageInpaintPipeline,
         "edit": QwenImageEditPipeline,  # an Edit model's img2img
         "edit_inpaint": QwenImageEditInpaintPipeline,  # an Edit model's inpaint
-        "controlnet": QwenImageControlNetPipeline,  # (text2img only)
+        "controlnet": QwenImageControlNetPipeline,
+        "controlnet_inpaint": QwenImageControlNetInpaintPipeline,  # (an inpainting ControlNet's)
     },
     "zimage": {  # Z-Image (Turbo): a single-stream DiT on a Qwen3 text encoder
         "text2img": ZImagePipeline,

@@ -76,8 +76,10 @@ def union_mode(net, controlnet_type: str) -> int | None:
 
 
 # pipelines that draw from torch's global generator besides the job's: diffusers 0.42.1's SD3 ControlNet
-# pipeline samples the hint's VAE latents with `latent_dist.sample()` and no generator
-GLOBAL_RNG_PIPELINES = ("StableDiffusion3ControlNetPipeline",)
+# pipelines and Qwen-Image's ControlNet inpainting sample the hint's VAE latents with
+# `latent_dist.sample()` and no generator
+GLOBAL_RNG_PIPELINES = ("StableDiffusion3ControlNetPipeline", "StableDiffusion3ControlNetInpaintingPipeline",
+                        "QwenImageControlNetInpaintPipeline")
 
 
 @contextlib.contextmanager
@@ -94,14 +96,38 @@ def global_rng_seeded(pipeline, seed: int):
         yield
 
 
-def _check_z_image_inpaint(net, net_id: str, model: LoadedModel) -> None:
-    """Z-Image's ControlNet inpainting reads the hint, masked-image and mask latents: a ControlNet made
-    for it (control_in_dim 2 x latent channels + 1, as Z-Image-Turbo-Fun-Controlnet-Union-2.0), not one
-    that reads the hint only (control_in_dim = the latent channels, as Union 1.0)."""
-    if net.config.control_in_dim == model.pipeline.transformer.in_channels:
-        raise Unsupported(f"ControlNet {net_id} reads a hint only: Z-Image ControlNet inpainting needs one made for "
-                          "inpainting (like alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0); use it for "
-                          "text2img, or inpaint without a ControlNet")
+# the families whose ControlNet inpainting reads the masked image and mask as its hint (an inpainting
+# ControlNet: SD3's Alimama-style, Qwen-Image's InstantX-style), by the config value that makes one
+MASKED_IMAGE_CONTROLNETS = {"sd3": "extra_conditioning_channels", "qwen": "extra_condition_channels"}
+INPAINTING_CONTROLNETS = {"sd3": "alimama-creative/SD3-Controlnet-Inpainting",
+                          "qwen": "InstantX/Qwen-Image-ControlNet-Inpainting",
+                          "zimage": "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.0"}
+
+
+def is_inpainting_controlnet(net, model: LoadedModel) -> bool:
+    """Whether a transformer family's ControlNet reads the masked image and the mask: SD3 / Qwen-Image
+    ones with extra conditioning channels; Z-Image ones whose control_in_dim exceeds the latent
+    channels (Union 2.0: hint, masked image and mask; Union 1.0 reads the hint only)."""
+    if model.family in MASKED_IMAGE_CONTROLNETS:
+        return bool(net.config.get(MASKED_IMAGE_CONTROLNETS[model.family]))
+    if model.family == "zimage":
+        return net.config.control_in_dim != model.pipeline.transformer.in_channels
+    return False
+
+
+def check_inpainting_controlnet(net, net_id: str, model: LoadedModel, inpaint: bool) -> None:
+    """SD3, Qwen-Image and Z-Image inpaint through a ControlNet made for inpainting (and SD3 /
+    Qwen-Image ones do nothing else); Flux.1's ControlNets do both."""
+    if model.family not in INPAINTING_CONTROLNETS:
+        return
+    made_for_it = is_inpainting_controlnet(net, model)
+    if inpaint and not made_for_it:
+        raise Unsupported(f"ControlNet {net_id} reads a hint only: ControlNet inpainting on {model.family} models needs "
+                          f"one made for inpainting (like {INPAINTING_CONTROLNETS[model.family]}); use it for text2img, "
+                          "or inpaint without a ControlNet")
+    if not inpaint and made_for_it and model.family in MASKED_IMAGE_CONTROLNETS:
+        raise Unsupported(f"ControlNet {net_id} is an inpainting ControlNet: send init_image and mask_image "
+                          "(it repaints the masked area), or use a hint ControlNet for text2img")
 
 
 def _dtype_for(device: torch.device) -> torch.dtype:
@@ -431,6 +457,10 @@ class DiffusersEngine:
         }
         hint_arg = hints[0] if len(nets) == 1 else hints
         if model.family not in CLIP_FAMILIES:  # the transformer families' pipelines: the hint is control_image
+            for net, spec in zip(nets, params.controlnets, strict=True):
+                check_inpainting_controlnet(net, spec.model_id, model, inpaint=mask is not None)
+            if mask is not None and model.family in MASKED_IMAGE_CONTROLNETS:  # (the image and mask are the hint)
+                return "controlnet_inpaint", {**call, "control_image": init, "control_mask": mask}
             call["control_image"] = hint_arg
             modes = [union_mode(net, spec.type) for net, spec in zip(nets, params.controlnets, strict=True)]
             if any(mode is not None for mode in modes):
@@ -439,8 +469,6 @@ class DiffusersEngine:
                 return "controlnet", call
             call.update(image=init, strength=params.strength)
             if mask is not None:
-                if model.family == "zimage":
-                    _check_z_image_inpaint(nets[0], params.controlnets[0].model_id, model)
                 return "controlnet_inpaint", {**call, "mask_image": mask}
             return "controlnet_img2img", call
         if init is None:

@@ -1,6 +1,7 @@
 """ControlNet on the transformer families (issue 19): Flux.1 (text2img, img2img and inpaint with a
 hint, several ControlNets at once, union ControlNets' modes), SD3 / SD3.5 and Qwen-Image (text2img
-with a hint), Z-Image (text2img and inpaint with a hint). Tiny ControlNets of each family's class
+with a hint; inpainting through an inpainting ControlNet), Z-Image (text2img with a hint, inpainting
+with a ControlNet made for it). Tiny ControlNets of each family's class
 (`tests.model_files.write_transformer_controlnet`) are loaded from diffusers folders, their family
 read from their class, listed, and run over HTTP; a ControlNet of another family, and what a
 family's ControlNet pipelines do not have, are a 400 naming it."""
@@ -53,16 +54,19 @@ def app(models_dir, tmp_path_factory):
         for family, (model_id, build, net_id) in FAMILIES.items():
             build(root / model_id)
             # (Z-Image's: a Union 2.0-shaped one, which inpaints: hint, masked image and mask latents)
-            write_transformer_controlnet(root / model_id, root / net_id, **({"control_in_dim": 9} if family == "zimage" else {}))
+            write_transformer_controlnet(root / model_id, root / net_id, inpainting=family == "zimage")
+        for family in ("sd3", "qwen"):  # inpainting ControlNets (the masked image and the mask are their hint)
+            write_transformer_controlnet(root / FAMILIES[family][0], root / f"{family}-inpaint", inpainting=True)
         write_transformer_controlnet(root / "flux-tiny", root / "flux-depth", seed=1)
         write_transformer_controlnet(root / "flux-tiny", root / "flux-union", seed=2, num_mode=7)
-        write_transformer_controlnet(root / "zimage-tiny", root / "zimage-canny-2", seed=3)
+        write_transformer_controlnet(root / "zimage-tiny", root / "zimage-canny-2", seed=3)  # (hint only: Union 1.0)
         write_controlnet(root / "models" / "tiny-sd", root / "sd-canny")
         tiny.build_tiny_flux(root / "kontext-tiny", kontext=True)
     for model_id, _, _ in FAMILIES.values():
         assert load(client, "load_model", url=str(root / model_id), model_id=model_id)["status"] == "success"
     assert load(client, "load_model", url=str(root / "kontext-tiny"), model_id="kontext-tiny")["status"] == "success"
-    for net_id in (*(net for _, _, net in FAMILIES.values()), "flux-depth", "flux-union", "zimage-canny-2", "sd-canny"):
+    for net_id in (*(net for _, _, net in FAMILIES.values()), "flux-depth", "flux-union", "zimage-canny-2", "sd3-inpaint",
+                   "qwen-inpaint", "sd-canny"):
         answer = load(client, "load_model_v2", url=str(root / net_id), model_id=net_id, model_category="controlnet")
         assert answer["status"] == "success", answer
     yield client
@@ -126,6 +130,31 @@ def test_z_image_controlnet_inpaint_keeps_the_unmasked_pixels(app):
                      controlnet_model="zimage-canny-2", control_image=hint(1), init_image=data_uri(init),
                      mask_image=data_uri(mask))
     assert hint_only["status"] in ("error", "failed") and "Union-2.0" in str(hint_only), hint_only
+    # ...and text2img with a hint works on both
+    for net_id in ("zimage-canny", "zimage-canny-2"):
+        assert call(client, "controlnet", model_id="zimage-tiny", prompt="x", **SMALL, controlnet_model=net_id,
+                    control_image=hint(1))["status"] == "success"
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwen"])
+def test_sd3_and_qwen_image_inpaint_through_an_inpainting_controlnet_only(app, family):
+    client = app
+    model_id = FAMILIES[family][0]
+    init, mask = scene(64, 64), centre_mask(64, 64)
+    body = {"model_id": model_id, "prompt": "a cat", **SMALL, "init_image": data_uri(init), "mask_image": data_uri(mask)}
+    result = call(client, "controlnet", **body, controlnet_model=f"{family}-inpaint", control_image=hint(1))
+    painted = pixels(client, result)
+    keep, source = np.asarray(mask) == 0, np.asarray(init, dtype=np.int16)
+    assert np.array_equal(painted[keep], source[keep]) and not np.array_equal(painted[~keep], source[~keep])
+    assert "control_image was not used" in " ".join(result["meta"]["notes"]), result["meta"]
+    again = call(client, "controlnet", **body, controlnet_model=f"{family}-inpaint")
+    assert np.array_equal(pixels(client, again), painted) and "notes" not in again["meta"]
+    # a hint ControlNet cannot inpaint, and an inpainting one needs the image and mask
+    hint_only = call(client, "controlnet", **body, controlnet_model=f"{family}-canny", control_image=hint(1))
+    assert hint_only["status"] in ("error", "failed") and "reads a hint only" in str(hint_only), hint_only
+    text = call(client, "controlnet", model_id=model_id, prompt="x", **SMALL, controlnet_model=f"{family}-inpaint",
+                control_image=hint(1))
+    assert text["status"] in ("error", "failed") and "is an inpainting ControlNet" in str(text), text
 
 
 @pytest.mark.parametrize(("body", "says"), [
@@ -135,8 +164,10 @@ def test_z_image_controlnet_inpaint_keeps_the_unmasked_pixels(app):
     ({"model_id": "flux-tiny", "controlnet_model": "flux-canny,qwen-canny"}, "qwen-canny was made for a Qwen-Image model; flux-tiny is a Flux"),
     ({"model_id": "kontext-tiny", "controlnet_model": "flux-canny"}, "ControlNet is not available for kontext-tiny"),
     ({"model_id": "sd3-tiny", "controlnet_model": "sd3-canny", "init_image": "scene"}, "ControlNet img2img is available for Flux models; sd3-tiny is an SD3 model"),
-    ({"model_id": "qwen-tiny", "controlnet_model": "qwen-canny", "init_image": "scene", "mask_image": "mask"},
-     "ControlNet inpaint is available for Flux models and Z-Image models"),
+    ({"model_id": "qwen-tiny", "controlnet_model": "qwen-canny", "init_image": "scene"},
+     "ControlNet img2img is available for Flux models; qwen-tiny is a Qwen-Image model"),
+    ({"model_id": "sd3-tiny", "controlnet_model": "sd3-inpaint,sd3-canny", "init_image": "scene", "mask_image": "mask"},
+     "SD3 models take (to inpaint) one ControlNet at a time"),
     ({"model_id": "zimage-tiny", "controlnet_model": "zimage-canny", "init_image": "scene"}, "ControlNet img2img"),
 ])
 def test_a_controlnet_of_another_family_or_a_missing_pipeline_is_a_400(app, body, says):
