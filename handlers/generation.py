@@ -243,6 +243,17 @@ def _reference_images(model: ModelEntry, images: dict) -> None:
     images.update({f"{REFERENCE}{i}": image for i, image in enumerate(references)})
 
 
+def _flux_fill_model(rt: Runtime) -> ModelEntry | None:
+    """The Flux.1 Fill model that inpaints for the base Flux.1 models (setting flux_inpaint_with_fill):
+    family_model_ids' flux_fill, else the first loaded; None when off or none is loaded."""
+    if not rt.settings.flux_inpaint_with_fill:
+        return None
+    if chosen := rt.settings.family_model_ids.get("flux_fill"):
+        entry = rt.weights.get(chosen)
+        return entry if entry is not None and entry.status == READY and entry.category == "flux_fill" else None
+    return rt.weights.first_ready(("flux_fill",))
+
+
 def _check_mask(init, mask) -> None:
     init_ratio, mask_ratio = init.width / init.height, mask.width / mask.height
     if abs(mask_ratio - init_ratio) > MASK_ASPECT_TOLERANCE * init_ratio:
@@ -264,13 +275,19 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     resolved = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images, category=caller.model_category)
     # a default model still to be loaded (a fresh deployment): the checks that need its entry wait for the engine
     model = None if isinstance(resolved, ondemand.Pending) else resolved
+    fill_note = []
+    if task == "inpaint" and model is not None and model.category == "flux" and not req.lora_model:
+        if (fill := _flux_fill_model(rt)) is not None:  # Flux.1 inpaints best through a Fill model
+            fill_note = [f"inpainted by the Flux.1 Fill model {fill.model_id}, not {model.model_id} "
+                         "(SDAPI_FLUX_INPAINT_WITH_FILL: a loaded Fill model inpaints for the Flux.1 models)"]
+            resolved = model = fill
     model_id = resolved.model_id
     if task == "text2img" and model is not None and model.family != "sd" and (req.panorama or req.self_attention):
         feature = "panorama" if req.panorama else "self_attention"
         raise BadInput(f"{feature} is available for SD 1.x/2.x models only; {model.model_id} is "
                        f"{'SDXL' if model.family == 'sdxl' else FLOW_FAMILIES.get(model.family, model.family)}")
     transformer = model is not None and model.family in FLOW_FAMILIES
-    notes = _check_transformer_family(task, req, model) if transformer else []
+    notes = fill_note + (_check_transformer_family(task, req, model) if transformer else [])
     editing = model is not None and model.category in EDIT_CATEGORIES and task == "img2img"
     if "init_image_2" in images and not editing:
         raise BadInput(f"init_image_2 is for editing models (Flux Kontext, Qwen-Image-Edit, Flux.2: it is combined "

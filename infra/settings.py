@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "their requests name no model), by model category, e.g. {\"flux\": \"flux-dev\", \"flux_kontext\": "
         "\"kontext-dev\"}. A category not named here runs the first loaded model of that category.",
     )
+    flux_inpaint_with_fill: bool = Field(
+        True,
+        description="Inpaint requests on a base Flux.1 model run on a loaded Flux.1 Fill model (family_model_ids' "
+        "flux_fill, else the first loaded), which was trained for it, instead of the FluxInpaintPipeline on the model "
+        "named; `meta.notes` says so. Not with a LoRA (it was made for the model named). false: always the model named.",
+    )
     default_model_source: str | None = Field(
         None,
         description="Where the default model is loaded from (a hub repo id or a URL, as load_model's `url`) when it is "

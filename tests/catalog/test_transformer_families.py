@@ -192,12 +192,18 @@ def test_kontext_edits_fill_inpaints_and_the_model_family_routes_run_them(app):
 
     init, mask = scene(64, 64), centre_mask(64, 64)
     painted = pixels(client, call(client, "inpaint", model_id="fill-tiny", prompt="a cat", init_image=data_uri(init),
-                                  mask_image=data_uri(mask), **SMALL))
+                                  mask_image=data_uri(mask), seed=7, **SMALL))
     keep = np.asarray(mask) == 0
     assert np.array_equal(painted[keep], np.asarray(init, dtype=np.int16)[keep])
     assert not np.array_equal(painted[~keep], np.asarray(init, dtype=np.int16)[~keep])
     fill_t2i = call(client, "text2img", model_id="fill-tiny", prompt="x", **SMALL)
     assert fill_t2i["http"] == 400 and "inpainting model" in fill_t2i["message"], fill_t2i
+    # with a Fill model loaded, the base Flux.1 models inpaint through it (SDAPI_FLUX_INPAINT_WITH_FILL)
+    through_fill = call(client, "inpaint", model_id="flux-tiny", prompt="a cat", init_image=data_uri(init),
+                        mask_image=data_uri(mask), seed=7, **SMALL)
+    assert through_fill["meta"]["model_id"] == "fill-tiny", through_fill["meta"]
+    assert "inpainted by the Flux.1 Fill model fill-tiny, not flux-tiny" in " ".join(through_fill["meta"]["notes"])
+    assert np.array_equal(pixels(client, through_fill), painted)
 
     text = family_route(client, "flux/text2img", prompt="a red cube", **SMALL)
     assert text["status"] == "success" and text["meta"]["model_id"] == "flux-tiny", text
