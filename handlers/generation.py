@@ -276,11 +276,11 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     # a default model still to be loaded (a fresh deployment): the checks that need its entry wait for the engine
     model = None if isinstance(resolved, ondemand.Pending) else resolved
     fill_note = []
-    if task == "inpaint" and model is not None and model.category == "flux" and not req.lora_model:
-        if (fill := _flux_fill_model(rt)) is not None:  # Flux.1 inpaints best through a Fill model
-            fill_note = [f"inpainted by the Flux.1 Fill model {fill.model_id}, not {model.model_id} "
-                         "(SDAPI_FLUX_INPAINT_WITH_FILL: a loaded Fill model inpaints for the Flux.1 models)"]
-            resolved = model = fill
+    base_flux = task == "inpaint" and model is not None and model.category == "flux" and not req.lora_model
+    if base_flux and (fill := _flux_fill_model(rt)) is not None:  # Flux.1 inpaints best through a Fill model
+        fill_note = [(f"inpainted by the Flux.1 Fill model {fill.model_id}, not {model.model_id} "
+                      "(SDAPI_FLUX_INPAINT_WITH_FILL: a loaded Fill model inpaints for the Flux.1 models)")]
+        resolved = model = fill
     model_id = resolved.model_id
     if task == "text2img" and model is not None and model.family != "sd" and (req.panorama or req.self_attention):
         feature = "panorama" if req.panorama else "self_attention"
