@@ -23,10 +23,20 @@ from handlers.submit import (
     resolve_model,
     resolve_scheduler,
     submit_job,
+    text_language,
 )
 from infra.catalog.known import CONTROLNET_11_IDS
 from infra.catalog.weights import CATEGORY_TITLES, READY, ModelEntry
-from infra.jobs.params import ControlNetSpec, GenerationParams, HighresFix, Lora, SafetyCheck, Task, Upscale
+from infra.jobs.params import (
+    ControlNetSpec,
+    GenerationParams,
+    HighresFix,
+    Lora,
+    SafetyCheck,
+    Task,
+    Translation,
+    Upscale,
+)
 from infra.net.inputs import encode_input
 from models.errors import ApiError, BadInput, NotAvailable, NotFound
 from models.requests import (
@@ -48,7 +58,6 @@ MASK_ASPECT_TOLERANCE = 0.02
 
 # documented fields whose feature this server does not have; asking for them is an error, not a no-op
 _NOT_YET = {
-    "multi_lingual": "prompt translation",
     "ip_adapter_id": "IP-Adapter",
     "ip_adapter_image": "IP-Adapter",
 }
@@ -322,6 +331,7 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     highres, upscale, pending = _second_passes(req, width, height, rt)
     if model is None:
         pending.append(resolved)
+    translation, languages = _translation(req, rt, pending)
     checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
     params = GenerationParams(
         task=task,
@@ -351,17 +361,38 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         upscale=upscale,
         safety_checker=SafetyCheck(type=req.safety_checker_type, threshold=rt.settings.nsfw_threshold) if checker else None,
         base64=req.base64,
+        translation=translation,
     )
     # 4. the job
     file_prefix = str(uuid.uuid4())
     output_keys = [output_key(f"{file_prefix}-{i}", req.base64) for i in range(req.samples)]
     meta = generation_meta(params, req, file_prefix)
+    meta.update(languages)
     if notes:
         meta["notes"] = notes
     # (an editing model reads the image at its own size: the pipeline fits it to the resolutions it was trained at)
     inputs = {name: encode_input(_within(image, MAX_SIZE) if editing else _fit(image, width, height))
               for name, image in images.items()}
     return submit_job(task, params, meta, output_keys, inputs, req, rt, caller, pending)
+
+
+def _translation(req: GenerationRequest, rt: Runtime, pending: list) -> tuple[Translation | None, dict]:
+    """multi_lingual: the prompt's (and negative prompt's) language, and what of them the translator
+    (setting translator_model_id, fetched on first use where it is a known model) turns into English
+    before the job runs; English is left alone. Returns (the job's Translation or None, meta)."""
+    if not req.multi_lingual:
+        return None, {}
+    texts = {"prompt": req.prompt, "negative_prompt": req.negative_prompt}  # (as sent: before enhance_prompt)
+    languages = {field: text_language(text) for field, text in texts.items() if text and text.strip()}
+    meta = {f"{field}_language": language for field, language in languages.items()}
+    foreign = tuple(field for field, language in languages.items() if language != "en")
+    if not foreign:
+        return None, meta
+    model_id = rt.settings.translator_model_id
+    needed = ondemand.require_known(model_id, "translator", "multi_lingual", rt)
+    if isinstance(needed, ondemand.Pending):
+        pending.append(needed)
+    return Translation(model_id=model_id, fields=foreign), {**meta, "translator": model_id}
 
 
 def _second_passes(req: GenerationRequest, width: int, height: int, rt: Runtime):

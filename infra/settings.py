@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         "their requests name no model), by model category, e.g. {\"flux\": \"flux-dev\", \"flux_kontext\": "
         "\"kontext-dev\"}. A category not named here runs the first loaded model of that category.",
     )
+    translator_model_id: str = Field(
+        "opus-mt-mul-en",
+        description="multi_lingual's translator: a model of category translator (a transformers sequence-to-sequence "
+        "model into English). The default, Helsinki-NLP/opus-mt-mul-en, is fetched on first use where "
+        "fetch_known_models allows it.",
+    )
     flux_inpaint_with_fill: bool = Field(
         True,
         description="Inpaint requests on a base Flux.1 model run on a loaded Flux.1 Fill model (family_model_ids' "

@@ -500,3 +500,31 @@ def write_depth_estimator(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+# --- multi_lingual's translator ------------------------------------------------------------------
+
+
+def write_translator(path: Path, seed: int = 0) -> Path:
+    """A tiny translator (a 1+1-layer T5ForConditionalGeneration, 32 wide, on tiny-flux's unigram T5
+    tokenizer) saved as a transformers folder with its tokenizer: random weights, so its "English"
+    is gibberish, but the same text always gives the same words and other texts others."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from infra.engine.files.tiny import TINY_FLUX_CONFIGS
+
+    from infra.engine import LOAD_LOCK
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_FLUX_CONFIGS / "tokenizer_2")
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
+                      num_decoder_layers=1, decoder_start_token_id=tokenizer.pad_token_id,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    with LOAD_LOCK, torch.random.fork_rng():  # (no model built while a running app loads one: infra.engine)
+        torch.manual_seed(seed)
+        model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # (larger weights: with the default init every text decodes to the same few tokens)
+        for param in model.parameters():
+            param.mul_(5)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -27,6 +27,8 @@ KNOWN_MODELS = {
     "ultra_resolution": ("https://huggingface.co/Kim2091/UltraSharp/resolve/main/4x-UltraSharp.pth", "upscaler"),
     "GFPGANv1.4": ("https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth", "face_restorer"),
     "animatediff-motion-adapter-v1-5-2": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion_adapter"),
+    # multi_lingual's translator: Marian, from 100+ languages to English
+    "opus-mt-mul-en": ("Helsinki-NLP/opus-mt-mul-en", "translator"),
 }
 
 # ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)

@@ -45,8 +45,10 @@ CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD
                        "QwenImageControlNetModel": "qwen", "ZImageControlNetModel": "zimage"}
 # "preprocessor": a network that turns an image into a ControlNet hint (a depth estimator, ...)
 # "upscaler" / "face_restorer": super-resolution and face-restoration networks (spandrel);
-# "motion_adapter": an AnimateDiff motion module for text2video
-CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter")
+# "motion_adapter": an AnimateDiff motion module for text2video; "translator": a transformers translation
+# model (sequence to sequence, any language to English: multi_lingual)
+CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter",
+              "translator")
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -247,6 +247,8 @@ class ModelCache:
                     entry.module.to(device=device, dtype=dtype)
                 elif hasattr(entry.module, "to"):  # spandrel descriptors, transformers pipelines
                     entry.module.to(device)
+                elif isinstance(entry.module, tuple):  # a translator: (model, tokenizer)
+                    entry.module[0].to(device)
 
     # --- eviction
 
@@ -335,6 +337,13 @@ class ModelCache:
             with LOAD_LOCK:
                 estimator = transformers_pipeline("depth-estimation", model=str(folder), device=self.device)
             return LoadedComponent(entry.model_id, entry.version, estimator, module_bytes(estimator.model))
+        if kind == "translator":  # (model, tokenizer): infra.engine.prompts.translate
+            from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+            with LOAD_LOCK:
+                model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True).to(self.device).eval()
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            return LoadedComponent(entry.model_id, entry.version, (model, tokenizer), module_bytes(model))
         if kind in ("upscaler", "face_restorer"):
             from infra.engine.files.upscalers import load_upscaler
 

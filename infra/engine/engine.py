@@ -224,6 +224,8 @@ class DiffusersEngine:
                 facts["scheduler"] = scheduler_of(self.cache.model(params.model_id), params)
             return EngineResult([encode_video(frames, params.fps, params.output_type)], facts)
         # 2. the images: upscaled from the input, or generated (and optionally upscaled)
+        if params.kind == "generation" and params.translation is not None:  # multi_lingual: in English first
+            params = self._translated(params, facts)
         if params.kind == "upscale":
             progress.stage("postprocessing")
             image, faces = self.super_resolve(_open(inputs["image"]), params)
@@ -251,6 +253,21 @@ class DiffusersEngine:
         if params.kind == "generation" and params.scheduler is None:
             facts["scheduler"] = scheduler_of(self.cache.model(params.model_id), params)
         return EngineResult([encode_image(image, params.base64) for image in images], facts)
+
+    def _translated(self, params: GenerationParams, facts: dict) -> GenerationParams:
+        """The job with its foreign-language texts in English (the translator's words in `facts`:
+        translated_prompt, translated_negative_prompt); a text the translator answers nothing for
+        stays as it was."""
+        from infra.engine.prompts import translate
+
+        translator = self.cache.component(params.translation.model_id, "translator")
+        changes = {}
+        for field in params.translation.fields:
+            english = translate(translator, getattr(params, field))
+            facts[f"translated_{field}"] = english
+            if english:
+                changes[field] = english
+        return params.model_copy(update=changes)
 
     def super_resolve(self, image: Image.Image, params: UpscaleParams) -> tuple[Image.Image, int]:
         """Upscale to the job's size; with a face restorer, restore the faces found in the input."""

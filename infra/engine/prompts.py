@@ -429,3 +429,20 @@ def text_call(pipeline, prompt: str, call: dict) -> dict:
     if embeddings is None:
         return {**call, "prompt": prompt}
     return {**{k: v for k, v in call.items() if k not in TEXT_KEYS}, **embeddings}
+
+
+# --------------------------------------------------------------------------- multi_lingual
+
+TRANSLATION_MAX_TOKENS = 256  # a prompt's translation at most (CLIP reads 75 tokens a chunk)
+
+
+def translate(translator, text: str) -> str:
+    """`text` in English, by a translator model of the catalog ((model, tokenizer): a transformers
+    sequence-to-sequence model, any language to English, e.g. Marian opus-mt-mul-en), greedy, at
+    most twice as many tokens as the text and 16 more (a translation that loops stops there)."""
+    model, tokenizer = translator
+    inputs = tokenizer(text, return_tensors="pt", truncation=True).to(model.device)
+    limit = min(TRANSLATION_MAX_TOKENS, 2 * inputs["input_ids"].shape[1] + 16)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=limit, num_beams=1, do_sample=False)
+    return tokenizer.decode(output[0], skip_special_tokens=True).strip()

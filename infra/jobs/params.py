@@ -59,6 +59,14 @@ class Upscale(Contract):
     scale: int = 2
 
 
+class Translation(Contract):
+    """multi_lingual: the job's texts found in another language than English, which the translator
+    model turns into English before the job runs (English text never goes through it)."""
+
+    model_id: str
+    fields: tuple[Literal["prompt", "negative_prompt"], ...] = Field(min_length=1)
+
+
 class SafetyCheck(Contract):
     type: SafetyTreatment
     threshold: float
@@ -96,6 +104,7 @@ class GenerationParams(Contract):
     upscale: Upscale | None = None
     safety_checker: SafetyCheck | None = None
     base64: bool = False
+    translation: Translation | None = None
 
     @property
     def samples(self) -> int:
@@ -136,7 +145,8 @@ class GenerationParams(Contract):
         return units * self.samples
 
     def models_used(self) -> set[str]:
-        used = {self.model_id, self.vae, self.embedding, self.upscale.model_id if self.upscale else None}
+        used = {self.model_id, self.vae, self.embedding, self.upscale.model_id if self.upscale else None,
+                self.translation.model_id if self.translation else None}
         used.update(lora.model_id for lora in self.loras)
         for net in self.controlnets:
             used.update((net.model_id, net.preprocessor))

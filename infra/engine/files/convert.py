@@ -48,6 +48,8 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         return _prepare_component(category, source, out, dtype)
     if category == "preprocessor":
         return _prepare_preprocessor(source, out)
+    if category == "translator":
+        return _prepare_translator(source, out)
     if category in ("upscaler", "face_restorer"):
         from infra.engine.files.upscalers import prepare_upscaler
 
@@ -193,6 +195,23 @@ def _prepare_preprocessor(source: Path, out: Path) -> dict:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return {"category": "preprocessor", "format": "transformers"}
+
+
+def _prepare_translator(source: Path, out: Path) -> dict:
+    """multi_lingual's translator: a transformers sequence-to-sequence model with its tokenizer (Marian
+    opus-mt-*-en, NLLB, T5, ...: anything that turns a prompt into English with `generate`)."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    if not (source.is_dir() and (source / "config.json").is_file()):
+        raise CheckpointError("a translator is a transformers model folder (config.json + weights + tokenizer)")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"the folder is not a translation model: {type(exc).__name__}: {exc}") from exc
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"category": "translator", "format": "transformers"}
 
 
 def _prepare_lora(path: Path, out: Path) -> dict:
