@@ -135,9 +135,9 @@ def enhance_prompt(prompt: str, suffix: str) -> str:
 LANGUAGE_MIN_SCORE = 0.3
 LANGUAGE_GUESSES = 5
 LATIN_SCRIPT_END = 0x24F  # the last code point of Latin Extended-B
-NON_LATIN_LANGUAGES = frozenset(
-    "zh ja ko ru uk bg mk be kk ky mn tg tt ba ce cv os sah ar fa ur ps ckb ug sd he yi el hy ka am ti hi mr ne sa bn "
-    "as pa gu or ta te kn ml si th lo km my bo dv".split())  # noqa: SIM905 (a list of codes reads better as one string)
+NON_LATIN_LANGUAGES = frozenset(  # (ISO 639 codes, as the identifier names them)
+    "zh ja ko ru uk bg mk be kk ky mn tg tt ba ce cv os sah ar fa ur ps ckb ug sd he yi el hy ka am ti hi mr ne sa bn "  # noqa: SIM905
+    "as pa gu or ta te kn ml si th lo km my bo dv".split())
 
 
 def text_language(text: str) -> str:
