@@ -31,6 +31,7 @@ from infra.jobs.params import (
     ControlNetSpec,
     GenerationParams,
     HighresFix,
+    IpAdapter,
     Lora,
     SafetyCheck,
     Task,
@@ -57,10 +58,7 @@ MAX_SIZE = 1024
 MASK_ASPECT_TOLERANCE = 0.02
 
 # documented fields whose feature this server does not have; asking for them is an error, not a no-op
-_NOT_YET = {
-    "ip_adapter_id": "IP-Adapter",
-    "ip_adapter_image": "IP-Adapter",
-}
+_NOT_YET: dict[str, str] = {}
 
 # auto_hint preprocessors this server has (see infra/engine/hints.py): these need no weights...
 AUTO_HINTS = ("canny", "tile", "ip2p", "qrcode", "inpaint")
@@ -332,6 +330,7 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     if model is None:
         pending.append(resolved)
     translation, languages = _translation(req, rt, pending)
+    ip_adapter = _ip_adapter(req, model, rt, caller, images, highres is not None)
     checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
     params = GenerationParams(
         task=task,
@@ -362,18 +361,50 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         safety_checker=SafetyCheck(type=req.safety_checker_type, threshold=rt.settings.nsfw_threshold) if checker else None,
         base64=req.base64,
         translation=translation,
+        ip_adapter=ip_adapter,
     )
     # 4. the job
     file_prefix = str(uuid.uuid4())
     output_keys = [output_key(f"{file_prefix}-{i}", req.base64) for i in range(req.samples)]
     meta = generation_meta(params, req, file_prefix)
     meta.update(languages)
+    if ip_adapter is not None:
+        meta.update(ip_adapter_id=ip_adapter.model_id, ip_adapter_scale=ip_adapter.scale)
     if notes:
         meta["notes"] = notes
     # (an editing model reads the image at its own size: the pipeline fits it to the resolutions it was trained at)
     inputs = {name: encode_input(_within(image, MAX_SIZE) if editing else _fit(image, width, height))
               for name, image in images.items()}
     return submit_job(task, params, meta, output_keys, inputs, req, rt, caller, pending)
+
+
+IP_ADAPTER_SCALE = 0.6  # ModelsLab's meta shows it when none is sent
+
+
+def _ip_adapter(req: GenerationRequest, model: ModelEntry | None, rt: Runtime, caller: Caller, images: dict,
+                highres: bool) -> IpAdapter | None:
+    """The job's IP-Adapter (`ip_adapter_id`, `ip_adapter_scale`, `ip_adapter_image` loaded into
+    `images`), checked to fit the model: SD 1.x / 2.x and SDXL UNets only (the adapter's
+    text-embedding width must be the model's); not with highres_fix (its second pass has no image)."""
+    if not req.ip_adapter_id:
+        for field in ("ip_adapter_image", "ip_adapter_scale"):
+            if getattr(req, field) is not None:
+                raise BadInput(f"{field} was given without ip_adapter_id", tip="Name the IP-Adapter in ip_adapter_id.")
+        return None
+    if req.ip_adapter_image is None:
+        raise BadInput("ip_adapter_id needs ip_adapter_image (the image whose look the adapter carries over)",
+                       tip="Send ip_adapter_image as a URL or base64.")
+    entry = rt.weights.require(req.ip_adapter_id, ("ip_adapter",), "ip_adapter_id")
+    if model is not None and model.family in FLOW_FAMILIES:
+        raise BadInput(f"ip_adapter_id: IP-Adapters are for SD 1.x / 2.x and SDXL models; {model.model_id} is "
+                       f"{FLOW_FAMILIES[model.family]}", tip="Leave ip_adapter_id out.")
+    _check_fits(entry, "ip_adapter_id", model)
+    if highres:
+        raise BadInput("ip_adapter_id cannot be combined with highres_fix (its second pass has no IP-Adapter image)",
+                       tip="Leave highres_fix out.")
+    images["ip_adapter_image"] = load_image(req.ip_adapter_image, "ip_adapter_image", rt, caller)
+    scale = IP_ADAPTER_SCALE if req.ip_adapter_scale is None else req.ip_adapter_scale
+    return IpAdapter(model_id=entry.model_id, scale=scale)
 
 
 def _translation(req: GenerationRequest, rt: Runtime, pending: list) -> tuple[Translation | None, dict]:

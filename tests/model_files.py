@@ -511,9 +511,8 @@ def write_translator(path: Path, seed: int = 0) -> Path:
     is gibberish, but the same text always gives the same words and other texts others."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from infra.engine.files.tiny import TINY_FLUX_CONFIGS
-
     from infra.engine import LOAD_LOCK
+    from infra.engine.files.tiny import TINY_FLUX_CONFIGS
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_FLUX_CONFIGS / "tokenizer_2")
     config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
@@ -527,4 +526,55 @@ def write_translator(path: Path, seed: int = 0) -> Path:
             param.mul_(5)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+# --- IP-Adapter ----------------------------------------------------------------------------------
+
+
+def write_ip_adapter(pipeline_dir: Path, path: Path, seed: int = 0, layout: str = "safetensors") -> Path:
+    """A tiny IP-Adapter for the tiny SD (or SDXL) pipeline in `pipeline_dir`, as tencent-ailab / h94
+    publish them: a folder with the weights file (`image_proj.*`: the image projection to 4 tokens of
+    the UNet's cross-attention width; `ip_adapter.{1,3,...}.to_k_ip / to_v_ip`: one pair per
+    cross-attention layer, in the UNet's processor order) and a 32-wide CLIPVisionModelWithProjection
+    in image_encoder/ (32 px images, projection 32). layout "bin": the nested {"image_proj": ...,
+    "ip_adapter": ...} torch file. Random weights of a scale that changes the image."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from infra.engine import LOAD_LOCK
+
+    unet_config = read_json(pipeline_dir / "unet" / "config.json")
+    cross = unet_config["cross_attention_dim"]
+    channels = unet_config["block_out_channels"]
+    with LOAD_LOCK, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(unet_config)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8, projection_dim=32)).eval()
+    generator = _generator(seed)
+    tokens, embed = 4, encoder.config.projection_dim
+    image_proj = {"proj.weight": torch.randn(tokens * cross, embed, generator=generator) * 0.5,
+                  "proj.bias": torch.zeros(tokens * cross), "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    ip_adapter, key = {}, 1
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            continue
+        if name.startswith("mid_block"):
+            hidden = channels[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
+        else:
+            hidden = channels[int(name[len("down_blocks.")])]
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{key}.{kind}.weight"] = torch.randn(hidden, cross, generator=generator) * 0.5
+        key += 2
+    path.mkdir(parents=True, exist_ok=True)
+    if layout == "bin":
+        torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path / "ip-adapter_tiny.bin")
+    else:
+        flat = {f"image_proj.{k}": v for k, v in image_proj.items()} | {f"ip_adapter.{k}": v for k, v in ip_adapter.items()}
+        save_file(flat, path / "ip-adapter_tiny.safetensors")
+    encoder.save_pretrained(path / "image_encoder")
     return path

@@ -38,7 +38,7 @@ CATEGORY_TITLES = {"stable_diffusion": "Stable Diffusion", "stable_diffusion_xl"
                    "flux": "Flux.1", "flux_kontext": "Flux.1 Kontext", "flux_fill": "Flux.1 Fill", "sd3": "SD3 / SD3.5",
                    "qwen": "Qwen-Image", "qwen_edit": "Qwen-Image-Edit", "zimage": "Z-Image", "flux2": "Flux.2 dev",
                    "flux2_klein": "Flux.2 Klein"}
-ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet")
+ADAPTER_CATEGORIES = ("lora", "embeddings", "vae", "controlnet", "ip_adapter")
 # the ControlNet classes a diffusers folder may hold -> the model family it fits ("": a UNet ControlNet
 # for SD 1.x / 2.x or SDXL, told apart by its cross-attention width)
 CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD3ControlNetModel": "sd3",

@@ -217,3 +217,34 @@ def _unload_embedding(model: LoadedModel, token: str) -> None:
         added = [t for t in tokenizer.get_added_vocab() if t == token or re.fullmatch(re.escape(token) + r"_\d+", t)]
         if added:
             pipeline.unload_textual_inversion(tokens=added, tokenizer=tokenizer, text_encoder=text_encoder)
+
+
+# --------------------------------------------------------------------------- IP-Adapter
+
+
+@contextmanager
+def job_ip_adapter(model: LoadedModel, pipeline, folder, encoder, scale: float):
+    """An IP-Adapter (a catalog folder: ip_adapter.safetensors + image_encoder/, the encoder loaded
+    once as a component) in the model's UNet for the block, at `scale`; the job's `pipeline` (a
+    copy of a variant) gets the image encoder and its feature extractor. Loaded with diffusers'
+    `load_ip_adapter` (it swaps the cross-attention processors and adds the image projection) and
+    unloaded with `unload_ip_adapter` afterwards, and the pipeline's feature extractor put back: the
+    next job runs on the model as it was. Like a LoRA, it takes the UNet off the fused, compiled
+    fast path for good (speed.before_lora). Hold the model's lock (inside `job_adapters`)."""
+    from infra.engine.files.convert import IP_ADAPTER_FILE
+
+    base = model.pipeline
+    speed.before_lora(base)
+    extractor = getattr(base, "feature_extractor", None)
+    base.register_modules(image_encoder=encoder)  # (so load_ip_adapter does not read the encoder again)
+    try:
+        with LOAD_LOCK:
+            base.load_ip_adapter(str(folder), subfolder="", weight_name=IP_ADAPTER_FILE, image_encoder_folder=None,
+                                 local_files_only=True)
+        base.set_ip_adapter_scale(scale)
+        pipeline.image_encoder, pipeline.feature_extractor = encoder, base.feature_extractor
+        yield
+    finally:
+        if getattr(base.unet, "encoder_hid_proj", None) is not None:
+            base.unload_ip_adapter()
+        base.register_modules(image_encoder=None, feature_extractor=extractor)

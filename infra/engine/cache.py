@@ -344,6 +344,13 @@ class ModelCache:
                 model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True).to(self.device).eval()
                 tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             return LoadedComponent(entry.model_id, entry.version, (model, tokenizer), module_bytes(model))
+        if kind == "ip_adapter":  # its CLIP image encoder (the adapter's weights load into the UNet per job)
+            from transformers import CLIPVisionModelWithProjection
+
+            with LOAD_LOCK:
+                encoder = CLIPVisionModelWithProjection.from_pretrained(
+                    folder / "image_encoder", dtype=self.dtype, local_files_only=True).to(self.device).eval()
+            return LoadedComponent(entry.model_id, entry.version, encoder, module_bytes(encoder))
         if kind in ("upscaler", "face_restorer"):
             from infra.engine.files.upscalers import load_upscaler
 

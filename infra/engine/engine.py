@@ -35,7 +35,7 @@ from PIL import Image
 
 from infra.catalog.weights import WeightsStore
 from infra.engine import quiet_libraries
-from infra.engine.adapters import diffusers_clip_skip, job_adapters, seed_tome, text_model_alias
+from infra.engine.adapters import diffusers_clip_skip, job_adapters, job_ip_adapter, seed_tome, text_model_alias
 from infra.engine.cache import CLIP_FAMILIES, ModelCache, build_scheduler
 from infra.engine.hints import make_hint
 from infra.engine.postprocess import composite_inpaint, treat_flagged
@@ -348,6 +348,14 @@ class DiffusersEngine:
         )
         accepted = call_parameters(type(pipeline))
         call = {k: v for k, v in call.items() if k in accepted}  # img2img variants take the image's size
+        ip_adapter = contextlib.nullcontext()
+        if params.ip_adapter is not None:
+            if "ip_adapter_image" not in accepted:
+                raise Unsupported(f"IP-Adapter is not available for {variant.replace('_', ' ')} jobs")
+            ip_adapter = job_ip_adapter(model, pipeline, self.weights.folder(params.ip_adapter.model_id),
+                                        self.cache.component(params.ip_adapter.model_id, "ip_adapter"),
+                                        params.ip_adapter.scale)
+            call["ip_adapter_image"] = _open(inputs["ip_adapter_image"])
 
         # 3. what adapts the model for this job, and the speed modes
         loras = [(lora.model_id, lora.strength) for lora in params.loras]
@@ -363,7 +371,7 @@ class DiffusersEngine:
         # 4. denoise, then composite (inpainting keeps the unmasked pixels) and refine (highres_fix)
         images = []
         adapters = job_adapters(model, self.weights, loras, params.embedding, tome, self.settings.max_loaded_loras)
-        with adapters, text_model_alias(model):
+        with adapters, ip_adapter, text_model_alias(model):
             call = prompt_call(model, pipeline, params.prompt, call)
             for batch in batches:
                 seed_tome(model, batch[0])

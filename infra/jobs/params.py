@@ -59,6 +59,13 @@ class Upscale(Contract):
     scale: int = 2
 
 
+class IpAdapter(Contract):
+    """An IP-Adapter (catalog category ip_adapter) steering the job by its `ip_adapter_image` input."""
+
+    model_id: str
+    scale: float = 0.6
+
+
 class Translation(Contract):
     """multi_lingual: the job's texts found in another language than English, which the translator
     model turns into English before the job runs (English text never goes through it)."""
@@ -105,6 +112,7 @@ class GenerationParams(Contract):
     safety_checker: SafetyCheck | None = None
     base64: bool = False
     translation: Translation | None = None
+    ip_adapter: IpAdapter | None = None
 
     @property
     def samples(self) -> int:
@@ -146,7 +154,8 @@ class GenerationParams(Contract):
 
     def models_used(self) -> set[str]:
         used = {self.model_id, self.vae, self.embedding, self.upscale.model_id if self.upscale else None,
-                self.translation.model_id if self.translation else None}
+                self.translation.model_id if self.translation else None,
+                self.ip_adapter.model_id if self.ip_adapter else None}
         used.update(lora.model_id for lora in self.loras)
         for net in self.controlnets:
             used.update((net.model_id, net.preprocessor))

@@ -50,6 +50,8 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         return _prepare_preprocessor(source, out)
     if category == "translator":
         return _prepare_translator(source, out)
+    if category == "ip_adapter":
+        return _prepare_ip_adapter(source, out)
     if category in ("upscaler", "face_restorer"):
         from infra.engine.files.upscalers import prepare_upscaler
 
@@ -212,6 +214,46 @@ def _prepare_translator(source: Path, out: Path) -> dict:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"category": "translator", "format": "transformers"}
+
+
+IP_ADAPTER_FILE, IMAGE_ENCODER = "ip_adapter.safetensors", "image_encoder"
+
+
+def _prepare_ip_adapter(source: Path, out: Path) -> dict:
+    """An IP-Adapter: a folder with its weights (one .safetensors or .bin of `image_proj` and
+    `ip_adapter` weights, as tencent-ailab / h94 publish them) and its CLIP image encoder in
+    `image_encoder/` (a transformers CLIPVisionModelWithProjection folder; h94/IP-Adapter's models/
+    and sdxl_models/ folders are laid out so). Stored as ip_adapter.safetensors (flat keys) + image_encoder/."""
+    from transformers import CLIPVisionModelWithProjection
+
+    if not source.is_dir() or not (source / IMAGE_ENCODER / "config.json").is_file():
+        raise CheckpointError("an IP-Adapter is a folder with its weights file and its CLIP image encoder in "
+                              "image_encoder/ (as h94/IP-Adapter's models/ folder)")
+    files = [path for path in sorted(source.iterdir()) if path.is_file() and path.suffix in WEIGHT_SUFFIXES]
+    if len(files) != 1:
+        raise CheckpointError(f"the IP-Adapter folder must hold one weights file beside image_encoder/, not {len(files)}")
+    if files[0].suffix == ".safetensors":
+        state = read_state_dict(files[0])
+    else:  # the .bin layout: {"image_proj": {...}, "ip_adapter": {...}} (tensors only: weights_only)
+        try:
+            nested = torch.load(files[0], map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"the IP-Adapter file does not load: {type(exc).__name__}: {exc}") from exc
+        parts = ("image_proj", "ip_adapter")
+        state = {f"{part}.{key}": value for part in parts if isinstance(nested.get(part), dict)
+                 for key, value in nested[part].items()} if isinstance(nested, dict) else {}
+    if not any(key.startswith("image_proj.") for key in state) or "ip_adapter.1.to_k_ip.weight" not in state:
+        raise CheckpointError("the file is not an IP-Adapter: it has no image_proj / ip_adapter weights")
+    try:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(source / IMAGE_ENCODER, local_files_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"image_encoder/ is not a CLIP image encoder: {type(exc).__name__}: {exc}") from exc
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in state.items()}, out / IP_ADAPTER_FILE)
+    encoder.save_pretrained(out / IMAGE_ENCODER)
+    context_dim = int(state["ip_adapter.1.to_k_ip.weight"].shape[1])  # the text-embedding width it was made for
+    return {"category": "ip_adapter", "format": files[0].suffix.lstrip("."), "file": IP_ADAPTER_FILE,
+            "context_dim": context_dim}
 
 
 def _prepare_lora(path: Path, out: Path) -> dict:
