@@ -274,9 +274,14 @@ def _check_mask(init, mask) -> None:
 # --------------------------------------------------------------------------- shared steps
 
 
-def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, images: dict) -> JobResponse:
+def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, images: dict, *,
+              endpoint: str | None = None, size: tuple[int, int] | None = None,
+              extra_meta: dict | None = None) -> JobResponse:
     """Every check first (model, scheduler, sizes, adapters, second passes), then the params, the
-    meta derived from them, and the job."""
+    meta derived from them, and the job. The image-editing endpoints (handlers/editing.py) run an
+    inpaint job through here: `endpoint` names the job (metering), `size` is their own output size
+    (outpaint's canvas, up to 1440: beyond the wire limit of `req.width`), `extra_meta` is merged
+    into meta (a None value drops the key)."""
     # 1. what the request asks for: available, on a model that suits the task
     _reject_unavailable(req)
     resolved = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images, category=caller.model_category)
@@ -306,7 +311,7 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         raise BadInput(f"reference_images are for Flux.2 models; {model_id} is not one", tip="Leave reference_images out.")
     scheduler, algorithm = resolve_scheduler(req.scheduler, req.algorithm_type, model, rt)
     # 2. the effective values a request leaves open
-    width, height = _output_size(req, images.get("init_image") or images.get("control_image_0"))
+    width, height = size or _output_size(req, images.get("init_image") or images.get("control_image_0"))
     if transformer:  # 2x2 latent patches of an 8x VAE: multiples of 16
         width, height = max(16, width // 16 * 16), max(16, height // 16 * 16)
     if "init_image_2" in images:  # (the output's size stays the first image's)
@@ -372,10 +377,15 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         meta.update(ip_adapter_id=ip_adapter.model_id, ip_adapter_scale=ip_adapter.scale)
     if notes:
         meta["notes"] = notes
+    for key, value in (extra_meta or {}).items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
     # (an editing model reads the image at its own size: the pipeline fits it to the resolutions it was trained at)
     inputs = {name: encode_input(_within(image, MAX_SIZE) if editing else _fit(image, width, height))
               for name, image in images.items()}
-    return submit_job(task, params, meta, output_keys, inputs, req, rt, caller, pending)
+    return submit_job(endpoint or task, params, meta, output_keys, inputs, req, rt, caller, pending)
 
 
 IP_ADAPTER_SCALE = 0.6  # ModelsLab's meta shows it when none is sent

@@ -247,6 +247,8 @@ def _round_to_8(value: int) -> int:
 
 # width / height: 1..1024, rounded down to a multiple of 8 (at least 8) and echoed as such.
 Dimension = Annotated[LooseInt(1, 1024), AfterValidator(_round_to_8)]
+# outpaint's canvas (spec §4.2): the same, up to 1440
+CanvasDimension = Annotated[LooseInt(1, 1440), AfterValidator(_round_to_8)]
 
 # "yes"/"no" on the wire, a bool in Python, "yes"/"no" again when serialised into `meta`.
 YesNo = Annotated[

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from models.fields import (
+    CanvasDimension,
     CsvList,
     Dimension,
     FloatList,
@@ -218,6 +219,50 @@ class Text2VideoRequest(JobOptions):
     instant_response: YesNo = False
     temp: YesNo = False
     loadbalancer: YesNo = False
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
+# --------------------------------------------------------------------------- image editing (spec §4.2, §4.4, §7)
+
+OUTPAINT_MAX_OVERLAP = 42
+
+
+class OutpaintRequest(JobOptions):
+    """outpaint: `image` placed in the middle of a `width` x `height` canvas (scaled down to fit, never
+    up), the border around it painted by an inpainting model."""
+
+    model_id: Text | None = Field(
+        None, description="An inpainting model (any model inpaint takes); default: the server's default inpainting model.")
+    prompt: Text = Field("high quality", description="What the new border shows.")
+    negative_prompt: Text = "low quality"
+    image: Text = Field(description="URL, base64 string or data URI of the image to extend.")
+    width: CanvasDimension = Field(1280, description="The canvas width: 1..1440, rounded down to a multiple of 8.")
+    height: CanvasDimension = Field(720, description="The canvas height: 1..1440, rounded down to a multiple of 8.")
+    overlap_width: LooseInt(0, OUTPAINT_MAX_OVERLAP) = Field(
+        10, description="Pixels inside the image's edges (where a border meets it) repainted with the border, so "
+        "the seam is painted over.")
+    num_inference_steps: LooseInt(1, 30) = Field(
+        10, validation_alias=AliasChoices("num_inference_steps", "steps"), description="Alias: `steps`.")
+    guidance_scale: LooseFloat(1, 20) = 8.0
+    seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="null -> random; echoed in meta.seed.")
+    temp: YesNo = Field(True, description="Outputs are deleted after 24 hours (outpaint's default: yes).")
+    base64: YesNo = False
+    instant_response: YesNo = Field(False, description="Answer `processing` at once instead of waiting.")
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
+class ObjectRemovalRequest(JobOptions):
+    """object_removal: the white area of mask_image repainted by the default inpainting model with an
+    empty prompt (this server has no dedicated removal network)."""
+
+    init_image: Text = Field(description="URL, base64 string or data URI of the image.")
+    mask_image: Text = Field(description="URL/base64 of the mask: white = the object to remove, black = keep.")
+    seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="null -> random; echoed in meta.seed.")
+    base64: YesNo = False
+    temp: YesNo = False
+    instant_response: YesNo = Field(False, description="Answer `processing` at once instead of waiting.")
     webhook: Text | None = None
     track_id: Text | None = None
 

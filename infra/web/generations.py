@@ -12,8 +12,9 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   (system_details, restart_server, update_server, clear_cache, clear_queue, fetch, fetch/{id}) and
   the family's own endpoints this server can run: `video/text2video`,
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
-  `image_editing/inpainting`. What a family documents but this server does not run yet
-  (`video/img2video`, outpaint, removebg_mask, ...) answers a 400 saying so.
+  `image_editing/inpainting`, `image_editing/outpaint` and `image_editing/object_removal`
+  (inpaint jobs: handlers/editing.py). What a family documents but this server does not run yet
+  (`video/img2video`, ...) answers a 400 saying so.
 - **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
   `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no
   model: each runs a model category (`MODEL_FAMILY_SERVERS`; `flux/` with `deploy_type: flux_2_dev`
@@ -192,7 +193,8 @@ def _family_routes() -> list[Route]:
                   "img2video": ("text2video", not_run("video/img2video (image to video)",
                                                       "Use text2video; image to video is planned."))},
         "image_editing": {"super_resolution": ("super_resolution", renamed(init_image="url")),
-                          "inpainting": ("inpaint", None), "inpaint": ("inpaint", None)},
+                          "inpainting": ("inpaint", None), "inpaint": ("inpaint", None),
+                          "outpaint": ("outpaint", None), "object_removal": ("object_removal", None)},
         "super_resolution": {"make": ("super_resolution", renamed(init_image="url"))},
     }
     for family, own in families.items():
@@ -242,6 +244,8 @@ def _v6_routes() -> list[Route]:
         Route(f"{V6}/images/model_reload", "verify_model", "v6", images, summary="Is the model loaded? (v6 model_reload)"),
         Route(f"{V6}/image_editing/super_resolution", "super_resolution", "v6", editing, renamed(init_image="url")),
         Route(f"{V6}/image_editing/inpaint", "inpaint", "v6", editing),
+        Route(f"{V6}/image_editing/outpaint", "outpaint", "v6", editing),
+        Route(f"{V6}/image_editing/object_removal", "object_removal", "v6", editing),
         Route(f"{V6}/video/text2video", "text2video", "v6", video, video_model),
     ]
     for fetch in (images, editing, video):
