@@ -278,7 +278,7 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
               endpoint: str | None = None, size: tuple[int, int] | None = None,
               extra_meta: dict | None = None) -> JobResponse:
     """Every check first (model, scheduler, sizes, adapters, second passes), then the params, the
-    meta derived from them, and the job. The image-editing endpoints (handlers/editing.py) run an
+    meta derived from them, and the job. The image-editing endpoints (handlers/media.py) run an
     inpaint job through here: `endpoint` names the job (metering), `size` is their own output size
     (outpaint's canvas, up to 1440: beyond the wire limit of `req.width`), `extra_meta` is merged
     into meta (a None value drops the key)."""

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from handlers import catalog, editing, generation, media, queue, server, system, video
+from handlers import catalog, generation, media, queue, server, system, video
 from handlers.caller import Caller
 from handlers.submit import Submitted, job_envelope
 from infra.catalog.weights import validate_model_id
@@ -67,8 +67,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "super_resolution": Endpoint(
         rq.SuperResolutionRequest, media.super_resolution, JobResponse, "Upscale an image (output: one URL string)"
     ),
-    "outpaint": Endpoint(rq.OutpaintRequest, editing.outpaint, JobResponse, "Extend an image onto a larger canvas (inpaint)"),
-    "object_removal": Endpoint(rq.ObjectRemovalRequest, editing.object_removal, JobResponse, "Remove the masked object"),
+    "outpaint": Endpoint(rq.OutpaintRequest, media.outpaint, JobResponse, "Extend an image onto a larger canvas (inpaint)"),
+    "object_removal": Endpoint(rq.ObjectRemovalRequest, media.object_removal, JobResponse, "Remove the masked object"),
     "upload_image": Endpoint(rq.UploadImageRequest, media.upload_image, UploadImageResponse, "Store a base64 image"),
     "nsfw_image_check": Endpoint(
         rq.NsfwImageCheckRequest, media.nsfw_image_check, NsfwCheckResponse, "Is an image NSFW?"

@@ -13,7 +13,7 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   the family's own endpoints this server can run: `video/text2video`,
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
   `image_editing/inpainting`, `image_editing/outpaint` and `image_editing/object_removal`
-  (inpaint jobs: handlers/editing.py). What a family documents but this server does not run yet
+  (inpaint jobs: handlers/media.py). What a family documents but this server does not run yet
   (`video/img2video`, ...) answers a 400 saying so.
 - **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
   `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.editing import outpaint_inputs, outpaint_layout
+from handlers.media import outpaint_inputs, outpaint_layout
 from tests.conftest import KEY, centre_mask, fetch_png, png_bytes, scene, until_ended
 
 V1, V6 = "/api/v1/enterprise", "/api/v6"
