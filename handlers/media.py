@@ -41,7 +41,7 @@ from handlers.generation import _check_mask, _generate
 from handlers.meta import image_ref, upscale_meta
 from handlers.submit import check_output_size, load_image, output_key, resolve_model, submit_job
 from infra.catalog.weights import CATEGORY_TITLES
-from infra.jobs.params import UpscaleParams
+from infra.jobs.params import MaskParams, UpscaleParams
 from infra.net.inputs import decode_base64, encode_input
 from infra.safety import detector
 from infra.storage.base import StorageError
@@ -49,6 +49,7 @@ from models.errors import ApiError, BadInput
 from models.requests import (
     InpaintRequest,
     JobOptions,
+    MaskCreatorRequest,
     NsfwImageCheckRequest,
     ObjectRemovalRequest,
     OutpaintRequest,
@@ -258,3 +259,23 @@ def object_removal(req: ObjectRemovalRequest, rt: Runtime, caller: Caller) -> Jo
     }
     return _generate("inpaint", inpaint_req, rt, caller, {"init_image": init, "mask_image": mask.convert("L")},
                      endpoint="object_removal", extra_meta=meta)
+
+
+def mask_creator(req: MaskCreatorRequest, rt: Runtime, caller: Caller) -> JobResponse:
+    """A mask (white = the object, black = the rest; the input's size) of what `specific_object`
+    names in `init_image`, by the segmenter (setting mask_model_id, fetched on first use where it
+    is a known model): a job like super_resolution, one PNG."""
+    image = load_image(req.init_image, "init_image", rt, caller)
+    if not req.specific_object.strip():
+        raise BadInput("specific_object is empty: say what to mask", tip='Send the object in words, e.g. "the ball".')
+    model_id = rt.settings.mask_model_id
+    needed = ondemand.require_known(model_id, "segmenter", "mask_creator", rt)
+    params = MaskParams(model_id=model_id, text=req.specific_object, threshold=req.threshold, width=image.width,
+                        height=image.height, base64=req.base64)
+    meta = {"specific_object": req.specific_object, "threshold": req.threshold, "mask_model": model_id,
+            "init_image": image_ref(req.init_image), "width": image.width, "height": image.height,
+            "base64": "yes" if req.base64 else "no", "temp": "yes" if req.temp else "no"}
+    name = f"{int(time.time())}-{uuid.uuid4().hex}_mask"  # the link is the credential: 122 random bits
+    pending = [needed] if isinstance(needed, ondemand.Pending) else []
+    return submit_job("mask_creator", params, meta, [output_key(name, req.base64)], {"image": encode_input(image)},
+                      req, rt, caller, pending)

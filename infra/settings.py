@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         "model into English). The default, Helsinki-NLP/opus-mt-mul-en, is fetched on first use where "
         "fetch_known_models allows it.",
     )
+    mask_model_id: str = Field(
+        "clipseg-rd64-refined",
+        description="mask_creator's text-prompted segmentation model (category segmenter, a CLIPSeg folder). The "
+        "default, CIDAS/clipseg-rd64-refined, is fetched on first use where fetch_known_models allows it.",
+    )
     flux_inpaint_with_fill: bool = Field(
         True,
         description="Inpaint requests on a base Flux.1 model run on a loaded Flux.1 Fill model (family_model_ids' "

@@ -253,18 +253,31 @@ class OutpaintRequest(JobOptions):
     track_id: Text | None = None
 
 
-class ObjectRemovalRequest(JobOptions):
-    """object_removal: the white area of mask_image repainted by the default inpainting model with an
-    empty prompt (this server has no dedicated removal network)."""
+class EditingJobOptions(JobOptions):
+    """The output and delivery fields of the image_editing jobs that take an `init_image`."""
 
     init_image: Text = Field(description="URL, base64 string or data URI of the image.")
-    mask_image: Text = Field(description="URL/base64 of the mask: white = the object to remove, black = keep.")
-    seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="null -> random; echoed in meta.seed.")
     base64: YesNo = False
     temp: YesNo = False
     instant_response: YesNo = Field(False, description="Answer `processing` at once instead of waiting.")
     webhook: Text | None = None
     track_id: Text | None = None
+
+
+class ObjectRemovalRequest(EditingJobOptions):
+    """object_removal: the white area of mask_image repainted by the default inpainting model with an
+    empty prompt (this server has no dedicated removal network)."""
+
+    mask_image: Text = Field(description="URL/base64 of the mask: white = the object to remove, black = keep.")
+    seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="null -> random; echoed in meta.seed.")
+
+
+class MaskCreatorRequest(EditingJobOptions):
+    """mask_creator: a mask of the object `specific_object` names in `init_image`, by the text-prompted
+    segmentation model (setting mask_model_id)."""
+
+    specific_object: Text = Field(description="What to mask, in words (\"the ball\").")
+    threshold: LooseFloat(0, 1) = Field(0.4, description="How sure the model must be that a pixel is the object (0-1).")
 
 
 # --------------------------------------------------------------------------- media
@@ -343,7 +356,7 @@ class LoadModelRequest(WireModel):
 
 ModelCategory = Literal[
     "stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "flux_kontext", "flux_fill", "sd3", "qwen", "qwen_edit", "zimage", "flux2", "flux2_klein", "lora", "controlnet", "embeddings", "vae", "preprocessor",
-    "upscaler", "face_restorer", "motion_adapter", "translator", "ip_adapter",
+    "upscaler", "face_restorer", "motion_adapter", "translator", "ip_adapter", "segmenter",
 ]
 
 

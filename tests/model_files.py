@@ -578,3 +578,38 @@ def write_ip_adapter(pipeline_dir: Path, path: Path, seed: int = 0, layout: str 
         save_file(flat, path / "ip-adapter_tiny.safetensors")
     encoder.save_pretrained(path / "image_encoder")
     return path
+
+
+# --- mask_creator's segmenter --------------------------------------------------------------------
+
+
+def write_segmenter(path: Path, seed: int = 0) -> Path:
+    """A tiny CLIPSeg (CLIPSegForImageSegmentation: 32-wide text and vision towers, 32 px images in
+    8 px patches, a 16-wide decoder) with its CLIPSegProcessor (configs/clip-tokenizer and a ViT
+    image processor), saved as a transformers folder: random weights, so its masks are noise, but the
+    same image and words give the same mask and other words another."""
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        CLIPTokenizer,
+        ViTImageProcessor,
+    )
+
+    from infra.engine import CONFIGS_DIR, LOAD_LOCK
+
+    vocab = CONFIGS_DIR / "clip-tokenizer"
+    tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"))
+    processor = CLIPSegProcessor(image_processor=ViTImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = CLIPSegConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                     "num_attention_heads": 4},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 3, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=32, extract_layers=(0, 1, 2), reduce_dim=16, decoder_intermediate_size=37)
+    with LOAD_LOCK, torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPSegForImageSegmentation(config).eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -29,6 +29,8 @@ KNOWN_MODELS = {
     "animatediff-motion-adapter-v1-5-2": ("guoyww/animatediff-motion-adapter-v1-5-2", "motion_adapter"),
     # multi_lingual's translator: Marian, from 100+ languages to English
     "opus-mt-mul-en": ("Helsinki-NLP/opus-mt-mul-en", "translator"),
+    # mask_creator's segmenter: CLIPSeg (masks from words)
+    "clipseg-rd64-refined": ("CIDAS/clipseg-rd64-refined", "segmenter"),
 }
 
 # ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)

@@ -46,9 +46,10 @@ CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD
 # "preprocessor": a network that turns an image into a ControlNet hint (a depth estimator, ...)
 # "upscaler" / "face_restorer": super-resolution and face-restoration networks (spandrel);
 # "motion_adapter": an AnimateDiff motion module for text2video; "translator": a transformers translation
-# model (sequence to sequence, any language to English: multi_lingual)
+# model (sequence to sequence, any language to English: multi_lingual); "segmenter": a text-prompted segmentation
+# model (CLIPSeg through transformers: mask_creator)
 CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter",
-              "translator")
+              "translator", "segmenter")
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

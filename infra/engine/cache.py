@@ -247,7 +247,7 @@ class ModelCache:
                     entry.module.to(device=device, dtype=dtype)
                 elif hasattr(entry.module, "to"):  # spandrel descriptors, transformers pipelines
                     entry.module.to(device)
-                elif isinstance(entry.module, tuple):  # a translator: (model, tokenizer)
+                elif isinstance(entry.module, tuple):  # a translator, a segmenter: (model, tokenizer / processor)
                     entry.module[0].to(device)
 
     # --- eviction
@@ -344,6 +344,13 @@ class ModelCache:
                 model = AutoModelForSeq2SeqLM.from_pretrained(folder, local_files_only=True).to(self.device).eval()
                 tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             return LoadedComponent(entry.model_id, entry.version, (model, tokenizer), module_bytes(model))
+        if kind == "segmenter":  # (model, processor): DiffusersEngine.segment
+            from transformers import AutoProcessor, CLIPSegForImageSegmentation
+
+            with LOAD_LOCK:
+                model = CLIPSegForImageSegmentation.from_pretrained(folder, local_files_only=True).to(self.device).eval()
+                processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+            return LoadedComponent(entry.model_id, entry.version, (model, processor), module_bytes(model))
         if kind == "ip_adapter":  # its CLIP image encoder (the adapter's weights load into the UNet per job)
             from transformers import CLIPVisionModelWithProjection
 

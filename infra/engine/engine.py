@@ -49,7 +49,7 @@ from infra.settings import Settings
 from models.schedulers import DISTILLED_FAMILIES
 
 if TYPE_CHECKING:
-    from infra.jobs.params import GenerationParams, JobParams, UpscaleParams, VideoParams
+    from infra.jobs.params import GenerationParams, JobParams, MaskParams, UpscaleParams, VideoParams
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,11 @@ class DiffusersEngine:
         # 2. the images: upscaled from the input, or generated (and optionally upscaled)
         if params.kind == "generation" and params.translation is not None:  # multi_lingual: in English first
             params = self._translated(params, facts)
-        if params.kind == "upscale":
+        if params.kind == "mask":
+            progress.stage("postprocessing")
+            images = [self.segment(_open(inputs["image"]), params)]
+            progress.step()
+        elif params.kind == "upscale":
             progress.stage("postprocessing")
             image, faces = self.super_resolve(_open(inputs["image"]), params)
             progress.step()
@@ -253,6 +257,19 @@ class DiffusersEngine:
         if params.kind == "generation" and params.scheduler is None:
             facts["scheduler"] = scheduler_of(self.cache.model(params.model_id), params)
         return EngineResult([encode_image(image, params.base64) for image in images], facts)
+
+    def segment(self, image: Image.Image, params: MaskParams) -> Image.Image:
+        """mask_creator: the segmenter's per-pixel probability that the pixel is what `params.text`
+        names (CLIPSeg's logits at its own resolution, sigmoid, resized bilinearly to the image),
+        white where it reaches `params.threshold`, else black (an "L" image of the input's size)."""
+        model, processor = self.cache.component(params.model_id, "segmenter")
+        inputs = processor(text=[params.text], images=[image.convert("RGB")], padding="max_length", return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**inputs.to(model.device)).logits
+        probability = torch.sigmoid(logits.float().reshape(1, 1, *logits.shape[-2:]))
+        probability = torch.nn.functional.interpolate(probability, size=(image.height, image.width), mode="bilinear")
+        mask = (probability[0, 0] >= params.threshold).to(torch.uint8).mul(255).cpu().numpy()
+        return Image.fromarray(mask, mode="L")
 
     def _translated(self, params: GenerationParams, facts: dict) -> GenerationParams:
         """The job with its foreign-language texts in English (the translator's words in `facts`:

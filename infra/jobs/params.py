@@ -220,5 +220,29 @@ class UpscaleParams(Contract):
         return {model_id for model_id in (self.model_id, self.face_restorer) if model_id}
 
 
-JobParams = Annotated[GenerationParams | VideoParams | UpscaleParams, Field(discriminator="kind")]
+class MaskParams(Contract):
+    """mask_creator: a black-and-white mask (white = the object) of what `text` names in the job's
+    `image` input, by a text-prompted segmentation model (catalog category segmenter)."""
+
+    kind: Literal["mask"] = "mask"
+    denoises: ClassVar[bool] = False
+
+    model_id: str
+    text: str
+    threshold: float
+    width: int = Field(description="The mask's size: the input image's.")
+    height: int
+    base64: bool = False
+
+    def work_units(self) -> float:
+        return self.width * self.height / 1e6
+
+    def total_steps(self) -> int:
+        return 1
+
+    def models_used(self) -> set[str]:
+        return {self.model_id}
+
+
+JobParams = Annotated[GenerationParams | VideoParams | UpscaleParams | MaskParams, Field(discriminator="kind")]
 PARAMS = TypeAdapter(JobParams)  # PARAMS.validate_python(record["params"]) -> the typed params

@@ -13,7 +13,7 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   the family's own endpoints this server can run: `video/text2video`,
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
   `image_editing/inpainting`, `image_editing/outpaint` and `image_editing/object_removal`
-  (inpaint jobs: handlers/media.py). What a family documents but this server does not run yet
+  (inpaint jobs: handlers/media.py), `image_editing/mask_creator`. What a family documents but this server does not run yet
   (`video/img2video`, ...) answers a 400 saying so.
 - **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
   `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no
@@ -194,7 +194,8 @@ def _family_routes() -> list[Route]:
                                                       "Use text2video; image to video is planned."))},
         "image_editing": {"super_resolution": ("super_resolution", renamed(init_image="url")),
                           "inpainting": ("inpaint", None), "inpaint": ("inpaint", None),
-                          "outpaint": ("outpaint", None), "object_removal": ("object_removal", None)},
+                          "outpaint": ("outpaint", None), "object_removal": ("object_removal", None),
+                          "mask_creator": ("mask_creator", None)},
         "super_resolution": {"make": ("super_resolution", renamed(init_image="url"))},
     }
     for family, own in families.items():
@@ -246,6 +247,7 @@ def _v6_routes() -> list[Route]:
         Route(f"{V6}/image_editing/inpaint", "inpaint", "v6", editing),
         Route(f"{V6}/image_editing/outpaint", "outpaint", "v6", editing),
         Route(f"{V6}/image_editing/object_removal", "object_removal", "v6", editing),
+        Route(f"{V6}/image_editing/mask_creator", "mask_creator", "v6", editing),
         Route(f"{V6}/video/text2video", "text2video", "v6", video, video_model),
     ]
     for fetch in (images, editing, video):

@@ -50,6 +50,8 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         return _prepare_preprocessor(source, out)
     if category == "translator":
         return _prepare_translator(source, out)
+    if category == "segmenter":
+        return _prepare_segmenter(source, out)
     if category == "ip_adapter":
         return _prepare_ip_adapter(source, out)
     if category in ("upscaler", "face_restorer"):
@@ -187,16 +189,8 @@ def _prepare_preprocessor(source: Path, out: Path) -> dict:
     depth-estimation model with its image processor) are the kind this server runs."""
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    if not (source.is_dir() and (source / "config.json").is_file()):
-        raise CheckpointError("a preprocessor is a transformers model folder (config.json + weights + image processor)")
-    try:
-        model = AutoModelForDepthEstimation.from_pretrained(source, local_files_only=True)
-        processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"the folder is not a depth-estimation model: {type(exc).__name__}: {exc}") from exc
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return {"category": "preprocessor", "format": "transformers"}
+    return _prepare_transformers_folder(source, out, "preprocessor", AutoModelForDepthEstimation, AutoImageProcessor,
+                                        "image processor", "a depth-estimation model")
 
 
 def _prepare_translator(source: Path, out: Path) -> dict:
@@ -204,16 +198,33 @@ def _prepare_translator(source: Path, out: Path) -> dict:
     opus-mt-*-en, NLLB, T5, ...: anything that turns a prompt into English with `generate`)."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    return _prepare_transformers_folder(source, out, "translator", AutoModelForSeq2SeqLM, AutoTokenizer, "tokenizer",
+                                        "a translation model")
+
+
+def _prepare_segmenter(source: Path, out: Path) -> dict:
+    """mask_creator's segmenter: a transformers CLIPSeg folder (CLIPSegForImageSegmentation and its
+    CLIPSegProcessor, as CIDAS/clipseg-rd64-refined)."""
+    from transformers import AutoProcessor, CLIPSegForImageSegmentation
+
+    return _prepare_transformers_folder(source, out, "segmenter", CLIPSegForImageSegmentation, AutoProcessor,
+                                        "processor", "a CLIPSeg model")
+
+
+def _prepare_transformers_folder(source: Path, out: Path, category: str, model_class, processor_class,
+                                 processor: str, what: str) -> dict:
+    """A transformers model folder with its tokenizer / processor, verified by loading both as the
+    given classes, saved again into the store."""
     if not (source.is_dir() and (source / "config.json").is_file()):
-        raise CheckpointError("a translator is a transformers model folder (config.json + weights + tokenizer)")
+        raise CheckpointError(f"a {category} is a transformers model folder (config.json + weights + {processor})")
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(source, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = model_class.from_pretrained(source, local_files_only=True)
+        extra = processor_class.from_pretrained(source, local_files_only=True)
     except Exception as exc:
-        raise CheckpointError(f"the folder is not a translation model: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"the folder is not {what}: {type(exc).__name__}: {exc}") from exc
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return {"category": "translator", "format": "transformers"}
+    extra.save_pretrained(out)
+    return {"category": category, "format": "transformers"}
 
 
 IP_ADAPTER_FILE, IMAGE_ENCODER = "ip_adapter.safetensors", "image_encoder"
