@@ -17,6 +17,7 @@ from handlers.caller import Caller
 from handlers.meta import generation_meta
 from handlers.submit import (
     check_output_size,
+    chosen_family_model,
     enhance_prompt,
     load_image,
     output_key,
@@ -39,7 +40,7 @@ from infra.jobs.params import (
     Upscale,
 )
 from infra.net.inputs import encode_input
-from models.errors import ApiError, BadInput, NotAvailable, NotFound
+from models.errors import ApiError, BadInput, NotFound
 from models.requests import (
     DEFAULT_SIZE,
     ControlnetRequest,
@@ -57,8 +58,6 @@ if TYPE_CHECKING:
 MAX_SIZE = 1024
 MASK_ASPECT_TOLERANCE = 0.02
 
-# documented fields whose feature this server does not have; asking for them is an error, not a no-op
-_NOT_YET: dict[str, str] = {}
 
 # auto_hint preprocessors this server has (see infra/engine/hints.py): these need no weights...
 AUTO_HINTS = ("canny", "tile", "ip2p", "qrcode", "inpaint")
@@ -255,10 +254,10 @@ def _flux_fill_model(rt: Runtime) -> ModelEntry | None:
     family_model_ids' flux_fill, else the first loaded; None when off or none is loaded."""
     if not rt.settings.flux_inpaint_with_fill:
         return None
-    if chosen := rt.settings.family_model_ids.get("flux_fill"):
-        entry = rt.weights.get(chosen)
-        return entry if entry is not None and entry.status == READY and entry.category == "flux_fill" else None
-    return rt.weights.first_ready(("flux_fill",))
+    try:
+        return chosen_family_model("flux_fill", rt)
+    except NotFound:  # (a configured Fill model that is not loaded: the model named inpaints)
+        return None
 
 
 def _check_mask(init, mask) -> None:
@@ -283,7 +282,6 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     (outpaint's canvas, up to 1440: beyond the wire limit of `req.width`), `extra_meta` is merged
     into meta (a None value drops the key)."""
     # 1. what the request asks for: available, on a model that suits the task
-    _reject_unavailable(req)
     resolved = resolve_model(task, req.model_id, rt, inpainting="mask_image" in images, category=caller.model_category)
     # a default model still to be loaded (a fresh deployment): the checks that need its entry wait for the engine
     model = None if isinstance(resolved, ondemand.Pending) else resolved
@@ -575,15 +573,6 @@ def _controlnet_entry(net_id: str, rt: Runtime) -> ModelEntry:
             f"controlnet_model: ControlNet {net_id} is not loaded on this server",
             tip=f'Load it first: load_model with url "{repo}", model_type "controlnet", model_id "{net_id}".',
         ) from None
-
-
-def _reject_unavailable(req: GenerationRequest) -> None:
-    for field, feature in _NOT_YET.items():
-        if getattr(req, field, None):
-            raise NotAvailable(
-                f"{field}: {feature} is not available on this server yet",
-                tip=f"Leave {field} out (or send null / \"no\").",
-            )
 
 
 def _output_size(req: GenerationRequest, init) -> tuple[int, int]:

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from handlers import ondemand
 from handlers.caller import Caller
 from handlers.generation import _check_mask, _generate
-from handlers.meta import image_ref, upscale_meta
+from handlers.meta import image_ref, upscale_meta, yes_no
 from handlers.submit import check_output_size, load_image, output_key, resolve_model, submit_job
 from infra.catalog.weights import CATEGORY_TITLES
 from infra.jobs.params import MaskParams, UpscaleParams
@@ -274,7 +274,7 @@ def mask_creator(req: MaskCreatorRequest, rt: Runtime, caller: Caller) -> JobRes
                         height=image.height, base64=req.base64)
     meta = {"specific_object": req.specific_object, "threshold": req.threshold, "mask_model": model_id,
             "init_image": image_ref(req.init_image), "width": image.width, "height": image.height,
-            "base64": "yes" if req.base64 else "no", "temp": "yes" if req.temp else "no"}
+            "base64": yes_no(req.base64), "temp": yes_no(req.temp)}
     name = f"{int(time.time())}-{uuid.uuid4().hex}_mask"  # the link is the credential: 122 random bits
     pending = [needed] if isinstance(needed, ondemand.Pending) else []
     return submit_job("mask_creator", params, meta, [output_key(name, req.base64)], {"image": encode_input(image)},

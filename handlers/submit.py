@@ -92,14 +92,20 @@ def family_model(category: str, requested: str | None, rt: Runtime) -> ModelEntr
             raise BadInput(f"Model {requested} is a {CATEGORY_TITLES.get(entry.category, entry.category)} model; "
                            f"this route runs {title} models", tip="Leave model_id out for the server's own.")
         return entry
-    if chosen := rt.settings.family_model_ids.get(category):
-        return rt.weights.require(chosen, (category,))
-    entry = rt.weights.first_ready((category,))
+    entry = chosen_family_model(category, rt)
     if entry is None:
         raise BadInput(f"No {title} model is loaded on this server, which this route runs",
                        tip=f'Load one first: load_model_v2 with a hub repo id or a diffusers folder as url and '
                        f'model_category "{category}".')
     return entry
+
+
+def chosen_family_model(category: str, rt: Runtime) -> ModelEntry | None:
+    """The model of `category` the server runs where a request names none: the setting
+    family_model_ids' for it (which must be loaded), else the first loaded ready one; None if none."""
+    if chosen := rt.settings.family_model_ids.get(category):
+        return rt.weights.require(chosen, (category,))
+    return rt.weights.first_ready((category,))
 
 
 def resolve_scheduler(requested: str | None, algorithm_type: str, model: ModelEntry | None,

@@ -197,14 +197,13 @@ class VideoParams(Contract):
         return {self.model_id, self.motion_adapter}
 
 
-class UpscaleParams(Contract):
-    kind: Literal["upscale"] = "upscale"
+class OnePassParams(Contract):
+    """A job that makes one image in one pass of a network, no denoising loop (super_resolution,
+    mask_creator): its cost is the output's size."""
+
     denoises: ClassVar[bool] = False
 
-    model_id: str
-    scale: float
-    face_restorer: str | None = None
-    width: int = Field(description="The output size (the input times `scale`).")
+    width: int = Field(description="The output size.")
     height: int
     base64: bool = False
 
@@ -213,32 +212,34 @@ class UpscaleParams(Contract):
         return self.width * self.height / 1e6
 
     def total_steps(self) -> int:
-        """The upscale is one step (the face restoration, when asked, is part of it)."""
+        """The pass is one step."""
         return 1
+
+
+class UpscaleParams(OnePassParams):
+    """super_resolution: the `image` input upscaled to width x height (the input times `scale`); the
+    face restoration, when asked, is part of its one step."""
+
+    kind: Literal["upscale"] = "upscale"
+
+    model_id: str
+    scale: float
+    face_restorer: str | None = None
 
     def models_used(self) -> set[str]:
         return {model_id for model_id in (self.model_id, self.face_restorer) if model_id}
 
 
-class MaskParams(Contract):
+class MaskParams(OnePassParams):
     """mask_creator: a black-and-white mask (white = the object) of what `text` names in the job's
-    `image` input, by a text-prompted segmentation model (catalog category segmenter)."""
+    `image` input (width x height: the input's size), by a text-prompted segmentation model (catalog
+    category segmenter)."""
 
     kind: Literal["mask"] = "mask"
-    denoises: ClassVar[bool] = False
 
     model_id: str
     text: str
     threshold: float
-    width: int = Field(description="The mask's size: the input image's.")
-    height: int
-    base64: bool = False
-
-    def work_units(self) -> float:
-        return self.width * self.height / 1e6
-
-    def total_steps(self) -> int:
-        return 1
 
     def models_used(self) -> set[str]:
         return {self.model_id}
