@@ -87,7 +87,7 @@ WEB_MIN_CONTAINERS = int(DEPLOY_ENV["SDAPI_MODAL_WEB_MIN_CONTAINERS"])
 WEB_MAX_INPUTS = int(DEPLOY_ENV["SDAPI_MODAL_WEB_MAX_INPUTS"])
 
 # the model families of the catalog (a manifest's `family`), and the GPU type each runs on when not SDAPI_MODAL_GPU's
-FAMILIES = ("sd", "sdxl", "flux", "sd3", "qwen", "zimage", "flux2")
+FAMILIES = ("sd", "sdxl", "flux", "sd3", "qwen", "zimage", "flux2", "svd")  # svd: img2video's models
 
 
 def family_gpus(text: str) -> dict[str, str]:
@@ -136,6 +136,8 @@ SETTINGS = {
     "SDAPI_DEFAULT_INPAINT_MODEL_SOURCE": os.environ.get(
         "SDAPI_DEFAULT_INPAINT_MODEL_SOURCE", "stable-diffusion-v1-5/stable-diffusion-inpainting"),
     "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "animatediff-motion-adapter-v1-5-2",
+    "SDAPI_DEFAULT_IMAGE_TO_VIDEO_MODEL_ID": os.environ.get("SDAPI_DEFAULT_IMAGE_TO_VIDEO_MODEL_ID",
+                                                            "stable-video-diffusion-img2vid-xt"),
     "SDAPI_SYNC_TIMEOUT": str(SYNC_TIMEOUT),
     "SDAPI_STREAM_MAX_SECONDS": f"{STREAM_MAX_SECONDS:g}",
     "SDAPI_CLEANUP_INTERVAL": "0",  # the scheduled functions clean

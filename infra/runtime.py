@@ -139,14 +139,17 @@ class Runtime:
             if entry is not None:
                 self.weights.delete(model_id)
             from infra.engine import LOAD_LOCK
-            from infra.engine.files.tiny import build_tiny_motion_adapter, build_tiny_pipeline
+            from infra.engine.files.tiny import build_tiny_motion_adapter, build_tiny_pipeline, build_tiny_svd
 
             def build(folder, category=category):
                 if category == "motion_adapter":
                     build_tiny_motion_adapter(folder)
+                elif category == "image_to_video":
+                    build_tiny_svd(folder)
                 else:
                     build_tiny_pipeline(folder, inpaint=category == "inpaint")
 
             log.info("building the built-in model %s", model_id)
             with LOAD_LOCK:
-                self.weights.install(model_id, category, build, source="built-in (random weights)", family="sd")
+                self.weights.install(model_id, category, build, source="built-in (random weights)",
+                                    family="svd" if category == "image_to_video" else "sd")

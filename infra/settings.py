@@ -305,6 +305,12 @@ class Settings(BaseSettings):
     default_motion_adapter_id: str = Field(
         "tiny-motion-adapter", description="AnimateDiff motion adapter text2video uses when a request names none."
     )
+    # --- img2video
+    default_image_to_video_model_id: str = Field(
+        "tiny-svd", description="The image-to-video model (category image_to_video, a Stable Video Diffusion folder) "
+        "img2video runs when a request names none or ModelsLab's 'svd'. On Modal: stable-video-diffusion-img2vid-xt, "
+        "fetched on first use (a gated repo: HF_TOKEN must be an account that accepted its licence).",
+    )
 
     @field_validator("api_keys", "admin_api_keys", "placeholder_model_ids", "fetch_allowlist", mode="before")
     @classmethod

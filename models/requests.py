@@ -223,6 +223,38 @@ class Text2VideoRequest(JobOptions):
     track_id: Text | None = None
 
 
+class Img2VideoRequest(JobOptions):
+    """enterprise `video/img2video` (§8.1), v6 `video/img2video`, v7 `video-fusion/image-to-video`: the
+    image animated by the image-to-video model (Stable Video Diffusion). There is no text input."""
+
+    model_id: Text | None = Field(
+        None, description="An image_to_video model id; unset or ModelsLab's `svd`: the server's default.")
+    init_image: Text = Field(description="URL, base64 string or data URI of the first frame.")
+    width: Dimension = Field(DEFAULT_SIZE, description="1..1024, rounded down to a multiple of 8.")
+    height: Dimension = Field(DEFAULT_SIZE, description="1..1024, rounded down to a multiple of 8.")
+    num_frames: LooseInt(1, 25) = 16
+    fps: LooseInt(1, 16) = Field(8, description="The video's frame rate, and SVD's fps conditioning.")
+    num_inference_steps: LooseInt(1, 50) = Field(20, validation_alias=AliasChoices("num_inference_steps", "steps"))
+    min_guidance_scale: LooseFloat(0, 8) = Field(1.0, description="The first frame's guidance (it rises to the last's).")
+    max_guidance_scale: LooseFloat(0, 8) = Field(3.0, description="The last frame's guidance.")
+    motion_bucket_id: LooseInt(0, 255) = Field(127, description="More motion when higher.")
+    noise_aug_strength: LooseFloat(0, 1) = Field(
+        0.02, description="Noise added to the image's conditioning: higher strays further from the image.")
+    latent_interpolation_method: Literal["lerp"] = Field(
+        "lerp", description="Only `lerp`: SVD denoises every frame's latents together, interpolating none.")
+    output_type: Literal["mp4", "gif"] = "mp4"
+    seed: LooseInt(0, 2**32 - 1) | None = None
+    negative_prompt: Text | None = Field(None, description="Accepted; SVD takes no text, so it has no effect.")
+    prompt: Text | None = Field(None, description="Accepted (v7 sends one); SVD takes no text, so it has no effect.")
+    enhance_prompt: YesNo = False
+    clip_skip: LooseInt(1, 8) | None = Field(None, description="Accepted; SVD has no text encoder, no effect.")
+    instant_response: YesNo = False
+    temp: YesNo = False
+    base64: YesNo = False
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
 # --------------------------------------------------------------------------- image editing (spec §4.2, §4.4, §7)
 
 OUTPAINT_MAX_OVERLAP = 42
@@ -356,7 +388,7 @@ class LoadModelRequest(WireModel):
 
 ModelCategory = Literal[
     "stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "flux_kontext", "flux_fill", "sd3", "qwen", "qwen_edit", "zimage", "flux2", "flux2_klein", "lora", "controlnet", "embeddings", "vae", "preprocessor",
-    "upscaler", "face_restorer", "motion_adapter", "translator", "ip_adapter", "segmenter",
+    "upscaler", "face_restorer", "motion_adapter", "translator", "ip_adapter", "segmenter", "image_to_video",
 ]
 
 
@@ -486,6 +518,13 @@ class V7InpaintRequest(InpaintRequest):
 
 
 class V7TextToVideoRequest(Text2VideoRequest):
+    aspect_ratio: str | None = _aspect_ratio()
+    duration: LooseFloat(0, 3600) | None = Field(
+        None, description="Seconds; × fps (default 8) gives num_frames (at most 25). num_frames, when sent, wins.")
+
+
+class V7ImageToVideoRequest(Img2VideoRequest):
+    init_image: OneImage = Field(description="URL, base64 or data URI of the first frame, or a list of one.")
     aspect_ratio: str | None = _aspect_ratio()
     duration: LooseFloat(0, 3600) | None = Field(
         None, description="Seconds; × fps (default 8) gives num_frames (at most 25). num_frames, when sent, wins.")

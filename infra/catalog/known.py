@@ -8,6 +8,7 @@ BUILTIN_MODELS = {  # model id -> category
     "tiny-sd": "stable_diffusion",
     "tiny-sd-inpaint": "inpaint",  # the same architecture with a 9-channel inpainting UNet
     "tiny-motion-adapter": "motion_adapter",  # AnimateDiff motion modules for tiny-sd (text2video)
+    "tiny-svd": "image_to_video",  # a Stable Video Diffusion pipeline (img2video)
 }
 
 # Well-known models fetched into the store on first use (setting `fetch_known_models`), through
@@ -31,6 +32,9 @@ KNOWN_MODELS = {
     "opus-mt-mul-en": ("Helsinki-NLP/opus-mt-mul-en", "translator"),
     # mask_creator's segmenter: CLIPSeg (masks from words)
     "clipseg-rd64-refined": ("CIDAS/clipseg-rd64-refined", "segmenter"),
+    # img2video: Stable Video Diffusion XT (25 frames at 1024x576; a gated repo: the token in HF_TOKEN
+    # must belong to an account that accepted its licence)
+    "stable-video-diffusion-img2vid-xt": ("stabilityai/stable-video-diffusion-img2vid-xt", "image_to_video"),
 }
 
 # ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)

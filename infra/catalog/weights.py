@@ -47,9 +47,10 @@ CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD
 # "upscaler" / "face_restorer": super-resolution and face-restoration networks (spandrel);
 # "motion_adapter": an AnimateDiff motion module for text2video; "translator": a transformers translation
 # model (sequence to sequence, any language to English: multi_lingual); "segmenter": a text-prompted segmentation
-# model (CLIPSeg through transformers: mask_creator)
+# model (CLIPSeg through transformers: mask_creator); "image_to_video": a Stable Video Diffusion pipeline
+# (img2video; a pipeline of its own kind that no image endpoint runs)
 CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter",
-              "translator", "segmenter")
+              "translator", "segmenter", "image_to_video")
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -364,6 +364,14 @@ class ModelCache:
             with LOAD_LOCK:
                 descriptor = load_upscaler(self.weights.payload(entry.model_id), self.device)
             return LoadedComponent(entry.model_id, entry.version, descriptor, module_bytes(descriptor.model))
+        if kind == "image_to_video":  # a StableVideoDiffusionPipeline: infra.engine.video.generate_image_video
+            from diffusers import StableVideoDiffusionPipeline
+
+            with LOAD_LOCK:
+                pipeline = StableVideoDiffusionPipeline.from_pretrained(folder, dtype=self.dtype, **self._load_options())
+                pipeline.to(self.device)
+            pipeline.set_progress_bar_config(disable=True)
+            return LoadedComponent(entry.model_id, entry.version, pipeline, module_bytes(*pipeline.components.values()))
         if kind == "motion_adapter":
             from infra.engine.files.motion import load_motion_adapter
 

@@ -1,5 +1,5 @@
 """Job -> output files: images for text2img, img2img, inpaint and controlnet (with highres_fix,
-upscale, the safety checker and base64 files), super_resolution, text2video.
+upscale, the safety checker and base64 files), super_resolution, mask_creator, text2video, img2video.
 
 A job's typed parameters (`infra.jobs.params`) hold the effective values the handler resolved
 (model id, size, seeds, scheduler, LoRAs, ...); the engine applies no defaults of its own. Input
@@ -49,7 +49,7 @@ from infra.settings import Settings
 from models.schedulers import DISTILLED_FAMILIES
 
 if TYPE_CHECKING:
-    from infra.jobs.params import GenerationParams, JobParams, MaskParams, UpscaleParams, VideoParams
+    from infra.jobs.params import GenerationParams, ImageVideoParams, JobParams, MaskParams, UpscaleParams, VideoParams
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,9 @@ class DiffusersEngine:
             if params.scheduler is None:
                 facts["scheduler"] = scheduler_of(self.cache.model(params.model_id), params)
             return EngineResult([encode_video(frames, params.fps, params.output_type)], facts)
+        if params.kind == "image_video":
+            frames = self.image_video(params, _open(inputs["image"]), progress)
+            return EngineResult([encode_video(frames, params.fps, params.output_type)], facts)
         # 2. the images: upscaled from the input, or generated (and optionally upscaled)
         if params.kind == "generation" and params.translation is not None:  # multi_lingual: in English first
             params = self._translated(params, facts)
@@ -329,6 +332,23 @@ class DiffusersEngine:
                 guidance_scale=params.guidance_scale, seed=params.seed, clip_skip=self._clip_skip(model, params.clip_skip),
                 step_end=lambda pipeline, call: reporting(pipeline, call, progress, params.steps, 1),
             )
+
+    def image_video(self, params: ImageVideoParams, image: Image.Image, progress: Progress = None) -> list[Image.Image]:
+        """img2video: the frames of `image` animated by the job's image-to-video model (SVD)."""
+        from infra.engine.video import generate_image_video
+
+        progress = progress or NO_PROGRESS
+        progress.stage("loading_model")
+        pipeline = self.cache.component(params.model_id, "image_to_video")
+        progress.image(0)
+        progress.stage("denoising")
+        return generate_image_video(
+            pipeline, image, width=params.width, height=params.height, num_frames=params.num_frames, fps=params.fps,
+            steps=params.steps, min_guidance_scale=params.min_guidance_scale,
+            max_guidance_scale=params.max_guidance_scale, motion_bucket_id=params.motion_bucket_id,
+            noise_aug_strength=params.noise_aug_strength, seed=params.seed,
+            step_end=lambda pipeline, call: reporting(pipeline, call, progress, params.steps, 1),
+        )
 
     def generate(self, params: GenerationParams, inputs: Mapping[str, bytes],
                  progress: Progress | None = None) -> list[Image.Image]:
@@ -605,8 +625,8 @@ def latent_preview(latents: torch.Tensor, longest: int = 256) -> bytes:
     a latent space of another width shows its first three channels. Nearest-neighbour enlarged to
     at most `longest` pixels."""
     first = latents[0].detach().float().cpu()
-    if first.dim() == 4:  # a video's (channels, frames, height, width): its first frame
-        first = first[:, 0]
+    if first.dim() == 4:  # a video's first frame: AnimateDiff's (channels, frames, h, w), SVD's (frames, channels, h, w)
+        first = first[0] if first.shape[0] != 4 and first.shape[1] == 4 else first[:, 0]
     if first.shape[0] == 4:
         rgb = torch.einsum("chw,cr->rhw", first, _SD_LATENT_RGB)
     else:

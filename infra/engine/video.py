@@ -1,4 +1,6 @@
-"""text2video: AnimateDiff, a motion adapter (temporal attention modules) on a Stable Diffusion 1.x
+"""text2video and img2video.
+
+text2video: AnimateDiff, a motion adapter (temporal attention modules) on a Stable Diffusion 1.x
 model, run with diffusers' `AnimateDiffPipeline`.
 
 Motion adapters in the store are diffusers `MotionAdapter` folders. `prepare_motion_adapter` takes
@@ -29,6 +31,9 @@ a job swaps in only its own fresh scheduler. An entry disappears by itself when 
 drops either object (a weakref finalizer), so a cached video pipeline never keeps an evicted
 model's VAE, text encoder or UNet tensors in memory. The caller holds `model.lock` for the job,
 which also serialises the jobs that use one cached pipeline.
+
+img2video (`generate_image_video`): diffusers' `StableVideoDiffusionPipeline` as the model cache
+loaded it (catalog category image_to_video), called with the job's image and SVD's conditioning.
 """
 
 from __future__ import annotations
@@ -188,4 +193,46 @@ def generate_video(
         call = step_end(pipeline, call)
     with text_model_alias(model), torch.inference_mode():  # the alias is a no-op if the caller set it
         output = pipeline(**text_call(pipeline, prompt, call))  # A1111 prompt syntax, long prompts (prompts.py)
+    return list(output.frames[0])
+
+
+# --------------------------------------------------------------------------- img2video
+
+SVD_DECODE_CHUNK = 8  # frames the temporal VAE decodes at once: bounds the decoder's memory on long videos
+
+
+def generate_image_video(
+    pipeline,
+    image: Image.Image,
+    *,
+    width: int,
+    height: int,
+    num_frames: int,
+    fps: int,
+    steps: int,
+    min_guidance_scale: float,
+    max_guidance_scale: float,
+    motion_bucket_id: int,
+    noise_aug_strength: float,
+    seed: int,
+    step_end=None,
+) -> list[Image.Image]:
+    """The frames of one video animating `image` (already width x height) with a Stable Video
+    Diffusion pipeline. The model is conditioned on the image (CLIP image embedding + its latents)
+    and on `fps` and `motion_bucket_id`; there is no text. Guidance rises linearly from
+    `min_guidance_scale` on the first frame to `max_guidance_scale` on the last. `step_end(pipeline,
+    call) -> call` adds progress reporting."""
+    if width % 8 or height % 8:
+        raise DoesNotFit(f"width and height must be multiples of 8, not {width}x{height}")
+    # 1. the call: SVD's own parameters (its `fps` conditioning is the output's frame rate)
+    call = {"height": height, "width": width, "num_frames": num_frames, "num_inference_steps": steps,
+            "min_guidance_scale": min_guidance_scale, "max_guidance_scale": max_guidance_scale, "fps": fps,
+            "motion_bucket_id": motion_bucket_id, "noise_aug_strength": noise_aug_strength,
+            "decode_chunk_size": min(num_frames, SVD_DECODE_CHUNK),
+            "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "pil"}
+    if step_end is not None:
+        call = step_end(pipeline, call)
+    # 2. denoise every frame's latents together; decode them in chunks
+    with torch.inference_mode():
+        output = pipeline(image.convert("RGB"), **call)
     return list(output.frames[0])

@@ -9,6 +9,7 @@ it waits for belong to the job record (`infra.jobs.job.Job`), not to its paramet
     GenerationParams   text2img, img2img, inpaint, controlnet (`task`), with nested Lora,
                        ControlNetSpec, HighresFix, Upscale and SafetyCheck
     VideoParams        text2video (AnimateDiff)
+    ImageVideoParams   img2video (Stable Video Diffusion)
     UpscaleParams      super_resolution
 
 `JobParams` is the union, told apart by `kind`; a job record stores `params.model_dump()`.
@@ -197,6 +198,42 @@ class VideoParams(Contract):
         return {self.model_id, self.motion_adapter}
 
 
+class ImageVideoParams(Contract):
+    """img2video: the job's `image` input (already width x height) animated by an image-to-video
+    model (catalog category image_to_video: Stable Video Diffusion), `num_frames` frames at `fps`."""
+
+    kind: Literal["image_video"] = "image_video"
+    denoises: ClassVar[bool] = True
+
+    model_id: str
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    output_type: Literal["mp4", "gif"]
+    steps: int
+    min_guidance_scale: float = Field(description="The guidance of the first frame; it rises linearly to the last's.")
+    max_guidance_scale: float
+    motion_bucket_id: int = Field(description="SVD's motion conditioning: higher, more motion.")
+    noise_aug_strength: float = Field(description="Noise added to the image's conditioning: higher, freer of it.")
+    seed: int
+
+    @property
+    def seconds(self) -> float:
+        """The length of the video."""
+        return self.num_frames / max(1, self.fps)
+
+    def work_units(self) -> float:
+        return self.steps * self.width * self.height / 1e6 * self.num_frames
+
+    def total_steps(self) -> int:
+        """Denoising steps (every frame is denoised in each)."""
+        return max(1, self.steps)
+
+    def models_used(self) -> set[str]:
+        return {self.model_id}
+
+
 class OnePassParams(Contract):
     """A job that makes one image in one pass of a network, no denoising loop (super_resolution,
     mask_creator): its cost is the output's size."""
@@ -245,5 +282,7 @@ class MaskParams(OnePassParams):
         return {self.model_id}
 
 
-JobParams = Annotated[GenerationParams | VideoParams | UpscaleParams | MaskParams, Field(discriminator="kind")]
+JobParams = Annotated[GenerationParams | VideoParams | ImageVideoParams | UpscaleParams | MaskParams,
+                      Field(discriminator="kind")]
+VIDEO_KINDS = ("video", "image_video")  # the job kinds whose output is one video (metered in seconds)
 PARAMS = TypeAdapter(JobParams)  # PARAMS.validate_python(record["params"]) -> the typed params

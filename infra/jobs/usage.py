@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from infra.jobs.params import VIDEO_KINDS
 from infra.jobs.timer import Repeating
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class UsageMeter:
         counts = {"jobs_succeeded": int(succeeded), "jobs_failed": int(not succeeded), "gpu_seconds": engine_seconds,
                   "steps": steps}
         if succeeded:
-            if job.params.kind == "video":
+            if job.params.kind in VIDEO_KINDS:
                 counts["video_seconds"] = job.params.seconds
             else:
                 counts["images"] = len(job.output_keys)

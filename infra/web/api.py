@@ -64,6 +64,7 @@ ENDPOINTS: dict[str, Endpoint] = {
     "inpaint": Endpoint(rq.InpaintRequest, generation.inpaint, JobResponse, "Inpainting: repaint the white area of mask_image"),
     "controlnet": Endpoint(rq.ControlnetRequest, generation.controlnet, JobResponse, "ControlNet generation"),
     "text2video": Endpoint(rq.Text2VideoRequest, video.text2video, JobResponse, "Text to video (AnimateDiff; mp4 or gif)"),
+    "img2video": Endpoint(rq.Img2VideoRequest, video.img2video, JobResponse, "Image to video (Stable Video Diffusion)"),
     "super_resolution": Endpoint(
         rq.SuperResolutionRequest, media.super_resolution, JobResponse, "Upscale an image (output: one URL string)"
     ),

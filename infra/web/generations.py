@@ -10,11 +10,11 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
 - **Enterprise v1 families** (`/api/v1/enterprise/<family>/...`, §5, §7, §8): `video/` and
   `image_editing/` and `super_resolution/` serve the admin routes every family has
   (system_details, restart_server, update_server, clear_cache, clear_queue, fetch, fetch/{id}) and
-  the family's own endpoints this server can run: `video/text2video`,
+  the family's own endpoints this server can run: `video/text2video`, `video/img2video`,
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
   `image_editing/inpainting`, `image_editing/outpaint` and `image_editing/object_removal`
   (inpaint jobs: handlers/media.py), `image_editing/mask_creator`. What a family documents but this server does not run yet
-  (`video/img2video`, ...) answers a 400 saying so.
+  answers a 400 saying so.
 - **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
   `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no
   model: each runs a model category (`MODEL_FAMILY_SERVERS`; `flux/` with `deploy_type: flux_2_dev`
@@ -190,8 +190,7 @@ def _family_routes() -> list[Route]:
     routes = []
     families = {
         "video": {"text2video": ("text2video", video_model),
-                  "img2video": ("text2video", not_run("video/img2video (image to video)",
-                                                      "Use text2video; image to video is planned."))},
+                  "img2video": ("img2video", None)},
         "image_editing": {"super_resolution": ("super_resolution", renamed(init_image="url")),
                           "inpainting": ("inpaint", None), "inpaint": ("inpaint", None),
                           "outpaint": ("outpaint", None), "object_removal": ("object_removal", None),
@@ -249,6 +248,7 @@ def _v6_routes() -> list[Route]:
         Route(f"{V6}/image_editing/object_removal", "object_removal", "v6", editing),
         Route(f"{V6}/image_editing/mask_creator", "mask_creator", "v6", editing),
         Route(f"{V6}/video/text2video", "text2video", "v6", video, video_model),
+        Route(f"{V6}/video/img2video", "img2video", "v6", video),
     ]
     for fetch in (images, editing, video):
         routes.append(Route(f"{fetch}/{{request_id}}", "fetch", "v6", fetch, methods=("POST", "GET")))
@@ -265,8 +265,8 @@ def _v7_routes() -> list[Route]:
         Route(f"{images}/{{request_id}}", "fetch", "v7", images, methods=("POST", "GET")),
         Route(f"{V7}/video-fusion/text-to-video", "text2video", "v7", video, chain(aspect_ratio, duration, video_model),
               request=rq.V7TextToVideoRequest),
-        Route(f"{V7}/video-fusion/image-to-video", "text2video", "v7", video,
-              not_run("video-fusion/image-to-video", "Use video-fusion/text-to-video; image to video is planned.")),
+        Route(f"{V7}/video-fusion/image-to-video", "img2video", "v7", video, chain(image, duration),
+              request=rq.V7ImageToVideoRequest),
         Route(f"{video}/{{request_id}}", "fetch", "v7", video, methods=("POST", "GET")),
         Route(f"{V7}/models", "get_all_models", "v7", images, methods=("GET", "POST")),
     ]

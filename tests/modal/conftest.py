@@ -21,6 +21,7 @@ SECRET = {
     "SDAPI_DEFAULT_MODEL_ID": "tiny-sd",
     "SDAPI_DEFAULT_INPAINT_MODEL_ID": "tiny-sd-inpaint",
     "SDAPI_DEFAULT_MOTION_ADAPTER_ID": "tiny-motion-adapter",
+    "SDAPI_DEFAULT_IMAGE_TO_VIDEO_MODEL_ID": "tiny-svd",
     "SDAPI_FETCH_KNOWN_MODELS": "false",
     "SDAPI_SAFETY_CHECKER_DEFAULT": "false",
     "SDAPI_FETCH_ALLOWLIST": "127.0.0.1,localhost",

@@ -41,9 +41,11 @@ def test_a_video_family_job_with_the_docs_model_id_is_fetched_on_the_familys_rou
     assert client.post(f"{V1}/fetch/{queued['id']}", json={"key": KEY}).json() == done  # one job, any route
 
 
-def test_image_to_video_says_it_is_not_available_yet(client):
-    answer = client.post(f"{V1}/video/img2video", json={"key": KEY, "model_id": "svd", "init_image": data_uri(scene(64, 64))})
-    assert answer.status_code == 400 and "not available" in answer.json()["message"]
+def test_image_to_video_runs_on_the_family_route(client):
+    answer = client.post(f"{V1}/video/img2video", json={"key": KEY, "model_id": "svd", "init_image": data_uri(scene(64, 64)),
+                                                        "width": 32, "height": 32, "num_frames": 2, "steps": 1})
+    assert answer.status_code == 200 and answer.json()["status"] == "success", answer.text
+    assert answer.json()["output"][0].endswith(".mp4")
 
 
 def test_super_resolution_takes_the_families_init_image(media):  # noqa: F811

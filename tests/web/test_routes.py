@@ -115,8 +115,8 @@ def test_schedulers_list_and_system_details(module_client):
     assert "PNDMScheduler" in schedulers["schedulers"] and "LCMScheduler" in schedulers["schedulers"]
     assert "KarrasVeScheduler" not in schedulers["schedulers"]
     details = module_client.post("/api/v1/enterprise/system_details", json={"key": KEY}).json()
-    assert details["status"] == "ok" and details["model_count"] == 3
-    assert sorted(details["models"]) == ["tiny-motion-adapter", "tiny-sd", "tiny-sd-inpaint"]
+    assert details["status"] == "ok" and details["model_count"] == 4
+    assert sorted(details["models"]) == ["tiny-motion-adapter", "tiny-sd", "tiny-sd-inpaint", "tiny-svd"]
     assert {"queue_time", "queue_num", "device", "version"} <= set(details)
 
 

@@ -62,6 +62,8 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         from infra.engine.files.motion import prepare_motion_adapter
 
         return prepare_motion_adapter(source, out, dtype)
+    if category == "image_to_video":
+        return _prepare_image_to_video(source, out, dtype)
     raise CheckpointError(f"loading {category} models is not supported by this server")
 
 
@@ -81,6 +83,11 @@ def _prepare_pipeline(claimed: str | None, source: Path, out: Path, dtype, upcas
         else:
             pipeline = load_pipeline_file(source, dtype=dtype)
         fmt = source.suffix.lstrip(".")
+    if type(pipeline).__name__ == IMAGE_TO_VIDEO_PIPELINE:
+        if claimed is not None:
+            raise CheckpointError(f"{claimed} was claimed but the folder is a Stable Video Diffusion pipeline; "
+                                  "load it with model_category image_to_video")
+        return _save_image_to_video(pipeline, out)
     kind = TRANSFORMER_FAMILIES.get(type(pipeline).__name__)
     if kind is not None:
         return _prepare_transformer_family(claimed, kind, pipeline, out, fmt)
@@ -143,6 +150,28 @@ def _load_pipeline_folder(folder: Path, dtype):
         return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     except Exception as exc:
         raise CheckpointError(f"the diffusers folder does not load: {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- image to video
+
+IMAGE_TO_VIDEO_PIPELINE = "StableVideoDiffusionPipeline"
+
+
+def _prepare_image_to_video(source: Path, out: Path, dtype) -> dict:
+    """img2video's model: a diffusers folder of a Stable Video Diffusion pipeline (UNet
+    spatio-temporal, temporal-decoder VAE, CLIP image encoder), verified by loading it."""
+    if not (source.is_dir() and (source / "model_index.json").is_file()):
+        raise CheckpointError("an image_to_video model is a diffusers folder of a Stable Video Diffusion pipeline "
+                              "(model_index.json, unet/, vae/, image_encoder/, ...); single files are not taken")
+    name = json.loads((source / "model_index.json").read_text()).get("_class_name")
+    if name != IMAGE_TO_VIDEO_PIPELINE:
+        raise CheckpointError(f"image_to_video was claimed but the folder is a {name}, not a {IMAGE_TO_VIDEO_PIPELINE}")
+    return _save_image_to_video(_load_pipeline_folder(source, dtype), out)
+
+
+def _save_image_to_video(pipeline, out: Path) -> dict:
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return {"category": "image_to_video", "family": "svd", "format": "diffusers"}
 
 
 # --------------------------------------------------------------------------- components

@@ -65,6 +65,11 @@ processor folders (a processor bundles a tokenizer and an image processor) are c
   Flux2KleinInpaintPipeline / Flux2KleinKVPipeline through `from_pipe`): tiny-flux2's transformer
   without guidance embedding, a 16-wide Qwen3ForCausalLM with 27 layers (hidden states 9, 18 and 27
   by default), the Qwen tokenizer and chat template, and tiny-flux2's VAE and scheduler.
+* `configs/tiny-svd`: Stable Video Diffusion-shaped (StableVideoDiffusionPipeline, after diffusers' SVD
+  tests: img2video): a 2-block UNetSpatioTemporalConditionModel (32/64, one layer per block, 8 input
+  channels: the noisy latents and the image's), an AutoencoderKLTemporalDecoder of 2 blocks (factor 2)
+  and 4 latent channels, a 2-layer 32-wide CLIPVisionModelWithProjection at SVD's 224 px (patch 14)
+  with its CLIPImageProcessor, and SVD's v-prediction Euler with Karras sigmas.
 
 An inpainting variant is the same folder with a 9-channel UNet (`in_channels` 9). A Flux Fill one is
 tiny-flux with a transformer of 12 input channels (packed latents, masked-image latents and mask) and
@@ -93,6 +98,7 @@ TINY_FLUX2_CONFIGS = CONFIGS_DIR / "tiny-flux2"
 TINY_FLUX2_KLEIN_CONFIGS = CONFIGS_DIR / "tiny-flux2-klein"
 TINY_CONTROLNET_CONFIGS = CONFIGS_DIR / "controlnet-tiny-sd"
 TINY_MOTION_ADAPTER_CONFIGS = CONFIGS_DIR / "tiny-motion-adapter"
+TINY_SVD_CONFIGS = CONFIGS_DIR / "tiny-svd"
 
 INPAINT_IN_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 # A Flux Fill transformer on tiny-flux's latents (1 channel, VAE factor 1, packed 2x2): 4 packed latent +
@@ -101,11 +107,12 @@ FLUX_FILL_IN_CHANNELS = 12
 FLUX_FILL_OUT_CHANNELS = 4
 
 # The order in which the models draw their random weights from the seeded generator. Changing it
-# changes every tiny model's weights (and so every tiny output).
-MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae")
+# changes every tiny model's weights (and so every tiny output); a new component goes last.
+MODEL_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae", "image_encoder")
 # The components saved as files in the config folder (copied, then loaded with their class from
-# model_index.json): tokenizers and multimodal processors (Qwen-Image-Edit's Qwen2VLProcessor).
-TOKENIZER_COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "processor")
+# model_index.json): tokenizers, multimodal processors (Qwen-Image-Edit's Qwen2VLProcessor) and image
+# processors (SVD's feature extractor).
+TOKENIZER_COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3", "processor", "feature_extractor")
 
 INPAINT_PIPELINES = {  # pipeline class in model_index.json -> its inpainting counterpart
     "StableDiffusionPipeline": "StableDiffusionInpaintPipeline",
@@ -184,14 +191,14 @@ def build_from_configs(
             components[name] = None  # an optional component left out (safety checker, image encoder, ...)
 
     for name in TOKENIZER_COMPONENTS:
-        if name in index:
+        if index.get(name, [None])[0] is not None:
             shutil.copytree(config_dir / name, folder / name, dirs_exist_ok=True)
             tokenizer_class = getattr(transformers, index[name][1])
             components[name] = tokenizer_class.from_pretrained(folder / name)
 
     torch.manual_seed(seed)
     for name in MODEL_COMPONENTS:
-        if name not in index:
+        if index.get(name, [None])[0] is None:  # absent, or an optional component left out
             continue
         library = index[name][0]
         if library == "transformers":
@@ -263,6 +270,12 @@ def build_tiny_flux2_klein(folder: Path, seed: int = 0) -> None:
     Flux2Transformer2DModel without guidance embedding, a 16-wide 27-layer Qwen3ForCausalLM text
     encoder, a 4-channel AutoencoderKLFlux2, flow-matching Euler) to `folder`."""
     build_from_configs(TINY_FLUX2_KLEIN_CONFIGS, folder, seed=seed)
+
+
+def build_tiny_svd(folder: Path, seed: int = 0) -> None:
+    """Save a tiny Stable Video Diffusion pipeline (StableVideoDiffusionPipeline: a 2-block
+    UNetSpatioTemporalConditionModel, a temporal-decoder VAE, a 32-wide CLIP image encoder) to `folder`."""
+    build_from_configs(TINY_SVD_CONFIGS, folder, seed=seed)
 
 
 def build_tiny_motion_adapter(folder: Path, seed: int = 0) -> None:
