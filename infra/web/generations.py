@@ -13,8 +13,9 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   the family's own endpoints this server can run: `video/text2video`, `video/img2video`,
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
   `image_editing/inpainting`, `image_editing/outpaint` and `image_editing/object_removal`
-  (inpaint jobs: handlers/media.py), `image_editing/mask_creator`. What a family documents but this server does not run yet
-  answers a 400 saying so.
+  (inpaint jobs: handlers/media.py), `image_editing/mask_creator`, `image_editing/qwen_edit` (img2img on
+  the Qwen-Image-Edit model). What a family documents but no packaged pipeline does (magic_mix,
+  fashion, face_gen, head_shot: `EDITING_NOT_BUILT`) answers a 400 naming what is missing.
 - **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
   `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no
   model: each runs a model category (`MODEL_FAMILY_SERVERS`; `flux/` with `deploy_type: flux_2_dev`
@@ -176,9 +177,12 @@ def reference_images(data: dict) -> dict:
     return out
 
 
-def not_run(what: str, issue: str) -> Translate:
+def not_run(what: str, missing: str) -> Translate:
+    """A documented route this server cannot run: a 400 naming what is missing."""
+
     def translate(data: dict) -> dict:
-        raise NotAvailable(f"{what} is not available on this server yet", tip=issue)
+        raise NotAvailable(f"{what} is not available on this server. {missing}",
+                           tip="See docs/compatibility.md, \"Image editing\", for what this server offers instead.")
 
     return translate
 
@@ -202,6 +206,14 @@ def _family_routes() -> list[Route]:
         fetch = f"{V1}/{family}/fetch"
         for name, (endpoint, translate) in own.items():
             routes.append(Route(f"{V1}/{family}/{name}", endpoint, "Enterprise v1 families", fetch, translate))
+    # qwen_edit: img2img on the Qwen-Image-Edit model (its instruction editing), the model named by
+    # family_model_ids or the first loaded; a second image of init_image's list is refused by img2img
+    editing = f"{V1}/image_editing/fetch"
+    routes.append(Route(f"{V1}/image_editing/qwen_edit", "img2img", "Enterprise v1 families", editing, reference_images,
+                        model_category="qwen_edit"))
+    for name, missing in EDITING_NOT_BUILT.items():
+        routes.append(Route(f"{V1}/image_editing/{name}", "img2img", "Enterprise v1 families", editing,
+                            not_run(f"image_editing/{name}", missing), summary=f"{name}: not offered (see the message)"))
     # the model-family servers (§6): their generation routes name no model; each runs a model category
     for family, (category, names) in MODEL_FAMILY_SERVERS.items():
         routes += _admin_routes(family)
@@ -211,6 +223,22 @@ def _family_routes() -> list[Route]:
                                 reference_images if name == "img2img" else None, model_category=category,
                                 deploy_types=deploy_types))
     return routes
+
+
+# the image_editing routes (§7) no diffusers pipeline or well-kept library does: each answers a 400 naming
+# what is missing, never a fake success
+EDITING_NOT_BUILT = {
+    "magic_mix": "MagicMix is one of diffusers' community pipelines (examples/community/magic_mix.py), which the "
+                 "diffusers package does not ship; this server runs only the packaged pipelines.",
+    "fashion": "Virtual try-on needs a garment-transfer model (IDM-VTON / OOTDiffusion class) with its human-parsing "
+               "and pose networks; neither diffusers nor a well-kept library provides one.",
+    "face_gen": "Identity-preserving face generation needs InstantID / PhotoMaker / IP-Adapter FaceID with "
+                "insightface face embeddings; diffusers ships no pipeline for it and insightface's face models are "
+                "not licensed for commercial use.",
+    "head_shot": "Head shots from a face image need InstantID / PhotoMaker / IP-Adapter FaceID with insightface face "
+                 "embeddings; diffusers ships no pipeline for it and insightface's face models are not licensed for "
+                 "commercial use.",
+}
 
 
 # prefix -> (the model category its generation routes run, those routes); the model is the setting

@@ -9,7 +9,7 @@ import base64
 
 import pytest
 
-from tests.conftest import KEY, png_bytes, scene, until_ended
+from tests.conftest import KEY, open_client, png_bytes, scene, until_ended
 from tests.handlers.test_media import media, upscaler_files  # noqa: F401 (fixtures: the tiny upscalers loaded)
 
 V1 = "/api/v1/enterprise"
@@ -91,3 +91,38 @@ def test_a_wrong_method_is_a_405_with_allow(client):
     assert answer.status_code == 405 and set(answer.headers["allow"].split(", ")) == {"GET", "POST"}
     answer = client.delete("/api/v1/enterprise/stream/1")
     assert answer.status_code == 405 and set(answer.headers["allow"].split(", ")) == {"GET", "POST"}
+
+
+def test_qwen_edit_runs_img2img_on_the_qwen_image_edit_model(models_dir, tmp_path):
+    import shutil
+
+    from infra.engine import LOAD_LOCK
+    from infra.engine.files.tiny import build_tiny_qwen_image
+    from tests.catalog.test_catalog import load
+
+    shutil.copytree(models_dir, tmp_path / "models")
+    client = open_client(tmp_path / "data", tmp_path / "models")
+    try:
+        route = f"{V1}/image_editing/qwen_edit"
+        body = {"key": KEY, "prompt": "the woman wearing the dress", "init_image": [data_uri(scene(64, 64))],
+                "base64": False, "webhook": None, "track_id": None, "num_inference_steps": 2}
+        none = client.post(route, json=body)
+        assert none.status_code == 400 and "Qwen-Image-Edit" in none.json()["message"]  # nothing to run it on yet
+        with LOAD_LOCK:
+            build_tiny_qwen_image(tmp_path / "edit", edit=True)
+        assert load(client, "load_model_v2", url=str(tmp_path / "edit"), model_id="my-qwen-edit",
+                    model_category="qwen_edit")["status"] == "success"
+        answer = client.post(route, json=body).json()
+        assert answer["status"] == "success" and answer["meta"]["model_id"] == "my-qwen-edit", answer
+        two = client.post(route, json={**body, "init_image": [data_uri(scene(64, 64))] * 2})
+        assert two.status_code == 400 and "reference_images" in two.json()["message"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize(("name", "missing"), [("magic_mix", "community pipeline"), ("fashion", "garment-transfer"),
+                                               ("face_gen", "insightface"), ("head_shot", "InstantID")])
+def test_editing_routes_without_a_pipeline_name_what_is_missing(client, name, missing):
+    answer = client.post(f"{V1}/image_editing/{name}", json={"key": KEY, "prompt": "x", "image": data_uri(scene(8, 8))})
+    assert answer.status_code == 400 and answer.json()["status"] == "error"
+    assert missing in answer.json()["message"], answer.json()
