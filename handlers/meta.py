@@ -72,7 +72,7 @@ VIDEO_VALUES = {
     "scheduler": "scheduler", "clip_skip": "clip_skip", "W": "width", "H": "height",
 }
 VIDEO_ECHOED = ("webhook", "track_id")
-VIDEO_ECHOED_FLAGS = ("enhance_prompt", "temp", "instant_response")
+VIDEO_ECHOED_FLAGS = ("enhance_prompt", "temp", "instant_response", "use_improved_sampling")
 
 
 def video_meta(params: VideoParams, req: Text2VideoRequest) -> dict[str, Any]:

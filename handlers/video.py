@@ -28,18 +28,20 @@ from models.responses import JobResponse
 if TYPE_CHECKING:
     from infra.runtime import Runtime
 
-# G3 fields for features this server does not have (zeroscope upscaling, improved sampling)
+# G3 fields for features this server does not have (zeroscope upscaling; improved sampling's own seed:
+# FreeInit re-noises with the job's generator)
 _NOT_AVAILABLE = ("upscale_height", "upscale_width", "upscale_strength", "upscale_guidance_scale",
                   "upscale_num_inference_steps", "improved_sampling_seed")
+FREE_INIT_ITERATIONS = 3  # use_improved_sampling: FreeInit's passes (its paper's and diffusers' default)
 
 
 def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobResponse:
     # 1. what the request asks for: available, on an SD 1.x model, with a motion adapter that fits it
     for field in _NOT_AVAILABLE:
         if getattr(req, field) is not None:
-            raise NotAvailable(f"{field}: video upscaling is not available on this server", tip=f"Leave {field} out.")
-    if req.use_improved_sampling:
-        raise NotAvailable("use_improved_sampling is not available on this server", tip="Send \"no\" or leave it out.")
+            raise NotAvailable(f"{field}: video upscaling is not available on this server" if field.startswith("upscale")
+                               else f"{field}: improved sampling re-noises from the job's seed here; it takes no seed "
+                               "of its own", tip=f"Leave {field} out.")
     resolved = resolve_model("text2video", req.model_id, rt)
     model = None if isinstance(resolved, ondemand.Pending) else resolved  # None: a default model still to load
     if model is not None and model.family != "sd":
@@ -68,6 +70,7 @@ def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobRespon
         seed=req.seed if req.seed is not None else secrets.randbelow(2**32),
         scheduler=scheduler,
         clip_skip=req.clip_skip,
+        free_init_iterations=FREE_INIT_ITERATIONS if req.use_improved_sampling else 0,
     )
     key = f"generations/{uuid.uuid4()}.{req.output_type}"
     pending = [item for item in (resolved, adapter) if isinstance(item, ondemand.Pending)]

@@ -330,6 +330,7 @@ class DiffusersEngine:
                 model, adapter, scheduler, prompt=params.prompt, negative_prompt=params.negative_prompt,
                 width=params.width, height=params.height, num_frames=params.num_frames, steps=params.steps,
                 guidance_scale=params.guidance_scale, seed=params.seed, clip_skip=self._clip_skip(model, params.clip_skip),
+                free_init_iterations=params.free_init_iterations,
                 step_end=lambda pipeline, call: reporting(pipeline, call, progress, params.steps, 1),
             )
 

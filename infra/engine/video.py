@@ -171,12 +171,15 @@ def generate_video(
     guidance_scale: float,
     seed: int,
     clip_skip: int | None,
+    free_init_iterations: int = 0,
     pipelines: VideoPipelines | None = None,
     step_end=None,
 ) -> list[Image.Image]:
     """The frames of one video. `clip_skip` is diffusers' count of skipped layers (or None);
-    `scheduler` is a fresh scheduler for this job; `step_end(pipeline, call) -> call` adds the
-    progress reporting to the pipeline call. The caller holds `model.lock`."""
+    `scheduler` is a fresh scheduler for this job; `free_init_iterations` > 1 runs FreeInit
+    (diffusers' `enable_free_init`: the video denoised that many times, each time re-noised from the
+    last one's low spatio-temporal frequencies, which makes the frames more consistent); `step_end(pipeline,
+    call) -> call` adds the progress reporting to the pipeline call. The caller holds `model.lock`."""
     _check_model(model)
     max_frames = adapter.config.motion_max_seq_length
     if not 1 <= num_frames <= max_frames:
@@ -191,8 +194,14 @@ def generate_video(
             "generator": generator, "output_type": "pil"}
     if step_end is not None:
         call = step_end(pipeline, call)
-    with text_model_alias(model), torch.inference_mode():  # the alias is a no-op if the caller set it
-        output = pipeline(**text_call(pipeline, prompt, call))  # A1111 prompt syntax, long prompts (prompts.py)
+    if free_init_iterations > 1:  # on the cached pipeline for this job only (the caller holds the model's lock)
+        pipeline.enable_free_init(num_iters=free_init_iterations)
+    try:
+        with text_model_alias(model), torch.inference_mode():  # the alias is a no-op if the caller set it
+            output = pipeline(**text_call(pipeline, prompt, call))  # A1111 prompt syntax, long prompts (prompts.py)
+    finally:
+        if free_init_iterations > 1:
+            pipeline.disable_free_init()
     return list(output.frames[0])
 
 

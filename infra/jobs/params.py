@@ -181,6 +181,7 @@ class VideoParams(Contract):
     seed: int
     scheduler: str | None  # None: the model's own
     clip_skip: int | None
+    free_init_iterations: int = Field(0, description="use_improved_sampling: FreeInit's passes (0: off).")
 
     @property
     def seconds(self) -> float:
@@ -188,11 +189,11 @@ class VideoParams(Contract):
         return self.num_frames / max(1, self.fps)
 
     def work_units(self) -> float:
-        return self.steps * self.width * self.height / 1e6 * self.num_frames
+        return self.total_steps() * self.width * self.height / 1e6 * self.num_frames
 
     def total_steps(self) -> int:
-        """Denoising steps (every frame is denoised in each)."""
-        return max(1, self.steps)
+        """Denoising steps (every frame is denoised in each), in every FreeInit pass."""
+        return max(1, self.steps) * max(1, self.free_init_iterations)
 
     def models_used(self) -> set[str]:
         return {self.model_id, self.motion_adapter}

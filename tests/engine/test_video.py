@@ -247,6 +247,17 @@ def test_frames_differ_from_each_other_and_the_adapter_shapes_them(cache):
     assert not same_frames(video(cache), video(cache, adapter_id=OTHER_ADAPTER))
 
 
+def test_improved_sampling_runs_free_init_and_leaves_the_pipeline_as_it_was(cache):
+    pipelines = VideoPipelines()
+    plain = video(cache, pipelines=pipelines)
+    improved = video(cache, pipelines=pipelines, free_init_iterations=3)
+    assert not same_frames(plain, improved)  # FreeInit re-denoised the video
+    assert same_frames(improved, video(cache, pipelines=pipelines, free_init_iterations=3))  # seeded all the same
+    pipeline = pipelines.get(cache.model("tiny-sd"), cache.component(ADAPTER, "motion_adapter"))
+    assert not pipeline.free_init_enabled  # switched off after the job: the next one is plain
+    assert same_frames(plain, video(cache, pipelines=pipelines))
+
+
 def test_prompt_negative_prompt_and_clip_skip_reach_the_pipeline(cache):
     base = video(cache)
     assert not same_frames(base, video(cache, prompt="a red car in the desert"))

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from infra.engine import LOAD_LOCK
-from tests.conftest import KEY, fetch_png, open_client, png_bytes, scene
+from tests.conftest import KEY, fetch_png, open_client, png_bytes, scene, until_ended
 from tests.upscaler_files import write_esrgan
 
 API = "/api/v1/enterprise"
@@ -424,6 +424,18 @@ def test_text2video_mp4(client):
     info = next(reader)
     frames = list(reader)
     assert info["size"] == (64, 48) and len(frames) == 3
+
+
+def test_text2video_use_improved_sampling_counts_every_free_init_pass(client):
+    queued = post(client, "video/text2video", prompt="a boat", width=32, height=32, num_frames=2, steps=2,
+                  use_improved_sampling="yes", output_type="gif", instant_response=True)
+    result = until_ended(lambda: post(client, f"video/fetch/{queued['id']}"))
+    assert result["status"] == "success" and result["meta"]["use_improved_sampling"] == "yes", result
+    job = client.app.state.runtime.jobs.get(queued["id"])
+    assert job.params.free_init_iterations == 3 and job.params.total_steps() == 6  # 3 passes of 2 steps
+    refused = client.post("/api/v1/enterprise/video/text2video", json={
+        "key": KEY, "prompt": "a boat", "use_improved_sampling": "yes", "improved_sampling_seed": 42})
+    assert refused.status_code == 400 and "improved_sampling_seed" in refused.json()["message"]
 
 
 def test_text2video_gif_through_the_g3_route_and_the_queue(client):
