@@ -76,10 +76,14 @@ VIDEO_ECHOED_FLAGS = ("enhance_prompt", "temp", "instant_response", "use_improve
 
 
 def video_meta(params: VideoParams, req: Text2VideoRequest) -> dict[str, Any]:
+    upscale = params.upscale
     return {
         **_values(params, VIDEO_VALUES),
         **_echoed(req, VIDEO_ECHOED, VIDEO_ECHOED_FLAGS),
         "negative_prompt": params.negative_prompt or "",
+        **({"upscale_width": upscale.width, "upscale_height": upscale.height, "upscale_strength": upscale.strength,
+            "upscale_guidance_scale": upscale.guidance_scale, "upscale_num_inference_steps": upscale.steps}
+           if upscale else {}),
     }
 
 

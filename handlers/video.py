@@ -18,8 +18,8 @@ from PIL import Image, ImageOps
 from handlers import ondemand
 from handlers.caller import Caller
 from handlers.meta import image_ref, video_meta, yes_no
-from handlers.submit import enhance_prompt, load_image, resolve_model, resolve_scheduler, submit_job
-from infra.jobs.params import ImageVideoParams, VideoParams
+from handlers.submit import check_output_size, enhance_prompt, load_image, resolve_model, resolve_scheduler, submit_job
+from infra.jobs.params import ImageVideoParams, VideoParams, VideoUpscale
 from infra.net.inputs import encode_input
 from models.errors import BadInput, NotAvailable
 from models.requests import DEFAULT_SIZE, Img2VideoRequest, Text2VideoRequest
@@ -28,20 +28,14 @@ from models.responses import JobResponse
 if TYPE_CHECKING:
     from infra.runtime import Runtime
 
-# G3 fields for features this server does not have (zeroscope upscaling; improved sampling's own seed:
-# FreeInit re-noises with the job's generator)
-_NOT_AVAILABLE = ("upscale_height", "upscale_width", "upscale_strength", "upscale_guidance_scale",
-                  "upscale_num_inference_steps", "improved_sampling_seed")
 FREE_INIT_ITERATIONS = 3  # use_improved_sampling: FreeInit's passes (its paper's and diffusers' default)
 
 
 def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobResponse:
     # 1. what the request asks for: available, on an SD 1.x model, with a motion adapter that fits it
-    for field in _NOT_AVAILABLE:
-        if getattr(req, field) is not None:
-            raise NotAvailable(f"{field}: video upscaling is not available on this server" if field.startswith("upscale")
-                               else f"{field}: improved sampling re-noises from the job's seed here; it takes no seed "
-                               "of its own", tip=f"Leave {field} out.")
+    if req.improved_sampling_seed is not None:
+        raise NotAvailable("improved_sampling_seed: improved sampling (FreeInit) re-noises from the job's seed here; it "
+                           "takes no seed of its own", tip="Leave improved_sampling_seed out; seed sets both.")
     resolved = resolve_model("text2video", req.model_id, rt)
     model = None if isinstance(resolved, ondemand.Pending) else resolved  # None: a default model still to load
     if model is not None and model.family != "sd":
@@ -54,14 +48,15 @@ def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobRespon
     if model is not None and not isinstance(adapter, ondemand.Pending):
         _check_adapter_fits(adapter_id, model.model_id, rt)
     scheduler, _ = resolve_scheduler(req.scheduler, "none", model, rt)
+    width, height = req.width or DEFAULT_SIZE, req.height or DEFAULT_SIZE
     # 2. the params, the meta derived from them, and the job
     params = VideoParams(
         model_id=resolved.model_id,
         motion_adapter=adapter_id,
         prompt=enhance_prompt(req.prompt, rt.settings.enhance_prompt_suffix) if req.enhance_prompt else req.prompt,
         negative_prompt=req.negative_prompt,
-        width=req.width or DEFAULT_SIZE,
-        height=req.height or DEFAULT_SIZE,
+        width=width,
+        height=height,
         num_frames=req.num_frames,
         fps=req.fps,
         output_type=req.output_type,
@@ -71,10 +66,35 @@ def text2video(req: Text2VideoRequest, rt: Runtime, caller: Caller) -> JobRespon
         scheduler=scheduler,
         clip_skip=req.clip_skip,
         free_init_iterations=FREE_INIT_ITERATIONS if req.use_improved_sampling else 0,
+        upscale=_upscale(req, width, height, rt),
     )
     key = f"generations/{uuid.uuid4()}.{req.output_type}"
     pending = [item for item in (resolved, adapter) if isinstance(item, ondemand.Pending)]
     return submit_job("text2video", params, video_meta(params, req), [key], {}, req, rt, caller, pending)
+
+
+def _upscale(req: Text2VideoRequest, width: int, height: int, rt: Runtime) -> VideoUpscale | None:
+    """The upscaling pass the `upscale_*` fields ask for: it runs when upscale_width or upscale_height
+    is sent (the other side keeps the video's aspect), to a size at least the video's."""
+    fields = ("upscale_strength", "upscale_guidance_scale", "upscale_num_inference_steps")
+    if req.upscale_width is None and req.upscale_height is None:
+        if sent := [field for field in fields if getattr(req, field) is not None]:
+            raise BadInput(f"{sent[0]} is for the upscaling pass, which runs to upscale_width x upscale_height",
+                           tip="Send upscale_width and/or upscale_height too, or leave the upscale fields out.")
+        return None
+    up_w = req.upscale_width or max(8, round(req.upscale_height * width / height) // 8 * 8)
+    up_h = req.upscale_height or max(8, round(req.upscale_width * height / width) // 8 * 8)
+    if up_w < width or up_h < height:
+        raise BadInput(f"upscale_width x upscale_height {up_w}x{up_h} is smaller than the video's {width}x{height}",
+                       tip="Upscale to a size at least the video's, or leave the upscale fields out.")
+    check_output_size(up_w, up_h, f"upscale_width x upscale_height {up_w}x{up_h}", rt.settings)
+    return VideoUpscale(width=up_w, height=up_h, strength=_or(req.upscale_strength, 0.5),
+                        guidance_scale=_or(req.upscale_guidance_scale, req.guidance_scale),
+                        steps=_or(req.upscale_num_inference_steps, 20))
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _check_adapter_fits(adapter_id: str, model_id: str, rt: Runtime) -> None:

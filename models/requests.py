@@ -209,11 +209,13 @@ class Text2VideoRequest(JobOptions):
     scheduler: Scheduler | None = None
     clip_skip: LooseInt(1, 8) | None = None
     enhance_prompt: YesNo = True
-    upscale_height: LooseInt(1, 2048) | None = None
-    upscale_width: LooseInt(1, 2048) | None = None
-    upscale_strength: LooseFloat(0, 1) | None = None
-    upscale_guidance_scale: LooseFloat(0, 20) | None = None
-    upscale_num_inference_steps: LooseInt(1, 50) | None = None
+    upscale_height: Dimension | None = Field(
+        None, description="With upscale_width (either one keeps the aspect): the size of the upscaling pass, at least "
+        "the video's, ≤ 1024; unset: no upscaling pass.")
+    upscale_width: Dimension | None = None
+    upscale_strength: LooseFloat(0, 1) | None = Field(None, description="How much the pass repaints (default 0.5).")
+    upscale_guidance_scale: LooseFloat(0, 20) | None = Field(None, description="Default: guidance_scale.")
+    upscale_num_inference_steps: LooseInt(1, 50) | None = Field(None, description="Default 20.")
     use_improved_sampling: YesNo = False
     improved_sampling_seed: LooseInt() | None = None
     instant_response: YesNo = False

@@ -331,7 +331,8 @@ class DiffusersEngine:
                 width=params.width, height=params.height, num_frames=params.num_frames, steps=params.steps,
                 guidance_scale=params.guidance_scale, seed=params.seed, clip_skip=self._clip_skip(model, params.clip_skip),
                 free_init_iterations=params.free_init_iterations,
-                step_end=lambda pipeline, call: reporting(pipeline, call, progress, params.steps, 1),
+                upscale=params.upscale.model_dump() if params.upscale else None,
+                step_end=lambda pipeline, call, planned: reporting(pipeline, call, progress, planned, 1),
             )
 
     def image_video(self, params: ImageVideoParams, image: Image.Image, progress: Progress = None) -> list[Image.Image]:

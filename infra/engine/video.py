@@ -43,7 +43,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from diffusers import AnimateDiffPipeline, MotionAdapter, UNetMotionModel
+from diffusers import AnimateDiffPipeline, AnimateDiffVideoToVideoPipeline, MotionAdapter, UNetMotionModel
 from PIL import Image
 
 from infra.engine import LOAD_LOCK
@@ -172,14 +172,17 @@ def generate_video(
     seed: int,
     clip_skip: int | None,
     free_init_iterations: int = 0,
+    upscale: dict | None = None,
     pipelines: VideoPipelines | None = None,
     step_end=None,
 ) -> list[Image.Image]:
     """The frames of one video. `clip_skip` is diffusers' count of skipped layers (or None);
     `scheduler` is a fresh scheduler for this job; `free_init_iterations` > 1 runs FreeInit
     (diffusers' `enable_free_init`: the video denoised that many times, each time re-noised from the
-    last one's low spatio-temporal frequencies, which makes the frames more consistent); `step_end(pipeline,
-    call) -> call` adds the progress reporting to the pipeline call. The caller holds `model.lock`."""
+    last one's low spatio-temporal frequencies, which makes the frames more consistent); `upscale`
+    (width, height, strength, guidance_scale, steps) adds the upscaling pass (`refine_video`);
+    `step_end(pipeline, call, planned steps) -> call` adds the progress reporting to each pipeline
+    call. The caller holds `model.lock`."""
     _check_model(model)
     max_frames = adapter.config.motion_max_seq_length
     if not 1 <= num_frames <= max_frames:
@@ -193,7 +196,7 @@ def generate_video(
             "num_inference_steps": steps, "guidance_scale": guidance_scale, "clip_skip": clip_skip,
             "generator": generator, "output_type": "pil"}
     if step_end is not None:
-        call = step_end(pipeline, call)
+        call = step_end(pipeline, call, steps)
     if free_init_iterations > 1:  # on the cached pipeline for this job only (the caller holds the model's lock)
         pipeline.enable_free_init(num_iters=free_init_iterations)
     try:
@@ -202,6 +205,37 @@ def generate_video(
     finally:
         if free_init_iterations > 1:
             pipeline.disable_free_init()
+    frames = list(output.frames[0])
+    if upscale is not None:
+        fresh = type(scheduler).from_config(scheduler.config)
+        frames = refine_video(pipeline, frames, fresh, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                              clip_skip=clip_skip, step_end=step_end, **upscale)
+    return frames
+
+
+def refine_video(pipeline: AnimateDiffPipeline, frames: list[Image.Image], scheduler, *, prompt: str,
+                 negative_prompt: str | None, width: int, height: int, strength: float, guidance_scale: float,
+                 steps: int, seed: int, clip_skip: int | None, step_end=None) -> list[Image.Image]:
+    """text2video's upscaling pass (the `upscale_*` fields): the frames enlarged (Lanczos) to width x
+    height and denoised again at `strength` by diffusers' AnimateDiffVideoToVideoPipeline on the same
+    VAE, text encoder and motion UNet, so the detail is the model's, not the resampler's. A strength
+    too low for one step leaves the enlarged frames as they are."""
+    enlarged = [frame.resize((width, height), Image.Resampling.LANCZOS) for frame in frames]
+    planned = min(int(steps * strength), steps)  # diffusers' video-to-video rule (VideoUpscale.steps_run)
+    if planned < 1:
+        return enlarged
+    refiner = AnimateDiffVideoToVideoPipeline(
+        vae=pipeline.vae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer, unet=pipeline.unet,
+        motion_adapter=None, scheduler=scheduler, feature_extractor=None, image_encoder=None,
+    )  # a UNetMotionModel already: the constructor converts nothing, copies nothing
+    refiner.set_progress_bar_config(disable=True)
+    call = {"video": enlarged, "negative_prompt": negative_prompt or None, "width": width, "height": height,
+            "strength": strength, "num_inference_steps": steps, "guidance_scale": guidance_scale, "clip_skip": clip_skip,
+            "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "pil"}
+    if step_end is not None:
+        call = step_end(refiner, call, planned)
+    with torch.inference_mode():
+        output = refiner(**text_call(refiner, prompt, call))
     return list(output.frames[0])
 
 

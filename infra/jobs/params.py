@@ -163,6 +163,21 @@ class GenerationParams(Contract):
         return {model_id for model_id in used if model_id}
 
 
+class VideoUpscale(Contract):
+    """text2video's upscaling pass: the frames enlarged to width x height and denoised again at
+    `strength` (AnimateDiff video-to-video) with these steps and guidance."""
+
+    width: int
+    height: int
+    strength: float
+    guidance_scale: float
+    steps: int
+
+    def steps_run(self) -> int:
+        """The steps the pass runs (diffusers' video-to-video rule: steps x strength, rounded down)."""
+        return min(int(self.steps * self.strength), self.steps)
+
+
 class VideoParams(Contract):
     kind: Literal["video"] = "video"
     denoises: ClassVar[bool] = True
@@ -182,6 +197,7 @@ class VideoParams(Contract):
     scheduler: str | None  # None: the model's own
     clip_skip: int | None
     free_init_iterations: int = Field(0, description="use_improved_sampling: FreeInit's passes (0: off).")
+    upscale: VideoUpscale | None = None
 
     @property
     def seconds(self) -> float:
@@ -189,11 +205,13 @@ class VideoParams(Contract):
         return self.num_frames / max(1, self.fps)
 
     def work_units(self) -> float:
-        return self.total_steps() * self.width * self.height / 1e6 * self.num_frames
+        first = max(1, self.steps) * max(1, self.free_init_iterations) * self.width * self.height
+        second = self.upscale.steps_run() * self.upscale.width * self.upscale.height if self.upscale else 0
+        return (first + second) / 1e6 * self.num_frames
 
     def total_steps(self) -> int:
-        """Denoising steps (every frame is denoised in each), in every FreeInit pass."""
-        return max(1, self.steps) * max(1, self.free_init_iterations)
+        """Denoising steps (every frame is denoised in each), in every FreeInit pass and the upscaling pass."""
+        return max(1, self.steps) * max(1, self.free_init_iterations) + (self.upscale.steps_run() if self.upscale else 0)
 
     def models_used(self) -> set[str]:
         return {self.model_id, self.motion_adapter}

@@ -191,8 +191,8 @@ class StandInEngine:
             )
         if params.width % 8 or params.height % 8:
             raise DoesNotFit(f"width and height must be multiples of 8, not {params.width}x{params.height}")
-        frames = [Image.new("RGB", (params.width, params.height), colour(params.seed + i))
-                  for i in range(params.num_frames)]
+        size = (params.upscale.width, params.upscale.height) if params.upscale else (params.width, params.height)
+        frames = [Image.new("RGB", size, colour(params.seed + i)) for i in range(params.num_frames)]
         return encode_video(frames, params.fps, params.output_type)
 
     def _check_clip_skip(self, model_id: str, wire_value: int | None) -> None:

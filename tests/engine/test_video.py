@@ -258,6 +258,20 @@ def test_improved_sampling_runs_free_init_and_leaves_the_pipeline_as_it_was(cach
     assert same_frames(plain, video(cache, pipelines=pipelines))
 
 
+def test_the_upscaling_pass_enlarges_and_repaints_the_frames(cache):
+    pipelines = VideoPipelines()
+    plain = video(cache, pipelines=pipelines, width=32, height=32)
+    pass_ = {"width": 64, "height": 48, "strength": 0.5, "guidance_scale": 7.5, "steps": 4}
+    upscaled = video(cache, pipelines=pipelines, width=32, height=32, upscale=pass_)
+    assert len(upscaled) == len(plain) and {frame.size for frame in upscaled} == {(64, 48)}
+    enlarged = [frame.resize((64, 48), Image.Resampling.LANCZOS) for frame in plain]
+    assert not same_frames(upscaled, enlarged)  # denoised again, not only resampled
+    assert same_frames(upscaled, video(cache, pipelines=pipelines, width=32, height=32, upscale=pass_))
+    barely = video(cache, pipelines=pipelines, width=32, height=32, upscale={**pass_, "strength": 0.1})
+    assert same_frames(barely, enlarged)  # 4 steps x 0.1: not one step, the frames only enlarged
+    assert same_frames(plain, video(cache, pipelines=pipelines, width=32, height=32))  # the pipeline as it was
+
+
 def test_prompt_negative_prompt_and_clip_skip_reach_the_pipeline(cache):
     base = video(cache)
     assert not same_frames(base, video(cache, prompt="a red car in the desert"))

@@ -438,6 +438,22 @@ def test_text2video_use_improved_sampling_counts_every_free_init_pass(client):
     assert refused.status_code == 400 and "improved_sampling_seed" in refused.json()["message"]
 
 
+def test_text2video_upscaling_pass_over_http(client):
+    result = post(client, "video/text2video", prompt="a boat", width=32, height=32, num_frames=2, steps=2,
+                  upscale_width=64, upscale_strength=0.5, upscale_num_inference_steps=4, output_type="gif")
+    assert result["status"] == "success", result
+    gif = Image.open(io.BytesIO(fetch_file(client, result["output"][0]).content))
+    assert gif.size == (64, 64) and gif.n_frames == 2  # the height keeps the video's aspect
+    meta = result["meta"]
+    assert (meta["upscale_width"], meta["upscale_height"], meta["upscale_strength"], meta["upscale_num_inference_steps"],
+            meta["upscale_guidance_scale"]) == (64, 64, 0.5, 4, 7.5)
+    for body, words in (({"upscale_strength": 0.5}, "upscale_width"), ({"upscale_width": 16}, "smaller"),
+                        ({"upscale_width": 2048}, "upscale_width")):
+        refused = client.post("/api/v1/enterprise/video/text2video", json={
+            "key": KEY, "prompt": "a boat", "width": 32, "height": 32, **body})
+        assert refused.status_code in (400, 422) and words in str(refused.json()), refused.json()
+
+
 def test_text2video_gif_through_the_g3_route_and_the_queue(client):
     queued = post(client, "video/text2video", prompt="a boat", width=32, height=32, num_frames=4, fps=4,
                   output_type="gif", num_inference_steps=2, instant_response=True)
