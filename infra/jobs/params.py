@@ -178,31 +178,45 @@ class VideoUpscale(Contract):
         return min(int(self.steps * self.strength), self.steps)
 
 
-class VideoParams(Contract):
-    kind: Literal["video"] = "video"
+class VideoOutput(Contract):
+    """What every video job has: the output's size, frames, rate and format, its denoising steps and
+    seed. Its cost: every frame denoised in each step."""
+
     denoises: ClassVar[bool] = True
 
-    model_id: str
-    motion_adapter: str
-    prompt: str
-    negative_prompt: str | None
     width: int
     height: int
     num_frames: int
     fps: int
     output_type: Literal["mp4", "gif"]
     steps: int
-    guidance_scale: float
     seed: int
-    scheduler: str | None  # None: the model's own
-    clip_skip: int | None
-    free_init_iterations: int = Field(0, description="use_improved_sampling: FreeInit's passes (0: off).")
-    upscale: VideoUpscale | None = None
 
     @property
     def seconds(self) -> float:
         """The length of the video."""
         return self.num_frames / max(1, self.fps)
+
+    def work_units(self) -> float:
+        return self.total_steps() * self.width * self.height / 1e6 * self.num_frames
+
+    def total_steps(self) -> int:
+        """Denoising steps (every frame is denoised in each)."""
+        return max(1, self.steps)
+
+
+class VideoParams(VideoOutput):
+    kind: Literal["video"] = "video"
+
+    model_id: str
+    motion_adapter: str
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float
+    scheduler: str | None  # None: the model's own
+    clip_skip: int | None
+    free_init_iterations: int = Field(0, description="use_improved_sampling: FreeInit's passes (0: off).")
+    upscale: VideoUpscale | None = None
 
     def work_units(self) -> float:
         first = max(1, self.steps) * max(1, self.free_init_iterations) * self.width * self.height
@@ -217,37 +231,17 @@ class VideoParams(Contract):
         return {self.model_id, self.motion_adapter}
 
 
-class ImageVideoParams(Contract):
+class ImageVideoParams(VideoOutput):
     """img2video: the job's `image` input (already width x height) animated by an image-to-video
     model (catalog category image_to_video: Stable Video Diffusion), `num_frames` frames at `fps`."""
 
     kind: Literal["image_video"] = "image_video"
-    denoises: ClassVar[bool] = True
 
     model_id: str
-    width: int
-    height: int
-    num_frames: int
-    fps: int
-    output_type: Literal["mp4", "gif"]
-    steps: int
     min_guidance_scale: float = Field(description="The guidance of the first frame; it rises linearly to the last's.")
     max_guidance_scale: float
     motion_bucket_id: int = Field(description="SVD's motion conditioning: higher, more motion.")
     noise_aug_strength: float = Field(description="Noise added to the image's conditioning: higher, freer of it.")
-    seed: int
-
-    @property
-    def seconds(self) -> float:
-        """The length of the video."""
-        return self.num_frames / max(1, self.fps)
-
-    def work_units(self) -> float:
-        return self.steps * self.width * self.height / 1e6 * self.num_frames
-
-    def total_steps(self) -> int:
-        """Denoising steps (every frame is denoised in each)."""
-        return max(1, self.steps)
 
     def models_used(self) -> set[str]:
         return {self.model_id}
