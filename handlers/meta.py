@@ -72,7 +72,7 @@ VIDEO_VALUES = {
     "scheduler": "scheduler", "clip_skip": "clip_skip", "W": "width", "H": "height",
 }
 VIDEO_ECHOED = ("webhook", "track_id")
-VIDEO_ECHOED_FLAGS = ("enhance_prompt", "temp", "instant_response", "use_improved_sampling")
+VIDEO_ECHOED_FLAGS = ("enhance_prompt", "temp", "instant_response")
 
 
 def video_meta(params: VideoParams, req: Text2VideoRequest) -> dict[str, Any]:
@@ -81,6 +81,8 @@ def video_meta(params: VideoParams, req: Text2VideoRequest) -> dict[str, Any]:
         **_values(params, VIDEO_VALUES),
         **_echoed(req, VIDEO_ECHOED, VIDEO_ECHOED_FLAGS),
         "negative_prompt": params.negative_prompt or "",
+        # the passes a job adds are echoed only when it runs them (the meta of a plain video is unchanged)
+        **({"use_improved_sampling": "yes"} if params.free_init_iterations else {}),
         **({"upscale_width": upscale.width, "upscale_height": upscale.height, "upscale_strength": upscale.strength,
             "upscale_guidance_scale": upscale.guidance_scale, "upscale_num_inference_steps": upscale.steps}
            if upscale else {}),
