@@ -26,7 +26,7 @@ from handlers.submit import (
     submit_job,
     text_language,
 )
-from infra.catalog.known import CONTROLNET_11_IDS
+from infra.catalog.known import CONTROLNET_11_IDS, IP_ADAPTERS
 from infra.catalog.weights import CATEGORY_TITLES, READY, ModelEntry
 from infra.jobs.params import (
     ControlNetSpec,
@@ -218,34 +218,37 @@ def _check_controlnet_family(net: ModelEntry, model: ModelEntry | None) -> None:
                    tip="Use a ControlNet made for this model's family (get_all_models shows each model's family).")
 
 
-REFERENCE = "reference_"  # the input names of a Flux.2 job's reference images after the first: reference_0, ...
-# the images a Flux.2 model takes in all (BFL's limits, as ModelsLab's docs give them)
-REFERENCE_LIMITS = {"flux2": 10, "flux2_klein": 4}
+REFERENCE = "reference_"  # the input names of an edit's reference images after the first: reference_0, ...
+# the images one edit takes in all, by the model's family or its stored pipeline class: Flux.2 (BFL's limits, as
+# ModelsLab's docs give them) and Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline: 1 to 3, its model card says)
+REFERENCE_LIMITS = {"flux2": 10, "flux2_klein": 4, "QwenImageEditPlusPipeline": 3}
 FLUX2_MIN_SIDE = 64
 
 
 def _reference_images(model: ModelEntry, images: dict) -> None:
-    """An editing model's images: Flux.2 takes init_image, init_image_2 and reference_images as one
-    list of references, in that order (`reference_0`, ... after init_image), up to its limit; the
-    others (Kontext, Qwen-Image-Edit) take one picture (init_image_2 is combined with it later)."""
+    """An editing model's images: Flux.2 and Qwen-Image-Edit-2509 take init_image, init_image_2 and
+    reference_images as one list of references, in that order (`reference_0`, ... after init_image),
+    up to its limit; the others (Kontext, the first Qwen-Image-Edit) take one picture (init_image_2 is
+    combined with it later)."""
     references = [images.pop(name) for name in sorted((n for n in images if n.startswith(REFERENCE)),
                                                           key=lambda n: int(n.removeprefix(REFERENCE)))]
-    limit = REFERENCE_LIMITS.get(model.family)
+    limit = REFERENCE_LIMITS.get(model.pipeline) or REFERENCE_LIMITS.get(model.family)
     if limit is None:
         if references:
-            raise BadInput(f"reference_images are for Flux.2 models; {model.model_id} is "
-                           f"{CATEGORY_TITLES[model.category]} (it takes init_image, and init_image_2 beside it)",
-                           tip="Send init_image (and init_image_2).")
+            plus = " (Qwen-Image-Edit-2509, a QwenImageEditPlusPipeline, takes up to 3)" if model.category == "qwen_edit" else ""
+            raise BadInput(f"reference_images are for Flux.2 and Qwen-Image-Edit-2509 models; {model.model_id} is "
+                           f"{CATEGORY_TITLES[model.category]} and takes one image{plus}",
+                           tip="Send one image (init_image, and init_image_2 beside it).")
         return
     if "init_image_2" in images:
         references.insert(0, images.pop("init_image_2"))
     for field, image in (("init_image", images["init_image"]), *(("reference_images", r) for r in references)):
-        if min(image.size) < FLUX2_MIN_SIDE:  # (its pipeline refuses them)
+        if model.family in ("flux2", "flux2_klein") and min(image.size) < FLUX2_MIN_SIDE:  # (its pipeline refuses them)
             raise BadInput(f"{field}: an image of {image.width}x{image.height}; Flux.2 models take reference images of at "
                            f"least {FLUX2_MIN_SIDE}x{FLUX2_MIN_SIDE}", tip="Send larger reference images.")
     if 1 + len(references) > limit:
-        raise BadInput(f"{1 + len(references)} reference images were sent; {CATEGORY_TITLES[model.category]} models take "
-                       f"at most {limit}", tip=f"Send at most {limit} images (init_image and reference_images).")
+        raise BadInput(f"{1 + len(references)} reference images were sent; {model.model_id} ({CATEGORY_TITLES[model.category]}) "
+                       f"takes at most {limit}", tip=f"Send at most {limit} images (init_image and reference_images).")
     images.update({f"{REFERENCE}{i}": image for i, image in enumerate(references)})
 
 
@@ -306,7 +309,8 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     if editing:
         _reference_images(model, images)
     elif any(name.startswith(REFERENCE) for name in images):
-        raise BadInput(f"reference_images are for Flux.2 models; {model_id} is not one", tip="Leave reference_images out.")
+        raise BadInput(f"reference_images are for Flux.2 and Qwen-Image-Edit-2509 models; {model_id} is not one",
+                       tip="Leave reference_images out.")
     scheduler, algorithm = resolve_scheduler(req.scheduler, req.algorithm_type, model, rt)
     # 2. the effective values a request leaves open
     width, height = size or _output_size(req, images.get("init_image") or images.get("control_image_0"))
@@ -333,7 +337,7 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     if model is None:
         pending.append(resolved)
     translation, languages = _translation(req, rt, pending)
-    ip_adapter = _ip_adapter(req, model, rt, caller, images, highres is not None)
+    ip_adapter = _ip_adapter(req, model, rt, caller, images, highres is not None, pending)
     checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
     params = GenerationParams(
         task=task,
@@ -390,10 +394,12 @@ IP_ADAPTER_SCALE = 0.6  # ModelsLab's meta shows it when none is sent
 
 
 def _ip_adapter(req: GenerationRequest, model: ModelEntry | None, rt: Runtime, caller: Caller, images: dict,
-                highres: bool) -> IpAdapter | None:
+                highres: bool, pending: list) -> IpAdapter | None:
     """The job's IP-Adapter (`ip_adapter_id`, `ip_adapter_scale`, `ip_adapter_image` loaded into
     `images`), checked to fit the model: SD 1.x / 2.x and SDXL UNets only (the adapter's
-    text-embedding width must be the model's); not with highres_fix (its second pass has no image)."""
+    text-embedding width must be the model's); not with highres_fix (its second pass has no image).
+    ModelsLab's adapter ids (`infra.catalog.known.IP_ADAPTERS`) are fetched on first use where
+    fetch_known_models allows (the job waits for them, in `pending`)."""
     if not req.ip_adapter_id:
         for field in ("ip_adapter_image", "ip_adapter_scale"):
             if getattr(req, field) is not None:
@@ -402,11 +408,19 @@ def _ip_adapter(req: GenerationRequest, model: ModelEntry | None, rt: Runtime, c
     if req.ip_adapter_image is None:
         raise BadInput("ip_adapter_id needs ip_adapter_image (the image whose look the adapter carries over)",
                        tip="Send ip_adapter_image as a URL or base64.")
-    entry = rt.weights.require(req.ip_adapter_id, ("ip_adapter",), "ip_adapter_id")
     if model is not None and model.family in FLOW_FAMILIES:
         raise BadInput(f"ip_adapter_id: IP-Adapters are for SD 1.x / 2.x and SDXL models; {model.model_id} is "
                        f"{FLOW_FAMILIES[model.family]}", tip="Leave ip_adapter_id out.")
-    _check_fits(entry, "ip_adapter_id", model)
+    entry = ondemand.require_known(req.ip_adapter_id, "ip_adapter", "ip_adapter_id", rt)
+    if isinstance(entry, ondemand.Pending):  # still to fetch: fitted by the family its table gives
+        pending.append(entry)
+        family = IP_ADAPTERS.get(entry.model_id, ("", ""))[1]
+        if model is not None and family and family != model.family:
+            raise BadInput(f"ip_adapter_id: {entry.model_id} is an IP-Adapter for {'SDXL' if family == 'sdxl' else 'SD 1.x'} "
+                           f"models; {model.model_id} is {'SDXL' if model.family == 'sdxl' else 'SD 1.x / 2.x'}",
+                           tip="Use the IP-Adapter id made for the model's family (ip-adapter_sd15, ip-adapter_sdxl, ...).")
+    else:
+        _check_fits(entry, "ip_adapter_id", model)
     if highres:
         raise BadInput("ip_adapter_id cannot be combined with highres_fix (its second pass has no IP-Adapter image)",
                        tip="Leave highres_fix out.")

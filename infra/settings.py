@@ -292,8 +292,13 @@ class Settings(BaseSettings):
     )
     fetch_known_models: bool = Field(
         True,
-        description="Download the well-known upscalers, face restorer and motion adapter into the weights "
-        "store on first use (off: load them with load_model_v2 first).",
+        description="Download the well-known models (upscalers, face restorer, motion adapter, ModelsLab's "
+        "IP-Adapter ids, translator, segmenter, ...) into the weights store on first use (off: load them with "
+        "load_model_v2 first).",
+    )
+    hub_endpoint: str | None = Field(
+        None, description="The Hugging Face hub (or a mirror of it) that repo-id sources are downloaded from; unset: "
+        "huggingface_hub's own (HF_ENDPOINT, else https://huggingface.co).",
     )
     known_model_urls: dict[str, str] = Field(
         default_factory=dict,

@@ -159,9 +159,9 @@ class Img2ImgRequest(GenerationRequest):
         None, description="Flux Kontext models: a second image to combine with init_image (the two are placed side by "
         "side and edited as one picture, as the prompt says).")
     reference_images: ImageList | None = Field(
-        None, description="Flux.2 models: more reference images after init_image (and init_image_2), each a URL, "
-        "base64 string or data URI; Flux.2 dev takes 10 images in all, Klein 4. The family routes send them as "
-        "an `init_image` list.")
+        None, description="Flux.2 and Qwen-Image-Edit-2509 models: more reference images after init_image (and "
+        "init_image_2), each a URL, base64 string or data URI; Flux.2 dev takes 10 images in all, Klein 4, "
+        "Qwen-Image-Edit-2509 3. The family routes and qwen_edit send them as an `init_image` list.")
 
 
 class InpaintRequest(Img2ImgRequest):

@@ -37,6 +37,20 @@ KNOWN_MODELS = {
     "stable-video-diffusion-img2vid-xt": ("stabilityai/stable-video-diffusion-img2vid-xt", "image_to_video"),
 }
 
+# ModelsLab's IP-Adapter ids (ip_adapter_id) -> (source, the family of the models it fits):
+# h94/IP-Adapter's weights file with the CLIP image encoder it was trained with, fetched as one folder
+# (`owner/name:path,path`); the SDXL "vit-h" adapters use SD 1.5's ViT-H encoder, the others their own
+IP_ADAPTERS = {
+    "ip-adapter_sd15": ("h94/IP-Adapter:models/ip-adapter_sd15.safetensors,models/image_encoder", "sd"),
+    "ip-adapter-plus-face_sd15": ("h94/IP-Adapter:models/ip-adapter-plus-face_sd15.safetensors,models/image_encoder", "sd"),
+    "ip-adapter_sdxl": ("h94/IP-Adapter:sdxl_models/ip-adapter_sdxl.safetensors,sdxl_models/image_encoder", "sdxl"),
+    "ip-adapter-plus_sdxl_vit-h": (
+        "h94/IP-Adapter:sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors,models/image_encoder", "sdxl"),
+    "ip-adapter-plus-face_sdxl_vit-h": (
+        "h94/IP-Adapter:sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors,models/image_encoder", "sdxl"),
+}
+KNOWN_MODELS.update({model_id: (source, "ip_adapter") for model_id, (source, _) in IP_ADAPTERS.items()})
+
 # ControlNet 1.1 repos and the ids the docs give them (used when load_model names no model_id)
 CONTROLNET_11_IDS = {
     "lllyasviel/control_v11p_sd15_inpaint": "inpaint",

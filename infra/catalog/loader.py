@@ -4,7 +4,9 @@ and convert them on the engine side, and record the outcome in the weights store
 Sources: an http(s) URL to a single weights file (streamed to disk, size-capped; Civitai-style
 URLs without an extension are named by Content-Disposition), a `.tar` archive (what sync_models
 serves), a Hugging Face repo id (`owner/name`, downloaded with huggingface_hub where the machine
-has internet), or a local file or folder when the server allows local paths.
+has internet), some files and folders of a repo (`owner/name:path,path`: only those, placed side by
+side in one folder, as an IP-Adapter's weights file and the image encoder beside it), or a local
+file or folder when the server allows local paths.
 
 `run_load` never raises: the manifest ends `ready` or `failed` with a reason, and the webhook,
 when given, receives the outcome.
@@ -33,6 +35,9 @@ from models.errors import BadInput
 log = logging.getLogger(__name__)
 
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# `owner/name:path,path`: files or folders of a repo (no absolute paths, no `..`)
+_HUB_PATH = r"(?!\.\.)[\w.-]+(?:/(?!\.\.)[\w.-]+)*/?"
+HUB_PATHS = re.compile(rf"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+):(?P<paths>{_HUB_PATH}(?:,{_HUB_PATH})*)$")
 HUB_SKIP = (".fp16.safetensors", ".non_ema.safetensors", ".ema.safetensors")  # duplicates of the main weights
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -45,11 +50,12 @@ def source_kind(source: str, allow_local: bool = True) -> str:
         if not allow_local:
             raise BadInput("url: local paths are not allowed on this server", tip="Send an http(s) URL or a repo id.")
         return "path"
-    if HUB_REPO.match(source):
+    if HUB_REPO.match(source) or HUB_PATHS.match(source):
         return "hub"
     raise BadInput(
         f"url {source!r} is not a model source",
-        tip="Send an http(s) URL to a .safetensors/.ckpt/.pt/.bin file, or a Hugging Face repo id like owner/name.",
+        tip="Send an http(s) URL to a .safetensors/.ckpt/.pt/.bin file, or a Hugging Face repo id like owner/name "
+        "(owner/name:path,path for some of its files).",
     )
 
 
@@ -128,7 +134,7 @@ def fetch_source(source: str, target: Path, settings) -> Path:
         if local.is_dir():
             return Path(shutil.copytree(local, target / local.name))
         return Path(shutil.copy2(local, target / local.name))
-    return _hub_download(source, target)
+    return _hub_download(source, target, settings)
 
 
 class LoadError(Exception):
@@ -191,21 +197,60 @@ def _unpack(archive: Path, target: Path) -> Path:
     return folder
 
 
-def _hub_download(repo_id: str, target: Path) -> Path:
+def _hub_download(source: str, target: Path, settings) -> Path:
+    """A repo (its weights: `hub_files_to_fetch`) or, for `owner/name:path,path`, only those files and
+    folders, laid side by side in one folder (`hub_paths_to_fetch`, `lay_out_hub_paths`). From the
+    setting hub_endpoint when set (a mirror), else huggingface_hub's own (HF_ENDPOINT)."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+    selected = HUB_PATHS.match(source)
+    repo_id = selected["repo"] if selected else source
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise LoadError(f"this server is offline (HF_HUB_OFFLINE): it cannot download {repo_id} from the hub")
+    endpoint = getattr(settings, "hub_endpoint", None) or None
     try:
-        files = hub_files_to_fetch(HfApi().list_repo_files(repo_id))
-        return Path(snapshot_download(repo_id, local_dir=target / repo_id.replace("/", "--"), allow_patterns=files))
+        listing = HfApi(endpoint=endpoint).list_repo_files(repo_id)
+        paths = selected["paths"].split(",") if selected else []
+        files = hub_paths_to_fetch(listing, paths, repo_id) if selected else hub_files_to_fetch(listing)
+        folder = Path(snapshot_download(repo_id, local_dir=target / repo_id.replace("/", "--"), allow_patterns=files,
+                                        endpoint=endpoint))
     except RepositoryNotFoundError as exc:
         raise LoadError(f"Hugging Face repo {repo_id} does not exist or is private") from exc
     except HfHubHTTPError as exc:
         raise LoadError(f"Hugging Face hub download of {repo_id} failed: {exc}") from exc
+    except LoadError:
+        raise
     except Exception as exc:  # the hub client's own network errors (no internet, DNS, timeouts)
         raise LoadError(f"cannot reach the Hugging Face hub to download {repo_id}: {type(exc).__name__}") from exc
+    return lay_out_hub_paths(folder, paths, target / "selected") if selected else folder
+
+
+def hub_paths_to_fetch(files: list[str], paths: list[str], repo_id: str) -> list[str]:
+    """Of a repo's `files`, those the `paths` name: a file itself, or a folder's weights and configs
+    (`hub_files_to_fetch` of what lies under it); a path that names nothing is a LoadError."""
+    chosen = []
+    for path in (p.rstrip("/") for p in paths):
+        if path in files:
+            chosen.append(path)
+            continue
+        inside = hub_files_to_fetch([name for name in files if name.startswith(path + "/")])
+        if not inside:
+            raise LoadError(f"Hugging Face repo {repo_id} has no file or folder {path}")
+        chosen += inside
+    return chosen
+
+
+def lay_out_hub_paths(folder: Path, paths: list[str], out: Path) -> Path:
+    """The fetched `paths` of a repo snapshot in `folder`, moved side by side into `out` under their
+    last names (models/image_encoder -> out/image_encoder); two of one name is a LoadError."""
+    out.mkdir(parents=True)
+    for path in (p.rstrip("/") for p in paths):
+        name = path.rpartition("/")[2]
+        if (out / name).exists():
+            raise LoadError(f"two of the paths are named {name}: they cannot lie side by side")
+        shutil.move(str(folder / path), out / name)
+    return out
 
 
 def hub_files_to_fetch(files: list[str]) -> list[str]:

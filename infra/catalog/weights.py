@@ -76,6 +76,9 @@ class ModelEntry:
     # were made for, so a LoRA / ControlNet / embedding is never applied to a model it cannot fit
     family: str = ""
     context_dim: int = 0
+    # the stored pipeline class of a transformer family's model (model_index.json's `_class_name`): what it
+    # takes beyond its category (QwenImageEditPlusPipeline: several images); "" for the others
+    pipeline: str = ""
     file: str = ""  # the payload file of single-file kinds (lora, embeddings, upscalers), relative to the folder
     scale: int = 0  # upscalers: the network's own scale factor
     loaded_at: float = 0.0

@@ -218,6 +218,8 @@ class ModelCache:
         """A `variant` pipeline on the model's components, with a new scheduler (and `parts`
         such as a VAE or ControlNet swapped in for this job only)."""
         cls = VARIANTS[model.family].get(variant)
+        if variant == "edit" and model.kind == "edit":  # an editing model edits with its own class (Qwen-Image-Edit-2509:
+            cls = type(model.pipeline)                    # QwenImageEditPlusPipeline, which takes several images)
         if cls is None:
             what = variant.replace("_", " ")
             raise Unsupported(f"{what} is not available for {model.family.upper()} models like {model.model_id}")

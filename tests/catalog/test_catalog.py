@@ -569,3 +569,34 @@ def test_hub_downloads_skip_duplicate_weights():
     ])
     lora_repo = ["README.md", "style.safetensors", "images/preview.png"]
     assert hub_files_to_fetch(lora_repo) == ["style.safetensors"]
+
+
+def test_a_hub_source_can_name_some_files_and_folders_of_a_repo(tmp_path):
+    """`owner/name:path,path` (how ModelsLab's IP-Adapter ids are fetched from h94/IP-Adapter): only the
+    named file and folder are fetched, and they lie side by side as one IP-Adapter folder."""
+    from infra.catalog.loader import LoadError, hub_paths_to_fetch, lay_out_hub_paths, source_kind
+    from infra.catalog.known import IP_ADAPTERS
+    from models.errors import BadInput
+
+    repo = ["README.md", "models/ip-adapter_sd15.safetensors", "models/ip-adapter_sd15.bin",
+            "models/ip-adapter-plus_sd15.safetensors", "models/image_encoder/config.json",
+            "models/image_encoder/model.safetensors", "models/image_encoder/pytorch_model.bin",
+            "sdxl_models/ip-adapter_sdxl.safetensors", "sdxl_models/image_encoder/config.json",
+            "sdxl_models/image_encoder/model.safetensors"]
+    source = IP_ADAPTERS["ip-adapter_sd15"][0]
+    assert source_kind(source) == "hub"
+    paths = source.partition(":")[2].split(",")
+    assert sorted(hub_paths_to_fetch(repo, paths, "h94/IP-Adapter")) == [
+        "models/image_encoder/config.json", "models/image_encoder/model.safetensors", "models/ip-adapter_sd15.safetensors"]
+    with pytest.raises(LoadError, match="no file or folder models/missing"):
+        hub_paths_to_fetch(repo, ["models/missing"], "h94/IP-Adapter")
+    for bad in ("h94/IP-Adapter:../secrets", "h94/IP-Adapter:/etc/passwd", "h94/IP-Adapter:models/../x", "h94/IP-Adapter:"):
+        with pytest.raises(BadInput, match="is not a model source"):
+            source_kind(bad)
+    snapshot = tmp_path / "snapshot"
+    for name in ("models/ip-adapter_sd15.safetensors", "models/image_encoder/config.json"):
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_text(name)
+    out = lay_out_hub_paths(snapshot, paths, tmp_path / "selected")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "image_encoder/config.json", "ip-adapter_sd15.safetensors"]

@@ -332,13 +332,13 @@ def test_the_newer_families_routes_defaults_and_refusals(newer):
     klein = family_route(client, "flux_klein/img2img", prompt="the cube in blue", init_image=[init], **SMALL)
     assert klein["status"] == "success" and klein["meta"]["model_id"] == "klein-tiny", klein
     too_many = family_route(client, "flux_klein/img2img", prompt="x", init_image=[init] * 5, **SMALL)
-    assert too_many["http"] == 400 and "Flux.2 Klein models take at most 4" in too_many["message"], too_many
+    assert too_many["http"] == 400 and "(Flux.2 Klein) takes at most 4" in too_many["message"], too_many
     dev_too_many = family_route(client, "flux/img2img", deploy_type="flux_2_dev", prompt="x", init_image=[init] * 11,
                                 **SMALL)
-    assert dev_too_many["http"] == 400 and "Flux.2 dev models take at most 10" in dev_too_many["message"], dev_too_many
+    assert dev_too_many["http"] == 400 and "(Flux.2 dev) takes at most 10" in dev_too_many["message"], dev_too_many
     kontext_many = call(client, "img2img", model_id="qwen-edit-tiny", prompt="x", init_image=init,
                         reference_images=[init], **SMALL)
-    assert kontext_many["http"] == 400 and "reference_images are for Flux.2 models" in kontext_many["message"]
+    assert kontext_many["http"] == 400 and "reference_images are for Flux.2" in kontext_many["message"]
     no_inpaint = call(client, "inpaint", model_id="flux2-tiny", prompt="x", init_image=init,
                       mask_image=data_uri(centre_mask(64, 64)), **SMALL)
     assert no_inpaint["http"] == 400 and "no Flux.2 dev inpainting" in no_inpaint["message"], no_inpaint

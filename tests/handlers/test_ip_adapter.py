@@ -102,3 +102,26 @@ def test_a_folder_without_its_image_encoder_does_not_load(app):
     shutil.rmtree(folder / "image_encoder")
     answer = load(client, "load_model_v2", url=str(folder), model_id="no-encoder", model_category="ip_adapter")
     assert answer["status"] == "error" and "image_encoder/" in answer["message"], answer
+
+
+def test_modelslabs_adapter_ids_are_fetched_on_first_use_and_checked_before(models_dir, tmp_path):
+    """`ip-adapter_sd15` is fetched into the store by the first job that names it (here from a folder set
+    in known_model_urls: h94/IP-Adapter's files where the machine has internet), then runs; an SDXL id on an
+    SD 1.x model is refused before anything is fetched."""
+    shutil.copytree(models_dir, tmp_path / "models")
+    folder = write_ip_adapter(tmp_path / "models" / "tiny-sd", tmp_path / "mirror" / "ip-adapter_sd15")
+    client = open_client(tmp_path / "data", tmp_path / "models", fetch_known_models=True,
+                         known_model_urls={"ip-adapter_sd15": str(folder)})
+    try:
+        red = data_uri(Image.new("RGB", (64, 64), (220, 30, 30)))
+        wrong = call(client, "text2img", **QUICK, ip_adapter_id="ip-adapter_sdxl", ip_adapter_image=red)
+        assert wrong["http"] == 400 and "SDXL" in wrong["message"], wrong
+        first = call(client, "text2img", **QUICK, ip_adapter_id="ip-adapter_sd15", ip_adapter_image=red)
+        assert first["status"] == "success" and first["meta"]["ip_adapter_id"] == "ip-adapter_sd15", first
+        models = {m["model_id"]: m for m in call(client, "get_all_models")["models"]}
+        assert models["ip-adapter_sd15"]["category"] == "ip_adapter" and models["ip-adapter_sd15"]["status"] == "ready"
+        assert "ip-adapter_sdxl" not in models
+        again = call(client, "text2img", **QUICK, ip_adapter_id="ip-adapter_sd15", ip_adapter_image=red)
+        assert np.array_equal(pixels(client, again), pixels(client, first))
+    finally:
+        client.__exit__(None, None, None)

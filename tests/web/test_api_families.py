@@ -115,7 +115,42 @@ def test_qwen_edit_runs_img2img_on_the_qwen_image_edit_model(models_dir, tmp_pat
         answer = client.post(route, json=body).json()
         assert answer["status"] == "success" and answer["meta"]["model_id"] == "my-qwen-edit", answer
         two = client.post(route, json={**body, "init_image": [data_uri(scene(64, 64))] * 2})
-        assert two.status_code == 400 and "reference_images" in two.json()["message"]
+        assert two.status_code == 400 and "takes one image" in two.json()["message"]
+        assert "Qwen-Image-Edit-2509" in two.json()["message"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_qwen_edit_2509_edits_several_images_as_the_docs_example_sends_them(models_dir, tmp_path):
+    """Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline) takes the docs' `init_image` list, up to 3 images,
+    each seen by the model: another second image gives another result."""
+    import shutil
+
+    from PIL import Image
+
+    from infra.engine import LOAD_LOCK
+    from infra.engine.files.tiny import build_tiny_qwen_image
+    from tests.catalog.test_catalog import load
+
+    shutil.copytree(models_dir, tmp_path / "models")
+    client = open_client(tmp_path / "data", tmp_path / "models")
+    try:
+        with LOAD_LOCK:
+            build_tiny_qwen_image(tmp_path / "plus", edit=True, plus=True)
+        assert load(client, "load_model_v2", url=str(tmp_path / "plus"), model_id="qwen-edit-2509",
+                    model_category="qwen_edit")["status"] == "success"
+        route = f"{V1}/image_editing/qwen_edit"
+        body = {"key": KEY, "prompt": "the woman wearing the dress", "base64": True, "webhook": None, "track_id": None,
+                "num_inference_steps": 2, "seed": 5, "width": 64, "height": 64}
+        person, dress, other = scene(64, 64), Image.new("RGB", (48, 64), (200, 30, 30)), Image.new("RGB", (48, 64), (20, 40, 220))
+        outputs = []
+        for second in (dress, other):
+            answer = client.post(route, json={**body, "init_image": [data_uri(person), data_uri(second)]}).json()
+            assert answer["status"] == "success" and answer["meta"]["model_id"] == "qwen-edit-2509", answer
+            outputs.append(answer["output"][0])
+        assert outputs[0] != outputs[1]  # the second image reached the model
+        four = client.post(route, json={**body, "init_image": [data_uri(person)] * 4})
+        assert four.status_code == 400 and "at most 3" in four.json()["message"]
     finally:
         client.__exit__(None, None, None)
 

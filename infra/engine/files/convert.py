@@ -121,8 +121,8 @@ TRANSFORMER_FAMILIES = {
     "FluxFillPipeline": ("flux", "flux_fill"),  # inpainting: a transformer that reads the mask
     "StableDiffusion3Pipeline": ("sd3", "sd3"),
     "QwenImagePipeline": ("qwen", "qwen"),  # Qwen-Image: a Qwen2.5-VL text encoder
-    "QwenImageEditPipeline": ("qwen", "qwen_edit"),  # Qwen-Image-Edit (and 2509's Plus): instruction editing
-    "QwenImageEditPlusPipeline": ("qwen", "qwen_edit"),
+    "QwenImageEditPipeline": ("qwen", "qwen_edit"),  # Qwen-Image-Edit: instruction editing of one image
+    "QwenImageEditPlusPipeline": ("qwen", "qwen_edit"),  # Qwen-Image-Edit-2509 (and later): of 1 to 3 images
     "ZImagePipeline": ("zimage", "zimage"),  # Z-Image (Turbo): a Qwen3 text encoder
     "Flux2Pipeline": ("flux2", "flux2"),  # Flux.2 dev: a Mistral 3 text encoder; reference images as its input
     "Flux2KleinPipeline": ("flux2_klein", "flux2_klein"),  # Flux.2 Klein: a Qwen3 text encoder
@@ -137,7 +137,7 @@ def _prepare_transformer_family(claimed: str | None, kind: tuple[str, str], pipe
         raise CheckpointError(f"{claimed} was claimed but the weights are a {CATEGORY_TITLES[category]} model; "
                               f"use model_category {category}")
     pipeline.save_pretrained(out, safe_serialization=True)
-    return {"category": category, "family": family, "format": fmt,
+    return {"category": category, "family": family, "format": fmt, "pipeline": type(pipeline).__name__,
             "context_dim": getattr(pipeline.transformer.config, "joint_attention_dim", 0) or 0}
 
 

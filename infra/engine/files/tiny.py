@@ -42,8 +42,8 @@ processor folders (a processor bundles a tokenizer and an image processor) are c
   byte tokens, then <|endoftext|> (256, pad), <|im_start|>, <|im_end|> (258, eos), <|vision_start|>,
   <|vision_end|>, <|image_pad|> (261), <|video_pad|>, <think>, </think>; the text encoder's image /
   video / vision token ids are those.
-* `configs/tiny-qwen-image-edit`: the same models as a QwenImageEditPipeline (QwenImageEditPlusPipeline
-  and QwenImageEditInpaintPipeline through `from_pipe`), with the `processor` that Edit needs: a
+* `configs/tiny-qwen-image-edit`: the same models as a QwenImageEditPipeline (or a QwenImageEditPlusPipeline,
+  Qwen-Image-Edit-2509's; QwenImageEditInpaintPipeline through `from_pipe`), with the `processor` that Edit needs: a
   Qwen2VLProcessor of the same tokenizer and a Qwen2VLImageProcessor (patch 14, merge 2) whose
   min / max pixels of 56x56 make every image 4 vision tokens. With one seed both folders draw the
   same weights.
@@ -245,11 +245,13 @@ def build_tiny_sd3(folder: Path, seed: int = 0) -> None:
     build_from_configs(TINY_SD3_CONFIGS, folder, seed=seed)
 
 
-def build_tiny_qwen_image(folder: Path, seed: int = 0, edit: bool = False) -> None:
+def build_tiny_qwen_image(folder: Path, seed: int = 0, edit: bool = False, plus: bool = False) -> None:
     """Save a tiny Qwen-Image pipeline (QwenImagePipeline: a 1-layer QwenImageTransformer2DModel, a
     16-wide 2-layer Qwen2.5-VL text encoder, a 4-channel AutoencoderKLQwenImage, flow-matching Euler)
-    to `folder`; `edit` saves QwenImageEditPipeline with the same weights and a Qwen2VLProcessor."""
-    build_from_configs(TINY_QWEN_IMAGE_EDIT_CONFIGS if edit else TINY_QWEN_IMAGE_CONFIGS, folder, seed=seed)
+    to `folder`; `edit` saves QwenImageEditPipeline with the same weights and a Qwen2VLProcessor,
+    `plus` (with `edit`) QwenImageEditPlusPipeline, Qwen-Image-Edit-2509's (several images per edit)."""
+    build_from_configs(TINY_QWEN_IMAGE_EDIT_CONFIGS if edit else TINY_QWEN_IMAGE_CONFIGS, folder, seed=seed,
+                       pipeline="QwenImageEditPlusPipeline" if edit and plus else None)
 
 
 def build_tiny_z_image(folder: Path, seed: int = 0) -> None:
