@@ -111,6 +111,11 @@ class Settings(BaseSettings):
         description="mask_creator's text-prompted segmentation model (category segmenter, a CLIPSeg folder). The "
         "default, CIDAS/clipseg-rd64-refined, is fetched on first use where fetch_known_models allows it.",
     )
+    removal_model_id: str = Field(
+        "", description="object_removal's LaMa-class inpainting network (category object_remover, a spandrel "
+        "inpainting model such as big-lama, loaded with load_model_v2). Unset, or not loaded: object_removal runs "
+        "the default inpainting model with an empty prompt (meta.removal_model says which ran).",
+    )
     flux_inpaint_with_fill: bool = Field(
         True,
         description="Inpaint requests on a base Flux.1 model run on a loaded Flux.1 Fill model (family_model_ids' "

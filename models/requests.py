@@ -391,6 +391,7 @@ class LoadModelRequest(WireModel):
 ModelCategory = Literal[
     "stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "flux_kontext", "flux_fill", "sd3", "qwen", "qwen_edit", "zimage", "flux2", "flux2_klein", "lora", "controlnet", "embeddings", "vae", "preprocessor",
     "upscaler", "face_restorer", "motion_adapter", "translator", "ip_adapter", "segmenter", "image_to_video",
+    "object_remover",
 ]
 
 

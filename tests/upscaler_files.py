@@ -7,6 +7,8 @@ architectures, built with spandrel's own arch classes and saved the way the offi
 - `write_compact`: SRVGGNetCompact as realesr-general-x4v3.pth, wrapped as {"params": state_dict}.
 - `write_gfpgan`: GFPGANv1Clean at the one size spandrel builds (512, 87M parameters: slow to
   write, so build it once per test module), wrapped as {"params_ema": state_dict}.
+- `write_lama`: LaMa (big-lama's FFC ResNet, the one size spandrel builds: 51M parameters, stored
+  in fp16 to halve the file) with lama-cleaner's `generator.` key prefix, for object_removal.
 
 A path ending in .safetensors gets the bare state dict instead. Every writer is deterministic:
 weights are drawn from a fixed seed inside `torch.random.fork_rng()`, so the global RNG is left
@@ -120,6 +122,19 @@ def write_gfpgan(path: Path, seed: int = 0) -> Path:
         net = GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
                      num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
     return _save(net.state_dict(), path, "params_ema")
+
+
+def write_lama(path: Path, seed: int = 0) -> Path:
+    """LaMa's inpainting generator (spandrel's arch: image + mask in, RGB out), its keys under
+    `generator.` as the LaMa training checkpoints name them, in fp16; a bare state dict in .safetensors."""
+    import_spandrel()
+    from spandrel.architectures.LaMa import LaMa
+
+    with _seeded(seed):
+        net = LaMa(in_nc=4, out_nc=3)
+    state = {f"generator.{key.removeprefix('model.')}" if key.startswith("model.") else key: value.half()
+             if value.is_floating_point() else value for key, value in net.state_dict().items()}
+    return _save(state, path, "state_dict")
 
 
 def write_not_a_model(path: Path) -> Path:

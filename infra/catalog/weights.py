@@ -48,9 +48,10 @@ CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD
 # "motion_adapter": an AnimateDiff motion module for text2video; "translator": a transformers translation
 # model (sequence to sequence, any language to English: multi_lingual); "segmenter": a text-prompted segmentation
 # model (CLIPSeg through transformers: mask_creator); "image_to_video": a Stable Video Diffusion pipeline
-# (img2video; a pipeline of its own kind that no image endpoint runs)
+# (img2video; a pipeline of its own kind that no image endpoint runs); "object_remover": a LaMa-class
+# inpainting network (spandrel: an image and its mask in, the hole filled; object_removal)
 CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter",
-              "translator", "segmenter", "image_to_video")
+              "translator", "segmenter", "image_to_video", "object_remover")
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -211,7 +211,7 @@ class ModelCache:
 
     def component(self, model_id: str, kind: str):
         """A VAE, ControlNet or motion adapter module, a preprocessor (a transformers pipeline), or
-        an upscaler / face restorer (a spandrel model descriptor)."""
+        an upscaler / face restorer / object remover (a spandrel model descriptor)."""
         return self._get(model_id, (kind,), lambda entry: self._load_component(entry, kind)).module
 
     def pipeline(self, model: LoadedModel, variant: str, scheduler: str, karras: bool, algorithm: str | None, **parts):
@@ -360,11 +360,12 @@ class ModelCache:
                 encoder = CLIPVisionModelWithProjection.from_pretrained(
                     folder / "image_encoder", dtype=self.dtype, local_files_only=True).to(self.device).eval()
             return LoadedComponent(entry.model_id, entry.version, encoder, module_bytes(encoder))
-        if kind in ("upscaler", "face_restorer"):
+        if kind in ("upscaler", "face_restorer", "object_remover"):
             from infra.engine.files.upscalers import load_upscaler
 
             with LOAD_LOCK:
-                descriptor = load_upscaler(self.weights.payload(entry.model_id), self.device)
+                descriptor = load_upscaler(self.weights.payload(entry.model_id), self.device,
+                                           inpainting=kind == "object_remover")
             return LoadedComponent(entry.model_id, entry.version, descriptor, module_bytes(descriptor.model))
         if kind == "image_to_video":  # a StableVideoDiffusionPipeline: infra.engine.video.generate_image_video
             from diffusers import StableVideoDiffusionPipeline

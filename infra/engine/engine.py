@@ -27,6 +27,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from diffusers import FluxMultiControlNetModel, QwenImageMultiControlNetModel, SD3MultiControlNetModel
 from diffusers.configuration_utils import FrozenDict
@@ -49,7 +50,15 @@ from infra.settings import Settings
 from models.schedulers import DISTILLED_FAMILIES
 
 if TYPE_CHECKING:
-    from infra.jobs.params import GenerationParams, ImageVideoParams, JobParams, MaskParams, UpscaleParams, VideoParams
+    from infra.jobs.params import (
+        GenerationParams,
+        ImageVideoParams,
+        JobParams,
+        MaskParams,
+        RemovalParams,
+        UpscaleParams,
+        VideoParams,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +242,10 @@ class DiffusersEngine:
             progress.stage("postprocessing")
             images = [self.segment(_open(inputs["image"]), params)]
             progress.step()
+        elif params.kind == "removal":
+            progress.stage("postprocessing")
+            images = [self.remove_object(_open(inputs["image"]), _open(inputs["mask"]), params)]
+            progress.step()
         elif params.kind == "upscale":
             progress.stage("postprocessing")
             image, faces = self.super_resolve(_open(inputs["image"]), params)
@@ -273,6 +286,20 @@ class DiffusersEngine:
         probability = torch.nn.functional.interpolate(probability, size=(image.height, image.width), mode="bilinear")
         mask = (probability[0, 0] >= params.threshold).to(torch.uint8).mul(255).cpu().numpy()
         return Image.fromarray(mask, mode="L")
+
+    def remove_object(self, image: Image.Image, mask: Image.Image, params: RemovalParams) -> Image.Image:
+        """object_removal by a LaMa-class network: the image (RGB, 0..1) and its mask (1 where white,
+        binarised at half) in, spandrel's descriptor padding them to the sizes the network takes;
+        the network's pixels where the mask is white, the image's own everywhere else."""
+        network = self.cache.component(params.model_id, "object_remover")
+        rgb = image.convert("RGB")
+        binary = mask.convert("L").resize(rgb.size, Image.Resampling.NEAREST).point(lambda v: 255 if v >= 128 else 0)
+        pixels = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)[None].float().div(255)
+        holes = torch.from_numpy(np.asarray(binary).copy())[None, None].float().div(255)
+        with torch.inference_mode():
+            filled = network(pixels.to(network.device, network.dtype), holes.to(network.device, network.dtype))
+        out = filled[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Image.composite(Image.fromarray(out, mode="RGB"), rgb, binary)
 
     def _translated(self, params: GenerationParams, facts: dict) -> GenerationParams:
         """The job with its foreign-language texts in English (the translator's words in `facts`:

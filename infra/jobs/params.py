@@ -295,7 +295,20 @@ class MaskParams(OnePassParams):
         return {self.model_id}
 
 
-JobParams = Annotated[GenerationParams | VideoParams | ImageVideoParams | UpscaleParams | MaskParams,
+class RemovalParams(OnePassParams):
+    """object_removal by a LaMa-class network (catalog category object_remover): the pixels of the
+    job's `image` input under its `mask` input (white) filled in, every other pixel kept exactly
+    (width x height: the input's size)."""
+
+    kind: Literal["removal"] = "removal"
+
+    model_id: str
+
+    def models_used(self) -> set[str]:
+        return {self.model_id}
+
+
+JobParams = Annotated[GenerationParams | VideoParams | ImageVideoParams | UpscaleParams | MaskParams | RemovalParams,
                       Field(discriminator="kind")]
 VIDEO_KINDS = ("video", "image_video")  # the job kinds whose output is one video (metered in seconds)
 PARAMS = TypeAdapter(JobParams)  # PARAMS.validate_python(record["params"]) -> the typed params

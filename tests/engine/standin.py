@@ -13,6 +13,8 @@ It keeps the promises tests/engine/test_engine_conformance.py holds every engine
 - video: one mp4 / gif (`infra.media.encode_video`) of `num_frames` flat frames at the job's fps.
 - upscale: one PNG of the job's (width, height): the input image resized (Lanczos); with a face
   restorer, `faces_restored`: 0 (it finds no faces).
+- object removal: the input image with its masked pixels (white in the `mask` input) one flat
+  colour (`colour(0)`), the others as they were.
 
 It raises what the real engine raises for the jobs it can judge without weights: `Unsupported`
 for a panorama / self_attention text2img on a model it was told is SDXL (`sdxl_models`), and for
@@ -44,7 +46,7 @@ from PIL import Image
 
 from infra.engine.postprocess import composite_inpaint
 from infra.engine.protocol import DoesNotFit, EngineResult, Unsupported
-from infra.jobs.params import GenerationParams, ImageVideoParams, JobParams, UpscaleParams, VideoParams
+from infra.jobs.params import GenerationParams, ImageVideoParams, JobParams, RemovalParams, UpscaleParams, VideoParams
 from infra.media import encode_image, encode_video
 
 SD_CLIP_LAYERS = 12  # CLIP ViT-L/14's layers (SD 1.x and the tiny models)
@@ -127,6 +129,12 @@ class StandInEngine:
             image = source.resize(size, Image.Resampling.LANCZOS)
             facts = {"faces_restored": 0} if params.face_restorer else {}
             return EngineResult([encode_image(image, params.base64)], facts)
+        if isinstance(params, RemovalParams):
+            self._touch(params.model_id)
+            image = _open(inputs["image"]).convert("RGB")
+            holes = _open(inputs["mask"]).convert("L").point(lambda v: 255 if v >= 128 else 0)
+            filled = Image.composite(Image.new("RGB", image.size, colour(0)), image, holes)
+            return EngineResult([encode_image(filled, params.base64)], {})
         images = self._generate(params, inputs)
         if params.upscale:
             self._touch(params.upscale.model_id)

@@ -7,7 +7,8 @@ tested against the stand-in behaves the same on the real engine:
   text of a PNG; an inpaint job keeps the unmasked pixels of its init image exactly; a safety
   checker reports one `nsfw_content_detected` flag per image;
 - a video job gives one file, an mp4 (`ftyp` at offset 4) or a GIF of the job's frames;
-- an upscale job gives one PNG of the job's (width, height);
+- an upscale job gives one PNG of the job's (width, height); an object-removal job one PNG of the
+  input's size that differs from it under the mask only;
 - `warm` puts a model in `loaded()`, `evict` and `unload_all` take it out, `move_to` and `rebind` keep it;
 - a job the engine cannot run as asked raises an `EngineError` (never anything else): panorama /
   self-attention on an SDXL model and text2video on an SDXL or inpainting model are `Unsupported`;
@@ -39,18 +40,19 @@ from infra.engine.engine import DiffusersEngine
 from infra.engine.files.tiny import build_tiny_sdxl
 from infra.engine.files.upscalers import prepare_upscaler
 from infra.engine.protocol import Cancelled, DoesNotFit, Engine, EngineError, EngineResult, Unsupported
-from infra.jobs.params import HighresFix, SafetyCheck, UpscaleParams
+from infra.jobs.params import HighresFix, RemovalParams, SafetyCheck, UpscaleParams
 from infra.net.inputs import encode_input
 from infra.settings import Settings
 from tests.conftest import ROOT, centre_mask, generation_params, scene, video_params
 from tests.engine.standin import StandInEngine, colour
-from tests.upscaler_files import write_esrgan
+from tests.upscaler_files import write_esrgan, write_lama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SDXL = "tiny-sdxl"
 INPAINT = "tiny-sd-inpaint"
 UPSCALER = "tiny-esrgan-x2"
+REMOVER = "random-lama"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,6 +66,10 @@ def store(models_dir, tmp_path_factory) -> WeightsStore:
     facts = prepare_upscaler("upscaler", write_esrgan(root / "x2.pth", scale=2), root / "x2")
     manifest = {key: value for key, value in facts.items() if key != "category"}
     weights.install(UPSCALER, "upscaler", lambda folder: shutil.copytree(root / "x2", folder, dirs_exist_ok=True),
+                    **manifest)
+    facts = prepare_upscaler("object_remover", write_lama(root / "lama.safetensors"), root / "lama")
+    manifest = {key: value for key, value in facts.items() if key != "category"}
+    weights.install(REMOVER, "object_remover", lambda folder: shutil.copytree(root / "lama", folder, dirs_exist_ok=True),
                     **manifest)
     return weights
 
@@ -148,6 +154,17 @@ def test_upscale_gives_one_png_of_the_jobs_size(engine):
     assert decode_png(data).size == (24, 24)
     (text,) = engine.run(params.model_copy(update={"base64": True}), {"image": encode_input(source)}).files
     assert decode_png(base64.b64decode(text, validate=True)).size == (24, 24)
+
+
+def test_object_removal_gives_the_input_changed_under_the_mask_only(engine):
+    init, mask = scene(40, 24), Image.new("L", (40, 24), 0)
+    mask.paste(255, (8, 4, 24, 16))
+    params = RemovalParams(model_id=REMOVER, width=40, height=24)
+    (data,) = engine.run(params, {"image": encode_input(init), "mask": encode_input(mask)}).files
+    image, keep = decode_png(data), np.asarray(mask) == 0
+    assert image.size == (40, 24)
+    assert np.array_equal(pixels(image)[keep], pixels(init)[keep])
+    assert not np.array_equal(pixels(image)[~keep], pixels(init)[~keep])
 
 
 # --------------------------------------------------------------------------- video

@@ -207,3 +207,43 @@ def test_object_removal_needs_both_images(module_client):
     mismatched = {"key": KEY, "init_image": data_uri(scene(64, 64)), "mask_image": data_uri(centre_mask(128, 64))}
     answer = module_client.post(OBJECT_REMOVAL[1], json=mismatched)
     assert answer.status_code == 400 and "mask_image" in answer.json()["message"], answer.text
+
+
+def test_object_removal_runs_the_lama_network_when_one_is_loaded(models_dir, tmp_path):
+    """With removal_model_id naming a loaded LaMa (category object_remover; here big-lama's architecture
+    with random weights), object_removal is that network's one pass at the image's own size: only the
+    masked pixels change, meta says which network ran; a file that is no inpainting network does not
+    load as one; removal_model_id naming nothing loaded falls back to the inpainting model."""
+    import shutil
+
+    from infra.engine import LOAD_LOCK
+    from tests.catalog.test_catalog import load
+    from tests.conftest import open_client
+    from tests.upscaler_files import write_esrgan, write_lama
+
+    shutil.copytree(models_dir, tmp_path / "models")
+    with LOAD_LOCK:
+        lama = write_lama(tmp_path / "big-lama.safetensors")
+        esrgan = write_esrgan(tmp_path / "x2.pth", scale=2)
+    client = open_client(tmp_path / "data", tmp_path / "models", removal_model_id="big-lama")
+    try:
+        init, mask = scene(72, 40), Image.new("L", (72, 40), 0)
+        mask.paste(255, (20, 8, 52, 32))
+        body = {"key": KEY, "init_image": data_uri(init), "mask_image": data_uri(mask)}
+        fallback = until_ended(lambda: client.post(OBJECT_REMOVAL[0], json=body).json())
+        assert fallback["meta"]["removal_model"] == "tiny-sd-inpaint (SD inpainting, empty prompt)", fallback
+        wrong = load(client, "load_model_v2", url=str(esrgan), model_id="not-lama", model_category="object_remover")
+        assert wrong["status"] == "error" and "super-resolution" in wrong["message"], wrong
+        loaded = load(client, "load_model_v2", url=str(lama), model_id="big-lama", model_category="object_remover")
+        assert loaded["status"] == "success" and loaded["category"] == "object_remover", loaded
+        for path in OBJECT_REMOVAL:
+            result = until_ended(lambda: client.post(path, json=body).json())
+            assert result["status"] == "success", result
+            assert result["meta"]["removal_model"] == "big-lama (LaMa-class inpainting network)"
+            image = fetch_png(client, result["output"][0])
+            assert image.size == (72, 40)  # its own size (LaMa pads to multiples of 8 and crops back)
+            keep = np.asarray(mask) == 0
+            assert np.array_equal(pixels(image)[keep], pixels(init)[keep])
+            assert not np.array_equal(pixels(image)[~keep], pixels(init)[~keep])
+    finally:
+        client.__exit__(None, None, None)

@@ -54,7 +54,7 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         return _prepare_segmenter(source, out)
     if category == "ip_adapter":
         return _prepare_ip_adapter(source, out)
-    if category in ("upscaler", "face_restorer"):
+    if category in ("upscaler", "face_restorer", "object_remover"):
         from infra.engine.files.upscalers import prepare_upscaler
 
         return prepare_upscaler(category, _weights_file(source, category.replace("_", " ")), out)

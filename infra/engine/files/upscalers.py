@@ -1,6 +1,7 @@
-"""Super-resolution and face-restoration networks (spandrel) in the weights store: a downloaded
-weights file verified to be the claimed kind and saved as tensors only (`prepare_upscaler`), and
-loaded as an eval-mode descriptor (`load_upscaler`). Running them: `infra.engine.upscale`."""
+"""Super-resolution, face-restoration and LaMa-class inpainting networks (spandrel) in the weights
+store: a downloaded weights file verified to be the claimed kind and saved as tensors only
+(`prepare_upscaler`), and loaded as an eval-mode descriptor (`load_upscaler`). Running them:
+`infra.engine.upscale`; the inpainting ones (category object_remover): `DiffusersEngine.remove_object`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     from spandrel import ImageModelDescriptor
 
 UPSCALER_FILE = "model.safetensors"
-PURPOSES = {"upscaler": "SR", "face_restorer": "FaceSR"}  # store category -> spandrel purpose
+PURPOSES = {"upscaler": "SR", "face_restorer": "FaceSR", "object_remover": "Inpainting"}  # store category -> spandrel purpose
+PURPOSE_WORDS = {"SR": "super-resolution", "FaceSR": "face restoration", "Restoration": "image restoration"}
 
 
 # --------------------------------------------------------------------------- importing spandrel
@@ -42,7 +44,7 @@ from infra.engine.files.checkpoints import (
 
 
 def prepare_upscaler(category: str, path: Path, out: Path) -> dict:
-    """Verify that the weights file `path` is a `category` ("upscaler" or "face_restorer") network
+    """Verify that the weights file `path` is a `category` ("upscaler", "face_restorer" or "object_remover") network
     and write it as `out/model.safetensors`. Returns the manifest facts: category, format, file,
     family (spandrel's architecture id, e.g. "ESRGAN") and scale (the network's own factor)."""
     spandrel = import_spandrel()
@@ -69,15 +71,18 @@ def prepare_upscaler(category: str, path: Path, out: Path) -> dict:
             "family": facts["family"], "scale": facts["scale"]}
 
 
-def load_upscaler(path: str | Path, device: str | torch.device) -> ImageModelDescriptor:
+def load_upscaler(path: str | Path, device: str | torch.device, inpainting: bool = False) -> ImageModelDescriptor:
     """The store's `model.safetensors` as an eval-mode spandrel descriptor on `device`: fp16 on
-    CUDA where the architecture supports it, fp32 otherwise."""
+    CUDA where the architecture supports it, fp32 otherwise. `inpainting`: a masked-image network
+    (LaMa: image and mask in), else an image-to-image one."""
     spandrel = import_spandrel()
     device = torch.device(device)
     with LOAD_LOCK:
         descriptor = spandrel.ModelLoader().load_from_file(path)
-    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
-        raise CheckpointError(f"{Path(path).name} is not an image-to-image network ({descriptor.purpose})")
+    wanted = spandrel.MaskedImageModelDescriptor if inpainting else spandrel.ImageModelDescriptor
+    if not isinstance(descriptor, wanted):
+        what = "an inpainting" if inpainting else "an image-to-image"
+        raise CheckpointError(f"{Path(path).name} is not {what} network ({descriptor.purpose})")
     descriptor.to(device)
     if device.type == "cuda" and descriptor.supports_half:
         descriptor.half()
@@ -105,13 +110,13 @@ def _read_weights(spandrel, path: Path) -> dict:
 
 def _detect(spandrel, state: dict, category: str):
     """spandrel's architecture detection and model construction, its failures as CheckpointError."""
-    what = "super-resolution" if category == "upscaler" else "face restoration"
+    what = {"upscaler": "super-resolution", "face_restorer": "face restoration"}.get(category, "LaMa-class inpainting")
     try:
         return spandrel.MAIN_REGISTRY.load(state)
     except spandrel.UnsupportedModelError:
         raise CheckpointError(
             f"the file is not a {what} model spandrel recognises (supported: Real-ESRGAN / ESRGAN, "
-            "Compact, SwinIR, HAT, DAT, SPAN, ... upscalers; GFPGAN and RestoreFormer face restorers)"
+            "Compact, SwinIR, HAT, DAT, SPAN, ... upscalers; GFPGAN and RestoreFormer face restorers; LaMa inpainting)"
         ) from None
     except Exception as exc:  # a recognised architecture whose tensors do not fit it
         message = str(exc)
@@ -124,10 +129,18 @@ def _detect(spandrel, state: dict, category: str):
 
 def _check_kind(spandrel, descriptor, category: str) -> None:
     arch = descriptor.architecture.id
+    if category == "object_remover":
+        if not isinstance(descriptor, spandrel.MaskedImageModelDescriptor) or descriptor.output_channels != 3:
+            kind = PURPOSE_WORDS.get(descriptor.purpose, descriptor.purpose.lower())
+            raise CheckpointError(f"the file is a {arch} {kind} model; model_category "
+                                  "object_remover needs an RGB inpainting network (LaMa) that takes an image and a mask")
+        return
+    if isinstance(descriptor, spandrel.MaskedImageModelDescriptor):
+        raise CheckpointError(f"the file is a {arch} inpainting model: load it with model_category object_remover")
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise CheckpointError(
             f"the file is a {arch} {descriptor.purpose.lower()} model; "
-            "this server loads only upscalers and face restorers"
+            "this server loads only upscalers, face restorers and inpainting networks"
         )
     purpose = descriptor.purpose
     if purpose == PURPOSES[category]:
