@@ -1,12 +1,13 @@
-"""super_resolution, upload_image, nsfw_image_check, and the image_editing family's outpaint and
-object_removal.
+"""super_resolution, upload_image, nsfw_image_check, and the image_editing family's outpaint,
+object_removal, mask_creator and magic_mix.
 
 super_resolution is a job like a generation (queued, fetchable, webhook), but its `output` is
 one URL string, as the spec shows. upload_image stores the client's own bytes after checking
 they are the image type it claims. nsfw_image_check runs the NSFW detector right here: it needs
 no GPU, so the web tier answers it without a job.
 
-outpaint and object_removal (spec §4.2, §4.4, §7) have no engine path of their own: each builds an
+outpaint and object_removal (spec §4.2, §4.4, §7) have no engine path of their own (object_removal
+has one when a LaMa-class network is loaded: below): each builds an
 ordinary inpaint job (task "inpaint", one image) through `handlers.generation._generate`, the
 function inpaint itself goes through, so it gets the same checks, params, queue, sync budget,
 fetch, webhook and metering (under its own endpoint name). The engine composites every inpaint
@@ -18,9 +19,14 @@ the unmasked pixels bit for bit.
   spread outwards and blurred (so a strength-1 inpaint has colours to continue), and a mask that
   is white on the border and on an `overlap_width` band just inside each edge of the image that
   meets a border (the seam is repainted), black on the rest of the image.
-- **object_removal** repaints the white area of its mask with the server's default inpainting
-  model, an empty prompt and a negative prompt naming what is usually removed, at strength 1
-  (there is no dedicated removal network here); `meta.removal_model` says which model did it.
+- **object_removal** runs the LaMa-class network of the setting removal_model_id when it is
+  loaded (a one-pass job, RemovalParams: the hole filled, the rest kept exactly); else it repaints
+  the white area of its mask with the server's default inpainting model, an empty prompt and a
+  negative prompt naming what is usually removed, at strength 1; `meta.removal_model` says which
+  model did it.
+- **mask_creator** is a one-pass job of the text-prompted segmenter (MaskParams).
+- **magic_mix** is a denoising job of its own (MagicMixParams: infra.engine.community.magic_mix)
+  on an SD 1.x / 2.x model.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
 from handlers import ondemand
 from handlers.caller import Caller
@@ -41,7 +47,7 @@ from handlers.generation import _check_mask, _generate
 from handlers.meta import image_ref, upscale_meta, yes_no
 from handlers.submit import check_output_size, load_image, output_key, resolve_model, submit_job
 from infra.catalog.weights import CATEGORY_TITLES
-from infra.jobs.params import MaskParams, RemovalParams, UpscaleParams
+from infra.jobs.params import MagicMixParams, MaskParams, RemovalParams, SafetyCheck, UpscaleParams
 from infra.net.inputs import decode_base64, encode_input
 from infra.safety import detector
 from infra.storage.base import StorageError
@@ -49,6 +55,7 @@ from models.errors import ApiError, BadInput, NotFound
 from models.requests import (
     InpaintRequest,
     JobOptions,
+    MagicMixRequest,
     MaskCreatorRequest,
     NsfwImageCheckRequest,
     ObjectRemovalRequest,
@@ -274,6 +281,39 @@ def object_removal(req: ObjectRemovalRequest, rt: Runtime, caller: Caller) -> Jo
     }
     return _generate("inpaint", inpaint_req, rt, caller, {"init_image": init, "mask_image": mask.convert("L")},
                      endpoint="object_removal", extra_meta=meta)
+
+
+def magic_mix(req: MagicMixRequest, rt: Runtime, caller: Caller) -> JobResponse:
+    """MagicMix on an SD 1.x / 2.x model (the request's, else the default): `image` fitted (centre
+    crop) to width x height, mixed with `prompt` between kmax and kmin; one image, a job like the
+    generations (safety checker, seed, metering as magic_mix)."""
+    if req.kmin > req.kmax:
+        raise BadInput(f"kmin ({req.kmin}) must be at most kmax ({req.kmax}): the layout mixing runs from kmax down to kmin",
+                       tip="Send kmin <= kmax (the docs' defaults: kmin 0.3, kmax 0.5).")
+    image = load_image(req.image, "image", rt, caller)
+    resolved = resolve_model("img2img", req.model_id, rt)
+    if not isinstance(resolved, ondemand.Pending) and resolved.family != "sd":
+        raise BadInput(f"magic_mix runs on SD 1.x / 2.x models; {resolved.model_id} is "
+                       f"{CATEGORY_TITLES.get(resolved.category, resolved.category)}",
+                       tip="Name an SD 1.x / 2.x model in model_id (get_all_models lists them).")
+    check_output_size(req.width, req.height, f"{req.width}x{req.height}", rt.settings)
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+    checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
+    params = MagicMixParams(
+        model_id=resolved.model_id, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
+        height=req.height, steps=req.steps, guidance_scale=req.guidance_scale, kmin=req.kmin, kmax=req.kmax,
+        mix_factor=req.mix_factor, seed=seed, base64=req.base64,
+        safety_checker=SafetyCheck(type=req.safety_checker_type, threshold=rt.settings.nsfw_threshold) if checker else None)
+    file_prefix = str(uuid.uuid4())
+    meta = {"model_id": resolved.model_id, "prompt": req.prompt, "negative_prompt": req.negative_prompt or "",
+            "image": image_ref(req.image), "W": req.width, "H": req.height, "kmin": req.kmin, "kmax": req.kmax,
+            "mix_factor": req.mix_factor, "steps": req.steps, "guidance_scale": req.guidance_scale, "n_samples": 1,
+            "seed": seed, "safety_checker": yes_no(checker), "base64": yes_no(req.base64), "temp": yes_no(req.temp),
+            "file_prefix": file_prefix}
+    fitted = ImageOps.fit(image.convert("RGB"), (req.width, req.height), Image.Resampling.LANCZOS)
+    pending = [resolved] if isinstance(resolved, ondemand.Pending) else []
+    return submit_job("magic_mix", params, meta, [output_key(f"{file_prefix}-0", req.base64)],
+                      {"image": encode_input(fitted)}, req, rt, caller, pending)
 
 
 def _removal_network(rt: Runtime):

@@ -287,6 +287,36 @@ class OutpaintRequest(JobOptions):
     track_id: Text | None = None
 
 
+class MagicMixRequest(JobOptions):
+    """magic_mix (MagicMix, spec §7): the layout of `image` with the content of `prompt`, on an SD 1.x /
+    2.x model: the image noised to the kmax point of the schedule, denoised on the prompt while mixed
+    with its own noised latents down to kmin, then on the prompt alone."""
+
+    model_id: Text | None = Field(None, description="An SD 1.x / 2.x model; default: the server's default model.")
+    prompt: Text = Field(description="The content to mix into the image's layout.")
+    negative_prompt: Text | None = None
+    image: Text = Field(validation_alias=AliasChoices("image", "init_image"),
+                        description="URL, base64 string or data URI of the layout image (alias: `init_image`).")
+    width: Dimension = Field(768, description="1..1024, rounded down to a multiple of 8; the image is fitted to it.")
+    height: Dimension = Field(768, description="1..1024, rounded down to a multiple of 8.")
+    kmin: LooseFloat(0, 1) = Field(0.3, description="Where (of the schedule, from its end) the layout mixing stops.")
+    kmax: LooseFloat(0, 1) = Field(0.5, description="Where the denoising starts: more keeps less of the image.")
+    mix_factor: LooseFloat(0, 1) = Field(0.5, description="The share of the prompt's latents in each mixed step.")
+    steps: LooseInt(1, 50) = Field(20, validation_alias=AliasChoices("steps", "num_inference_steps"),
+                                   description="The schedule's steps (alias: `num_inference_steps`).")
+    guidance_scale: LooseFloat(1, 20) = 7.5
+    samples: LooseInt(1, 1) = Field(1, description="One image per job (the docs' maximum).")
+    seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="null -> random; echoed in meta.seed.")
+    safety_checker: YesNo | None = Field(
+        None, description="Run the NSFW safety checker; default: the server's setting (yes unless changed).")
+    safety_checker_type: SafetyCheckerType = "sensitive_content_text"
+    base64: YesNo = False
+    temp: YesNo = False
+    instant_response: YesNo = Field(False, description="Answer `processing` at once instead of waiting.")
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
 class EditingJobOptions(JobOptions):
     """The output and delivery fields of the image_editing jobs that take an `init_image`."""
 

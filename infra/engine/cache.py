@@ -75,6 +75,7 @@ from diffusers import (
 
 from infra.catalog.weights import CONTROLNET_FAMILIES, PIPELINE_CATEGORIES, WeightsStore
 from infra.engine import LOAD_LOCK
+from infra.engine.community.magic_mix import MagicMixPipeline
 from infra.engine.protocol import Unsupported
 from infra.engine.speed import FastPath, MemorySettings, family_dtype, load_offloaded, prepare
 from infra.engine.types import LoadedComponent, LoadedModel
@@ -92,6 +93,7 @@ VARIANTS: dict[str, dict[str, type[DiffusionPipeline]]] = {
         "controlnet_inpaint": StableDiffusionControlNetInpaintPipeline,
         "panorama": StableDiffusionPanoramaPipeline,
         "self_attention": StableDiffusionSAGPipeline,
+        "magic_mix": MagicMixPipeline,  # image_editing/magic_mix (infra.engine.community)
     },
     "sdxl": {
         "text2img": StableDiffusionXLPipeline,

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         GenerationParams,
         ImageVideoParams,
         JobParams,
+        MagicMixParams,
         MaskParams,
         RemovalParams,
         UpscaleParams,
@@ -242,6 +243,8 @@ class DiffusersEngine:
             progress.stage("postprocessing")
             images = [self.segment(_open(inputs["image"]), params)]
             progress.step()
+        elif params.kind == "magic_mix":
+            images = [self.magic_mix(params, _open(inputs["image"]), progress)]
         elif params.kind == "removal":
             progress.stage("postprocessing")
             images = [self.remove_object(_open(inputs["image"]), _open(inputs["mask"]), params)]
@@ -286,6 +289,26 @@ class DiffusersEngine:
         probability = torch.nn.functional.interpolate(probability, size=(image.height, image.width), mode="bilinear")
         mask = (probability[0, 0] >= params.threshold).to(torch.uint8).mul(255).cpu().numpy()
         return Image.fromarray(mask, mode="L")
+
+    def magic_mix(self, params: MagicMixParams, image: Image.Image, progress: Progress) -> Image.Image:
+        """magic_mix: MagicMix (infra.engine.community.magic_mix) on the model's components, with the
+        job's scheduler, its prompt through the CLIP families' prompt syntax, seeded by its seed."""
+        progress.stage("loading_model")
+        model = self.cache.model(params.model_id)
+        if model.family != "sd":
+            raise Unsupported(f"magic_mix runs on SD 1.x / 2.x models; {params.model_id} is {model.family.upper()}")
+        pipeline = self.cache.pipeline(model, "magic_mix", scheduler_of(model, params), False, None)
+        call = {"negative_prompt": params.negative_prompt or None, "clip_skip": None}
+        with model.lock, text_model_alias(model):  # (as a generation's adapters hold it: the alias is per job)
+            call = prompt_call(model, pipeline, params.prompt, call)
+            generator = torch.Generator("cpu").manual_seed(params.seed)
+            progress.stage("denoising")
+            with torch.inference_mode():
+                output = pipeline(image=image.convert("RGB"), kmin=params.kmin, kmax=params.kmax,
+                                  mix_factor=params.mix_factor, num_inference_steps=params.steps,
+                                  guidance_scale=params.guidance_scale, generator=generator,
+                                  **reporting(pipeline, call, progress, params.total_steps(), 1))
+        return output.images[0]
 
     def remove_object(self, image: Image.Image, mask: Image.Image, params: RemovalParams) -> Image.Image:
         """object_removal by a LaMa-class network: the image (RGB, 0..1) and its mask (1 where white,

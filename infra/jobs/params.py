@@ -11,6 +11,9 @@ it waits for belong to the job record (`infra.jobs.job.Job`), not to its paramet
     VideoParams        text2video (AnimateDiff)
     ImageVideoParams   img2video (Stable Video Diffusion)
     UpscaleParams      super_resolution
+    MaskParams         mask_creator
+    RemovalParams      object_removal by a LaMa-class network
+    MagicMixParams     magic_mix
 
 `JobParams` is the union, told apart by `kind`; a job record stores `params.model_dump()`.
 `work_units()` (what a job's run time is proportional to), `total_steps()` (the steps its progress
@@ -295,6 +298,40 @@ class MaskParams(OnePassParams):
         return {self.model_id}
 
 
+class MagicMixParams(Contract):
+    """magic_mix (MagicMix on an SD 1.x / 2.x model): the layout of the job's `image` input (fitted
+    to width x height) with the content of `prompt`; denoised from the `kmax` point of the schedule,
+    mixed (`mix_factor`) with the image's noised latents down to `kmin` (0 <= kmin <= kmax <= 1)."""
+
+    kind: Literal["magic_mix"] = "magic_mix"
+    denoises: ClassVar[bool] = True
+
+    model_id: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int = Field(description="The schedule's steps; MagicMix runs the last kmax of them.")
+    guidance_scale: float
+    kmin: float
+    kmax: float
+    mix_factor: float
+    seed: int
+    scheduler: str | None = None
+    safety_checker: SafetyCheck | None = None
+    base64: bool = False
+
+    def total_steps(self) -> int:
+        """The denoising steps from the kmax point on (at least one)."""
+        return max(1, int(self.kmax * self.steps))
+
+    def work_units(self) -> float:
+        return self.total_steps() * self.width * self.height / 1e6
+
+    def models_used(self) -> set[str]:
+        return {self.model_id}
+
+
 class RemovalParams(OnePassParams):
     """object_removal by a LaMa-class network (catalog category object_remover): the pixels of the
     job's `image` input under its `mask` input (white) filled in, every other pixel kept exactly
@@ -308,7 +345,7 @@ class RemovalParams(OnePassParams):
         return {self.model_id}
 
 
-JobParams = Annotated[GenerationParams | VideoParams | ImageVideoParams | UpscaleParams | MaskParams | RemovalParams,
-                      Field(discriminator="kind")]
+JobParams = Annotated[GenerationParams | VideoParams | ImageVideoParams | UpscaleParams | MaskParams | RemovalParams
+                      | MagicMixParams, Field(discriminator="kind")]
 VIDEO_KINDS = ("video", "image_video")  # the job kinds whose output is one video (metered in seconds)
 PARAMS = TypeAdapter(JobParams)  # PARAMS.validate_python(record["params"]) -> the typed params

@@ -13,9 +13,10 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   the family's own endpoints this server can run: `video/text2video`, `video/img2video`,
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
   `image_editing/inpainting`, `image_editing/outpaint` and `image_editing/object_removal`
-  (inpaint jobs: handlers/media.py), `image_editing/mask_creator`, `image_editing/qwen_edit` (img2img on
-  the Qwen-Image-Edit model). What a family documents but no packaged pipeline does (magic_mix,
-  fashion, face_gen, head_shot: `EDITING_NOT_BUILT`) answers a 400 naming what is missing.
+  (inpaint jobs: handlers/media.py), `image_editing/mask_creator`, `image_editing/magic_mix`
+  (MagicMix on an SD model), `image_editing/qwen_edit` (img2img on the Qwen-Image-Edit model). What
+  a family documents but no diffusers pipeline or well-kept library does (fashion, face_gen,
+  head_shot: `EDITING_NOT_BUILT`) answers a 400 naming what is missing.
 - **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
   `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no
   model: each runs a model category (`MODEL_FAMILY_SERVERS`; `flux/` with `deploy_type: flux_2_dev`
@@ -198,7 +199,7 @@ def _family_routes() -> list[Route]:
         "image_editing": {"super_resolution": ("super_resolution", renamed(init_image="url")),
                           "inpainting": ("inpaint", None), "inpaint": ("inpaint", None),
                           "outpaint": ("outpaint", None), "object_removal": ("object_removal", None),
-                          "mask_creator": ("mask_creator", None)},
+                          "mask_creator": ("mask_creator", None), "magic_mix": ("magic_mix", None)},
         "super_resolution": {"make": ("super_resolution", renamed(init_image="url"))},
     }
     for family, own in families.items():
@@ -228,8 +229,6 @@ def _family_routes() -> list[Route]:
 # the image_editing routes (§7) no diffusers pipeline or well-kept library does: each answers a 400 naming
 # what is missing, never a fake success
 EDITING_NOT_BUILT = {
-    "magic_mix": "MagicMix is one of diffusers' community pipelines (examples/community/magic_mix.py), which the "
-                 "diffusers package does not ship; this server runs only the packaged pipelines.",
     "fashion": "Virtual try-on needs a garment-transfer model (IDM-VTON / OOTDiffusion class) with its human-parsing "
                "and pose networks; neither diffusers nor a well-kept library provides one.",
     "face_gen": "Identity-preserving face generation needs InstantID / PhotoMaker / IP-Adapter FaceID with "

@@ -247,3 +247,51 @@ def test_object_removal_runs_the_lama_network_when_one_is_loaded(models_dir, tmp
             assert not np.array_equal(pixels(image)[~keep], pixels(init)[~keep])
     finally:
         client.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- magic_mix
+
+MAGIC_MIX = f"{V1}/image_editing/magic_mix"
+
+
+def magic_mix_body(**changes) -> dict:
+    """The docs' body (spec §7), at the tiny model's size."""
+    body = {"key": KEY, "prompt": "Bed", "negative_prompt": "low quality", "image": data_uri(scene(64, 64)),
+            "width": 64, "height": 64, "kmin": 0.3, "kmax": 0.5, "mix_factor": 0.5, "steps": 20, "samples": 1,
+            "seed": 12, "webhook": None, "track_id": None}
+    return {**body, **changes}
+
+
+def test_magic_mix_keeps_the_layout_and_follows_kmax(module_client):
+    """A job like the others (the same seed: the same bytes); the output is the requested size; a higher
+    kmax starts from more noise, so it strays further from the layout image; meta echoes the docs' keys."""
+    def run(**changes):
+        result = until_ended(lambda: module_client.post(MAGIC_MIX, json=magic_mix_body(**changes)).json())
+        assert result["status"] == "success", result
+        return result, pixels(fetch_png(module_client, result["output"][0]))
+
+    first, image = run()
+    assert image.shape == (64, 64, 3)
+    assert np.array_equal(run()[1], image)
+    layout = pixels(scene(64, 64))
+    far = run(kmax=0.9)[1]
+    assert np.abs(far - layout).mean() > np.abs(image - layout).mean()
+    assert not np.array_equal(run(mix_factor=0.9)[1], image)
+    meta = first["meta"]
+    assert {key: meta[key] for key in ("W", "H", "kmin", "kmax", "mix_factor", "steps", "n_samples", "seed", "prompt")} == {
+        "W": 64, "H": 64, "kmin": 0.3, "kmax": 0.5, "mix_factor": 0.5, "steps": 20, "n_samples": 1, "seed": 12,
+        "prompt": "Bed"}
+    assert meta["model_id"] == "tiny-sd"
+
+
+@pytest.mark.parametrize(("changes", "status", "says"), [
+    ({"kmin": 0.6, "kmax": 0.4}, 400, "kmin (0.6) must be at most kmax (0.4)"),
+    ({"samples": 2}, 422, "samples"),
+    ({"steps": 51}, 422, "steps"),
+    ({"image": None}, 422, "image"),
+    ({"model_id": "tiny-sd-inpaint"}, 400, "inpainting model"),
+])
+def test_magic_mix_refuses_what_it_cannot_run_naming_it(module_client, changes, status, says):
+    body = {k: v for k, v in magic_mix_body(**changes).items() if v is not None or k in ("webhook", "track_id")}
+    answer = module_client.post(MAGIC_MIX, json=body)
+    assert answer.status_code == status and says in str(answer.json()["message"]), answer.text

@@ -155,7 +155,7 @@ def test_qwen_edit_2509_edits_several_images_as_the_docs_example_sends_them(mode
         client.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize(("name", "missing"), [("magic_mix", "community pipeline"), ("fashion", "garment-transfer"),
+@pytest.mark.parametrize(("name", "missing"), [("fashion", "garment-transfer"),
                                                ("face_gen", "insightface"), ("head_shot", "InstantID")])
 def test_editing_routes_without_a_pipeline_name_what_is_missing(client, name, missing):
     answer = client.post(f"{V1}/image_editing/{name}", json={"key": KEY, "prompt": "x", "image": data_uri(scene(8, 8))})
