@@ -48,9 +48,10 @@ CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD
 # "motion_adapter": an AnimateDiff motion module for text2video; "translator": a transformers translation
 # model (sequence to sequence, any language to English: multi_lingual); "segmenter": a text-prompted segmentation
 # model (CLIPSeg through transformers: mask_creator); "image_to_video": a Stable Video Diffusion pipeline
-# (img2video; a pipeline of its own kind that no image endpoint runs)
+# (img2video; a pipeline of its own kind that no image endpoint runs); "background_remover": a salient-object
+# segmentation network as one ONNX file (U²-Net, run through rembg on onnxruntime: removebg_mask)
 CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter",
-              "translator", "segmenter", "image_to_video")
+              "translator", "segmenter", "image_to_video", "background_remover")
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -76,7 +77,7 @@ class ModelEntry:
     # were made for, so a LoRA / ControlNet / embedding is never applied to a model it cannot fit
     family: str = ""
     context_dim: int = 0
-    file: str = ""  # the payload file of single-file kinds (lora, embeddings, upscalers), relative to the folder
+    file: str = ""  # the payload file of single-file kinds (lora, embeddings, upscalers, background removers), relative to the folder
     scale: int = 0  # upscalers: the network's own scale factor
     loaded_at: float = 0.0
     load_seconds: float = 0.0

@@ -8,6 +8,8 @@ tested against the stand-in behaves the same on the real engine:
   checker reports one `nsfw_content_detected` flag per image;
 - a video job gives one file, an mp4 (`ftyp` at offset 4) or a GIF of the job's frames;
 - an upscale job gives one PNG of the job's (width, height);
+- a removebg job gives one PNG of the input's size: RGBA whose alpha is the mask its `only_mask`
+  twin answers ("L"), inverted by `inverse_mask`;
 - `warm` puts a model in `loaded()`, `evict` and `unload_all` take it out, `move_to` and `rebind` keep it;
 - a job the engine cannot run as asked raises an `EngineError` (never anything else): panorama /
   self-attention on an SDXL model and text2video on an SDXL or inpainting model are `Unsupported`;
@@ -36,14 +38,16 @@ from PIL import Image
 
 from infra.catalog.weights import WeightsStore
 from infra.engine.engine import DiffusersEngine
+from infra.engine.files.background import prepare_background_remover
 from infra.engine.files.tiny import build_tiny_sdxl
 from infra.engine.files.upscalers import prepare_upscaler
 from infra.engine.protocol import Cancelled, DoesNotFit, Engine, EngineError, EngineResult, Unsupported
-from infra.jobs.params import HighresFix, SafetyCheck, UpscaleParams
+from infra.jobs.params import BackgroundParams, HighresFix, SafetyCheck, UpscaleParams
 from infra.net.inputs import encode_input
 from infra.settings import Settings
 from tests.conftest import ROOT, centre_mask, generation_params, scene, video_params
 from tests.engine.standin import StandInEngine, colour
+from tests.model_files import write_background_remover
 from tests.upscaler_files import write_esrgan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,12 +55,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SDXL = "tiny-sdxl"
 INPAINT = "tiny-sd-inpaint"
 UPSCALER = "tiny-esrgan-x2"
+BACKGROUND_REMOVER = "tiny-u2net"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def store(models_dir, tmp_path_factory) -> WeightsStore:
-    """The built-in tiny models, a tiny SDXL and a tiny x2 ESRGAN, in a store of this module's own."""
+    """The built-in tiny models, a tiny SDXL, a tiny x2 ESRGAN and a tiny U²-Net, in a store of this module's own."""
     root = tmp_path_factory.mktemp("conformance")
     shutil.copytree(models_dir, root / "models")
     weights = WeightsStore(root / "models")
@@ -65,6 +70,10 @@ def store(models_dir, tmp_path_factory) -> WeightsStore:
     manifest = {key: value for key, value in facts.items() if key != "category"}
     weights.install(UPSCALER, "upscaler", lambda folder: shutil.copytree(root / "x2", folder, dirs_exist_ok=True),
                     **manifest)
+    facts = prepare_background_remover(write_background_remover(root / "u2net.onnx"), root / "u2net")
+    weights.install(BACKGROUND_REMOVER, "background_remover",
+                    lambda folder: shutil.copytree(root / "u2net", folder, dirs_exist_ok=True),
+                    **{key: value for key, value in facts.items() if key != "category"})
     return weights
 
 
@@ -148,6 +157,20 @@ def test_upscale_gives_one_png_of_the_jobs_size(engine):
     assert decode_png(data).size == (24, 24)
     (text,) = engine.run(params.model_copy(update={"base64": True}), {"image": encode_input(source)}).files
     assert decode_png(base64.b64decode(text, validate=True)).size == (24, 24)
+
+
+def test_removebg_gives_rgba_whose_alpha_is_the_mask(engine):
+    source = scene(48, 32)
+    params = BackgroundParams(model_id=BACKGROUND_REMOVER, width=48, height=32)
+    inputs = {"image": encode_input(source)}
+    (data,) = engine.run(params, inputs).files
+    cutout = decode_png(data)
+    assert cutout.mode == "RGBA" and cutout.size == (48, 32)
+    (mask_data,) = engine.run(params.model_copy(update={"only_mask": True}), inputs).files
+    mask = decode_png(mask_data)
+    assert mask.mode == "L" and np.array_equal(np.asarray(cutout)[..., 3], np.asarray(mask))
+    (inverse,) = engine.run(params.model_copy(update={"only_mask": True, "inverse_mask": True}), inputs).files
+    assert np.array_equal(np.asarray(decode_png(inverse)), 255 - np.asarray(mask))
 
 
 # --------------------------------------------------------------------------- video
