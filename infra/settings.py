@@ -111,6 +111,12 @@ class Settings(BaseSettings):
         description="mask_creator's text-prompted segmentation model (category segmenter, a CLIPSeg folder). The "
         "default, CIDAS/clipseg-rd64-refined, is fetched on first use where fetch_known_models allows it.",
     )
+    background_model_id: str = Field(
+        "u2net",
+        description="removebg_mask's background remover (category background_remover: a U²-Net-style ONNX file, run "
+        "through rembg). The default, rembg's published u2net.onnx, is fetched on first use where fetch_known_models "
+        "allows it.",
+    )
     flux_inpaint_with_fill: bool = Field(
         True,
         description="Inpaint requests on a base Flux.1 model run on a loaded Flux.1 Fill model (family_model_ids' "
@@ -242,7 +248,8 @@ class Settings(BaseSettings):
         3600.0, description="Seconds between runs of the cache cleaner (expired outputs); 0 turns the timer off."
     )
     max_output_pixels: int = Field(
-        4096 * 4096, description="Largest image super_resolution, upscale or highres_fix may produce, in pixels."
+        4096 * 4096,
+        description="Largest image super_resolution, upscale, highres_fix, outpaint or removebg_mask may produce, in pixels.",
     )
 
     # --- webhooks
