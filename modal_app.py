@@ -178,6 +178,10 @@ web_image = (
 gpu_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install_from_pyproject(PYPROJECT, optional_dependencies=GPU_EXTRAS)
+    # rembg (removebg_mask, the `engine` extra) imports pymatting, whose numba kernels compile on the first
+    # import (about a minute) into numba's cache beside the package: once here, in the image, not per container
+    # (numba compiles again where the container's CPU differs from the builder's)
+    .run_commands("python -c 'import rembg'")
     .env(GPU_ENV)
     .add_local_python_source(*SOURCE, ignore=IGNORE)
 )

@@ -1,5 +1,5 @@
 """super_resolution, upload_image, nsfw_image_check, and the image_editing family's outpaint,
-object_removal, mask_creator and magic_mix.
+object_removal, mask_creator, removebg_mask and magic_mix.
 
 super_resolution is a job like a generation (queued, fetchable, webhook), but its `output` is
 one URL string, as the spec shows. upload_image stores the client's own bytes after checking
@@ -24,9 +24,15 @@ the unmasked pixels bit for bit.
   the white area of its mask with the server's default inpainting model, an empty prompt and a
   negative prompt naming what is usually removed, at strength 1; `meta.removal_model` says which
   model did it.
-- **mask_creator** is a one-pass job of the text-prompted segmenter (MaskParams).
 - **magic_mix** is a denoising job of its own (MagicMixParams: infra.engine.community.magic_mix)
   on an SD 1.x / 2.x model.
+
+mask_creator and removebg_mask are one-pass jobs like super_resolution, each on a model of its own
+catalog category (setting mask_model_id: a segmenter; background_model_id: a background remover),
+fetched on first use where it is a known model: one PNG of the input's size. removebg_mask's is
+the image with its background transparent, or its mask (`only_mask`), at the image's size (within
+the output limit); the thresholds of its alpha matting are checked here (the background one below
+the foreground one), its other fields are flags.
 """
 
 from __future__ import annotations
@@ -44,10 +50,18 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from handlers import ondemand
 from handlers.caller import Caller
 from handlers.generation import _check_mask, _generate
-from handlers.meta import image_ref, upscale_meta, yes_no
+from handlers.meta import image_ref, removebg_meta, upscale_meta, yes_no
 from handlers.submit import check_output_size, load_image, output_key, resolve_model, submit_job
 from infra.catalog.weights import CATEGORY_TITLES
-from infra.jobs.params import MagicMixParams, MaskParams, RemovalParams, SafetyCheck, UpscaleParams
+from infra.jobs.params import (
+    AlphaMatting,
+    BackgroundParams,
+    MagicMixParams,
+    MaskParams,
+    RemovalParams,
+    SafetyCheck,
+    UpscaleParams,
+)
 from infra.net.inputs import decode_base64, encode_input
 from infra.safety import detector
 from infra.storage.base import StorageError
@@ -60,6 +74,7 @@ from models.requests import (
     NsfwImageCheckRequest,
     ObjectRemovalRequest,
     OutpaintRequest,
+    RemoveBgMaskRequest,
     SuperResolutionRequest,
     UploadImageRequest,
 )
@@ -346,3 +361,32 @@ def mask_creator(req: MaskCreatorRequest, rt: Runtime, caller: Caller) -> JobRes
     pending = [needed] if isinstance(needed, ondemand.Pending) else []
     return submit_job("mask_creator", params, meta, [output_key(name, req.base64)], {"image": encode_input(image)},
                       req, rt, caller, pending)
+
+
+def removebg_mask(req: RemoveBgMaskRequest, rt: Runtime, caller: Caller) -> JobResponse:
+    """`image` with its background removed (an RGBA PNG whose alpha is the mask), or the mask itself
+    (`only_mask`; white = the subject, or the background with `inverse_mask`), by the background
+    remover (setting background_model_id, fetched on first use where it is a known model)."""
+    matting = None
+    if req.alpha_matting:
+        if req.alpha_matting_background_threshold >= req.alpha_matting_foreground_threshold:
+            raise BadInput(
+                f"alpha_matting_background_threshold ({req.alpha_matting_background_threshold}) must be below "
+                f"alpha_matting_foreground_threshold ({req.alpha_matting_foreground_threshold}): a mask value cannot "
+                "be sure background and sure subject at once",
+                tip="Send a background threshold below the foreground one (the defaults are 20 and 240).",
+            )
+        matting = AlphaMatting(foreground_threshold=req.alpha_matting_foreground_threshold,
+                               background_threshold=req.alpha_matting_background_threshold,
+                               erode_size=req.alpha_matting_erode_size)
+    image = load_image(req.image, "image", rt, caller)
+    check_output_size(image.width, image.height, f"image is {image.width}x{image.height}", rt.settings)
+    model_id = rt.settings.background_model_id
+    needed = ondemand.require_known(model_id, "background_remover", "removebg_mask", rt)
+    params = BackgroundParams(model_id=model_id, width=image.width, height=image.height, base64=req.base64,
+                              post_process_mask=req.post_process_mask, inverse_mask=req.inverse_mask,
+                              only_mask=req.only_mask, alpha_matting=matting)
+    name = f"{int(time.time())}-{uuid.uuid4().hex}"  # the link is the credential: 122 random bits
+    pending = [needed] if isinstance(needed, ondemand.Pending) else []
+    return submit_job("removebg_mask", params, removebg_meta(params, req, name), [output_key(name, req.base64)],
+                      {"image": encode_input(image)}, req, rt, caller, pending)

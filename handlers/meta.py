@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from infra.jobs.params import GenerationParams, UpscaleParams, VideoParams
+from infra.jobs.params import BackgroundParams, GenerationParams, UpscaleParams, VideoParams
 from models.fields import format_number
-from models.requests import GenerationRequest, SuperResolutionRequest, Text2VideoRequest
+from models.requests import GenerationRequest, RemoveBgMaskRequest, SuperResolutionRequest, Text2VideoRequest
 
 # --------------------------------------------------------------------------- generation
 
@@ -98,6 +98,28 @@ UPSCALE_ECHOED_FLAGS = ("base64", "temp")
 
 def upscale_meta(params: UpscaleParams, req: SuperResolutionRequest) -> dict[str, Any]:
     return {**_values(params, UPSCALE_VALUES), **_echoed(req, UPSCALE_ECHOED, UPSCALE_ECHOED_FLAGS), "url": image_ref(req.url)}
+
+
+# --------------------------------------------------------------------------- removebg_mask
+
+# ModelsLab's removebg_mask meta (spec §4.3, §7) spells its rembg flags "0" / "1", its others "yes" / "no"
+REMOVEBG_VALUES = {"background_model": "model_id", "W": "width", "H": "height"}
+REMOVEBG_DIGIT_FLAGS = {"post_process_mask": "post_process_mask", "only_mask": "only_mask",
+                        "alpha_matting": "alpha_matting"}
+REMOVEBG_FLAGS = {"inverse_mask": "inverse_mask"}
+REMOVEBG_ECHOED = ("alpha_matting_foreground_threshold", "alpha_matting_background_threshold",
+                   "alpha_matting_erode_size", "seed", "webhook", "track_id")
+REMOVEBG_ECHOED_FLAGS = ("base64", "temp", "instant_response")
+
+
+def removebg_meta(params: BackgroundParams, req: RemoveBgMaskRequest, file_prefix: str) -> dict[str, Any]:
+    return {
+        **_values(params, REMOVEBG_VALUES),
+        **{key: "1" if getattr(params, name) else "0" for key, name in REMOVEBG_DIGIT_FLAGS.items()},
+        **_flags(params, REMOVEBG_FLAGS),
+        **_echoed(req, REMOVEBG_ECHOED, REMOVEBG_ECHOED_FLAGS),
+        "image_url": image_ref(req.image), "n_samples": 1, "outdir": CONSTANT["outdir"], "file_prefix": file_prefix,
+    }
 
 
 # --------------------------------------------------------------------------- shared

@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         "inpainting model such as big-lama, loaded with load_model_v2). Unset, or not loaded: object_removal runs "
         "the default inpainting model with an empty prompt (meta.removal_model says which ran).",
     )
+    background_model_id: str = Field(
+        "u2net",
+        description="removebg_mask's background remover (category background_remover: a U²-Net-style ONNX file, run "
+        "through rembg). The default, rembg's published u2net.onnx, is fetched on first use where fetch_known_models "
+        "allows it.",
+    )
     flux_inpaint_with_fill: bool = Field(
         True,
         description="Inpaint requests on a base Flux.1 model run on a loaded Flux.1 Fill model (family_model_ids' "
@@ -247,7 +253,8 @@ class Settings(BaseSettings):
         3600.0, description="Seconds between runs of the cache cleaner (expired outputs); 0 turns the timer off."
     )
     max_output_pixels: int = Field(
-        4096 * 4096, description="Largest image super_resolution, upscale or highres_fix may produce, in pixels."
+        4096 * 4096,
+        description="Largest image super_resolution, upscale, highres_fix, outpaint or removebg_mask may produce, in pixels.",
     )
 
     # --- webhooks

@@ -257,7 +257,7 @@ class Img2VideoRequest(JobOptions):
     track_id: Text | None = None
 
 
-# --------------------------------------------------------------------------- image editing (spec §4.2, §4.4, §7)
+# --------------------------------------------------------------------------- image editing (spec §4.2-§4.4, §7)
 
 OUTPAINT_MAX_OVERLAP = 42
 
@@ -344,6 +344,38 @@ class MaskCreatorRequest(EditingJobOptions):
     threshold: LooseFloat(0, 1) = Field(0.4, description="How sure the model must be that a pixel is the object (0-1).")
 
 
+MAX_ERODE_SIZE = 32  # alpha matting's erosion square: its cost grows with the square of its side
+
+
+class RemoveBgMaskRequest(JobOptions):
+    """removebg_mask: `image` with its background removed by the background remover (setting
+    background_model_id, U²-Net through rembg): a PNG with transparency, or with `only_mask` the
+    mask. The same body on v6 and the enterprise family (v6's `inverse_mask` and `base64` too)."""
+
+    image: Text = Field(validation_alias=AliasChoices("image", "init_image"),
+                        description="URL, base64 string or data URI of the image. Alias: `init_image`.")
+    alpha_matting: YesNo = Field(False, description="Refine the cut-out's edges by alpha matting (hair, fur, soft "
+                                 "edges); slower.")
+    alpha_matting_foreground_threshold: LooseInt(0, 255) = Field(
+        240, description="With alpha_matting: mask values above it are surely the subject (0-255).")
+    alpha_matting_background_threshold: LooseInt(0, 255) = Field(
+        20, description="With alpha_matting: mask values below it are surely background (0-255; less than the "
+        "foreground threshold).")
+    alpha_matting_erode_size: LooseInt(0, MAX_ERODE_SIZE) = Field(
+        5, description=f"With alpha_matting: pixels (0-{MAX_ERODE_SIZE}) the sure areas are eroded by before the "
+        "edge between them is solved.")
+    post_process_mask: YesNo = Field(False, description="Smooth the mask (morphological opening, blur, threshold).")
+    only_mask: YesNo = Field(False, description="Answer the mask (white = the subject) instead of the cut-out.")
+    inverse_mask: YesNo = Field(False, description="Invert the mask (white = the background): the cut-out keeps the "
+                                "background.")
+    seed: LooseInt(0, 2**32 - 1) | None = Field(None, description="Accepted and echoed; the removal is deterministic.")
+    base64: YesNo = False
+    temp: YesNo = False
+    instant_response: YesNo = Field(False, description="Answer `processing` at once instead of waiting.")
+    webhook: Text | None = None
+    track_id: Text | None = None
+
+
 # --------------------------------------------------------------------------- media
 
 
@@ -421,7 +453,7 @@ class LoadModelRequest(WireModel):
 ModelCategory = Literal[
     "stable_diffusion", "stable_diffusion_xl", "inpaint", "flux", "flux_kontext", "flux_fill", "sd3", "qwen", "qwen_edit", "zimage", "flux2", "flux2_klein", "lora", "controlnet", "embeddings", "vae", "preprocessor",
     "upscaler", "face_restorer", "motion_adapter", "translator", "ip_adapter", "segmenter", "image_to_video",
-    "object_remover",
+    "object_remover", "background_remover",
 ]
 
 
@@ -438,7 +470,7 @@ class LoadModelV2Request(WireModel):
         None, description="What the model is. Examples in ModelsLab's docs send v1's `model_type` instead: "
         "either is enough (model_category wins).")
     model_type: ModelType | None = Field(None, description="load_model's field, read as load_model reads it.")
-    model_format: Literal["ckpt", "safetensors", "pt", "pth", "bin", "diffusers", "archive"] | None = Field(
+    model_format: Literal["ckpt", "safetensors", "pt", "pth", "bin", "onnx", "diffusers", "archive"] | None = Field(
         None, description="Accepted as a hint; the format is detected from the file (archive: a sync_models .tar)."
     )
 

@@ -12,5 +12,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first and pinned: the CPU build (an unpinned torch would pull a multi-GB CUDA build)
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[engine,torch,dev,quant]"
+  # rembg's first import compiles pymatting's numba kernels (about a minute) into numba's cache: once
+  # here, not in each test worker at once
+  .venv/bin/python -c "import rembg"
   echo "$want" > "$stamp"
 fi

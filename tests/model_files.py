@@ -613,3 +613,51 @@ def write_segmenter(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# --- removebg_mask's background remover -----------------------------------------------------------
+
+U2NET_SIZE = 320  # the square rembg's U²-Net sessions resize every image to
+
+
+def write_background_remover(path: Path, seed: int = 0, side_outputs: int = 2) -> Path:
+    """A tiny U²-Net-shaped ONNX graph, written with onnx's helper API (nothing downloaded): one input
+    `input.1` of 1 x 3 x 320 x 320 floats (U²-Net's own name and shape, what rembg feeds it), two 3x3
+    convolutions (3 -> 4 -> 1 channels, a ReLU between) and a sigmoid, as the first output `d0` of
+    1 x 1 x 320 x 320 (rembg's `U2netCustomSession.predict` reads map 0 of the first output and
+    min-max scales it), plus `side_outputs` more of the same shape, as U²-Net has its side maps.
+    Random weights from `seed`: the mask is noise, but it follows the image (a brighter region gives
+    another value) and the same image gives the same mask."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    size = [1, 3, U2NET_SIZE, U2NET_SIZE]
+    map_shape = [1, 1, U2NET_SIZE, U2NET_SIZE]
+    # positive weights around a mean (no trained saliency, so brightness stands in for it): a bright subject
+    # on a dark ground gives a mask with a sure inside, a sure outside and a soft edge, as alpha matting needs
+    weights = [
+        numpy_helper.from_array(rng.normal(0.1, 0.04, (4, 3, 3, 3)).astype(np.float32), "conv1.weight"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (4,)).astype(np.float32), "conv1.bias"),
+        numpy_helper.from_array(rng.normal(0.1, 0.04, (1, 4, 3, 3)).astype(np.float32), "conv2.weight"),
+        numpy_helper.from_array(np.array([-1.0], dtype=np.float32), "conv2.bias"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input.1", "conv1.weight", "conv1.bias"], ["h1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h1"], ["h1r"]),
+        helper.make_node("Conv", ["h1r", "conv2.weight", "conv2.bias"], ["logits"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["logits"], ["d0"]),
+    ]
+    outputs = [helper.make_tensor_value_info("d0", TensorProto.FLOAT, map_shape)]
+    for index in range(1, side_outputs + 1):  # U²-Net's side maps: here the same map again
+        nodes.append(helper.make_node("Identity", ["d0"], [f"d{index}"]))
+        outputs.append(helper.make_tensor_value_info(f"d{index}", TensorProto.FLOAT, map_shape))
+    graph = helper.make_graph(nodes, "tiny-u2net", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, size)],
+                              outputs, initializer=weights)
+    # opset 17 / IR 8: what the onnxruntime build here (and rembg's published u2net.onnx, opset 11) runs
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path

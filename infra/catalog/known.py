@@ -32,6 +32,8 @@ KNOWN_MODELS = {
     "opus-mt-mul-en": ("Helsinki-NLP/opus-mt-mul-en", "translator"),
     # mask_creator's segmenter: CLIPSeg (masks from words)
     "clipseg-rd64-refined": ("CIDAS/clipseg-rd64-refined", "segmenter"),
+    # removebg_mask's background remover: U²-Net as rembg publishes it (one ONNX file, 176 MB)
+    "u2net": ("https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx", "background_remover"),
     # img2video: Stable Video Diffusion XT (25 frames at 1024x576; a gated repo: the token in HF_TOKEN
     # must belong to an account that accepted its licence)
     "stable-video-diffusion-img2vid-xt": ("stabilityai/stable-video-diffusion-img2vid-xt", "image_to_video"),

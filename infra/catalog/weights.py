@@ -49,9 +49,11 @@ CONTROLNET_FAMILIES = {"ControlNetModel": "", "FluxControlNetModel": "flux", "SD
 # model (sequence to sequence, any language to English: multi_lingual); "segmenter": a text-prompted segmentation
 # model (CLIPSeg through transformers: mask_creator); "image_to_video": a Stable Video Diffusion pipeline
 # (img2video; a pipeline of its own kind that no image endpoint runs); "object_remover": a LaMa-class
-# inpainting network (spandrel: an image and its mask in, the hole filled; object_removal)
+# inpainting network (spandrel: an image and its mask in, the hole filled; object_removal);
+# "background_remover": a salient-object segmentation network as one ONNX file (U²-Net, run through rembg on
+# onnxruntime: removebg_mask)
 CATEGORIES = (*PIPELINE_CATEGORIES, *ADAPTER_CATEGORIES, "preprocessor", "upscaler", "face_restorer", "motion_adapter",
-              "translator", "segmenter", "image_to_video", "object_remover")
+              "translator", "segmenter", "image_to_video", "object_remover", "background_remover")
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -80,7 +82,7 @@ class ModelEntry:
     # the stored pipeline class of a transformer family's model (model_index.json's `_class_name`): what it
     # takes beyond its category (QwenImageEditPlusPipeline: several images); "" for the others
     pipeline: str = ""
-    file: str = ""  # the payload file of single-file kinds (lora, embeddings, upscalers), relative to the folder
+    file: str = ""  # the payload file of single-file kinds (lora, embeddings, upscalers, background removers), relative to the folder
     scale: int = 0  # upscalers: the network's own scale factor
     loaded_at: float = 0.0
     load_seconds: float = 0.0

@@ -212,8 +212,9 @@ class ModelCache:
         return self._get(model_id, PIPELINE_CATEGORIES, self._load_pipeline)
 
     def component(self, model_id: str, kind: str):
-        """A VAE, ControlNet or motion adapter module, a preprocessor (a transformers pipeline), or
-        an upscaler / face restorer / object remover (a spandrel model descriptor)."""
+        """A VAE, ControlNet or motion adapter module, a preprocessor (a transformers pipeline), an
+        upscaler / face restorer / object remover (a spandrel model descriptor), or a background
+        remover (a rembg session)."""
         return self._get(model_id, (kind,), lambda entry: self._load_component(entry, kind)).module
 
     def pipeline(self, model: LoadedModel, variant: str, scheduler: str, karras: bool, algorithm: str | None, **parts):
@@ -377,6 +378,13 @@ class ModelCache:
                 pipeline.to(self.device)
             pipeline.set_progress_bar_config(disable=True)
             return LoadedComponent(entry.model_id, entry.version, pipeline, module_bytes(*pipeline.components.values()))
+        if kind == "background_remover":  # a rembg session on onnxruntime: DiffusersEngine.remove_background
+            from infra.engine.files.background import load_background_remover
+
+            path = self.weights.payload(entry.model_id)
+            with LOAD_LOCK:
+                session = load_background_remover(path)
+            return LoadedComponent(entry.model_id, entry.version, session, path.stat().st_size)
         if kind == "motion_adapter":
             from infra.engine.files.motion import load_motion_adapter
 

@@ -1,5 +1,6 @@
 """Job -> output files: images for text2img, img2img, inpaint and controlnet (with highres_fix,
-upscale, the safety checker and base64 files), super_resolution, mask_creator, text2video, img2video.
+upscale, the safety checker and base64 files), super_resolution, mask_creator, removebg_mask,
+text2video, img2video.
 
 A job's typed parameters (`infra.jobs.params`) hold the effective values the handler resolved
 (model id, size, seeds, scheduler, LoRAs, ...); the engine applies no defaults of its own. Input
@@ -14,6 +15,9 @@ latents (`latent_preview`). The `Cancelled` a step raises stops the pipeline whe
 
 Prompts: A1111's emphasis syntax, BREAK and prompts past 77 tokens reach a pipeline as its text
 embeddings (`infra.engine.prompts`); a plain prompt that fits goes to the pipeline as text, as before.
+
+removebg_mask runs rembg (U²-Net on onnxruntime, its session cached like any component); rembg is
+imported only when such a job runs (`infra.engine.files.background`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 from diffusers import FluxMultiControlNetModel, QwenImageMultiControlNetModel, SD3MultiControlNetModel
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models import MultiControlNetModel
-from PIL import Image
+from PIL import Image, ImageOps
 
 from infra.catalog.weights import WeightsStore
 from infra.engine import quiet_libraries
@@ -51,6 +55,7 @@ from models.schedulers import DISTILLED_FAMILIES
 
 if TYPE_CHECKING:
     from infra.jobs.params import (
+        BackgroundParams,
         GenerationParams,
         ImageVideoParams,
         JobParams,
@@ -249,6 +254,10 @@ class DiffusersEngine:
             progress.stage("postprocessing")
             images = [self.remove_object(_open(inputs["image"]), _open(inputs["mask"]), params)]
             progress.step()
+        elif params.kind == "removebg":
+            progress.stage("postprocessing")
+            images = [self.remove_background(_open(inputs["image"]).convert("RGB"), params)]
+            progress.step()
         elif params.kind == "upscale":
             progress.stage("postprocessing")
             image, faces = self.super_resolve(_open(inputs["image"]), params)
@@ -323,6 +332,33 @@ class DiffusersEngine:
             filled = network(pixels.to(network.device, network.dtype), holes.to(network.device, network.dtype))
         out = filled[0].float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         return Image.composite(Image.fromarray(out, mode="RGB"), rgb, binary)
+    def remove_background(self, image: Image.Image, params: BackgroundParams) -> Image.Image:
+        """removebg_mask: the background remover's mask of `image` (rembg: U²-Net's saliency map,
+        min-max scaled to 0-255 and resized to the image; with `post_process_mask` smoothed by
+        rembg's opening, blur and threshold), inverted when `inverse_mask` asks; then the mask itself
+        ("L", `only_mask`), or rembg's cut-out of it: RGBA whose alpha is the mask (rembg's plain
+        cut-out: the image composited over transparent black through the mask), or with
+        `alpha_matting` the matted one (alpha and foreground colours solved from a trimap of the mask;
+        where the trimap has no sure foreground or background to solve from, rembg's fallback: the
+        mask as alpha, the foreground colours re-estimated)."""
+        from rembg import remove
+        from rembg.bg import alpha_matting_cutout, decontaminate_cutout, naive_cutout
+
+        session = self.cache.component(params.model_id, "background_remover")
+        # the mask first, by rembg alone: the inversion comes after its post-processing and before the
+        # cut-out, a step rembg.remove does not have, so the cut-out is done here from the (inverted) mask
+        mask = remove(image, session=session, only_mask=True, post_process_mask=params.post_process_mask)
+        if params.inverse_mask:
+            mask = ImageOps.invert(mask)
+        if params.only_mask:
+            return mask
+        if matting := params.alpha_matting:
+            try:
+                return alpha_matting_cutout(image, mask, matting.foreground_threshold, matting.background_threshold,
+                                            matting.erode_size)
+            except ValueError:  # pymatting: no sure subject / background, or no convergence: rembg.remove's fallback
+                return decontaminate_cutout(image, mask)
+        return naive_cutout(image, mask)
 
     def _translated(self, params: GenerationParams, facts: dict) -> GenerationParams:
         """The job with its foreign-language texts in English (the translator's words in `facts`:

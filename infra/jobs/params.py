@@ -14,6 +14,7 @@ it waits for belong to the job record (`infra.jobs.job.Job`), not to its paramet
     MaskParams         mask_creator
     RemovalParams      object_removal by a LaMa-class network
     MagicMixParams     magic_mix
+    BackgroundParams   removebg_mask, with nested AlphaMatting
 
 `JobParams` is the union, told apart by `kind`; a job record stores `params.model_dump()`.
 `work_units()` (what a job's run time is proportional to), `total_steps()` (the steps its progress
@@ -252,7 +253,7 @@ class ImageVideoParams(VideoOutput):
 
 class OnePassParams(Contract):
     """A job that makes one image in one pass of a network, no denoising loop (super_resolution,
-    mask_creator): its cost is the output's size."""
+    mask_creator, removebg_mask): its cost is the output's size."""
 
     denoises: ClassVar[bool] = False
 
@@ -332,6 +333,37 @@ class MagicMixParams(Contract):
         return {self.model_id}
 
 
+class AlphaMatting(Contract):
+    """removebg_mask's alpha matting: the mask split into a trimap (sure foreground above
+    `foreground_threshold`, sure background below `background_threshold`, both eroded by an
+    `erode_size` square; the rest unknown) and the alpha of the unknown band solved from the image
+    (closed-form matting), the foreground colours re-estimated there."""
+
+    foreground_threshold: int = Field(ge=0, le=255)
+    background_threshold: int = Field(ge=0, le=255)
+    erode_size: int = Field(ge=0)
+
+
+class BackgroundParams(OnePassParams):
+    """removebg_mask: the job's `image` input (width x height: the input's size) with its background
+    removed by a salient-object segmentation model (catalog category background_remover, U²-Net
+    through rembg): an RGBA image whose alpha is the model's mask, or with `only_mask` the mask
+    itself (an "L" image, white = the subject). `post_process_mask` smooths the mask first (rembg's
+    morphological opening, blur and threshold); `inverse_mask` then inverts it (white = the
+    background), before the cut-out; `alpha_matting` refines the cut-out's edges from the mask."""
+
+    kind: Literal["removebg"] = "removebg"
+
+    model_id: str
+    post_process_mask: bool = False
+    inverse_mask: bool = False
+    only_mask: bool = False
+    alpha_matting: AlphaMatting | None = None
+
+    def models_used(self) -> set[str]:
+        return {self.model_id}
+
+
 class RemovalParams(OnePassParams):
     """object_removal by a LaMa-class network (catalog category object_remover): the pixels of the
     job's `image` input under its `mask` input (white) filled in, every other pixel kept exactly
@@ -346,6 +378,6 @@ class RemovalParams(OnePassParams):
 
 
 JobParams = Annotated[GenerationParams | VideoParams | ImageVideoParams | UpscaleParams | MaskParams | RemovalParams
-                      | MagicMixParams, Field(discriminator="kind")]
+                      | BackgroundParams | MagicMixParams, Field(discriminator="kind")]
 VIDEO_KINDS = ("video", "image_video")  # the job kinds whose output is one video (metered in seconds)
 PARAMS = TypeAdapter(JobParams)  # PARAMS.validate_python(record["params"]) -> the typed params

@@ -72,6 +72,8 @@ ENDPOINTS: dict[str, Endpoint] = {
     "object_removal": Endpoint(rq.ObjectRemovalRequest, media.object_removal, JobResponse, "Remove the masked object"),
     "mask_creator": Endpoint(rq.MaskCreatorRequest, media.mask_creator, JobResponse, "A mask of an object named in words"),
     "magic_mix": Endpoint(rq.MagicMixRequest, media.magic_mix, JobResponse, "An image's layout with a prompt's content (MagicMix)"),
+    "removebg_mask": Endpoint(rq.RemoveBgMaskRequest, media.removebg_mask, JobResponse,
+                              "Remove the background (a transparent PNG) or answer its mask"),
     "upload_image": Endpoint(rq.UploadImageRequest, media.upload_image, UploadImageResponse, "Store a base64 image"),
     "nsfw_image_check": Endpoint(
         rq.NsfwImageCheckRequest, media.nsfw_image_check, NsfwCheckResponse, "Is an image NSFW?"

@@ -13,10 +13,10 @@ metering, limits, webhooks and cancel; a job made on one generation is fetched o
   the family's own endpoints this server can run: `video/text2video`, `video/img2video`,
   `image_editing/super_resolution` / `super_resolution/make` (the image as `init_image`),
   `image_editing/inpainting`, `image_editing/outpaint` and `image_editing/object_removal`
-  (inpaint jobs: handlers/media.py), `image_editing/mask_creator`, `image_editing/magic_mix`
-  (MagicMix on an SD model), `image_editing/qwen_edit` (img2img on the Qwen-Image-Edit model). What
-  a family documents but no diffusers pipeline or well-kept library does (fashion, face_gen,
-  head_shot: `EDITING_NOT_BUILT`) answers a 400 naming what is missing.
+  (inpaint jobs: handlers/media.py), `image_editing/mask_creator`, `image_editing/removebg_mask`,
+  `image_editing/magic_mix` (MagicMix on an SD model), `image_editing/qwen_edit` (img2img on the
+  Qwen-Image-Edit model). What a family documents but no diffusers pipeline or well-kept library
+  does (fashion, face_gen, head_shot: `EDITING_NOT_BUILT`) answers a 400 naming what is missing.
 - **Enterprise model-family servers** (§6: `flux/`, `flux_klein/`, `flux_kontext_dev/`, `qwen/`,
   `z_image_turbo/`): the admin routes and the family's generation routes, whose bodies name no
   model: each runs a model category (`MODEL_FAMILY_SERVERS`; `flux/` with `deploy_type: flux_2_dev`
@@ -199,7 +199,8 @@ def _family_routes() -> list[Route]:
         "image_editing": {"super_resolution": ("super_resolution", renamed(init_image="url")),
                           "inpainting": ("inpaint", None), "inpaint": ("inpaint", None),
                           "outpaint": ("outpaint", None), "object_removal": ("object_removal", None),
-                          "mask_creator": ("mask_creator", None), "magic_mix": ("magic_mix", None)},
+                          "mask_creator": ("mask_creator", None), "removebg_mask": ("removebg_mask", None),
+                          "magic_mix": ("magic_mix", None)},
         "super_resolution": {"make": ("super_resolution", renamed(init_image="url"))},
     }
     for family, own in families.items():
@@ -274,6 +275,7 @@ def _v6_routes() -> list[Route]:
         Route(f"{V6}/image_editing/outpaint", "outpaint", "v6", editing),
         Route(f"{V6}/image_editing/object_removal", "object_removal", "v6", editing),
         Route(f"{V6}/image_editing/mask_creator", "mask_creator", "v6", editing),
+        Route(f"{V6}/image_editing/removebg_mask", "removebg_mask", "v6", editing),
         Route(f"{V6}/video/text2video", "text2video", "v6", video, video_model),
         Route(f"{V6}/video/img2video", "img2video", "v6", video),
     ]

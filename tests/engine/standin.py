@@ -15,6 +15,14 @@ It keeps the promises tests/engine/test_engine_conformance.py holds every engine
   restorer, `faces_restored`: 0 (it finds no faces).
 - object removal: the input image with its masked pixels (white in the `mask` input) one flat
   colour (`colour(0)`), the others as they were.
+- magic_mix: one PNG of the job's size: the input blended with its seed's colour, `kmax` of it
+  (the more of the schedule it runs, the further from the layout).
+- mask (mask_creator): one black-and-white "L" PNG of the input's size, white where the input's
+  luminance reaches the job's threshold (x 255): the words are not read.
+- removebg (removebg_mask): the input's luminance stands for the model's mask (with
+  `post_process_mask` thresholded at 128), inverted with `inverse_mask`; one PNG of the input's
+  size: that mask ("L") with `only_mask`, else the input as RGBA with the mask as its alpha (alpha
+  matting changes nothing here).
 
 It raises what the real engine raises for the jobs it can judge without weights: `Unsupported`
 for a panorama / self_attention text2img on a model it was told is SDXL (`sdxl_models`), and for
@@ -27,11 +35,11 @@ in stage `denoising`, `step_seconds` apart (0 by default; a test that cancels a 
 its steps take time), so a cancel or a deadline stops it between two steps as it stops the real
 engine; then stage `postprocessing`.
 
-Bookkeeping: `loaded()` holds the model ids a job or `warm` touched, least recently used first
-(the models and components the real engine's cache would hold: pipeline, VAE, ControlNets and
-their preprocessors, motion adapter, upscaler); `evict` / `unload_all` forget them. `runs` lists
-the params of every job it was asked to run, failed ones included (`inputs` the inputs beside
-them). Thread-safe: a dispatcher's workers may share one.
+Bookkeeping: `loaded()` holds the model ids a job or `warm` touched, least recently used first (the
+models and components the real engine's cache would hold: pipeline, VAE, ControlNets and their
+preprocessors, motion adapter, upscaler, segmenter, background remover); `evict` / `unload_all`
+forget them. `runs` lists the params of every job it was asked to run, failed ones included
+(`inputs` the inputs beside them). Thread-safe: a dispatcher's workers may share one.
 """
 
 from __future__ import annotations
@@ -42,11 +50,21 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from infra.engine.postprocess import composite_inpaint
 from infra.engine.protocol import DoesNotFit, EngineResult, Unsupported
-from infra.jobs.params import GenerationParams, ImageVideoParams, JobParams, RemovalParams, UpscaleParams, VideoParams
+from infra.jobs.params import (
+    BackgroundParams,
+    GenerationParams,
+    ImageVideoParams,
+    JobParams,
+    MagicMixParams,
+    MaskParams,
+    RemovalParams,
+    UpscaleParams,
+    VideoParams,
+)
 from infra.media import encode_image, encode_video
 
 SD_CLIP_LAYERS = 12  # CLIP ViT-L/14's layers (SD 1.x and the tiny models)
@@ -129,12 +147,25 @@ class StandInEngine:
             image = source.resize(size, Image.Resampling.LANCZOS)
             facts = {"faces_restored": 0} if params.face_restorer else {}
             return EngineResult([encode_image(image, params.base64)], facts)
+        if isinstance(params, MagicMixParams):
+            self._touch(params.model_id)
+            layout = _open(inputs["image"]).convert("RGB").resize((params.width, params.height))
+            mixed = Image.blend(layout, Image.new("RGB", layout.size, colour(params.seed)), params.kmax)
+            return EngineResult([encode_image(mixed, params.base64)], {})
         if isinstance(params, RemovalParams):
             self._touch(params.model_id)
             image = _open(inputs["image"]).convert("RGB")
             holes = _open(inputs["mask"]).convert("L").point(lambda v: 255 if v >= 128 else 0)
             filled = Image.composite(Image.new("RGB", image.size, colour(0)), image, holes)
             return EngineResult([encode_image(filled, params.base64)], {})
+        if isinstance(params, MaskParams):
+            self._touch(params.model_id)
+            cut = round(params.threshold * 255)
+            mask = _open(inputs["image"]).convert("L").point(lambda v: 255 if v >= cut else 0)
+            return EngineResult([encode_image(mask, params.base64)], {})
+        if isinstance(params, BackgroundParams):
+            self._touch(params.model_id)
+            return EngineResult([encode_image(self._cut_out(_open(inputs["image"]), params), params.base64)], {})
         images = self._generate(params, inputs)
         if params.upscale:
             self._touch(params.upscale.model_id)
@@ -185,6 +216,19 @@ class StandInEngine:
                 image = image.resize(size, Image.Resampling.LANCZOS)
             images.append(image)
         return images
+
+    @staticmethod
+    def _cut_out(image: Image.Image, params: BackgroundParams) -> Image.Image:
+        mask = image.convert("L")
+        if params.post_process_mask:
+            mask = mask.point(lambda v: 255 if v >= 128 else 0)
+        if params.inverse_mask:
+            mask = ImageOps.invert(mask)
+        if params.only_mask:
+            return mask
+        cutout = image.convert("RGBA")
+        cutout.putalpha(mask)
+        return cutout
 
     def _video(self, params: VideoParams) -> bytes:
         self._touch(params.model_id, params.motion_adapter)

@@ -8,7 +8,10 @@ tested against the stand-in behaves the same on the real engine:
   checker reports one `nsfw_content_detected` flag per image;
 - a video job gives one file, an mp4 (`ftyp` at offset 4) or a GIF of the job's frames;
 - an upscale job gives one PNG of the job's (width, height); an object-removal job one PNG of the
-  input's size that differs from it under the mask only;
+  input's size that differs from it under the mask only; a magic_mix job one PNG of its size, the
+  same bytes for the same seed and other bytes for another;
+- a removebg job gives one PNG of the input's size: RGBA whose alpha is the mask its `only_mask`
+  twin answers ("L"), inverted by `inverse_mask`;
 - `warm` puts a model in `loaded()`, `evict` and `unload_all` take it out, `move_to` and `rebind` keep it;
 - a job the engine cannot run as asked raises an `EngineError` (never anything else): panorama /
   self-attention on an SDXL model and text2video on an SDXL or inpainting model are `Unsupported`;
@@ -37,14 +40,16 @@ from PIL import Image
 
 from infra.catalog.weights import WeightsStore
 from infra.engine.engine import DiffusersEngine
+from infra.engine.files.background import prepare_background_remover
 from infra.engine.files.tiny import build_tiny_sdxl
 from infra.engine.files.upscalers import prepare_upscaler
 from infra.engine.protocol import Cancelled, DoesNotFit, Engine, EngineError, EngineResult, Unsupported
-from infra.jobs.params import HighresFix, RemovalParams, SafetyCheck, UpscaleParams
+from infra.jobs.params import BackgroundParams, HighresFix, MagicMixParams, RemovalParams, SafetyCheck, UpscaleParams
 from infra.net.inputs import encode_input
 from infra.settings import Settings
 from tests.conftest import ROOT, centre_mask, generation_params, scene, video_params
 from tests.engine.standin import StandInEngine, colour
+from tests.model_files import write_background_remover
 from tests.upscaler_files import write_esrgan, write_lama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -53,12 +58,14 @@ SDXL = "tiny-sdxl"
 INPAINT = "tiny-sd-inpaint"
 UPSCALER = "tiny-esrgan-x2"
 REMOVER = "random-lama"
+BACKGROUND_REMOVER = "tiny-u2net"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def store(models_dir, tmp_path_factory) -> WeightsStore:
-    """The built-in tiny models, a tiny SDXL and a tiny x2 ESRGAN, in a store of this module's own."""
+    """The built-in tiny models, a tiny SDXL, a tiny x2 ESRGAN, a random-weight LaMa and a tiny U²-Net, in a store of
+    this module's own."""
     root = tmp_path_factory.mktemp("conformance")
     shutil.copytree(models_dir, root / "models")
     weights = WeightsStore(root / "models")
@@ -71,6 +78,10 @@ def store(models_dir, tmp_path_factory) -> WeightsStore:
     manifest = {key: value for key, value in facts.items() if key != "category"}
     weights.install(REMOVER, "object_remover", lambda folder: shutil.copytree(root / "lama", folder, dirs_exist_ok=True),
                     **manifest)
+    facts = prepare_background_remover(write_background_remover(root / "u2net.onnx"), root / "u2net")
+    weights.install(BACKGROUND_REMOVER, "background_remover",
+                    lambda folder: shutil.copytree(root / "u2net", folder, dirs_exist_ok=True),
+                    **{key: value for key, value in facts.items() if key != "category"})
     return weights
 
 
@@ -156,6 +167,16 @@ def test_upscale_gives_one_png_of_the_jobs_size(engine):
     assert decode_png(base64.b64decode(text, validate=True)).size == (24, 24)
 
 
+def test_magic_mix_gives_one_png_of_its_size_fixed_by_its_seed(engine):
+    params = MagicMixParams(model_id="tiny-sd", prompt="a bed", negative_prompt=None, width=48, height=32, steps=10,
+                            guidance_scale=7.5, kmin=0.3, kmax=0.6, mix_factor=0.5, seed=5)
+    inputs = {"image": encode_input(scene(48, 32))}
+    (first,) = engine.run(params, inputs).files
+    assert decode_png(first).size == (48, 32)
+    assert engine.run(params, inputs).files[0] == first
+    assert engine.run(params.model_copy(update={"seed": 6}), inputs).files[0] != first
+
+
 def test_object_removal_gives_the_input_changed_under_the_mask_only(engine):
     init, mask = scene(40, 24), Image.new("L", (40, 24), 0)
     mask.paste(255, (8, 4, 24, 16))
@@ -165,6 +186,18 @@ def test_object_removal_gives_the_input_changed_under_the_mask_only(engine):
     assert image.size == (40, 24)
     assert np.array_equal(pixels(image)[keep], pixels(init)[keep])
     assert not np.array_equal(pixels(image)[~keep], pixels(init)[~keep])
+def test_removebg_gives_rgba_whose_alpha_is_the_mask(engine):
+    source = scene(48, 32)
+    params = BackgroundParams(model_id=BACKGROUND_REMOVER, width=48, height=32)
+    inputs = {"image": encode_input(source)}
+    (data,) = engine.run(params, inputs).files
+    cutout = decode_png(data)
+    assert cutout.mode == "RGBA" and cutout.size == (48, 32)
+    (mask_data,) = engine.run(params.model_copy(update={"only_mask": True}), inputs).files
+    mask = decode_png(mask_data)
+    assert mask.mode == "L" and np.array_equal(np.asarray(cutout)[..., 3], np.asarray(mask))
+    (inverse,) = engine.run(params.model_copy(update={"only_mask": True, "inverse_mask": True}), inputs).files
+    assert np.array_equal(np.asarray(decode_png(inverse)), 255 - np.asarray(mask))
 
 
 # --------------------------------------------------------------------------- video

@@ -2,7 +2,7 @@
 
 Pipelines, VAEs and ControlNets are saved as diffusers folders (single-file checkpoints are
 converted once here, so later loads are plain `from_pretrained`); LoRAs and embeddings are kept as
-one normalised .safetensors file. Every function raises `CheckpointError` with a message a
+one normalised .safetensors file; a background remover as its one .onnx file (`files.background`). Every function raises `CheckpointError` with a message a
 client can act on when the weights are not what the request said they are.
 """
 
@@ -64,6 +64,10 @@ def _prepare(category: str | None, source: Path, out: Path, precision: str, upca
         return prepare_motion_adapter(source, out, dtype)
     if category == "image_to_video":
         return _prepare_image_to_video(source, out, dtype)
+    if category == "background_remover":
+        from infra.engine.files.background import prepare_background_remover
+
+        return prepare_background_remover(source, out)
     raise CheckpointError(f"loading {category} models is not supported by this server")
 
 
