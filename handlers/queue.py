@@ -9,6 +9,12 @@
   webhook is called once. Another key's job is a 404 (as if it did not exist); a job that ended is
   a 409 naming its state. The answer is the job's envelope once it stopped (waited for up to
   CANCEL_WAIT_SECONDS, like a generation waits).
+- queue (ours, admin keys): every job queued or running, whatever its key: id, key id (never the
+  key), endpoint, model, priority, state (`queued` / `running`), progress, eta and queue position;
+  running jobs first, then in start order; with the counts per key and priority. It reads the
+  store, so locally and on Modal it lists the same jobs.
+- queue_cancel (ours, admin keys): cancel as above, for any key's job (the operator's cancel);
+  the job ends `failed` with `"message": "Cancelled by the operator"` and `"cancelled": true`.
 - stream: server-sent events. `progress` on every change of the job's progress (id = the
   snapshot's `seq`; data = the body fetch would return at that moment), then one `result` event
   with exactly fetch's body, then the stream closes. With `Last-Event-ID` the snapshots after that
@@ -31,8 +37,8 @@ from handlers.submit import Submitted, job_envelope
 from infra.jobs.job import Job
 from infra.jobs.progress import CANCELLED, deadline_message, wire
 from models.errors import Conflict, NotFound
-from models.requests import CancelRequest, FetchRequest
-from models.responses import JobResponse, job_response
+from models.requests import CancelRequest, FetchRequest, KeyOnlyRequest
+from models.responses import JobResponse, QueueResponse, job_response
 
 if TYPE_CHECKING:
     from infra.runtime import Runtime
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
 CANCEL_WAIT_SECONDS = 10.0  # a cancel answers once the running job stopped, or after this long
 STREAM_LOOK_SECONDS = 1.0  # a stream looks at its job at least this often (sooner when the store tells of a change)
 RETRY_MS = 1000  # the `retry` hint of the stream
+CANCELLED_BY_OPERATOR = "Cancelled by the operator"
 
 
 def fetch(req: FetchRequest, rt: Runtime, caller: Caller) -> JobResponse:
@@ -63,18 +70,61 @@ def cancel(req: CancelRequest, rt: Runtime, caller: Caller) -> Submitted:
     if job is None or job.owner != caller.key_id:
         raise NotFound(f"Request id not found: {req.request_id}",
                        tip="Cancel a job with the key that submitted it, by the `id` its request returned.")
+    return _cancel(job, CANCELLED, rt)
+
+
+def queue_cancel(req: CancelRequest, rt: Runtime, caller: Caller) -> Submitted:
+    """The operator's cancel: any key's job (the route is for admin keys)."""
+    job = rt.jobs.get(req.request_id)
+    if job is None:
+        raise NotFound(f"Request id not found: {req.request_id}", tip="queue lists the jobs queued or running.")
+    return _cancel(job, CANCELLED_BY_OPERATOR, rt)
+
+
+def _cancel(job: Job, message: str, rt: Runtime) -> Submitted:
     job = rt.dispatcher.check(job)
     if job.done:
         raise _ended(job)
     if job.started_at is None:
-        ended = _cancel_queued(job, CANCELLED, rt)
+        ended = _cancel_queued(job, message, rt)
         if ended is not None:
             return Submitted(ended, 0.0)
-    outcome = rt.jobs.request_cancel(job.id, CANCELLED)  # running (or it started meanwhile): its worker stops it
+    outcome = rt.jobs.request_cancel(job.id, message)  # running (or it started meanwhile): its worker stops it
     latest = rt.jobs.get(job.id) or job
     if outcome == "ended" and not latest.cancelled:  # it ended on its own meanwhile
         raise _ended(latest)
     return Submitted(latest, CANCEL_WAIT_SECONDS)
+
+
+def list_queue(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> QueueResponse:
+    """Every job queued or running, whatever its key (see the module docstring)."""
+    entries = []
+    for job in rt.jobs.processing():
+        job = rt.dispatcher.check(job)
+        if job.done:
+            continue
+        body = job_envelope(job, rt, caller)
+        if body.status != "processing":
+            continue
+        entries.append({
+            "id": job.id, "key_id": job.owner, "endpoint": job.endpoint,
+            "model_id": getattr(job.params, "model_id", None), "priority": job.priority,
+            "state": "running" if job.started_at else "queued",
+            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at) if job.started_at else None,
+            "eta": body.eta, "queue_position": body.queue_position,
+            "progress": body.progress.model_dump(mode="json", exclude_none=True) if body.progress else None,
+        })
+    entries.sort(key=lambda e: (e["state"] != "running", e["queue_position"] or 0, e["created_at"]))
+    by_key: dict[str, dict] = {}
+    for entry in entries:
+        counts = by_key.setdefault(entry["key_id"], {"queued": 0, "running": 0, "high": 0, "normal": 0, "low": 0})
+        counts[entry["state"]] += 1
+        counts[entry["priority"]] += 1
+    return QueueResponse(jobs=entries, by_key=by_key, queue_by_priority=rt.dispatcher.queue_lengths())
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def _ended(job: Job) -> Conflict:
