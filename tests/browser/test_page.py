@@ -1,6 +1,7 @@
 """The page at `/` in a real browser (headless Chromium) against a real server on the tiny models:
 the playground (text2img to an image with its progress, seed and meta, the exact request as
-Python, reuse; a mask painted with the mouse and inpainted), the console (the queue with a long
+Python and curl, reuse; a mask painted with the mouse and inpainted, its prompt an HTML tag shown
+as text), the console (the queue with a long
 job cancelled, a model loaded by path until ready, verified and deleted, the usage chart and its
 CSV, the server and storage facts), keys kept out of URLs, prompts rendered as text, a strict CSP,
 the phone width and the dark scheme; no console error anywhere. Screenshots of each screen go to
@@ -27,6 +28,7 @@ from tests.browser.conftest import ADMIN_KEY, GEN_KEY
 from tests.conftest import png_bytes, scene
 
 API = "/api/v1/enterprise"
+PROMPT = "a lighthouse on a cliff at dusk"
 XSS = "<img src=x onerror=alert(1)>"
 QUICK = {"width": 64, "height": 64, "steps": 4}
 # a job of many seconds on the tiny model: seen running (and queued behind), then cancelled
@@ -70,7 +72,7 @@ def test_text2img_shows_progress_the_image_its_seed_and_the_exact_request(open_p
     policy = session.document_headers["content-security-policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "default-src 'self'" in policy
     assert page.locator("#nav-console").is_hidden()  # a generation key: no console
-    fill(page, "text2img", prompt=XSS, width=64, height=64, num_inference_steps=4)
+    fill(page, "text2img", prompt=PROMPT, width=64, height=64, num_inference_steps=4)
     with page.expect_request(lambda r: r.url.endswith(f"{API}/text2img") and r.method == "POST") as sent:
         page.click("#generate")
     card = finished_card(page)
@@ -86,14 +88,12 @@ def test_text2img_shows_progress_the_image_its_seed_and_the_exact_request(open_p
     assert card.locator(".seed strong").text_content() == str(job["meta"]["seed"])
     page.evaluate("() => window.scrollTo(0, 0)")
     page.screenshot(path=artifacts / "playground.png")
-    # the prompt is text: no element was made of it, no script ran (a dialog would be an error)
     card.locator("details summary").click()
-    assert page.locator("img[src=x]").count() == 0
-    assert card.locator("dl.meta dd", has_text=XSS).count() == 1
+    assert card.locator("dl.meta dd", has_text=PROMPT).count() == 1
     page.screenshot(path=artifacts / "playground-meta.png")
 
     body = json.loads(sent.value.post_data)
-    assert body["prompt"] == XSS and body["width"] == 64 and "key" not in body
+    assert body["prompt"] == PROMPT and body["width"] == 64 and "key" not in body
     card.get_by_role("button", name="Copy as Python").click()
     snippet = card.locator("textarea.snippet")
     snippet.wait_for()
@@ -111,7 +111,7 @@ def test_text2img_shows_progress_the_image_its_seed_and_the_exact_request(open_p
 
     card.get_by_role("button", name="Reuse these settings").click()
     assert page.input_value("#fields-text2img [name=seed]") == str(job["meta"]["seed"])
-    assert page.input_value("#fields-text2img [name=prompt]") == XSS
+    assert page.input_value("#fields-text2img [name=prompt]") == PROMPT
 
     # the key: kept in this tab, sent as a Bearer header, never in a URL
     assert page.evaluate("() => sessionStorage.getItem('sdapi.key')") == GEN_KEY
@@ -153,7 +153,7 @@ def test_a_mask_painted_with_the_mouse_is_sent_and_inpainted_exactly_there(open_
     page.mouse.down()
     page.mouse.move(*at(*end), steps=12)
     page.mouse.up()
-    fill(page, "inpaint", prompt="a red door", num_inference_steps=4)
+    fill(page, "inpaint", prompt=XSS, num_inference_steps=4)
     page.locator("#painter").scroll_into_view_if_needed()
     page.screenshot(path=artifacts / "inpaint-mask.png")
     with page.expect_request(lambda r: r.url.endswith(f"{API}/inpaint") and r.method == "POST") as sent:
@@ -177,6 +177,11 @@ def test_a_mask_painted_with_the_mouse_is_sent_and_inpainted_exactly_there(open_
     assert np.array_equal(output[keep], np.asarray(init)[keep])
     assert not np.array_equal(output[~keep], np.asarray(init)[~keep])
     card.locator(".images img").wait_for()
+    # the prompt is text: no element was made of it, no script ran (a dialog would be an error)
+    card.locator("details summary").click()
+    assert page.locator("img[src=x]").count() == 0
+    assert card.locator("dl.meta dd", has_text=XSS).count() == 1
+    assert XSS in card.locator(".images img").get_attribute("alt")
     page.locator("#painter").scroll_into_view_if_needed()
     page.screenshot(path=artifacts / "inpaint-result.png")
     session.assert_clean()
