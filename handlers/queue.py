@@ -12,7 +12,8 @@
 - queue (ours, admin keys): every job queued or running, whatever its key: id, key id (never the
   key), endpoint, model, priority, state (`queued` / `running`), progress, eta and queue position;
   running jobs first, then in start order; with the counts per key and priority. It reads the
-  store, so locally and on Modal it lists the same jobs.
+  store, so locally and on Modal it lists the same jobs. At most QUEUE_LIST_LIMIT queued jobs are
+  listed (those first by priority, then age); `unlisted` counts the rest.
 - queue_cancel (ours, admin keys): cancel as above, for any key's job (the operator's cancel);
   the job ends `failed` with `"message": "Cancelled by the operator"` and `"cancelled": true`.
 - stream: server-sent events. `progress` on every change of the job's progress (id = the
@@ -34,8 +35,8 @@ from typing import TYPE_CHECKING
 
 from handlers.caller import Caller
 from handlers.submit import Submitted, job_envelope
-from infra.jobs.job import Job
-from infra.jobs.progress import CANCELLED, deadline_message, wire
+from infra.jobs.job import PRIORITIES, Job
+from infra.jobs.progress import CANCELLED, deadline_message, queued_snapshot, wire
 from models.errors import Conflict, NotFound
 from models.requests import CancelRequest, FetchRequest, KeyOnlyRequest
 from models.responses import JobResponse, QueueResponse, job_response
@@ -47,6 +48,7 @@ CANCEL_WAIT_SECONDS = 10.0  # a cancel answers once the running job stopped, or 
 STREAM_LOOK_SECONDS = 1.0  # a stream looks at its job at least this often (sooner when the store tells of a change)
 RETRY_MS = 1000  # the `retry` hint of the stream
 CANCELLED_BY_OPERATOR = "Cancelled by the operator"
+QUEUE_LIST_LIMIT = 100  # queued jobs `queue` lists with their place (the running ones are all listed)
 
 
 def fetch(req: FetchRequest, rt: Runtime, caller: Caller) -> JobResponse:
@@ -97,30 +99,41 @@ def _cancel(job: Job, message: str, rt: Runtime) -> Submitted:
 
 
 def list_queue(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> QueueResponse:
-    """Every job queued or running, whatever its key (see the module docstring)."""
+    """Every job queued or running, whatever its key (see the module docstring). The running jobs
+    and the QUEUE_LIST_LIMIT queued ones that come first by priority and age are listed with their
+    progress and place (a place is one read of the whole queue on Modal); `unlisted` counts the
+    others, which `by_key` still counts."""
+    jobs = [job for job in (rt.dispatcher.check(job) for job in rt.jobs.processing()) if not job.done]
+    running = [job for job in jobs if job.started_at]
+    waiting = sorted((job for job in jobs if not job.started_at),
+                     key=lambda job: (PRIORITIES.index(job.priority), job.created_at))
+    queue_eta = max(0.5, sum(job.eta for job in jobs))  # a queued job's eta: all the work before it and its own
     entries = []
-    for job in rt.jobs.processing():
-        job = rt.dispatcher.check(job)
-        if job.done:
-            continue
+    for job in running:
         body = job_envelope(job, rt, caller)
-        if body.status != "processing":
-            continue
-        entries.append({
-            "id": job.id, "key_id": job.owner, "endpoint": job.endpoint,
-            "model_id": getattr(job.params, "model_id", None), "priority": job.priority,
-            "state": "running" if job.started_at else "queued",
-            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at) if job.started_at else None,
-            "eta": body.eta, "queue_position": body.queue_position,
-            "progress": body.progress.model_dump(mode="json", exclude_none=True) if body.progress else None,
-        })
+        if body.status == "processing":  # (it may have ended just now)
+            entries.append(_listed(job, body.eta, body.progress.model_dump(mode="json", exclude_none=True)
+                                   if body.progress else None, None))
+    for job in waiting[:QUEUE_LIST_LIMIT]:
+        entries.append(_listed(job, queue_eta, wire(queued_snapshot(job)), rt.dispatcher.queue_position(job)))
     entries.sort(key=lambda e: (e["state"] != "running", e["queue_position"] or 0, e["created_at"]))
     by_key: dict[str, dict] = {}
-    for entry in entries:
-        counts = by_key.setdefault(entry["key_id"], {"queued": 0, "running": 0, "high": 0, "normal": 0, "low": 0})
-        counts[entry["state"]] += 1
-        counts[entry["priority"]] += 1
-    return QueueResponse(jobs=entries, by_key=by_key, queue_by_priority=rt.dispatcher.queue_lengths())
+    for job in jobs:
+        counts = by_key.setdefault(job.owner, {"queued": 0, "running": 0, "high": 0, "normal": 0, "low": 0})
+        counts["running" if job.started_at else "queued"] += 1
+        counts[job.priority] += 1
+    return QueueResponse(jobs=entries, by_key=by_key, queue_by_priority=rt.dispatcher.queue_lengths(),
+                         unlisted=max(0, len(waiting) - QUEUE_LIST_LIMIT))
+
+
+def _listed(job: Job, eta: float, progress: dict | None, position: int | None) -> dict:
+    return {
+        "id": job.id, "key_id": job.owner, "endpoint": job.endpoint,
+        "model_id": getattr(job.params, "model_id", None), "priority": job.priority,
+        "state": "running" if job.started_at else "queued",
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at) if job.started_at else None,
+        "eta": round(eta, 2), "queue_position": position, "progress": progress,
+    }
 
 
 def _iso(timestamp: float) -> str:

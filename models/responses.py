@@ -116,6 +116,8 @@ class QueueResponse(Envelope):
         "`low`).")
     queue_by_priority: dict[str, int] = Field(default_factory=dict, description="Jobs queued (not started) per "
                                               "priority, as system_details gives it.")
+    unlisted: int = Field(0, description="Queued jobs not in `jobs` (it lists the running ones and the first 100 "
+                          "queued, by priority then age); `by_key` counts them.")
 
 
 class SystemDetailsResponse(Envelope):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from handlers import queue
 from infra.limits import key_id
 from infra.web.page import STATIC, content_security_policy, storage_origins
 
@@ -106,7 +107,7 @@ def test_system_details_names_the_calling_key_and_whether_it_is_an_admin_key(rol
     assert GEN not in post(roles, "system_details", GEN).text
 
 
-def test_queue_lists_every_keys_jobs_and_queue_cancel_ends_any_of_them(roles):
+def test_queue_lists_every_keys_jobs_and_queue_cancel_ends_any_of_them(roles, monkeypatch):
     running = post(roles, "text2img", GEN, **LONG).json()
     wait_running(roles, running["id"], GEN)
     queued = post(roles, "text2img", ADMIN, **LONG, priority="high").json()  # behind it (one worker)
@@ -122,8 +123,15 @@ def test_queue_lists_every_keys_jobs_and_queue_cancel_ends_any_of_them(roles):
     assert first["endpoint"] == "text2img" and first["model_id"] == "tiny-sd" and first["created_at"].endswith("Z")
     assert listing["by_key"] == {key_id(GEN): {"queued": 0, "running": 1, "high": 0, "normal": 1, "low": 0},
                                  key_id(ADMIN): {"queued": 1, "running": 0, "high": 1, "normal": 0, "low": 0}}
-    assert listing["queue_by_priority"]["high"] == 1
+    assert listing["queue_by_priority"]["high"] == 1 and listing["unlisted"] == 0
     assert GEN not in str(listing) and ADMIN not in str(listing)
+    # past the limit: the queued jobs first by priority, then age; the others counted
+    last = post(roles, "text2img", GEN, **LONG, priority="low").json()
+    monkeypatch.setattr(queue, "QUEUE_LIST_LIMIT", 1)
+    short = post(roles, "queue", ADMIN).json()
+    assert [job["id"] for job in short["jobs"]] == [running["id"], queued["id"]] and short["unlisted"] == 1
+    assert short["by_key"][key_id(GEN)] == {"queued": 1, "running": 1, "high": 0, "normal": 1, "low": 1}
+    assert post(roles, "queue_cancel", ADMIN, request_id=last["id"]).json()["cancelled"] is True
 
     assert post(roles, "queue_cancel", GEN, request_id=queued["id"]).status_code == 403
     assert post(roles, "cancel", ADMIN, request_id=running["id"]).status_code == 404  # the client's cancel: own jobs
