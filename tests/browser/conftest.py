@@ -1,7 +1,9 @@
 """The browser tests' fixtures: the system's Chromium driven by Playwright (never a browser build
-Playwright downloads), one per test process; a real server process on loopback with a generation
+Playwright downloads), one per test module; a real server process on loopback with a generation
 key and an admin key, over its own copy of the tiny models (the console loads and deletes models);
 and pages that sign in, record every console error, page error and dialog, and every request's URL.
+The browser lives for one module: Playwright's sync API marks its event loop running in the thread
+while it is open, which `asyncio.run` in a later test of the same process would trip on.
 
 Without Chromium (or Playwright) the tests skip with how to install it, except under CI (the `CI`
 environment variable set, as `.ci/run` does), where they fail: CI installs the browser
@@ -38,8 +40,10 @@ def _unavailable(reason: str):
     pytest.skip(f"{reason}: {INSTALL}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Chromium for one test module. (Playwright's sync API keeps its event loop marked running in
+    this thread while it is open: a session-long one would break later tests' `asyncio.run`.)"""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
