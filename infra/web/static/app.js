@@ -24,6 +24,8 @@ async function start() {
   $("#forget-key").addEventListener("click", () => {
     session.key = "";
     admin = false;
+    operator?.show(false);
+    playground?.clear(); // the results were that key's
     window.location.hash = "";
     showLogin();
   });

@@ -29,6 +29,7 @@ export class Playground {
     this.root = root;
     this.doc = doc;
     this.forms = {};
+    this.cards = new Set(); // the jobs being followed
     this.task = "text2img";
     this.image = null; // {src, width, height} of the init image
     this.status = $("#play-status", root);
@@ -144,7 +145,17 @@ export class Playground {
     this.gallery.prepend(card.node);
     card.node.scrollIntoView({ block: "nearest" }); // below the form on a phone
     say(this.status, `${task} sent.`);
+    this.cards.add(card);
     await card.run();
+    this.cards.delete(card);
+  }
+
+  /** Forget the results shown (the key changes). */
+  clear() {
+    for (const card of this.cards) card.controller.abort();
+    this.cards.clear();
+    this.gallery.replaceChildren();
+    say(this.status, "");
   }
 
   /** Fill the task's form from a request body sent earlier (and the seed it ran with). */
@@ -186,7 +197,7 @@ class JobCard {
   async run() {
     let answer;
     try {
-      answer = await call(this.task, this.body);
+      answer = await call(this.task, this.body, { signal: this.controller.signal });
     } catch (error) {
       this.#failed(error.message || messageOf(error.body));
       this.#tools(null);
