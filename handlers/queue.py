@@ -9,6 +9,13 @@
   webhook is called once. Another key's job is a 404 (as if it did not exist); a job that ended is
   a 409 naming its state. The answer is the job's envelope once it stopped (waited for up to
   CANCEL_WAIT_SECONDS, like a generation waits).
+- queue (ours, admin keys): every job queued or running, whatever its key: id, key id (never the
+  key), endpoint, model, priority, state (`queued` / `running`), progress, eta and queue position;
+  running jobs first, then in start order; with the counts per key and priority. It reads the
+  store, so locally and on Modal it lists the same jobs. At most QUEUE_LIST_LIMIT queued jobs are
+  listed (those first by priority, then age); `unlisted` counts the rest.
+- queue_cancel (ours, admin keys): cancel as above, for any key's job (the operator's cancel);
+  the job ends `failed` with `"message": "Cancelled by the operator"` and `"cancelled": true`.
 - stream: server-sent events. `progress` on every change of the job's progress (id = the
   snapshot's `seq`; data = the body fetch would return at that moment), then one `result` event
   with exactly fetch's body, then the stream closes. With `Last-Event-ID` the snapshots after that
@@ -28,11 +35,11 @@ from typing import TYPE_CHECKING
 
 from handlers.caller import Caller
 from handlers.submit import Submitted, job_envelope
-from infra.jobs.job import Job
-from infra.jobs.progress import CANCELLED, deadline_message, wire
+from infra.jobs.job import PRIORITIES, Job
+from infra.jobs.progress import CANCELLED, deadline_message, queued_snapshot, wire
 from models.errors import Conflict, NotFound
-from models.requests import CancelRequest, FetchRequest
-from models.responses import JobResponse, job_response
+from models.requests import CancelRequest, FetchRequest, KeyOnlyRequest
+from models.responses import JobResponse, QueueResponse, job_response
 
 if TYPE_CHECKING:
     from infra.runtime import Runtime
@@ -40,6 +47,8 @@ if TYPE_CHECKING:
 CANCEL_WAIT_SECONDS = 10.0  # a cancel answers once the running job stopped, or after this long
 STREAM_LOOK_SECONDS = 1.0  # a stream looks at its job at least this often (sooner when the store tells of a change)
 RETRY_MS = 1000  # the `retry` hint of the stream
+CANCELLED_BY_OPERATOR = "Cancelled by the operator"
+QUEUE_LIST_LIMIT = 100  # queued jobs `queue` lists with their place (the running ones are all listed)
 
 
 def fetch(req: FetchRequest, rt: Runtime, caller: Caller) -> JobResponse:
@@ -63,18 +72,72 @@ def cancel(req: CancelRequest, rt: Runtime, caller: Caller) -> Submitted:
     if job is None or job.owner != caller.key_id:
         raise NotFound(f"Request id not found: {req.request_id}",
                        tip="Cancel a job with the key that submitted it, by the `id` its request returned.")
+    return _cancel(job, CANCELLED, rt)
+
+
+def queue_cancel(req: CancelRequest, rt: Runtime, caller: Caller) -> Submitted:
+    """The operator's cancel: any key's job (the route is for admin keys)."""
+    job = rt.jobs.get(req.request_id)
+    if job is None:
+        raise NotFound(f"Request id not found: {req.request_id}", tip="queue lists the jobs queued or running.")
+    return _cancel(job, CANCELLED_BY_OPERATOR, rt)
+
+
+def _cancel(job: Job, message: str, rt: Runtime) -> Submitted:
     job = rt.dispatcher.check(job)
     if job.done:
         raise _ended(job)
     if job.started_at is None:
-        ended = _cancel_queued(job, CANCELLED, rt)
+        ended = _cancel_queued(job, message, rt)
         if ended is not None:
             return Submitted(ended, 0.0)
-    outcome = rt.jobs.request_cancel(job.id, CANCELLED)  # running (or it started meanwhile): its worker stops it
+    outcome = rt.jobs.request_cancel(job.id, message)  # running (or it started meanwhile): its worker stops it
     latest = rt.jobs.get(job.id) or job
     if outcome == "ended" and not latest.cancelled:  # it ended on its own meanwhile
         raise _ended(latest)
     return Submitted(latest, CANCEL_WAIT_SECONDS)
+
+
+def list_queue(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> QueueResponse:
+    """Every job queued or running, whatever its key (see the module docstring). The running jobs
+    and the QUEUE_LIST_LIMIT queued ones that come first by priority and age are listed with their
+    progress and place (a place is one read of the whole queue on Modal); `unlisted` counts the
+    others, which `by_key` still counts."""
+    jobs = [job for job in (rt.dispatcher.check(job) for job in rt.jobs.processing()) if not job.done]
+    running = [job for job in jobs if job.started_at]
+    waiting = sorted((job for job in jobs if not job.started_at),
+                     key=lambda job: (PRIORITIES.index(job.priority), job.created_at))
+    queue_eta = max(0.5, sum(job.eta for job in jobs))  # a queued job's eta: all the work before it and its own
+    entries = []
+    for job in running:
+        body = job_envelope(job, rt, caller)
+        if body.status == "processing":  # (it may have ended just now)
+            entries.append(_listed(job, body.eta, body.progress.model_dump(mode="json", exclude_none=True)
+                                   if body.progress else None, None))
+    for job in waiting[:QUEUE_LIST_LIMIT]:
+        entries.append(_listed(job, queue_eta, wire(queued_snapshot(job)), rt.dispatcher.queue_position(job)))
+    entries.sort(key=lambda e: (e["state"] != "running", e["queue_position"] or 0, e["created_at"]))
+    by_key: dict[str, dict] = {}
+    for job in jobs:
+        counts = by_key.setdefault(job.owner, {"queued": 0, "running": 0, "high": 0, "normal": 0, "low": 0})
+        counts["running" if job.started_at else "queued"] += 1
+        counts[job.priority] += 1
+    return QueueResponse(jobs=entries, by_key=by_key, queue_by_priority=rt.dispatcher.queue_lengths(),
+                         unlisted=max(0, len(waiting) - QUEUE_LIST_LIMIT))
+
+
+def _listed(job: Job, eta: float, progress: dict | None, position: int | None) -> dict:
+    return {
+        "id": job.id, "key_id": job.owner, "endpoint": job.endpoint,
+        "model_id": getattr(job.params, "model_id", None), "priority": job.priority,
+        "state": "running" if job.started_at else "queued",
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at) if job.started_at else None,
+        "eta": round(eta, 2), "queue_position": position, "progress": progress,
+    }
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def _ended(job: Job) -> Conflict:

@@ -33,6 +33,7 @@ def system_details(req: KeyOnlyRequest, rt: Runtime, caller: Caller) -> SystemDe
         storage=rt.storage.describe(),
         queue_by_priority=rt.dispatcher.queue_lengths(),
         memory=_memory(rt),
+        caller={"key_id": caller.key_id, "admin": caller.admin},
     )
 
 

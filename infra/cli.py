@@ -20,6 +20,7 @@ def serve() -> None:
 
     def banner() -> None:
         print(f"\nStable Diffusion Enterprise API ready at {base}  (docs: {base}/docs)", flush=True)
+        print(f"Playground and console (admin keys): {base}/", flush=True)
         if key == DEV_API_KEY:
             print(f"API key: {key}  (development key; set SDAPI_API_KEYS to your own)", flush=True)
         print(

@@ -51,7 +51,7 @@ class WireModel(BaseModel):
 
 class KeyOnlyRequest(WireModel):
     """system_details, restart_server, update_server, clear_cache, clear_queue, schedulers_list,
-    get_all_models: the key is the whole body."""
+    get_all_models, queue: the key is the whole body."""
 
 
 # --------------------------------------------------------------------------- how a job is run and followed

@@ -102,6 +102,24 @@ class UsageResponse(Envelope):
     )
 
 
+class QueueResponse(Envelope):
+    """Ours (admin keys): the jobs queued or running, whatever their key."""
+
+    status: Literal["success"] = "success"
+    jobs: list[dict[str, Any]] = Field(
+        description="Running jobs first, then in start order. Each: `id`, `key_id` (a hash of the key that submitted "
+        "it, as usage names keys), `endpoint`, `model_id`, `priority`, `state` (queued or running), `created_at` and "
+        "`started_at` (UTC, ISO 8601), `eta` (seconds), `queue_position` (while queued) and `progress` (as fetch "
+        "gives it).")
+    by_key: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="key_id -> jobs `queued`, `running`, and per priority (`high`, `normal`, "
+        "`low`).")
+    queue_by_priority: dict[str, int] = Field(default_factory=dict, description="Jobs queued (not started) per "
+                                              "priority, as system_details gives it.")
+    unlisted: int = Field(0, description="Queued jobs not in `jobs` (it lists the running ones and the first 100 "
+                          "queued, by priority then age); `by_key` counts them.")
+
+
 class SystemDetailsResponse(Envelope):
     status: Literal["ok"] = "ok"
     model_count: int
@@ -121,6 +139,9 @@ class SystemDetailsResponse(Envelope):
         "quantization, the text encoders offloaded to the CPU or kept on the device, fast path, fused QKV, compiled; "
         "`planned_gb` / `card_gb` where it planned the memory), where this process can see them (on Modal the web "
         "tier sees the settings only: the models are in the GPU containers).")
+    caller: dict[str, Any] | None = Field(
+        None, description="Ours: the calling key as `key_id` (a hash of it, as usage names keys) and `admin` (whether "
+        "it may use the catalog and server endpoints); the browser page shows its console to admin keys.")
 
 
 class UploadImageResponse(Envelope):

@@ -31,6 +31,7 @@ from infra.web.envelopes import install_error_handlers, invalid_fields
 from infra.web.generations import ROUTES, Route
 from infra.web.headers import job_headers
 from infra.web.openapi import ERROR_RESPONSES, openapi_schema, route_extra, stream_extra
+from infra.web.page import add_page
 from models import requests as rq
 from models.errors import ApiError, NotFound
 from models.responses import (
@@ -38,6 +39,7 @@ from models.responses import (
     MessageResponse,
     ModelListResponse,
     NsfwCheckResponse,
+    QueueResponse,
     SchedulersListResponse,
     SystemDetailsResponse,
     UploadImageResponse,
@@ -80,6 +82,10 @@ ENDPOINTS: dict[str, Endpoint] = {
     ),
     "fetch": Endpoint(rq.FetchRequest, queue.fetch, JobResponse, "Result of a queued job (also POST fetch/{id})"),
     "cancel": Endpoint(rq.CancelRequest, queue.cancel, JobResponse, "Cancel a queued or running job (ours; also cancel/{id})"),
+    "queue": Endpoint(rq.KeyOnlyRequest, queue.list_queue, QueueResponse, "Jobs queued or running, of every key (ours)", True),
+    "queue_cancel": Endpoint(
+        rq.CancelRequest, queue.queue_cancel, JobResponse, "Cancel any key's queued or running job (ours)", True
+    ),
     # model catalog
     "load_model": Endpoint(rq.LoadModelRequest, catalog.load_model, MessageResponse, "Load a model", True),
     "load_model_v2": Endpoint(
@@ -194,6 +200,7 @@ def create_app(runtime: "Runtime", manage_runtime: bool = True, on_started: Call
             raise NotFound(f"No such file: {key} (it may have expired)", tip="Temporary links live 24 hours.")
         return FileResponse(path, media_type=content_type(key))
     openai_api.add_routes(app, runtime, limiter)
+    add_page(app, runtime)  # the playground and console at `/` (infra/web/page.py)
     install_error_handlers(app, runtime.settings)
     wire_models = [endpoint.request for endpoint in ENDPOINTS.values()] + [face.request for face in ROUTES if face.request]
     app.openapi = lambda: openapi_schema(app, wire_models)

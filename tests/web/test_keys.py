@@ -23,7 +23,8 @@ def roles(models_dir, tmp_path_factory):
 
 def test_the_admin_endpoints_are_the_catalog_and_server_ones():
     assert ADMIN_ONLY == ["clear_cache", "clear_queue", "delete_model", "load_model", "load_model_v2", "load_vae",
-                          "reset_s3", "restart_server", "sync_models", "update_s3", "update_server", "usage"]
+                          "queue", "queue_cancel", "reset_s3", "restart_server", "sync_models", "update_s3",
+                          "update_server", "usage"]
 
 
 @pytest.mark.parametrize("name", ADMIN_ONLY)
@@ -110,7 +111,8 @@ def test_no_route_answers_without_a_valid_key_except_health_docs_and_links(roles
             open_routes.add(route.path)
     assert open_routes == {"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
                            "/api/v1/enterprise/model_archive/{model_id}.tar", "/files/{key:path}",
-                           "/api/v1/enterprise/preview/{job_id}.jpg"} | {
+                           "/api/v1/enterprise/preview/{job_id}.jpg",
+                           "/", "/static"} | {  # the browser page and its files (infra/web/page.py)
                                f"{prefix}/stream/{{request_id}}" for prefix in PREFIXES}  # GET: the key as for POST
     assert roles.get("/api/v1/enterprise/model_archive/tiny-sd.tar").status_code == 403  # unsigned
     assert roles.get("/api/v1/enterprise/preview/12345678.jpg").status_code == 403  # unsigned
