@@ -338,7 +338,6 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         pending.append(resolved)
     translation, languages = _translation(req, rt, pending)
     ip_adapter = _ip_adapter(req, model, rt, caller, images, highres is not None, pending)
-    checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
     params = GenerationParams(
         task=task,
         model_id=model_id,
@@ -365,7 +364,7 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
         guess_mode=task == "controlnet" and req.guess_mode,
         highres_fix=highres,
         upscale=upscale,
-        safety_checker=SafetyCheck(type=req.safety_checker_type, threshold=rt.settings.nsfw_threshold) if checker else None,
+        safety_checker=safety_check(req, rt),
         base64=req.base64,
         translation=translation,
         ip_adapter=ip_adapter,
@@ -388,6 +387,13 @@ def _generate(task: Task, req: GenerationRequest, rt: Runtime, caller: Caller, i
     inputs = {name: encode_input(_within(image, MAX_SIZE) if editing else _fit(image, width, height))
               for name, image in images.items()}
     return submit_job(endpoint or task, params, meta, output_keys, inputs, req, rt, caller, pending)
+
+
+def safety_check(req, rt: Runtime) -> SafetyCheck | None:
+    """The job's NSFW check: the request's `safety_checker` (default: the server's setting), with its
+    treatment and the server's threshold; None when off."""
+    checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
+    return SafetyCheck(type=req.safety_checker_type, threshold=rt.settings.nsfw_threshold) if checker else None
 
 
 IP_ADAPTER_SCALE = 0.6  # ModelsLab's meta shows it when none is sent
@@ -442,9 +448,7 @@ def _translation(req: GenerationRequest, rt: Runtime, pending: list) -> tuple[Tr
     if not foreign:
         return None, meta
     model_id = rt.settings.translator_model_id
-    needed = ondemand.require_known(model_id, "translator", "multi_lingual", rt)
-    if isinstance(needed, ondemand.Pending):
-        pending.append(needed)
+    pending += ondemand.waiting(ondemand.require_known(model_id, "translator", "multi_lingual", rt))
     return Translation(model_id=model_id, fields=foreign), {**meta, "translator": model_id}
 
 
@@ -464,9 +468,7 @@ def _second_passes(req: GenerationRequest, width: int, height: int, rt: Runtime)
     check_output_size(final_w, final_h, f"{width}x{height} with highres_fix/upscale", settings)
     pending = []
     if upscale is not None:
-        needed = ondemand.require_known(upscale.model_id, "upscaler", "upscale", rt)
-        if isinstance(needed, ondemand.Pending):
-            pending.append(needed)
+        pending = ondemand.waiting(ondemand.require_known(upscale.model_id, "upscaler", "upscale", rt))
     return highres, upscale, pending
 
 

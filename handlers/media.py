@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
 from handlers import ondemand
 from handlers.caller import Caller
-from handlers.generation import _check_mask, _generate
+from handlers.generation import _check_mask, _generate, safety_check
 from handlers.meta import image_ref, removebg_meta, upscale_meta, yes_no
 from handlers.submit import check_output_size, load_image, output_key, resolve_model, submit_job
 from infra.catalog.weights import CATEGORY_TITLES
@@ -59,7 +59,6 @@ from infra.jobs.params import (
     MagicMixParams,
     MaskParams,
     RemovalParams,
-    SafetyCheck,
     UpscaleParams,
 )
 from infra.net.inputs import decode_base64, encode_input
@@ -113,10 +112,9 @@ def super_resolution(req: SuperResolutionRequest, rt: Runtime, caller: Caller) -
     params = UpscaleParams(
         model_id=req.model_id, scale=req.scale, face_restorer=restorer, width=width, height=height, base64=req.base64
     )
-    name = f"{int(time.time())}-{uuid.uuid4().hex}_out"  # the link is the credential: 122 random bits
-    pending = [item for item in needed if isinstance(item, ondemand.Pending)]
+    name = _output_name("_out")
     return submit_job("super_resolution", params, upscale_meta(params, req), [output_key(name, req.base64)],
-                      {"image": encode_input(image)}, req, rt, caller, pending)
+                      {"image": encode_input(image)}, req, rt, caller, ondemand.waiting(*needed))
 
 
 def upload_image(req: UploadImageRequest, rt: Runtime, caller: Caller) -> UploadImageResponse:
@@ -278,10 +276,10 @@ def object_removal(req: ObjectRemovalRequest, rt: Runtime, caller: Caller) -> Jo
         meta = {"removal_model": f"{remover.model_id} (LaMa-class inpainting network)",
                 "image_path": image_ref(req.init_image), "mask_path": image_ref(req.mask_image),
                 "width": init.width, "height": init.height, "base64": yes_no(req.base64), "temp": yes_no(req.temp)}
-        name = f"{int(time.time())}-{uuid.uuid4().hex}_removed"  # the link is the credential: 122 random bits
+        name = _output_name("_removed")
         inputs = {"image": encode_input(init), "mask": encode_input(mask.convert("L").resize(init.size))}
-        pending = [remover] if isinstance(remover, ondemand.Pending) else []
-        return submit_job("object_removal", params, meta, [output_key(name, req.base64)], inputs, req, rt, caller, pending)
+        return submit_job("object_removal", params, meta, [output_key(name, req.base64)], inputs, req, rt, caller,
+                          ondemand.waiting(remover))
     resolved = resolve_model("inpaint", None, rt, inpainting=True)  # the default inpainting model
     kind = "inpainting" if isinstance(resolved, ondemand.Pending) else CATEGORY_TITLES.get(resolved.category, "inpainting")
     inpaint_req = InpaintRequest.model_validate({
@@ -313,22 +311,25 @@ def magic_mix(req: MagicMixRequest, rt: Runtime, caller: Caller) -> JobResponse:
                        tip="Name an SD 1.x / 2.x model in model_id (get_all_models lists them).")
     check_output_size(req.width, req.height, f"{req.width}x{req.height}", rt.settings)
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-    checker = req.safety_checker if req.safety_checker is not None else rt.settings.safety_checker_default
     params = MagicMixParams(
         model_id=resolved.model_id, prompt=req.prompt, negative_prompt=req.negative_prompt, width=req.width,
         height=req.height, steps=req.steps, guidance_scale=req.guidance_scale, kmin=req.kmin, kmax=req.kmax,
-        mix_factor=req.mix_factor, seed=seed, base64=req.base64,
-        safety_checker=SafetyCheck(type=req.safety_checker_type, threshold=rt.settings.nsfw_threshold) if checker else None)
+        mix_factor=req.mix_factor, seed=seed, base64=req.base64, safety_checker=safety_check(req, rt))
     file_prefix = str(uuid.uuid4())
     meta = {"model_id": resolved.model_id, "prompt": req.prompt, "negative_prompt": req.negative_prompt or "",
             "image": image_ref(req.image), "W": req.width, "H": req.height, "kmin": req.kmin, "kmax": req.kmax,
             "mix_factor": req.mix_factor, "steps": req.steps, "guidance_scale": req.guidance_scale, "n_samples": 1,
-            "seed": seed, "safety_checker": yes_no(checker), "base64": yes_no(req.base64), "temp": yes_no(req.temp),
+            "seed": seed, "safety_checker": yes_no(params.safety_checker is not None), "base64": yes_no(req.base64), "temp": yes_no(req.temp),
             "file_prefix": file_prefix}
     fitted = ImageOps.fit(image.convert("RGB"), (req.width, req.height), Image.Resampling.LANCZOS)
-    pending = [resolved] if isinstance(resolved, ondemand.Pending) else []
     return submit_job("magic_mix", params, meta, [output_key(f"{file_prefix}-0", req.base64)],
-                      {"image": encode_input(fitted)}, req, rt, caller, pending)
+                      {"image": encode_input(fitted)}, req, rt, caller, ondemand.waiting(resolved))
+
+
+def _output_name(suffix: str = "") -> str:
+    """The file name of a one-output job's output: the time, then 122 random bits (the link is the
+    credential), then `suffix`."""
+    return f"{int(time.time())}-{uuid.uuid4().hex}{suffix}"
 
 
 def _removal_network(rt: Runtime):
@@ -357,10 +358,9 @@ def mask_creator(req: MaskCreatorRequest, rt: Runtime, caller: Caller) -> JobRes
     meta = {"specific_object": req.specific_object, "threshold": req.threshold, "mask_model": model_id,
             "init_image": image_ref(req.init_image), "width": image.width, "height": image.height,
             "base64": yes_no(req.base64), "temp": yes_no(req.temp)}
-    name = f"{int(time.time())}-{uuid.uuid4().hex}_mask"  # the link is the credential: 122 random bits
-    pending = [needed] if isinstance(needed, ondemand.Pending) else []
+    name = _output_name("_mask")
     return submit_job("mask_creator", params, meta, [output_key(name, req.base64)], {"image": encode_input(image)},
-                      req, rt, caller, pending)
+                      req, rt, caller, ondemand.waiting(needed))
 
 
 def removebg_mask(req: RemoveBgMaskRequest, rt: Runtime, caller: Caller) -> JobResponse:
@@ -386,7 +386,6 @@ def removebg_mask(req: RemoveBgMaskRequest, rt: Runtime, caller: Caller) -> JobR
     params = BackgroundParams(model_id=model_id, width=image.width, height=image.height, base64=req.base64,
                               post_process_mask=req.post_process_mask, inverse_mask=req.inverse_mask,
                               only_mask=req.only_mask, alpha_matting=matting)
-    name = f"{int(time.time())}-{uuid.uuid4().hex}"  # the link is the credential: 122 random bits
-    pending = [needed] if isinstance(needed, ondemand.Pending) else []
+    name = _output_name()
     return submit_job("removebg_mask", params, removebg_meta(params, req, name), [output_key(name, req.base64)],
-                      {"image": encode_input(image)}, req, rt, caller, pending)
+                      {"image": encode_input(image)}, req, rt, caller, ondemand.waiting(needed))

@@ -74,6 +74,11 @@ def require_default(model_id: str, source: str, rt: Runtime) -> ModelEntry | Pen
     return Pending(model_id, LoadRequest(model_id, source, None))  # a pipeline: its family is detected
 
 
+def waiting(*needed: ModelEntry | Pending) -> list[Pending]:
+    """Of what require_known / require_default answered, what the job must wait for (the Pendings)."""
+    return [item for item in needed if isinstance(item, Pending)]
+
+
 def start(pending: Iterable[Pending], rt: Runtime) -> list[str]:
     """Begin the fetches among `pending` (the job was accepted); the ids the job waits for."""
     waiting = []

@@ -143,5 +143,5 @@ def img2video(req: Img2VideoRequest, rt: Runtime, caller: Caller) -> JobResponse
         "webhook": req.webhook, "track_id": req.track_id,
     }
     key = f"generations/{uuid.uuid4()}.{req.output_type}"
-    pending = [needed] if isinstance(needed, ondemand.Pending) else []
-    return submit_job("img2video", params, meta, [key], {"image": encode_input(image)}, req, rt, caller, pending)
+    return submit_job("img2video", params, meta, [key], {"image": encode_input(image)}, req, rt, caller,
+                      ondemand.waiting(needed))
