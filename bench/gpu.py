@@ -11,7 +11,8 @@ not depend on weight values), saved as fp16 (Flux: bf16) diffusers folders in a 
 --work-dir, and loaded from there by both sides, so baseline and engine run the same weights.
 Nothing is downloaded: the tokenizers come from configs/clip-tokenizer (and tiny-flux's T5 one).
 
-Variants, for each case (SD 1.5: text2img and inpaint, 512x512, 30 steps, CFG 7.5, batch 1 and 4;
+Variants, for each case (SD 1.5: text2img and inpaint, 512x512, 30 steps, CFG 7.5, batch 1, and 4 with
+--batches 1,4;
 SDXL: text2img 1024x1024, 30 steps, batch 1; Flux.1-dev: text2img 1024x1024, 28 steps, guidance
 3.5, batch 1):
 - `baseline`: plain diffusers, `StableDiffusion(XL)(Inpaint)Pipeline.from_pretrained(fp16)` (Flux:
@@ -20,7 +21,8 @@ SDXL: text2img 1024x1024, 30 steps, batch 1; Flux.1-dev: text2img 1024x1024, 28 
 - `engine`: the project's Engine (`Engine.generate`, the code path jobs take) with default settings;
 - `fast[MODE]`: the Engine with SDAPI_FAST_PATH=true, SDAPI_COMPILE_MODE=MODE, SDAPI_BATCH_SAMPLES=true
   and a persistent compile cache (SDAPI_COMPILE_CACHE_DIR);
-- speed modes that change outputs, reported separately (SD 1.5 text2img only): `fast+tomesd`
+- with --speed-modes, the speed modes that change outputs, reported separately (SD 1.5 text2img
+  only; left out by default: each compiles again, a minute the 7-minute run lacks): `fast+tomesd`
   (SDAPI_TOMESD_MODE=always, ratio 0.5) and `fast+cfg_cutoff` (SDAPI_CFG_CUTOFF=0.5);
 - Flux only: `engine+offload` (SDAPI_TEXT_ENCODER_OFFLOAD=offload: T5-XXL streamed from the CPU; its
   peak memory is the point) and, reported separately as they change outputs, `fast[MODE]+quant[Q]`
@@ -494,6 +496,7 @@ class Bench:
 
     def stage(self, stage: str) -> None:
         config, tiny_config, task, batches, size, tiny_size = STAGES[stage]
+        batches = tuple(b for b in batches if b in self.args.batches) or batches[:1]  # (--batches)
         from infra.engine import CONFIGS_DIR
 
         name = tiny_config if self.tiny else config
@@ -573,7 +576,7 @@ class Bench:
             for batch in batches:
                 self.engine_case(engine, case, variant, task, model_id, batch, size, inputs, calls30, calls10,
                                  flops, baseline_images, baseline_speed, extra.get(variant))
-            if stage == MODES_STAGE and variant.startswith("fast"):
+            if stage == MODES_STAGE and variant.startswith("fast") and self.args.speed_modes:
                 self.speed_modes(case, task, model_id, size, inputs, calls30, calls10, flops, baseline_images,
                                  baseline_speed, overrides)
             engine.unload_all()
@@ -829,6 +832,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--reps", type=int, default=0, help="timed runs per variant (default 3; 1 with --tiny)")
     parser.add_argument("--steps", type=int, default=0, help="denoising steps (default 30; 6 with --tiny)")
     parser.add_argument("--budget-s", type=float, default=480, help="start nothing new after this many seconds")
+    parser.add_argument("--batches", default="1",
+                        help="comma list of the SD 1.5 stages' batch sizes to run (of 1, 4; the others run batch 1)")
+    parser.add_argument("--speed-modes", action="store_true",
+                        help="also the output-changing speed modes on SD 1.5 text2img (tomesd, cfg cutoff)")
     parser.add_argument("--cpu-compile-backend", default="eager", help="dynamo backend of the --tiny fast variant")
     parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-id", default="", help=argparse.SUPPRESS)
@@ -836,6 +843,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
     args.compile_modes = [m for m in args.compile_modes.split(",") if m]
+    args.batches = [int(b) for b in args.batches.split(",") if b]
     args.quantizations = [q for q in args.quantizations.split(",") if q and q != "none"]
     unknown = set(args.only) - set(STAGES)
     if unknown:

@@ -32,6 +32,13 @@ SEED_IMAGE = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-cr
 SEED_MASK = "CompVis/stable-diffusion/main/data/inpainting_examples/overture-creations-5sI6fQgYIuo_mask.png"
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked `slow` (15 s and more each) run first, the rest in file order: under
+    `-n 2` (CI) the workers then share the short tests at the end, instead of one of them idling
+    while the other finishes a long test it was handed last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # (a stable sort)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The built-in tiny models, built once for the whole session the way a server builds them."""

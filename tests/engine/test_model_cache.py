@@ -52,6 +52,7 @@ def test_a_replaced_model_id_is_reloaded(store, tmp_path):
     assert cache.model("tiny-sd") is not first
 
 
+@pytest.mark.slow
 def test_loading_and_evicting_many_times_does_not_leak(store):
     cache = ModelCache(store, torch.device("cpu"), torch.float32, max_bytes=10**12)
     size_mb = cache.model("tiny-sd").size_bytes / 2**20

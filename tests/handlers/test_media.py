@@ -376,6 +376,7 @@ def test_highres_and_upscale_output_limit(make_client):
 # --------------------------------------------------------------------------- face_enhance
 
 
+@pytest.mark.slow
 def test_face_enhance_restores_the_faces_only(media, tmp_path):
     """GFPGAN (random weights, the real architecture) loaded as the face restorer; the astronaut
     photo has one face the detector finds: pixels around it change, the rest stays as without it."""

@@ -49,6 +49,7 @@ def wait_done(server: Server, job_id: int, timeout: float = 120) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_a_job_killed_mid_run_is_retried_after_the_restart(dirs):
     data_dir, models_dir = dirs
     job_id, port = kill_mid_job(data_dir, models_dir)
@@ -61,6 +62,7 @@ def test_a_job_killed_mid_run_is_retried_after_the_restart(dirs):
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_job_killed_with_no_attempts_left_fails_with_a_message(dirs):
     data_dir, models_dir = dirs
     job_id, port = kill_mid_job(data_dir, models_dir)

@@ -37,6 +37,7 @@ def stand_in_gpus(monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_200_concurrent_requests_are_answered_inside_the_web_limits(deploy, stand_in_gpus):
     cloud = deploy(latency=LATENCY)
     body = {"key": KEY, "prompt": "a burst", "width": 64, "height": 64, "steps": 2}

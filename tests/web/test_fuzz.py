@@ -276,6 +276,7 @@ def live_server(fuzz_env):
     server.stop()
 
 
+@pytest.mark.slow
 def test_schemathesis_with_all_checks_passes_on_every_route(live_server, tmp_path):
     """`schemathesis run` on the live server's OpenAPI document: every route of every API
     generation (v1 and its families, v6, v7, v3, OpenAI), the coverage and fuzzing phases, all of
