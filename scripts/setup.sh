@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install the project (CPU torch, engine, dev tools). Idempotent: a second
 # run only checks that pyproject.toml has not changed since the last install.
-# The browser tests (tests/browser/) drive the system's Chromium: with CI set and no browser on the
-# machine, Debian's `chromium` is installed with apt-get (as root, or through sudo without a
-# password); otherwise a line says how to install it (the tests skip without it, except under CI).
+# The browser tests (tests/browser/) drive the system's Chromium: with no browser on the machine,
+# Debian's `chromium` is installed with apt-get (as root, or through sudo without a password);
+# where that cannot be done a line says how to install it (the browser tests fail without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -23,7 +23,7 @@ fi
 
 browser_hint="the browser tests need Chromium: apt-get install -y chromium (Debian/Ubuntu), or set SDAPI_TEST_CHROMIUM to a Chromium binary"
 if [ -z "${SDAPI_TEST_CHROMIUM:-}" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
-  if [ -n "${CI:-}" ] && command -v apt-get >/dev/null; then
+  if command -v apt-get >/dev/null; then
     if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"
     else sudo="none"; fi
     if [ "$sudo" != "none" ]; then
