@@ -82,14 +82,19 @@ SEED_BODY = {
 # --------------------------------------------------------------------------- models
 
 
+def config_name(family: str, tiny: bool) -> str:
+    """The family's architecture config (infra/engine/configs); its model is `bench-<config>`, as bench.gpu names it."""
+    config, tiny_config, _, _ = FAMILIES[family]
+    return tiny_config if tiny else config
+
+
 def build_models(store, family: str, tiny: bool, device, dtype, adapters: Path) -> dict:
     """The family's base model, its inpainting variant (SD 1.5), a LoRA file and a ControlNet folder
     (written into `adapters`, loaded later through the API). Seconds each took."""
     from infra.engine import CONFIGS_DIR, LOAD_LOCK
     from tests.model_files import write_controlnet, write_lora
 
-    config, tiny_config, _, _ = FAMILIES[family]
-    config_dir = CONFIGS_DIR / (tiny_config if tiny else config)
+    config_dir = CONFIGS_DIR / config_name(family, tiny)
     base = f"bench-{config_dir.name}"
     seconds = {base: gpu.ensure_model(store, base, config_dir, False, device, dtype)}
     if family == "sd15":
@@ -279,12 +284,12 @@ class Check:
 
         store = WeightsStore(self.work / "models")
         adapters = self.work / "check-adapters"
-        families = [f for f in self.args.only if f in FAMILIES]
+        families = self.args.only
         self.report["build_s"] = {}
         for family in families:
             self.report["build_s"].update(build_models(store, family, self.tiny, self.device, self.dtype, adapters))
         self.save()
-        default = f"bench-{FAMILIES['sd15'][1 if self.tiny else 0]}"
+        default = f"bench-{config_name('sd15', self.tiny)}"
         app = App(self.work, self.device.type, default, self.args.compile_mode)
         self.report["worker"] = app.hooks
         print("WORKER", json.dumps(app.hooks), flush=True)
@@ -329,7 +334,7 @@ class Check:
 
         _, _, size, tiny_size = FAMILIES[family]
         size = tiny_size if self.tiny else size
-        model = f"bench-{FAMILIES[family][1 if self.tiny else 0]}"
+        model = f"bench-{config_name(family, self.tiny)}"
         steps = TINY_STEPS if self.tiny else STEPS
         lora_id, controlnet_id = f"check-{family}-lora", f"check-{family}-canny"
         init, mask, _, _ = gpu.inpaint_inputs(size)
